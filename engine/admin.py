@@ -1,0 +1,170 @@
+"""Admin HTTP handlers for the prefecture's staff: sites, releases, counter bookings, agenda.
+
+Every handler first checks the admin bearer token; with no GUICHET_ADMIN_TOKEN configured,
+every request is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+from datetime import date
+
+from aiohttp import web
+
+from engine import render, schemas
+from engine.appkeys import RESERVATIONS, SETTINGS
+from engine.errors import NotAcceptable, NotFound, Unauthorized, ValidationFailed
+from engine.handlers import applicant
+from engine.models import Procedure, Site
+from engine.reservations import SlotSpec, new_release
+from engine.tokens import token_hash
+from engine.web import bearer, json_response, parse_body
+
+AGENDA_COLUMNS = (
+    "starts_at",
+    "duration_minutes",
+    "reference",
+    "family_name",
+    "given_names",
+    "birth_date",
+    "procedure",
+    "channel",
+    "slot_id",
+)
+
+
+def require_admin(request: web.Request) -> None:
+    expected = request.app[SETTINGS].admin_token
+    presented = bearer(request)
+    if expected is None or not hmac.compare_digest(token_hash(presented), token_hash(expected)):
+        raise Unauthorized("Wrong admin token")
+
+
+async def put_site(request: web.Request) -> web.Response:
+    require_admin(request)
+    site_id = request.match_info["site"]
+    body = await parse_body(request, schemas.SiteIn)
+    schemas.parse_ident("site", site_id)
+    site = Site(
+        site_id, body.name, body.timezone, tuple(Procedure(p.id, p.name) for p in body.procedures)
+    )
+    domain = request.app[RESERVATIONS]
+    await domain.store.upsert_site(site)
+    return json_response({"site": render.site(site)})
+
+
+async def create_release(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = await parse_body(request, schemas.ReleaseIn)
+    domain = request.app[RESERVATIONS]
+    release = new_release(
+        body.site,
+        body.procedure,
+        body.mode,
+        [SlotSpec(s.starts_at, s.duration_minutes, s.capacity) for s in body.slots],
+        opens_at=body.opens_at,
+        registration_opens_at=body.registration_opens_at,
+        registration_closes_at=body.registration_closes_at,
+        draw_at=body.draw_at,
+    )
+    await domain.store.create_release(release)
+    created = await domain.release(release.id)
+    return json_response(
+        {
+            "release": {
+                **render.release(created),
+                "slots": [
+                    {**render.slot(s, created.timezone), "capacity": s.capacity}
+                    for s in created.slots
+                ],
+            }
+        },
+        status=201,
+    )
+
+
+async def patch_release(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = await parse_body(request, schemas.ReleasePatch)
+    domain = request.app[RESERVATIONS]
+    release = await domain.release(request.match_info["release"])
+    windows = {
+        name: getattr(body, name)
+        for name in ("opens_at", "registration_opens_at", "registration_closes_at", "draw_at")
+        if getattr(body, name) is not None
+    }
+    capacities = {s.id: s.capacity for s in body.slots}
+    await domain.patch_release(release.id, windows, capacities)
+    updated = await domain.release(release.id)
+    return json_response(
+        {
+            "release": {
+                **render.release(updated),
+                "slots": [
+                    {**render.slot(s, updated.timezone), "capacity": s.capacity}
+                    for s in updated.slots
+                ],
+            }
+        }
+    )
+
+
+async def staff_booking(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = await parse_body(request, schemas.StaffBookingRequest)
+    done = await request.app[RESERVATIONS].staff_book(body.slot_id, applicant(body.applicant))
+    return json_response(
+        {"booking": render.booking(done.booking), "cancel_token": done.cancel_token}, status=201
+    )
+
+
+async def agenda(request: web.Request) -> web.Response:
+    require_admin(request)
+    site_id = request.query.get("site", "")
+    try:
+        day = date.fromisoformat(request.query.get("date", ""))
+    except ValueError:
+        raise ValidationFailed([{"field": "date", "message": "must be YYYY-MM-DD"}]) from None
+    accept = request.headers.get("Accept", "application/json")
+    wants_csv = "text/csv" in accept
+    if not wants_csv and not any(t in accept for t in ("application/json", "*/*", "application/*")):
+        raise NotAcceptable("The agenda is served as application/json or text/csv")
+    store = request.app[RESERVATIONS].store
+    timezone = await store.site_timezone(site_id)
+    if timezone is None:
+        raise NotFound(f"No site {site_id!r}")
+    rows = [
+        {
+            "starts_at": render.local(row["starts_at"], timezone),
+            "duration_minutes": row["duration_minutes"],
+            "reference": row["reference"],
+            "family_name": row["family_name"],
+            "given_names": row["given_names"],
+            "birth_date": row["birth_date"].isoformat(),
+            "procedure": row["procedure_id"],
+            "channel": row["channel"],
+            "slot_id": row["slot_id"],
+        }
+        for row in await store.agenda(site_id, day, timezone)
+    ]
+    if wants_csv:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, AGENDA_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        return web.Response(
+            text=out.getvalue(),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={"Content-Disposition": f'attachment; filename="agenda-{site_id}-{day}.csv"'},
+        )
+    return json_response({"site": site_id, "date": day.isoformat(), "bookings": rows})
+
+
+def _cell(value: object) -> object:
+    """Keep a spreadsheet from reading a name such as '=HYPERLINK(...)' as a formula."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value

@@ -1,0 +1,86 @@
+"""The application factory: ``create_app(settings)`` builds a real, fully wired app.
+
+Resources are opened in dependency order in ``cleanup_ctx`` (one small async generator each)
+and closed in reverse; the sweeper starts after the stores and is cancelled before they close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+
+from engine import sweeper
+from engine.appkeys import CLOCK, METRICS, OPENAPI, RESERVATIONS, SETTINGS
+from engine.inventory import AnyRedis, Inventory
+from engine.metrics import Metrics
+from engine.openapi import document
+from engine.reservations import Clock, Reservations
+from engine.routes import ROUTES
+from engine.settings import Settings
+from engine.store import Store, create_pool
+from engine.web import guard
+
+
+def redis_client(settings: Settings) -> AnyRedis:
+    """A client with bounded waits everywhere: connect, read, and waiting for a connection."""
+    options = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
+    if settings.redis_url.startswith("redis+cluster://"):
+        url = "redis://" + settings.redis_url.removeprefix("redis+cluster://")
+        return RedisCluster.from_url(url, **options)
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=256, timeout=settings.redis_timeout_s, **options
+    )
+    return Redis(connection_pool=pool)
+
+
+def create_app(
+    settings: Settings, *, clock: Clock = time.time, sweep: bool = True
+) -> web.Application:
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=[guard(metrics, settings.max_in_flight)],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[CLOCK] = clock
+    app[OPENAPI] = json.dumps(document(ROUTES)).encode()
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+
+    async def stores(app: web.Application) -> AsyncIterator[None]:
+        redis = redis_client(settings)
+        pool = await create_pool(
+            settings.database_url, settings.pg_timeout_s, settings.pg_pool_size
+        )
+        inventory = Inventory(redis, settings.redis_timeout_s, settings.retry_after_s)
+        store = Store(pool, settings.pg_timeout_s, settings.retry_after_s)
+        app[RESERVATIONS] = Reservations(settings, store, inventory, metrics, clock)
+        with contextlib.suppress(Exception):
+            # Functions are also loaded on first use, so a Redis that is down now is fine.
+            await inventory.load()
+        yield
+        await pool.close()
+        await redis.aclose()
+
+    async def background(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(sweeper.run(app[RESERVATIONS])) if sweep else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app.cleanup_ctx.append(stores)
+    app.cleanup_ctx.append(background)
+    return app

@@ -1,0 +1,15 @@
+"""Typed keys of the shared state of an app (aiohttp's "No Singletons Please")."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from engine.metrics import Metrics
+from engine.reservations import Clock, Reservations
+from engine.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+RESERVATIONS = web.AppKey("reservations", Reservations)
+OPENAPI = web.AppKey("openapi", bytes)

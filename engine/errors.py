@@ -1,0 +1,123 @@
+"""The domain's exceptions, and the problem+json each one becomes.
+
+    GuichetError                   every refusal the engine answers on purpose
+    ├── ValidationFailed           400 validation-error (carries errors=[{field, message}])
+    ├── Unauthorized               401 unauthorized
+    ├── PowInvalid                 403 pow-invalid
+    ├── NotFound                   404 not-found
+    ├── SlotFull                   409 slot-full
+    ├── NotOpen                    409 not-open
+    ├── IdentityAlreadyBooked      409 identity-already-booked
+    ├── HoldConfirming             409 hold-confirming (a confirm of this hold is under way)
+    ├── ChallengeExpired           410 challenge-expired
+    ├── HoldExpired                410 hold-expired
+    ├── PayloadTooLarge            413 payload-too-large
+    ├── NotAcceptable              406 not-acceptable
+    ├── RateLimited                429 rate-limited (carries retry_after)
+    └── Overloaded                 503 overloaded (carries retry_after)
+        └── StoreUnavailable       a backing store did not answer in time
+
+Lower layers (redis-py, asyncpg) never leak past ``engine.stores``: their errors are mapped
+there, in one place, to StoreUnavailable or to one of the above.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GuichetError(Exception):
+    name: ClassVar[str] = "internal-error"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str = "", **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+
+    def problem(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": f"/problems/{self.name}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        body.update(self.extra)
+        return body
+
+
+class ValidationFailed(GuichetError):
+    name, status, title = "validation-error", 400, "The request is not valid"
+
+    def __init__(self, errors: list[dict[str, str]], detail: str = "") -> None:
+        super().__init__(detail or "; ".join(f"{e['field']}: {e['message']}" for e in errors))
+        self.extra = {"errors": errors}
+
+
+class Unauthorized(GuichetError):
+    name, status, title = "unauthorized", 401, "Missing or wrong bearer token"
+
+
+class PowInvalid(GuichetError):
+    name, status, title = "pow-invalid", 403, "The proof of work is not valid"
+
+
+class NotFound(GuichetError):
+    name, status, title = "not-found", 404, "No such resource"
+
+
+class NotAcceptable(GuichetError):
+    name, status, title = "not-acceptable", 406, "No acceptable representation"
+
+
+class SlotFull(GuichetError):
+    name, status, title = "slot-full", 409, "No free place left on this slot"
+
+
+class NotOpen(GuichetError):
+    name, status, title = "not-open", 409, "Outside the booking window"
+
+
+class IdentityAlreadyBooked(GuichetError):
+    name, status, title = (
+        "identity-already-booked",
+        409,
+        "This person already has an active booking for this procedure",
+    )
+
+
+class HoldConfirming(GuichetError):
+    name, status, title = "hold-confirming", 409, "A confirmation of this hold is under way"
+
+
+class ChallengeExpired(GuichetError):
+    name, status, title = "challenge-expired", 410, "The challenge expired or was already spent"
+
+
+class HoldExpired(GuichetError):
+    name, status, title = "hold-expired", 410, "The hold expired or was released"
+
+
+class PayloadTooLarge(GuichetError):
+    name, status, title = "payload-too-large", 413, "The request body is too large"
+
+
+class RateLimited(GuichetError):
+    name, status, title = "rate-limited", 429, "Too many requests"
+
+    def __init__(self, retry_after: int, detail: str = "") -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class Overloaded(GuichetError):
+    name, status, title = "overloaded", 503, "The service is overloaded; try again shortly"
+
+    def __init__(self, retry_after: int, detail: str = "") -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(Overloaded):
+    """Redis or PostgreSQL did not answer within its timeout."""

@@ -1,0 +1,121 @@
+"""Public HTTP handlers: parse, call the domain, render. Nothing else happens here."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from engine import render, schemas
+from engine.appkeys import RESERVATIONS, SETTINGS
+from engine.errors import ValidationFailed
+from engine.identity import Applicant
+from engine.pow import ALGORITHM
+from engine.web import bearer, client_address, json_response, parse_body
+
+_IDEMPOTENCY_KEY_MAX = 200
+
+
+def _client(request: web.Request) -> str:
+    return client_address(request, request.app[SETTINGS].trusted_proxies)
+
+
+def applicant(a: schemas.Applicant) -> Applicant:
+    return Applicant(a.family_name, a.given_names, a.birth_date, a.id_number, a.email)
+
+
+async def list_sites(request: web.Request) -> web.Response:
+    sites = await request.app[RESERVATIONS].store.sites()
+    return json_response({"sites": [render.site(s) for s in sites]})
+
+
+async def list_releases(request: web.Request) -> web.Response:
+    domain = request.app[RESERVATIONS]
+    releases = await domain.store.releases(
+        request.query.get("site") or None, request.query.get("procedure") or None, domain.now()
+    )
+    return json_response({"releases": [render.release(r) for r in releases]})
+
+
+async def list_slots(request: web.Request) -> web.Response:
+    domain = request.app[RESERVATIONS]
+    release = await domain.release(request.match_info["release"])
+    counts = await domain.slot_counts(release.id)
+    now = domain.now()
+    slots = []
+    for slot in release.slots:
+        if slot.starts_at <= now:
+            continue
+        count = counts.get(slot.id)
+        slots.append(
+            {**render.slot(slot, release.timezone), "free": count.free if count is not None else 0}
+        )
+    return json_response({"slots": slots})
+
+
+async def create_challenge(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.ChallengeRequest)
+    domain = request.app[RESERVATIONS]
+    challenge = await domain.challenge(body.release, _client(request))
+    return json_response(
+        {
+            "challenge": challenge.text,
+            "algorithm": ALGORITHM,
+            "difficulty": challenge.difficulty,
+            "puzzles": challenge.puzzles,
+            "expires_at": render.local(
+                datetime.fromtimestamp(challenge.expires_ms / 1000, UTC), "UTC"
+            ),
+        },
+        status=201,
+    )
+
+
+async def create_hold(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.HoldRequest)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= _IDEMPOTENCY_KEY_MAX and key.isascii()):
+        raise ValidationFailed(
+            [{"field": "Idempotency-Key", "message": "must be 1 to 200 ASCII characters"}]
+        )
+    domain = request.app[RESERVATIONS]
+    hold = await domain.hold(body.slot_id, body.challenge, list(body.nonces), _client(request), key)
+    return json_response(
+        {
+            "hold_id": hold.id,
+            "hold_token": hold.token,
+            "expires_at": render.local(hold.expires_at, "UTC"),
+            "slot": render.slot(hold.slot, hold.timezone),
+        },
+        status=201,
+    )
+
+
+async def confirm_hold(request: web.Request) -> web.Response:
+    token = bearer(request)
+    body = await parse_body(request, schemas.ConfirmRequest)
+    domain = request.app[RESERVATIONS]
+    done = await domain.confirm(
+        request.match_info["hold_id"], token, applicant(body.applicant), _client(request)
+    )
+    return json_response(
+        {"booking": render.booking(done.booking), "cancel_token": done.cancel_token}, status=201
+    )
+
+
+async def delete_hold(request: web.Request) -> web.Response:
+    token = bearer(request)
+    await request.app[RESERVATIONS].release_hold(request.match_info["hold_id"], token)
+    return web.Response(status=204)
+
+
+async def get_booking(request: web.Request) -> web.Response:
+    token = bearer(request)
+    booking = await request.app[RESERVATIONS].booking(request.match_info["reference"], token)
+    return json_response({"booking": render.booking(booking)})
+
+
+async def cancel_booking(request: web.Request) -> web.Response:
+    token = bearer(request)
+    await request.app[RESERVATIONS].cancel(request.match_info["reference"], token)
+    return web.Response(status=204)

@@ -1,0 +1,295 @@
+"""The Redis side of reservations: one typed method per Lua function.
+
+The Lua files in ``engine/lua`` are loaded once as a Redis Functions library whose name carries
+a digest of the code, so two versions of the engine never call each other's functions. Each
+method here knows its function's KEYS and ARGV order and decodes its reply; nothing else in the
+engine talks Lua. redis-py errors are mapped to domain errors in ``_call``, and only there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.resources
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from engine.errors import StoreUnavailable
+from engine.keys import ReleaseKeys
+
+OPERATIONS = (
+    "hold",
+    "inventory",
+    "confirm_begin",
+    "confirm_done",
+    "confirm_abort",
+    "release_hold",
+    "settle_confirm",
+    "cancel_done",
+    "rebuild",
+    "reconcile",
+    "take_token",
+)
+RECLAIM_LIMIT = 100
+
+AnyRedis = Redis | RedisCluster
+
+
+def library_source() -> tuple[str, str]:
+    """The Functions library (``#!lua`` code) and the digest that names its functions."""
+    files = importlib.resources.files("engine") / "lua"
+    parts = [(files / "lib.lua").read_text()]
+    parts += [(files / f"{op}.lua").read_text() for op in OPERATIONS]
+    body = "\n".join(parts)
+    digest = hashlib.sha256(body.encode()).hexdigest()[:12]
+    registrations = "\n".join(
+        f"redis.register_function('{op}_{digest}', {op})" for op in OPERATIONS
+    )
+    return f"#!lua name=guichet_{digest}\n{body}\n{registrations}\n", digest
+
+
+@dataclass(frozen=True, slots=True)
+class HoldResult:
+    outcome: Literal["granted", "replayed", "full", "spent", "no-slot"]
+    hold_id: str = ""
+    deadline_ms: int = 0
+    token_hash: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRecord:
+    slot_id: str
+    state: Literal["held", "confirming"]
+    deadline_ms: int
+    token_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class SlotCounts:
+    capacity: int
+    booked: int
+    held: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.booked - self.held)
+
+
+class InventoryMissing(Exception):
+    """The release's inventory is not in Redis (flushed, restarted): rebuild it."""
+
+
+class Inventory:
+    def __init__(self, redis: AnyRedis, timeout_s: float, retry_after_s: int) -> None:
+        self._redis = redis
+        self._timeout_s = timeout_s
+        self._retry_after_s = retry_after_s
+        self._source, self._digest = library_source()
+        self._loaded = False
+
+    async def load(self) -> None:
+        """Load the Functions library (idempotent; every worker does it at start)."""
+        await self._guard(self._redis.function_load(self._source, replace=True))
+        self._loaded = True
+
+    async def _guard(self, aw: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await aw
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+            raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+
+    async def _call(self, op: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
+        name = f"{op}_{self._digest}"
+        try:
+            return list(await self._guard(self._redis.fcall(name, len(keys), *keys, *args)))
+        except ResponseError as exc:
+            # A Redis restarted without persistence forgets its functions: load them again.
+            if "Function not found" not in str(exc):
+                raise
+        await self.load()
+        return list(await self._guard(self._redis.fcall(name, len(keys), *keys, *args)))
+
+    async def ping(self) -> None:
+        await self._guard(self._redis.ping())
+
+    async def hold(
+        self,
+        release_id: str,
+        slot_id: str,
+        *,
+        now_ms: int,
+        hold_id: str,
+        token_hash: str,
+        deadline_ms: int,
+        idem_field: str,
+        challenge_id: str,
+        challenge_expiry_ms: int,
+    ) -> HoldResult:
+        k = ReleaseKeys.of(release_id)
+        reply = await self._call(
+            "hold",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.spent),
+            (
+                now_ms,
+                slot_id,
+                hold_id,
+                token_hash,
+                deadline_ms,
+                idem_field,
+                challenge_id,
+                challenge_expiry_ms,
+                RECLAIM_LIMIT,
+            ),
+        )
+        outcome = _text(reply[0])
+        if outcome == "rebuild":
+            raise InventoryMissing(release_id)
+        if outcome in ("granted", "replayed"):
+            return HoldResult(outcome, _text(reply[1]), int(reply[2]), _text(reply[3]))  # type: ignore[arg-type]
+        return HoldResult(outcome)  # type: ignore[arg-type]
+
+    async def counts(self, release_id: str, now_ms: int) -> dict[str, SlotCounts]:
+        """Per-slot counts after reclaiming expired holds. Raises InventoryMissing."""
+        k = ReleaseKeys.of(release_id)
+        reply = await self._call(
+            "inventory", (k.inv, k.holds, k.confirming, k.hold, k.idem), (now_ms, RECLAIM_LIMIT)
+        )
+        if _text(reply[0]) == "rebuild":
+            raise InventoryMissing(release_id)
+        fields = {_text(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
+        return {
+            name[2:]: SlotCounts(
+                value, fields.get("b:" + name[2:], 0), fields.get("h:" + name[2:], 0)
+            )
+            for name, value in fields.items()
+            if name.startswith("c:")
+        }
+
+    async def exists(self, release_id: str) -> bool:
+        return bool(await self._guard(self._redis.exists(ReleaseKeys.of(release_id).inv)))
+
+    async def hold_record(self, release_id: str, hold_id: str) -> HoldRecord | None:
+        raw = await self._guard(self._redis.hget(ReleaseKeys.of(release_id).hold, hold_id))
+        if raw is None:
+            return None
+        slot, state, deadline, _idem, token = _text(raw).split("|")
+        return HoldRecord(slot, "held" if state == "h" else "confirming", int(deadline), token)
+
+    async def confirm_begin(self, release_id: str, hold_id: str, now_ms: int) -> str | None:
+        """Mark the hold confirming; return its slot, or None if it is gone or expired."""
+        k = ReleaseKeys.of(release_id)
+        reply = await self._call(
+            "confirm_begin", (k.inv, k.holds, k.confirming, k.hold, k.idem), (hold_id, now_ms)
+        )
+        return _text(reply[1]) if _text(reply[0]) == "confirming" else None
+
+    async def confirm_done(self, release_id: str, hold_id: str, slot_id: str, ref: str) -> bool:
+        """Count a committed booking. False if the inventory is missing: the rebuild, or
+        the reconcile after it, counts the booking from PostgreSQL."""
+        k = ReleaseKeys.of(release_id)
+        reply = await self._call(
+            "confirm_done",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked),
+            (hold_id, slot_id, ref),
+        )
+        return _text(reply[0]) == "done"
+
+    async def confirm_abort(self, release_id: str, hold_id: str) -> None:
+        k = ReleaseKeys.of(release_id)
+        await self._call("confirm_abort", (k.holds, k.confirming, k.hold), (hold_id,))
+
+    async def release_hold(
+        self, release_id: str, hold_id: str, now_ms: int
+    ) -> Literal["released", "confirming", "gone"]:
+        k = ReleaseKeys.of(release_id)
+        reply = await self._call(
+            "release_hold", (k.inv, k.holds, k.confirming, k.hold, k.idem), (hold_id, now_ms)
+        )
+        return _text(reply[0])  # type: ignore[return-value]
+
+    async def stale_confirms(self, release_id: str, cutoff_ms: int) -> list[str]:
+        """Holds whose confirm began at or before ``cutoff_ms`` and never reported back."""
+        k = ReleaseKeys.of(release_id)
+        ids = await self._guard(self._redis.zrange(k.confirming, "-inf", cutoff_ms, byscore=True))
+        return [_text(i) for i in ids]
+
+    async def settle_confirm(
+        self, release_id: str, hold_id: str, ref: str | None, cutoff_ms: int
+    ) -> str:
+        k = ReleaseKeys.of(release_id)
+        reply = await self._call(
+            "settle_confirm",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked),
+            (hold_id, ref or "", cutoff_ms),
+        )
+        return _text(reply[0])
+
+    async def cancel_done(self, release_id: str, ref: str) -> None:
+        k = ReleaseKeys.of(release_id)
+        await self._call("cancel_done", (k.inv, k.booked), (ref,))
+
+    async def booked_refs(self, release_id: str) -> set[str]:
+        refs = await self._guard(self._redis.hkeys(ReleaseKeys.of(release_id).booked))
+        return {_text(r) for r in refs}
+
+    async def rebuild(
+        self,
+        release_id: str,
+        capacities: Sequence[tuple[str, int]],
+        bookings: Sequence[tuple[str, str]],
+    ) -> bool:
+        """Recreate the inventory if still missing. True if this call built it."""
+        k = ReleaseKeys.of(release_id)
+        args: list[str | int] = [len(capacities)]
+        for slot_id, capacity in capacities:
+            args += [slot_id, capacity]
+        for ref, slot_id in bookings:
+            args += [ref, slot_id]
+        reply = await self._call(
+            "rebuild", (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked), args
+        )
+        return _text(reply[0]) == "rebuilt"
+
+    async def reconcile(
+        self,
+        release_id: str,
+        capacities: Sequence[tuple[str, int]],
+        add: Sequence[tuple[str, str]],
+        remove: Sequence[str],
+    ) -> int:
+        """Correct the inventory toward PostgreSQL; return how many corrections were made."""
+        k = ReleaseKeys.of(release_id)
+        args: list[str | int] = [len(capacities)]
+        for slot_id, capacity in capacities:
+            args += [slot_id, capacity]
+        args.append(len(add))
+        for ref, slot_id in add:
+            args += [ref, slot_id]
+        args += list(remove)
+        reply = await self._call("reconcile", (k.inv, k.hold, k.booked), args)
+        if _text(reply[0]) == "rebuild":
+            raise InventoryMissing(release_id)
+        return int(reply[1])
+
+    async def take_token(self, key: str, rate_per_s: float, burst: int, cost: int = 1) -> int:
+        """Take ``cost`` tokens; return 0, or the milliseconds until they would be there."""
+        reply = await self._call("take_token", (key,), (repr(rate_per_s), burst, cost))
+        return int(reply[1])
+
+    async def try_lock(self, key: str, ttl_ms: int) -> bool:
+        return bool(await self._guard(self._redis.set(key, "1", nx=True, px=ttl_ms)))
+
+    async def unlock(self, key: str) -> None:
+        await self._guard(self._redis.delete(key))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

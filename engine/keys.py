@@ -1,0 +1,43 @@
+"""Every Redis key the engine uses, built in one place.
+
+All keys one Lua function touches share a Redis Cluster hash tag: ``{r:<release>}`` for a
+release's inventory, holds and spent challenges; each rate-limit bucket has its own tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "g:"
+SWEEPER_LOCK = PREFIX + "{sweeper}:lock"
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseKeys:
+    inv: str
+    holds: str
+    confirming: str
+    hold: str
+    idem: str
+    booked: str
+    spent: str
+    rebuild_lock: str
+
+    @classmethod
+    def of(cls, release_id: str) -> ReleaseKeys:
+        tag = f"{PREFIX}{{r:{release_id}}}:"
+        return cls(
+            inv=tag + "inv",
+            holds=tag + "holds",
+            confirming=tag + "confirming",
+            hold=tag + "hold",
+            idem=tag + "idem",
+            booked=tag + "booked",
+            spent=tag + "spent",
+            rebuild_lock=tag + "rebuild",
+        )
+
+
+def bucket(kind: str, subject: str) -> str:
+    """A token bucket: ``kind`` names the limit, ``subject`` whom it limits."""
+    return f"{PREFIX}{{b:{kind}:{subject}}}"

@@ -1,0 +1,75 @@
+"""Structured logs: one event name and key=value pairs per line, with the request id bound.
+
+``log.info("hold_created", slot="...", ttl_s=600)`` prints
+``2026-11-27T12:00:00Z info hold_created slot=... ttl_s=600 request_id=...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextvars import ContextVar
+from typing import Any
+
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+_logger = logging.getLogger("guichet")
+
+
+def _format_value(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "=\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+class EventLog:
+    """A thin front of the standard logger that renders events as key=value."""
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if not _logger.isEnabledFor(level):
+            return
+        parts = [event] + [f"{k}={_format_value(v)}" for k, v in fields.items()]
+        rid = request_id.get()
+        if rid != "-":
+            parts.append(f"request_id={rid}")
+        _logger.log(level, " ".join(parts))
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit(logging.ERROR, event, fields)
+
+    def exception(self, event: str, **fields: Any) -> None:
+        parts = [event] + [f"{k}={_format_value(v)}" for k, v in fields.items()]
+        _logger.exception(" ".join([*parts, f"request_id={request_id.get()}"]))
+
+
+log = EventLog()
+
+
+class _Formatter(logging.Formatter):
+    converter = staticmethod(time.gmtime)
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%SZ")
+        line = f"{stamp} {record.levelname.lower()} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,56 @@
+-- hold: spend a challenge and take one place on a slot, atomically.
+-- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 spent (see lib.lua)
+-- ARGV: 1 now_ms, 2 slot id, 3 new hold id, 4 token hash (hex), 5 deadline_ms,
+--       6 idempotency field ('' for none), 7 challenge id, 8 challenge expiry_ms,
+--       9 reclaim limit (expired holds reclaimed first)
+-- Returns: {'granted', hold_id, deadline_ms, token_hash}
+--          {'replayed', hold_id, deadline_ms, token_hash}  same idempotency field: the live hold
+--          {'full'}       no free place; the challenge is spent
+--          {'spent'}      the challenge was spent before; nothing changed
+--          {'no-slot'}    the slot is not in this release's inventory; nothing changed
+--          {'rebuild'}    the inventory is missing; rebuild it from PostgreSQL and retry
+local function hold(keys, argv)
+  local inv, holds, confirming, hold, idem, spent = unpack(keys)
+  local now, slot, hold_id, token = tonumber(argv[1]), argv[2], argv[3], argv[4]
+  local deadline, idem_field = tonumber(argv[5]), argv[6]
+  local challenge, challenge_expiry, limit = argv[7], tonumber(argv[8]), tonumber(argv[9])
+
+  if redis.call('EXISTS', inv) == 0 then
+    return { 'rebuild' }
+  end
+  reclaim(inv, holds, confirming, hold, idem, now, limit)
+  if idem_field ~= '' then
+    local previous = redis.call('HGET', idem, idem_field)
+    if previous then
+      local rec = redis.call('HGET', hold, previous)
+      if rec then
+        local h = split_hold(rec)
+        return { 'replayed', previous, h.deadline, h.token }
+      end
+      redis.call('HDEL', idem, idem_field)
+    end
+  end
+  if redis.call('ZSCORE', spent, challenge) then
+    return { 'spent' }
+  end
+  local capacity = redis.call('HGET', inv, 'c:' .. slot)
+  if not capacity then
+    return { 'no-slot' }
+  end
+  -- The capacity decision: from here on the challenge is spent, whatever the answer.
+  redis.call('ZREMRANGEBYSCORE', spent, '-inf', now)
+  redis.call('ZADD', spent, challenge_expiry, challenge)
+  local taken = tonumber(redis.call('HGET', inv, 'b:' .. slot) or '0')
+      + tonumber(redis.call('HGET', inv, 'h:' .. slot) or '0')
+  if taken >= tonumber(capacity) then
+    return { 'full' }
+  end
+  redis.call('HINCRBY', inv, 'h:' .. slot, 1)
+  redis.call('ZADD', holds, deadline, hold_id)
+  redis.call('HSET', hold, hold_id,
+    join_hold({ slot = slot, state = 'h', deadline = deadline, idem = idem_field, token = token }))
+  if idem_field ~= '' then
+    redis.call('HSET', idem, idem_field, hold_id)
+  end
+  return { 'granted', hold_id, deadline, token }
+end

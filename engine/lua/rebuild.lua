@@ -1,0 +1,27 @@
+-- rebuild: recreate a lost release inventory from PostgreSQL's snapshot.
+-- Runs only if the inventory is still missing (another worker may have rebuilt it first).
+-- Holds are soft state: whatever is left of them is dropped; spent challenges are kept.
+-- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 booked (see lib.lua)
+-- ARGV: 1 number of slots n, then n times (slot id, capacity), then pairs (reference, slot id)
+--       of the active bookings
+-- Returns: {'rebuilt'} or {'present'}
+local function rebuild(keys, argv)
+  local inv, holds, confirming, hold, idem, booked = unpack(keys)
+  if redis.call('EXISTS', inv) == 1 then
+    return { 'present' }
+  end
+  redis.call('DEL', holds, confirming, hold, idem, booked)
+  local n = tonumber(argv[1])
+  redis.call('HSET', inv, 'ready', 1)
+  for i = 0, n - 1 do
+    local slot, capacity = argv[2 + 2 * i], argv[3 + 2 * i]
+    redis.call('HSET', inv, 'c:' .. slot, capacity, 'b:' .. slot, 0, 'h:' .. slot, 0)
+  end
+  for i = 2 + 2 * n, #argv, 2 do
+    local ref, slot = argv[i], argv[i + 1]
+    if redis.call('HSET', booked, ref, slot) == 1 then
+      redis.call('HINCRBY', inv, 'b:' .. slot, 1)
+    end
+  end
+  return { 'rebuilt' }
+end

@@ -1,0 +1,54 @@
+-- reconcile: move a release's inventory toward PostgreSQL's truth, and count each correction.
+-- Capacities are set; bookings PostgreSQL has and Redis lacks are counted; bookings PostgreSQL
+-- no longer has active are uncounted; live-hold counters are recounted from the hold records.
+-- KEYS: 1 inv, 2 hold, 3 booked (see lib.lua)
+-- ARGV: 1 number of slots n, then n times (slot id, capacity), 2+2n number of additions a,
+--       then a times (reference, slot id), then references to remove
+-- Returns: {'reconciled', corrections} or {'rebuild'}
+local function reconcile(keys, argv)
+  local inv, hold, booked = unpack(keys)
+  if redis.call('EXISTS', inv) == 0 then
+    return { 'rebuild' }
+  end
+  local corrections = 0
+  local n = tonumber(argv[1])
+  local live = {}
+  for i = 0, n - 1 do
+    local slot, capacity = argv[2 + 2 * i], argv[3 + 2 * i]
+    if redis.call('HGET', inv, 'c:' .. slot) ~= capacity then
+      redis.call('HSET', inv, 'c:' .. slot, capacity)
+      corrections = corrections + 1
+    end
+    live[slot] = 0
+  end
+  local at = 2 + 2 * n
+  local a = tonumber(argv[at])
+  for i = at + 1, at + 2 * a, 2 do
+    local ref, slot = argv[i], argv[i + 1]
+    if redis.call('HSET', booked, ref, slot) == 1 then
+      redis.call('HINCRBY', inv, 'b:' .. slot, 1)
+      corrections = corrections + 1
+    end
+  end
+  for i = at + 2 * a + 1, #argv do
+    local slot = redis.call('HGET', booked, argv[i])
+    if slot then
+      redis.call('HDEL', booked, argv[i])
+      redis.call('HINCRBY', inv, 'b:' .. slot, -1)
+      corrections = corrections + 1
+    end
+  end
+  local records = redis.call('HVALS', hold)
+  for _, rec in ipairs(records) do
+    local slot = split_hold(rec).slot
+    live[slot] = (live[slot] or 0) + 1
+  end
+  for slot, count in pairs(live) do
+    local current = tonumber(redis.call('HGET', inv, 'h:' .. slot) or '0')
+    if current ~= count then
+      redis.call('HSET', inv, 'h:' .. slot, count)
+      corrections = corrections + 1
+    end
+  end
+  return { 'reconciled', corrections }
+end

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the engine.
+
+Each app owns a ``Metrics`` with its own registry (no global state). When the engine runs
+several worker processes, ``guichet serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before any
+worker starts: every worker then writes its values to files there, and ``/metrics`` on any
+worker aggregates all of them (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "guichet_http_requests",
+            "HTTP requests answered, by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "guichet_http_request_duration_seconds",
+            "Time to answer, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.holds = Counter(
+            "guichet_holds",
+            "Hold attempts that reached the capacity decision, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.confirms = Counter(
+            "guichet_confirms", "Confirm attempts, by outcome.", ["outcome"], registry=r
+        )
+        self.cancellations = Counter(
+            "guichet_cancellations", "Bookings cancelled, by channel.", ["actor"], registry=r
+        )
+        self.rejections = Counter(
+            "guichet_rejections", "Requests refused, by problem name.", ["reason"], registry=r
+        )
+        self.pow_difficulty = Histogram(
+            "guichet_pow_difficulty_bits",
+            "Difficulty of the challenges issued (bits per puzzle).",
+            buckets=tuple(range(0, 33, 2)),
+            registry=r,
+        )
+        self.rebuilds = Counter(
+            "guichet_inventory_rebuilds", "Release inventories rebuilt from PostgreSQL.", registry=r
+        )
+        self.reconcile_corrections = Counter(
+            "guichet_reconcile_corrections",
+            "Corrections the reconcile made to Redis (0 in steady state).",
+            registry=r,
+        )
+        self.settled_confirms = Counter(
+            "guichet_settled_confirms",
+            "Confirms that never reported back, settled by the sweeper, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "guichet_store_unavailable", "Calls to a store that did not answer in time.", registry=r
+        )
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)

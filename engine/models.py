@@ -1,0 +1,71 @@
+"""The domain's records, as the store returns them and the handlers render them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Literal
+
+Mode = Literal["fcfs", "draw"]
+
+
+@dataclass(frozen=True, slots=True)
+class Procedure:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    id: str
+    name: str
+    timezone: str
+    procedures: tuple[Procedure, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    id: str
+    starts_at: datetime
+    duration_minutes: int
+    capacity: int
+    booked: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    id: str
+    site_id: str
+    procedure_id: str
+    mode: Mode
+    opens_at: datetime | None
+    registration_opens_at: datetime | None
+    registration_closes_at: datetime | None
+    draw_at: datetime | None
+    timezone: str
+    slots: tuple[Slot, ...]
+    _index: dict[str, Slot] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {s.id: s for s in self.slots})
+
+    def slot(self, slot_id: str) -> Slot | None:
+        return self._index.get(slot_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Booking:
+    reference: str
+    status: Literal["confirmed", "cancelled"]
+    release_id: str
+    slot_id: str
+    starts_at: datetime
+    duration_minutes: int
+    family_name: str
+    given_names: str
+    birth_date: date
+    channel: Literal["online", "staff"]
+    hold_token_hash: bytes | None
+    cancel_token_hash: bytes
+    mode: Mode
+    timezone: str

@@ -1,0 +1,138 @@
+"""The OpenAPI 3.1 document of the API, generated from the route table and request models."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from engine import __version__
+from engine.errors import GuichetError
+from engine.routes import Route
+
+_PROBLEM = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+        "retry_after": {"type": "integer"},
+    },
+}
+
+
+def _status_of(name: str) -> int:
+    for cls in _all_errors(GuichetError):
+        if cls.name == name:
+            return cls.status
+    raise KeyError(name)
+
+
+def _all_errors(cls: type[GuichetError]) -> list[type[GuichetError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _all_errors(sub)
+    return out
+
+
+def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": route.summary,
+        "operationId": route.handler.__name__,
+        "responses": {str(route.ok): {"description": "Success"}},
+    }
+    params = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in re.findall(r"{(\w+)}", route.path)
+    ]
+    if route.path == "/v1/holds" and route.method == "POST":
+        params.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+            }
+        )
+    if route.path == "/v1/releases":
+        params += [
+            {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+            for n in ("site", "procedure")
+        ]
+    if route.path == "/v1/admin/agenda":
+        params += [
+            {"name": "site", "in": "query", "required": True, "schema": {"type": "string"}},
+            {
+                "name": "date",
+                "in": "query",
+                "required": True,
+                "schema": {"type": "string", "format": "date"},
+            },
+        ]
+    if params:
+        op["parameters"] = params
+    if route.body is not None:
+        schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[route.body.__name__] = schema
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}
+                }
+            },
+        }
+    if route.auth:
+        op["security"] = [{"bearer": []}]
+    for name in route.errors:
+        status = str(_status_of(name))
+        entry = op["responses"].setdefault(
+            status,
+            {
+                "description": "",
+                "content": {
+                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                },
+            },
+        )
+        entry["description"] = " or ".join(filter(None, [entry["description"], name]))
+    if route.body is not None:
+        op["responses"].setdefault(
+            "413",
+            {
+                "description": "payload-too-large",
+                "content": {
+                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                },
+            },
+        )
+    return op
+
+
+def document(routes: tuple[Route, ...]) -> dict[str, Any]:
+    schemas: dict[str, Any] = {"Problem": _PROBLEM}
+    paths: dict[str, Any] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schemas)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "guichet",
+            "version": __version__,
+            "description": "Appointment booking for public services: API version 1.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,41 @@
+"""Operations endpoints: liveness, readiness, metrics, the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from engine.appkeys import METRICS, OPENAPI, RESERVATIONS
+from engine.errors import StoreUnavailable
+from engine.web import json_response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    domain = request.app[RESERVATIONS]
+    checks = await asyncio.gather(
+        domain.store.ping(), domain.inventory.ping(), return_exceptions=True
+    )
+    status = {
+        name: "ok" if result is None else "unavailable"
+        for name, result in zip(("postgresql", "redis"), checks, strict=True)
+    }
+    for result in checks:
+        if isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
+            raise result
+    if any(result is not None for result in checks):
+        raise StoreUnavailable(domain.settings.retry_after_s, f"Not ready: {status}")
+    return json_response({"status": "ready", **status})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[METRICS]
+    return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")

@@ -1,0 +1,115 @@
+"""Proof-of-work challenges, as API.md defines them.
+
+A challenge is ``v1.<release>.<client>.<difficulty>.<k>.<expires_ms>.<id>.<mac>``: everything
+a worker needs to check it is inside, signed with HMAC, so any worker accepts what another
+issued. Spending it (once) is the hold script's job, atomically with the capacity decision.
+Checks run cheapest first, so a forged challenge costs one HMAC and no store call.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from itertools import count
+
+from engine.errors import ChallengeExpired, PowInvalid
+from engine.tokens import keyed_hash
+
+ALGORITHM = "sha256-leading-zero-bits"
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    text: str
+    release_id: str
+    client_tag: str
+    difficulty: int
+    puzzles: int
+    expires_ms: int
+    id: str
+
+
+def client_tag(secret: bytes, client: str) -> str:
+    return base64.urlsafe_b64encode(keyed_hash(secret, "client", client)[:9]).decode()
+
+
+def _mac(secret: bytes, body: str) -> str:
+    digest = hmac.new(secret, b"pow\x00" + body.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
+
+
+def issue(
+    secret: bytes, release_id: str, client: str, difficulty: int, puzzles: int, expires_ms: int
+) -> Challenge:
+    tag = client_tag(secret, client)
+    cid = secrets.token_urlsafe(12)
+    body = f"v1.{release_id}.{tag}.{difficulty}.{puzzles}.{expires_ms}.{cid}"
+    return Challenge(
+        f"{body}.{_mac(secret, body)}", release_id, tag, difficulty, puzzles, expires_ms, cid
+    )
+
+
+def parse(secret: bytes, text: str) -> Challenge:
+    """Check the signature and decode; raise PowInvalid if it is not one of ours."""
+    body, _, mac = text.rpartition(".")
+    if not hmac.compare_digest(_mac(secret, body).encode(), mac.encode()):
+        raise PowInvalid("The challenge was not issued by this service")
+    version, release_id, tag, difficulty, puzzles, expires_ms, cid = body.split(".")
+    if version != "v1":
+        raise PowInvalid("Unknown challenge version")
+    return Challenge(text, release_id, tag, int(difficulty), int(puzzles), int(expires_ms), cid)
+
+
+def leading_zero_bits_ok(digest: bytes, difficulty: int) -> bool:
+    return int.from_bytes(digest[:4], "big") >> (32 - difficulty) == 0 if difficulty else True
+
+
+def verify(
+    secret: bytes, text: str, nonces: list[str], *, release_id: str, client: str, now_ms: int
+) -> Challenge:
+    """Return the challenge if ``nonces`` pay for an attempt by ``client`` in ``release_id``.
+
+    Does not know whether it was spent: that is decided with the attempt, in Redis.
+    """
+    challenge = parse(secret, text)
+    if challenge.release_id != release_id:
+        raise PowInvalid("The challenge was issued for another release")
+    if not hmac.compare_digest(challenge.client_tag, client_tag(secret, client)):
+        raise PowInvalid("The challenge was issued to another client")
+    if now_ms >= challenge.expires_ms:
+        raise ChallengeExpired("The challenge's time ran out; ask for a new one")
+    if len(nonces) != challenge.puzzles:
+        raise PowInvalid(f"Expected {challenge.puzzles} nonces, got {len(nonces)}")
+    for i, nonce in enumerate(nonces):
+        digest = hashlib.sha256(f"{text}:{i}:{nonce}".encode()).digest()
+        if not leading_zero_bits_ok(digest, challenge.difficulty):
+            raise PowInvalid(f"Nonce {i} misses the difficulty")
+    return challenge
+
+
+def solve(text: str, difficulty: int, puzzles: int) -> list[str]:
+    """A reference solver (tests, the demo client, load tests): k nonces, base-62 counters."""
+    nonces = []
+    for i in range(puzzles):
+        prefix = hashlib.sha256(f"{text}:{i}:".encode())
+        for n in count():
+            nonce = _base62(n)
+            h = prefix.copy()
+            h.update(nonce.encode())
+            if leading_zero_bits_ok(h.digest(), difficulty):
+                nonces.append(nonce)
+                break
+    return nonces
+
+
+def _base62(n: int) -> str:
+    out = _ALPHABET[n % 62]
+    n //= 62
+    while n:
+        out = _ALPHABET[n % 62] + out
+        n //= 62
+    return out

@@ -1,0 +1,510 @@
+"""The reservation protocol: the only module that combines Redis and PostgreSQL.
+
+    hold     Redis only: one function spends the challenge and takes a place.
+    confirm  Redis marks the hold confirming; one PostgreSQL transaction books it (its
+             constraints refuse an overbooking or a second active booking); the reply is
+             sent only after COMMIT; then Redis counts the booking.
+    cancel   PostgreSQL first, then Redis gives the place back.
+A crash between two steps leaves Redis counting a place as taken that is free, never the
+reverse; the sweeper (``settle_stale_confirms``, ``reconcile``) converges it. A release whose
+inventory is gone from Redis is rebuilt from PostgreSQL under a short lock.
+docs/consistency.md walks through every crash window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from engine import pow
+from engine.errors import (
+    ChallengeExpired,
+    HoldConfirming,
+    HoldExpired,
+    NotFound,
+    NotOpen,
+    Overloaded,
+    RateLimited,
+    SlotFull,
+    StoreUnavailable,
+    Unauthorized,
+)
+from engine.identity import Applicant
+from engine.inventory import HoldRecord, Inventory, InventoryMissing, SlotCounts
+from engine.keys import ReleaseKeys, bucket
+from engine.logs import log
+from engine.metrics import Metrics
+from engine.models import Booking, Mode, Release, Slot
+from engine.settings import Settings
+from engine.store import Store
+from engine.tokens import derived_token, new_id, new_reference, token_hash
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+_RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
+_CHILD_ID = re.compile(r"^(r[0-9a-z]{12})\.[0-9a-z]{1,20}$")
+_REBUILD_LOCK_MS = 5000
+_REBUILD_WAIT_S = 0.05
+_REBUILD_WAITS = 40
+
+
+def release_of(identifier: str) -> str:
+    """The release a slot or hold id belongs to (ids are ``<release>.<suffix>``)."""
+    m = _CHILD_ID.match(identifier)
+    if m is None:
+        raise NotFound(f"No such resource: {identifier!r}")
+    return m.group(1)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotSpec:
+    starts_at: datetime
+    duration_minutes: int
+    capacity: int
+
+
+def new_release(
+    site_id: str,
+    procedure_id: str,
+    mode: Mode,
+    slots: list[SlotSpec],
+    *,
+    opens_at: datetime | None = None,
+    registration_opens_at: datetime | None = None,
+    registration_closes_at: datetime | None = None,
+    draw_at: datetime | None = None,
+) -> Release:
+    """A new release with fresh ids; its slots are numbered in time order
+    (slot ids are ``<release>.<nnn>``, so any slot or hold id names its release)."""
+    release_id = new_id("r")
+    ordered = sorted(slots, key=lambda s: s.starts_at)
+    return Release(
+        release_id,
+        site_id,
+        procedure_id,
+        mode,
+        opens_at,
+        registration_opens_at,
+        registration_closes_at,
+        draw_at,
+        "UTC",
+        tuple(
+            Slot(f"{release_id}.{i:03d}", s.starts_at, s.duration_minutes, s.capacity, 0)
+            for i, s in enumerate(ordered)
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    id: str
+    token: str
+    expires_at: datetime
+    slot: Slot
+    timezone: str
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    booking: Booking
+    cancel_token: str
+
+
+class Reservations:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        inventory: Inventory,
+        metrics: Metrics,
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.inventory = inventory
+        self.metrics = metrics
+        self.clock = clock
+        self._releases: dict[str, tuple[float, Release | None]] = {}
+        self._listings: dict[str, tuple[float, dict[str, SlotCounts]]] = {}
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # Releases ----------------------------------------------------------------------------
+
+    async def release(self, release_id: str) -> Release:
+        """A release from a short in-process cache (misses are cached too)."""
+        if not _RELEASE_ID.match(release_id):
+            raise NotFound(f"No release {release_id!r}")
+        now = time.monotonic()
+        cached = self._releases.get(release_id)
+        if cached is None or cached[0] <= now:
+            if len(self._releases) > 10_000:
+                self._releases.clear()
+            cached = (now + self.settings.release_cache_s, await self.store.release(release_id))
+            self._releases[release_id] = cached
+        if cached[1] is None:
+            raise NotFound(f"No release {release_id!r}")
+        return cached[1]
+
+    def forget(self, release_id: str) -> None:
+        self._releases.pop(release_id, None)
+        self._listings.pop(release_id, None)
+
+    async def slot_counts(self, release_id: str) -> dict[str, SlotCounts]:
+        """Per-slot counts for listings; at most ``listing_cache_s`` old."""
+        now = time.monotonic()
+        cached = self._listings.get(release_id)
+        if cached is None or cached[0] <= now:
+            counts = await self._with_inventory(
+                release_id, lambda: self.inventory.counts(release_id, self.now_ms())
+            )
+            cached = (now + self.settings.listing_cache_s, counts)
+            self._listings[release_id] = cached
+        return cached[1]
+
+    async def patch_release(
+        self, release_id: str, windows: dict[str, datetime], capacities: dict[str, int]
+    ) -> None:
+        """Staff change windows not yet started, and capacities (never below what is booked
+        or held). PostgreSQL first, then Redis takes the new capacities."""
+        counts = await self._with_inventory(
+            release_id, lambda: self.inventory.counts(release_id, self.now_ms())
+        )
+        held = {slot_id: c.held for slot_id, c in counts.items()}
+        await self.store.patch_release(release_id, windows, capacities, self.now(), held)
+        self.forget(release_id)
+        new_capacities, _ = await self.store.inventory_snapshot(release_id)
+        await self.inventory.reconcile(release_id, new_capacities, [], [])
+
+    # Challenges --------------------------------------------------------------------------
+
+    async def challenge(self, release_id: str, client: str) -> pow.Challenge:
+        release = await self.release(release_id)
+        if all(s.starts_at <= self.now() for s in release.slots):
+            raise NotOpen("Every slot of this release has started")
+        await self._rate_limit("client", client)
+        difficulty = self.settings.pow_difficulty
+        self.metrics.pow_difficulty.observe(difficulty)
+        return pow.issue(
+            self.settings.secret,
+            release_id,
+            client,
+            difficulty,
+            self.settings.pow_puzzles,
+            self.now_ms() + self.settings.challenge_ttl_s * 1000,
+        )
+
+    # Holds -------------------------------------------------------------------------------
+
+    async def hold(
+        self, slot_id: str, challenge: str, nonces: list[str], client: str, idem_key: str | None
+    ) -> Hold:
+        release_id = release_of(slot_id)
+        # Proof of work first: a forged or wrong challenge costs one HMAC and no store call.
+        paid = pow.verify(
+            self.settings.secret,
+            challenge,
+            nonces,
+            release_id=release_id,
+            client=client,
+            now_ms=self.now_ms(),
+        )
+        release = await self.release(release_id)
+        slot = self._open_slot(release, slot_id)
+        await self._rate_limit("client", client)
+        if idem_key is None:
+            token = derived_token(self.settings.secret, "hold-random", new_id("", 24))
+            idem_field = ""
+        else:
+            token = derived_token(self.settings.secret, "hold", client, idem_key, slot_id)
+            idem_field = token_hash(f"{client}\x00{idem_key}\x00{slot_id}").hex()
+        hold_id = f"{release_id}.{new_id('h', 16)}"
+        now_ms = self.now_ms()
+        result = await self._with_inventory(
+            release_id,
+            lambda: self.inventory.hold(
+                release_id,
+                slot_id,
+                now_ms=now_ms,
+                hold_id=hold_id,
+                token_hash=token_hash(token).hex(),
+                deadline_ms=now_ms + self.settings.hold_ttl_s * 1000,
+                idem_field=idem_field,
+                challenge_id=paid.id,
+                challenge_expiry_ms=paid.expires_ms,
+            ),
+        )
+        self.metrics.holds.labels(result.outcome).inc()
+        if result.outcome == "full":
+            raise SlotFull("No free place left on this slot; the challenge is spent")
+        if result.outcome == "spent":
+            raise ChallengeExpired("This challenge was already spent; ask for a new one")
+        if result.outcome == "no-slot":
+            raise NotFound(f"No slot {slot_id!r}")
+        log.info("hold_granted", hold=result.hold_id, slot=slot_id, outcome=result.outcome)
+        return Hold(result.hold_id, token, _from_ms(result.deadline_ms), slot, release.timezone)
+
+    def _open_slot(self, release: Release, slot_id: str) -> Slot:
+        slot = release.slot(slot_id)
+        if slot is None:
+            raise NotFound(f"No slot {slot_id!r}")
+        if release.mode != "fcfs":
+            raise NotOpen("This release is allocated by draw: register an entry instead")
+        now = self.now()
+        assert release.opens_at is not None
+        if now < release.opens_at:
+            raise NotOpen(f"This release opens at {release.opens_at.isoformat()}")
+        if slot.starts_at <= now:
+            raise NotOpen("This slot has already started")
+        return slot
+
+    async def _hold_for(self, hold_id: str, token: str) -> tuple[Release, HoldRecord | None]:
+        release = await self.release(release_of(hold_id))
+        record = await self.inventory.hold_record(release.id, hold_id)
+        if record is not None and not _same_hash(token, record.token_hash):
+            raise Unauthorized("Wrong hold token")
+        return release, record
+
+    async def release_hold(self, hold_id: str, token: str) -> None:
+        release, record = await self._hold_for(hold_id, token)
+        if record is None:
+            raise HoldExpired("This hold expired or was released")
+        outcome = await self.inventory.release_hold(release.id, hold_id, self.now_ms())
+        if outcome == "confirming":
+            raise HoldConfirming("This hold is being confirmed and cannot be released now")
+        if outcome == "gone":
+            raise HoldExpired("This hold expired or was released")
+        self._listings.pop(release.id, None)
+        log.info("hold_released", hold=hold_id)
+
+    # Confirm -----------------------------------------------------------------------------
+
+    async def confirm(
+        self, hold_id: str, token: str, applicant: Applicant, client: str
+    ) -> Confirmation:
+        """Book the hold's place for ``applicant``; the same hold always gives the same booking."""
+        release, record = await self._hold_for(hold_id, token)
+        slot_id = None
+        if record is not None:
+            await self._rate_limit("client", client)
+            slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
+        if slot_id is None:
+            # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
+            return await self._confirmed_before(hold_id, token)
+        confirmation = await self._book(release, slot_id, hold_id, token, applicant)
+        self.metrics.confirms.labels("confirmed").inc()
+        return confirmation
+
+    async def _confirmed_before(self, hold_id: str, token: str) -> Confirmation:
+        booking = await self.store.booking_by_hold(hold_id)
+        if booking is None:
+            self.metrics.confirms.labels("hold-expired").inc()
+            raise HoldExpired("This hold expired or was released")
+        if booking.hold_token_hash is None or not _same_hash(token, booking.hold_token_hash.hex()):
+            raise Unauthorized("Wrong hold token")
+        self.metrics.confirms.labels("replayed").inc()
+        return Confirmation(booking, self._cancel_token(token))
+
+    async def _book(
+        self, release: Release, slot_id: str, hold_id: str, token: str, applicant: Applicant
+    ) -> Confirmation:
+        """The PostgreSQL step and the Redis step that follows it, for a confirming hold."""
+        secret = self.settings.secret
+        cancel_token = self._cancel_token(token)
+        try:
+            booking = await self.store.book(
+                reference=new_reference(),
+                release=release,
+                slot_id=slot_id,
+                hold_id=hold_id,
+                hold_token_hash=token_hash(token),
+                identity_hash=applicant.identity_hash(secret),
+                email_hash=applicant.email_hash(secret),
+                family_name=applicant.family_name,
+                given_names=applicant.given_names,
+                birth_date=applicant.birth_date,
+                cancel_token_hash=token_hash(cancel_token),
+            )
+        except StoreUnavailable:
+            # Committed or not, we cannot tell: the hold stays "confirming" and the sweeper
+            # settles it from PostgreSQL once no transaction can still be running.
+            raise
+        except Exception as exc:
+            # PostgreSQL refused (identity already booked, slot full): nothing was booked.
+            await self.inventory.confirm_abort(release.id, hold_id)
+            self.metrics.confirms.labels(getattr(exc, "name", "error")).inc()
+            raise
+        try:
+            await self.inventory.confirm_done(release.id, hold_id, slot_id, booking.reference)
+        except StoreUnavailable:
+            # The booking is committed and is the truth; the sweeper will count it in Redis.
+            log.warning("confirm_done_deferred", hold=hold_id, booking=booking.reference)
+        self._listings.pop(release.id, None)
+        log.info("booking_confirmed", booking=booking.reference, slot=slot_id, hold=hold_id)
+        return Confirmation(booking, cancel_token)
+
+    def _cancel_token(self, hold_token: str) -> str:
+        return derived_token(self.settings.secret, "cancel", hold_token)
+
+    # Staff bookings ----------------------------------------------------------------------
+
+    async def staff_book(self, slot_id: str, applicant: Applicant) -> Confirmation:
+        """Book at the counter: the same protocol as online (a hold, then a confirm), minus
+        the proof of work, so staff never take a place an online applicant is holding."""
+        release = await self.release(release_of(slot_id))
+        slot = release.slot(slot_id)
+        if slot is None:
+            raise NotFound(f"No slot {slot_id!r}")
+        if slot.starts_at <= self.now():
+            raise NotOpen("This slot has already started")
+        token = derived_token(self.settings.secret, "staff", new_id("", 24))
+        hold_id = f"{release.id}.{new_id('s', 16)}"
+        now_ms = self.now_ms()
+        result = await self._with_inventory(
+            release.id,
+            lambda: self.inventory.hold(
+                release.id,
+                slot_id,
+                now_ms=now_ms,
+                hold_id=hold_id,
+                token_hash=token_hash(token).hex(),
+                deadline_ms=now_ms + 60_000,
+                idem_field="",
+                challenge_id=hold_id,
+                challenge_expiry_ms=now_ms + 60_000,
+            ),
+        )
+        if result.outcome == "full":
+            raise SlotFull("No free place left on this slot")
+        if result.outcome != "granted":
+            raise NotFound(f"No slot {slot_id!r}")
+        if await self.inventory.confirm_begin(release.id, hold_id, self.now_ms()) is None:
+            raise HoldExpired("The counter's hold expired before it was confirmed")
+        return await self._book(release, slot_id, hold_id, token, applicant)
+
+    # Bookings ----------------------------------------------------------------------------
+
+    async def booking(self, reference: str, cancel_token: str) -> Booking:
+        booking = await self.store.booking(reference)
+        if booking is None:
+            raise NotFound(f"No booking {reference!r}")
+        if not _same_hash(cancel_token, booking.cancel_token_hash.hex()):
+            raise Unauthorized("Wrong cancel token")
+        return booking
+
+    async def cancel(self, reference: str, cancel_token: str) -> None:
+        """Cancel (idempotent); the place returns to an fcfs slot at once."""
+        booking = await self.booking(reference, cancel_token)
+        if booking.status == "cancelled":
+            return
+        if booking.starts_at <= self.now():
+            raise NotOpen("This appointment has already started")
+        if not await self.store.cancel(reference, "online"):
+            return
+        self.metrics.cancellations.labels("online").inc()
+        if booking.mode == "fcfs":
+            try:
+                await self.inventory.cancel_done(booking.release_id, reference)
+            except StoreUnavailable:
+                log.warning("cancel_done_deferred", booking=reference)
+            self._listings.pop(booking.release_id, None)
+        log.info("booking_cancelled", booking=reference)
+
+    # Convergence -------------------------------------------------------------------------
+
+    async def _with_inventory(self, release_id: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op``; if the release's inventory is gone from Redis, rebuild it and retry."""
+        try:
+            return await op()
+        except InventoryMissing:
+            await self.rebuild(release_id)
+        try:
+            return await op()
+        except InventoryMissing:
+            raise Overloaded(
+                self.settings.retry_after_s, "The inventory is being rebuilt"
+            ) from None
+
+    async def rebuild(self, release_id: str) -> None:
+        """Rebuild a release's inventory from PostgreSQL, or wait for the worker doing it."""
+        lock = ReleaseKeys.of(release_id).rebuild_lock
+        if not await self.inventory.try_lock(lock, _REBUILD_LOCK_MS):
+            # Another worker is rebuilding: wait (bounded) until the inventory is back.
+            for _ in range(_REBUILD_WAITS):
+                await asyncio.sleep(_REBUILD_WAIT_S)
+                if await self.inventory.exists(release_id):
+                    return
+            return
+        try:
+            capacities, bookings = await self.store.inventory_snapshot(release_id)
+            if await self.inventory.rebuild(release_id, capacities, bookings):
+                self.metrics.rebuilds.inc()
+                log.warning("inventory_rebuilt", release=release_id, bookings=len(bookings))
+        finally:
+            await self.inventory.unlock(lock)
+
+    async def settle_stale_confirms(self, release_id: str) -> int:
+        """Settle confirms that began more than ``confirm_grace_s`` ago and never reported."""
+        cutoff = self.now_ms() - int(self.settings.confirm_grace_s * 1000)
+        stale = await self.inventory.stale_confirms(release_id, cutoff)
+        if not stale:
+            return 0
+        booked = await self.store.bookings_by_holds(stale)
+        for hold_id in stale:
+            outcome = await self.inventory.settle_confirm(
+                release_id, hold_id, booked.get(hold_id), cutoff
+            )
+            self.metrics.settled_confirms.labels(outcome).inc()
+            log.warning("confirm_settled", hold=hold_id, outcome=outcome)
+        return len(stale)
+
+    async def reconcile(self, release_id: str) -> int:
+        """Correct Redis toward PostgreSQL; return the number of corrections.
+
+        Redis is read before PostgreSQL: a booking Redis counts was committed before that
+        read, so if PostgreSQL no longer has it active it was cancelled and may be uncounted.
+        A booking PostgreSQL has and Redis lacks is counted; if its confirm is still in
+        flight, the place is counted twice for a moment: a place shown taken, never one
+        shown free that is not.
+        """
+        try:
+            counted = await self.inventory.booked_refs(release_id)
+            capacities, active = await self.store.inventory_snapshot(release_id)
+            active_refs = {ref for ref, _ in active}
+            add = [(ref, slot) for ref, slot in active if ref not in counted]
+            remove = sorted(counted - active_refs)
+            corrections = await self.inventory.reconcile(release_id, capacities, add, remove)
+        except InventoryMissing:
+            await self.rebuild(release_id)
+            return 0
+        if corrections:
+            self.metrics.reconcile_corrections.inc(corrections)
+            log.warning("inventory_reconciled", release=release_id, corrections=corrections)
+        self._listings.pop(release_id, None)
+        return corrections
+
+    async def _rate_limit(self, kind: str, subject: str) -> None:
+        wait_ms = await self.inventory.take_token(
+            bucket(kind, subject), self.settings.client_rate_per_s, self.settings.client_burst
+        )
+        if wait_ms:
+            raise RateLimited(max(1, -(-wait_ms // 1000)))
+
+
+def _same_hash(token: str, stored_hex: str) -> bool:
+    return hmac.compare_digest(token_hash(token).hex(), stored_hex)
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)

@@ -1,0 +1,159 @@
+"""The route table: what the app serves and what ``/openapi.json`` describes, from one list."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from engine import admin, handlers, ops, schemas
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    ok: int = 200
+    body: type[BaseModel] | None = None
+    errors: tuple[str, ...] = ()
+    auth: str | None = None  # "admin", "hold", "cancel"
+
+
+_STORE = ("overloaded",)
+_ATTEMPT = ("validation-error", "rate-limited", "overloaded")
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/sites", handlers.list_sites, "Sites and their procedures", errors=_STORE),
+    Route(
+        "GET",
+        "/v1/releases",
+        handlers.list_releases,
+        "Releases whose slots have not all started",
+        errors=_STORE,
+    ),
+    Route(
+        "GET",
+        "/v1/releases/{release}/slots",
+        handlers.list_slots,
+        "Slots of a release with their free places",
+        errors=("not-found", *_STORE),
+    ),
+    Route(
+        "POST",
+        "/v1/challenges",
+        handlers.create_challenge,
+        "Get a proof-of-work challenge",
+        201,
+        schemas.ChallengeRequest,
+        ("not-found", "not-open", *_ATTEMPT),
+    ),
+    Route(
+        "POST",
+        "/v1/holds",
+        handlers.create_hold,
+        "Hold a place (first come, first served)",
+        201,
+        schemas.HoldRequest,
+        ("pow-invalid", "not-found", "slot-full", "not-open", "challenge-expired", *_ATTEMPT),
+    ),
+    Route(
+        "POST",
+        "/v1/holds/{hold_id}/confirm",
+        handlers.confirm_hold,
+        "Confirm a hold as a booking in the applicant's name",
+        201,
+        schemas.ConfirmRequest,
+        ("unauthorized", "not-found", "hold-expired", "identity-already-booked", *_ATTEMPT),
+        auth="hold",
+    ),
+    Route(
+        "DELETE",
+        "/v1/holds/{hold_id}",
+        handlers.delete_hold,
+        "Give a hold back",
+        204,
+        errors=("unauthorized", "not-found", "hold-expired", "hold-confirming", *_STORE),
+        auth="hold",
+    ),
+    Route(
+        "GET",
+        "/v1/bookings/{reference}",
+        handlers.get_booking,
+        "Read a booking",
+        errors=("unauthorized", "not-found", *_STORE),
+        auth="cancel",
+    ),
+    Route(
+        "DELETE",
+        "/v1/bookings/{reference}",
+        handlers.cancel_booking,
+        "Cancel a booking",
+        204,
+        errors=("unauthorized", "not-found", "not-open", *_STORE),
+        auth="cancel",
+    ),
+    Route(
+        "PUT",
+        "/v1/admin/sites/{site}",
+        admin.put_site,
+        "Create or replace a site",
+        body=schemas.SiteIn,
+        errors=("unauthorized", "validation-error", *_STORE),
+        auth="admin",
+    ),
+    Route(
+        "POST",
+        "/v1/admin/releases",
+        admin.create_release,
+        "Publish a release",
+        201,
+        schemas.ReleaseIn,
+        ("unauthorized", "validation-error", "not-found", *_STORE),
+        auth="admin",
+    ),
+    Route(
+        "PATCH",
+        "/v1/admin/releases/{release}",
+        admin.patch_release,
+        "Change windows not yet started, and capacities",
+        body=schemas.ReleasePatch,
+        errors=("unauthorized", "validation-error", "not-found", *_STORE),
+        auth="admin",
+    ),
+    Route(
+        "POST",
+        "/v1/admin/bookings",
+        admin.staff_booking,
+        "Book at the counter",
+        201,
+        schemas.StaffBookingRequest,
+        (
+            "unauthorized",
+            "validation-error",
+            "not-found",
+            "slot-full",
+            "not-open",
+            "identity-already-booked",
+            *_STORE,
+        ),
+        auth="admin",
+    ),
+    Route(
+        "GET",
+        "/v1/admin/agenda",
+        admin.agenda,
+        "A site's confirmed bookings of one day",
+        errors=("unauthorized", "validation-error", "not-found", "not-acceptable", *_STORE),
+        auth="admin",
+    ),
+    Route("GET", "/healthz", ops.healthz, "The process runs"),
+    Route("GET", "/readyz", ops.readyz, "PostgreSQL and Redis answer", errors=_STORE),
+    Route("GET", "/metrics", ops.metrics, "Prometheus metrics of the whole engine"),
+    Route("GET", "/openapi.json", ops.openapi, "This contract as OpenAPI 3.1"),
+)

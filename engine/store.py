@@ -1,0 +1,487 @@
+"""PostgreSQL: the truth. All SQL of the engine lives here.
+
+Every call is bounded: the pool's acquire has a timeout, each statement has a client-side
+timeout, and the server itself aborts statements and idle transactions that outlive them, so
+a transaction that did not commit within ``pg_timeout_s`` never will (the sweeper relies on it).
+asyncpg's errors are mapped to domain errors in ``_connection`` and ``_map_integrity``, only there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+from engine.errors import (
+    IdentityAlreadyBooked,
+    NotFound,
+    SlotFull,
+    StoreUnavailable,
+    ValidationFailed,
+)
+from engine.models import Booking, Procedure, Release, Site, Slot
+
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,
+    asyncpg.AdminShutdownError,
+)
+
+_BOOKING_COLUMNS = """
+    b.reference, b.status, b.release_id, b.slot_id, s.starts_at, s.duration_minutes,
+    b.family_name, b.given_names, b.birth_date, b.channel, b.hold_token_hash,
+    b.cancel_token_hash, r.mode, st.timezone
+"""
+_BOOKING_FROM = """bookings b JOIN slots s ON s.id = b.slot_id
+    JOIN releases r ON r.id = b.release_id JOIN sites st ON st.id = r.site_id"""
+
+
+async def create_pool(dsn: str, timeout_s: float, size: int) -> asyncpg.Pool:
+    """A pool that connects lazily, so the engine starts (and answers 503) without PostgreSQL."""
+    ms = str(int(timeout_s * 1000))
+    pool = asyncpg.create_pool(
+        dsn,
+        min_size=0,
+        max_size=size,
+        timeout=timeout_s,
+        command_timeout=timeout_s,
+        server_settings={
+            "statement_timeout": ms,
+            "idle_in_transaction_session_timeout": ms,
+            "application_name": "guichet",
+        },
+    )
+    return await pool
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float, retry_after_s: int) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+        self._retry_after_s = retry_after_s
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        try:
+            async with self._pool.acquire(timeout=self._timeout_s) as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(self._retry_after_s, "PostgreSQL did not answer") from exc
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # Sites -------------------------------------------------------------------------------
+
+    async def upsert_site(self, site: Site) -> None:
+        """Create or replace a site. Procedures left out are removed unless releases use them."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                """INSERT INTO sites (id, name, timezone) VALUES ($1, $2, $3)
+                   ON CONFLICT (id) DO UPDATE
+                   SET name = excluded.name, timezone = excluded.timezone, updated_at = now()""",
+                site.id,
+                site.name,
+                site.timezone,
+            )
+            await conn.executemany(
+                """INSERT INTO procedures (site_id, id, name) VALUES ($1, $2, $3)
+                   ON CONFLICT (site_id, id) DO UPDATE SET name = excluded.name""",
+                [(site.id, p.id, p.name) for p in site.procedures],
+            )
+            await conn.execute(
+                """DELETE FROM procedures p WHERE p.site_id = $1 AND NOT p.id = ANY($2::text[])
+                   AND NOT EXISTS (SELECT 1 FROM releases r
+                                   WHERE r.site_id = p.site_id AND r.procedure_id = p.id)""",
+                site.id,
+                [p.id for p in site.procedures],
+            )
+            await _audit(conn, "admin", "site.upsert", site.id, {"name": site.name})
+
+    async def sites(self) -> list[Site]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT s.id, s.name, s.timezone,
+                          coalesce(array_agg(p.id ORDER BY p.id)
+                                   FILTER (WHERE p.id IS NOT NULL), '{}') AS ids,
+                          coalesce(array_agg(p.name ORDER BY p.id)
+                                   FILTER (WHERE p.id IS NOT NULL), '{}') AS names
+                   FROM sites s LEFT JOIN procedures p ON p.site_id = s.id
+                   GROUP BY s.id ORDER BY s.id"""
+            )
+        return [
+            Site(
+                r["id"],
+                r["name"],
+                r["timezone"],
+                tuple(Procedure(i, n) for i, n in zip(r["ids"], r["names"], strict=True)),
+            )
+            for r in rows
+        ]
+
+    async def site_timezone(self, site_id: str) -> str | None:
+        async with self._connection() as conn:
+            tz: str | None = await conn.fetchval(
+                "SELECT timezone FROM sites WHERE id = $1", site_id
+            )
+            return tz
+
+    # Releases ----------------------------------------------------------------------------
+
+    async def create_release(self, release: Release) -> None:
+        async with self._transaction() as conn:
+            try:
+                await conn.execute(
+                    """INSERT INTO releases (id, site_id, procedure_id, mode, opens_at,
+                           registration_opens_at, registration_closes_at, draw_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                    release.id,
+                    release.site_id,
+                    release.procedure_id,
+                    release.mode,
+                    release.opens_at,
+                    release.registration_opens_at,
+                    release.registration_closes_at,
+                    release.draw_at,
+                )
+            except asyncpg.ForeignKeyViolationError:
+                raise NotFound(
+                    f"No procedure {release.procedure_id!r} at site {release.site_id!r}"
+                ) from None
+            await conn.executemany(
+                """INSERT INTO slots (id, release_id, starts_at, duration_minutes, capacity)
+                   VALUES ($1, $2, $3, $4, $5)""",
+                [
+                    (s.id, release.id, s.starts_at, s.duration_minutes, s.capacity)
+                    for s in release.slots
+                ],
+            )
+            await _audit(
+                conn,
+                "admin",
+                "release.create",
+                release.id,
+                {"slots": len(release.slots), "mode": release.mode},
+            )
+
+    async def release(self, release_id: str) -> Release | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """SELECT r.*, st.timezone FROM releases r JOIN sites st ON st.id = r.site_id
+                   WHERE r.id = $1""",
+                release_id,
+            )
+            if row is None:
+                return None
+            slots = await conn.fetch(
+                """SELECT id, starts_at, duration_minutes, capacity, booked FROM slots
+                   WHERE release_id = $1 ORDER BY starts_at, id""",
+                release_id,
+            )
+        return _release(row, slots)
+
+    async def releases(
+        self, site_id: str | None, procedure_id: str | None, now: datetime
+    ) -> list[Release]:
+        """Releases with at least one slot not started yet, oldest first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT r.*, st.timezone FROM releases r JOIN sites st ON st.id = r.site_id
+                   WHERE ($1::text IS NULL OR r.site_id = $1)
+                     AND ($2::text IS NULL OR r.procedure_id = $2)
+                     AND EXISTS (SELECT 1 FROM slots s
+                                 WHERE s.release_id = r.id AND s.starts_at > $3)
+                   ORDER BY coalesce(r.opens_at, r.registration_opens_at), r.id""",
+                site_id,
+                procedure_id,
+                now,
+            )
+            slots = await conn.fetch(
+                """SELECT release_id, id, starts_at, duration_minutes, capacity, booked
+                   FROM slots WHERE release_id = ANY($1::text[]) ORDER BY starts_at, id""",
+                [r["id"] for r in rows],
+            )
+        by_release: dict[str, list[asyncpg.Record]] = {}
+        for s in slots:
+            by_release.setdefault(s["release_id"], []).append(s)
+        return [_release(r, by_release.get(r["id"], [])) for r in rows]
+
+    async def active_release_ids(self, now: datetime) -> list[str]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT DISTINCT release_id FROM slots
+                   WHERE starts_at > $1::timestamptz - interval '1 day'""",
+                now,
+            )
+        return [r["release_id"] for r in rows]
+
+    async def patch_release(
+        self,
+        release_id: str,
+        windows: dict[str, datetime],
+        capacities: dict[str, int],
+        now: datetime,
+        held: dict[str, int],
+    ) -> None:
+        """Change windows not yet started, and capacities never below booked plus ``held``."""
+        async with self._transaction() as conn:
+            row = await conn.fetchrow("SELECT * FROM releases WHERE id = $1 FOR UPDATE", release_id)
+            if row is None:
+                raise NotFound(f"No release {release_id!r}")
+            errors = []
+            for name, value in windows.items():
+                if row[name] is None:
+                    errors.append(
+                        {"field": name, "message": f"not a window of a {row['mode']} release"}
+                    )
+                elif row[name] <= now:
+                    errors.append({"field": name, "message": "this window has already started"})
+                elif value <= now:
+                    errors.append({"field": name, "message": "must be in the future"})
+            if errors:
+                raise ValidationFailed(errors)
+            for name, value in windows.items():
+                await conn.execute(
+                    f"UPDATE releases SET {name} = $2 WHERE id = $1",  # noqa: S608
+                    release_id,
+                    value,
+                )
+            for slot_id, capacity in capacities.items():
+                current = await conn.fetchrow(
+                    "SELECT booked FROM slots WHERE id = $1 AND release_id = $2 FOR UPDATE",
+                    slot_id,
+                    release_id,
+                )
+                if current is None:
+                    raise NotFound(f"No slot {slot_id!r} in release {release_id!r}")
+                floor = current["booked"] + held.get(slot_id, 0)
+                if capacity < floor:
+                    raise ValidationFailed(
+                        [
+                            {
+                                "field": f"slots.{slot_id}.capacity",
+                                "message": f"cannot go below {floor} (booked and held places)",
+                            }
+                        ]
+                    )
+                await conn.execute(
+                    "UPDATE slots SET capacity = $2 WHERE id = $1", slot_id, capacity
+                )
+            await _audit(
+                conn,
+                "admin",
+                "release.patch",
+                release_id,
+                {
+                    "windows": {k: v.isoformat() for k, v in windows.items()},
+                    "capacities": capacities,
+                },
+            )
+
+    async def inventory_snapshot(
+        self, release_id: str
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+        """Capacities and active bookings of a release, read in one snapshot."""
+        async with self._transaction() as conn:
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            slots = await conn.fetch(
+                "SELECT id, capacity FROM slots WHERE release_id = $1", release_id
+            )
+            bookings = await conn.fetch(
+                """SELECT reference, slot_id FROM bookings
+                   WHERE release_id = $1 AND status = 'confirmed'""",
+                release_id,
+            )
+        return (
+            [(r["id"], r["capacity"]) for r in slots],
+            [(r["reference"], r["slot_id"]) for r in bookings],
+        )
+
+    async def slot_booked_counts(self, release_id: str) -> dict[str, tuple[int, int]]:
+        """slot id -> (capacity, booked) as PostgreSQL has them."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, capacity, booked FROM slots WHERE release_id = $1", release_id
+            )
+        return {r["id"]: (r["capacity"], r["booked"]) for r in rows}
+
+    # Bookings ----------------------------------------------------------------------------
+
+    async def book(
+        self,
+        *,
+        reference: str,
+        release: Release,
+        slot_id: str,
+        hold_id: str | None,
+        hold_token_hash: bytes | None,
+        identity_hash: bytes,
+        email_hash: bytes,
+        family_name: str,
+        given_names: str,
+        birth_date: date,
+        cancel_token_hash: bytes,
+    ) -> Booking:
+        """Insert a confirmed booking; return it, or the one this hold already has.
+
+        The slot's count and its capacity check happen in the same transaction (trigger and
+        CHECK constraint); a constraint violation becomes SlotFull or IdentityAlreadyBooked.
+        """
+        async with self._transaction() as conn:
+            try:
+                inserted = await conn.fetchval(
+                    """INSERT INTO bookings (reference, slot_id, release_id, procedure_id,
+                           channel, hold_id, hold_token_hash, identity_hash, email_hash,
+                           family_name, given_names, birth_date, cancel_token_hash)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                       ON CONFLICT (hold_id) DO NOTHING RETURNING reference""",
+                    reference,
+                    slot_id,
+                    release.id,
+                    release.procedure_id,
+                    "online" if hold_id else "staff",
+                    hold_id,
+                    hold_token_hash,
+                    identity_hash,
+                    email_hash,
+                    family_name,
+                    given_names,
+                    birth_date,
+                    cancel_token_hash,
+                )
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise _map_integrity(exc) from None
+            if inserted is None:
+                row = await conn.fetchrow(
+                    f"SELECT {_BOOKING_COLUMNS} FROM {_BOOKING_FROM} WHERE b.hold_id = $1",  # noqa: S608
+                    hold_id,
+                )
+            else:
+                row = await conn.fetchrow(
+                    f"SELECT {_BOOKING_COLUMNS} FROM {_BOOKING_FROM} WHERE b.reference = $1",  # noqa: S608
+                    reference,
+                )
+                await _audit(
+                    conn,
+                    "online" if hold_id else "staff",
+                    "booking.confirm",
+                    reference,
+                    {"slot": slot_id, "hold": hold_id},
+                )
+        assert row is not None
+        return _booking(row)
+
+    async def booking_by_hold(self, hold_id: str) -> Booking | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_BOOKING_COLUMNS} FROM {_BOOKING_FROM} WHERE b.hold_id = $1",  # noqa: S608
+                hold_id,
+            )
+        return None if row is None else _booking(row)
+
+    async def bookings_by_holds(self, hold_ids: Sequence[str]) -> dict[str, str]:
+        """hold id -> booking reference, for the holds that have one."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT hold_id, reference FROM bookings WHERE hold_id = ANY($1::text[])",
+                list(hold_ids),
+            )
+        return {r["hold_id"]: r["reference"] for r in rows}
+
+    async def booking(self, reference: str) -> Booking | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_BOOKING_COLUMNS} FROM {_BOOKING_FROM} WHERE b.reference = $1",  # noqa: S608
+                reference,
+            )
+        return None if row is None else _booking(row)
+
+    async def cancel(self, reference: str, actor: str) -> bool:
+        """Cancel a confirmed booking. False if it was already cancelled."""
+        async with self._transaction() as conn:
+            done = await conn.fetchval(
+                """UPDATE bookings SET status = 'cancelled', cancelled_at = now()
+                   WHERE reference = $1 AND status = 'confirmed' RETURNING reference""",
+                reference,
+            )
+            if done:
+                await _audit(conn, actor, "booking.cancel", reference, {})
+        return done is not None
+
+    async def agenda(self, site_id: str, day: date, timezone: str) -> list[dict[str, Any]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT s.starts_at, s.duration_minutes, b.reference, b.family_name,
+                          b.given_names, b.birth_date, r.procedure_id, b.channel, s.id AS slot_id
+                   FROM bookings b JOIN slots s ON s.id = b.slot_id
+                   JOIN releases r ON r.id = b.release_id
+                   WHERE r.site_id = $1 AND b.status = 'confirmed'
+                     AND (s.starts_at AT TIME ZONE $3)::date = $2
+                   ORDER BY s.starts_at, s.id, b.family_name, b.reference""",
+                site_id,
+                day,
+                timezone,
+            )
+        return [dict(r) for r in rows]
+
+
+def _map_integrity(exc: asyncpg.IntegrityConstraintViolationError) -> Exception:
+    name = getattr(exc, "constraint_name", None)
+    if name == "slot_not_overbooked":
+        return SlotFull("No free place left on this slot")
+    if name == "bookings_one_active_per_identity":
+        return IdentityAlreadyBooked("This person already has an active booking for this procedure")
+    return exc
+
+
+def _release(row: asyncpg.Record, slots: Sequence[asyncpg.Record]) -> Release:
+    return Release(
+        id=row["id"],
+        site_id=row["site_id"],
+        procedure_id=row["procedure_id"],
+        mode=row["mode"],
+        opens_at=row["opens_at"],
+        registration_opens_at=row["registration_opens_at"],
+        registration_closes_at=row["registration_closes_at"],
+        draw_at=row["draw_at"],
+        timezone=row["timezone"],
+        slots=tuple(
+            Slot(s["id"], s["starts_at"], s["duration_minutes"], s["capacity"], s["booked"])
+            for s in slots
+        ),
+    )
+
+
+def _booking(row: asyncpg.Record) -> Booking:
+    return Booking(*row.values())
+
+
+async def _audit(
+    conn: asyncpg.pool.PoolConnectionProxy,
+    actor: str,
+    action: str,
+    subject: str,
+    detail: dict[str, Any],
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4::jsonb)",
+        actor,
+        action,
+        subject,
+        json.dumps(detail),
+    )

@@ -1,0 +1,182 @@
+"""HTTP plumbing shared by the handlers: the guard middleware, problem+json, client address,
+bearer tokens, JSON bodies.
+
+The guard turns every refusal into RFC 9457 problem+json (domain errors, aiohttp's own
+HTTP errors, and anything unexpected, which becomes a 500 showing only a request id), sheds
+load past ``max_in_flight`` requests, binds a request id to the logs, and counts requests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime
+from typing import Any
+
+from aiohttp import web
+
+from engine import schemas
+from engine.errors import (
+    GuichetError,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    StoreUnavailable,
+    Unauthorized,
+    ValidationFailed,
+)
+from engine.logs import log, request_id
+from engine.metrics import Metrics
+from engine.settings import Network
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROBLEM_TYPE = "application/problem+json"
+
+
+def problem_response(error: GuichetError, rid: str) -> web.Response:
+    body = error.problem()
+    headers = {"X-Request-Id": rid}
+    if isinstance(error, Overloaded) or error.status == 429:
+        headers["Retry-After"] = str(body.get("retry_after", 1))
+    return web.Response(
+        status=error.status, text=json.dumps(body), content_type=PROBLEM_TYPE, headers=headers
+    )
+
+
+class _HttpProblem(GuichetError):
+    """aiohttp's own refusals (no route, wrong method), rendered like ours."""
+
+    def __init__(self, status: int, name: str, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status  # type: ignore[misc]
+        self.name = name  # type: ignore[misc]
+        self.title = title  # type: ignore[misc]
+
+
+def _from_http(exc: web.HTTPException) -> GuichetError:
+    if exc.status == 404:
+        return NotFound("No such resource")
+    if exc.status == 413:
+        return PayloadTooLarge("The request body is over the limit")
+    if exc.status == 405:
+        return _HttpProblem(
+            405,
+            "method-not-allowed",
+            "Method not allowed",
+            "This resource does not accept this method",
+        )
+    return _HttpProblem(exc.status, "http-error", exc.reason, exc.text or exc.reason)
+
+
+def guard(metrics: Metrics, max_in_flight: int) -> Any:
+    in_flight = 0
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_flight
+        rid = request.headers.get("X-Request-Id", "")
+        if not (0 < len(rid) <= 64 and rid.isascii() and rid.isprintable()):
+            rid = secrets.token_hex(8)
+        request_id.set(rid)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        started = time.perf_counter()
+        in_flight += 1
+        try:
+            if in_flight > max_in_flight:
+                raise Overloaded(1, "Too many requests in progress; try again shortly")
+            response = await handler(request)
+            response.headers["X-Request-Id"] = rid
+        except GuichetError as exc:
+            response = _refusal(metrics, exc, rid)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _refusal(metrics, _from_http(exc), rid)
+        except Exception:
+            log.exception("request_failed", route=route, method=request.method)
+            response = problem_response(
+                GuichetError(f"Unexpected error; quote request id {rid}"), rid
+            )
+        finally:
+            in_flight -= 1
+        metrics.requests.labels(route, request.method, str(response.status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    return middleware
+
+
+def _refusal(metrics: Metrics, exc: GuichetError, rid: str) -> web.Response:
+    metrics.rejections.labels(exc.name).inc()
+    if isinstance(exc, StoreUnavailable):
+        metrics.store_errors.inc()
+        log.warning("store_unavailable", detail=exc.detail)
+    return problem_response(exc, rid)
+
+
+def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
+    """The client's address: the peer, or, behind a trusted proxy, the last address in
+    X-Forwarded-For that is not one of our proxies."""
+    peer = request.remote or "unknown"
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer
+        if not _is_trusted(hop, trusted):
+            return hop
+    return peer
+
+
+def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def bearer(request: web.Request) -> str:
+    value = request.headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Missing bearer token")
+    return token.strip()
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps(data, default=_json_default), content_type="application/json"
+    )
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge("The request body is over the limit") from None
+
+
+async def parse_body(request: web.Request, model: type[schemas.M]) -> schemas.M:
+    """Read (within the size limit) and validate a JSON body."""
+    raw = await read_body(request)
+    if request.headers.get("Content-Type") and request.content_type != "application/json":
+        raise ValidationFailed(
+            [{"field": "body", "message": "Content-Type must be application/json"}]
+        )
+    return schemas.parse(model, raw)
