@@ -69,7 +69,7 @@ async def create_release(request: web.Request) -> web.Response:
         registration_closes_at=body.registration_closes_at,
         draw_at=body.draw_at,
     )
-    await domain.store.create_release(release)
+    await domain.publish(release)
     created = await domain.release(release.id)
     return json_response(
         {

@@ -40,7 +40,7 @@ def redis_client(settings: Settings) -> AnyRedis:
     pool = BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=256, timeout=settings.redis_timeout_s, **options
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 def create_app(

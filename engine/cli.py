@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from engine.settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from engine.reservations import Reservations
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,40 +61,43 @@ async def _migrate(settings: Settings) -> int:
 
 async def _demo(settings: Settings) -> int:
     from engine import demo
-    from engine.store import Store, create_pool
 
-    pool = await create_pool(settings.database_url, settings.pg_timeout_s, 2)
-    try:
-        created = await demo.seed(Store(pool, settings.pg_timeout_s, settings.retry_after_s))
-    finally:
-        await pool.close()
+    async with _domain(settings) as domain:
+        created = await demo.seed(domain)
     print(f"guichet: demo seeded, {len(created)} release(s) created")
     return 0
 
 
 async def _sweep(settings: Settings) -> int:
-    from engine.app import redis_client
-    from engine.inventory import Inventory
-    from engine.metrics import Metrics
-    from engine.reservations import Reservations
-    from engine.store import Store, create_pool
     from engine.sweeper import sweep_once
 
-    pool = await create_pool(settings.database_url, settings.pg_timeout_s, 2)
-    redis = redis_client(settings)
-    try:
-        domain = Reservations(
-            settings,
-            Store(pool, settings.pg_timeout_s, settings.retry_after_s),
-            Inventory(redis, settings.redis_timeout_s, settings.retry_after_s),
-            Metrics(),
-        )
+    async with _domain(settings) as domain:
         report = await sweep_once(domain, reconcile=True)
-    finally:
-        await pool.close()
-        await redis.aclose()
     print(
         f"guichet: swept {report.releases} release(s), settled {report.settled} confirm(s), "
         f"{report.corrections} correction(s)"
     )
     return 0
+
+
+@contextlib.asynccontextmanager
+async def _domain(settings: Settings) -> AsyncIterator[Reservations]:
+    """The domain with its stores, for one command."""
+    from engine.app import redis_client
+    from engine.inventory import Inventory
+    from engine.metrics import Metrics
+    from engine.reservations import Reservations
+    from engine.store import Store, create_pool
+
+    pool = await create_pool(settings.database_url, settings.pg_timeout_s, 2)
+    redis = redis_client(settings)
+    try:
+        yield Reservations(
+            settings,
+            Store(pool, settings.pg_timeout_s, settings.retry_after_s),
+            Inventory(redis, settings.redis_timeout_s, settings.retry_after_s),
+            Metrics(),
+        )
+    finally:
+        await pool.close()
+        await redis.aclose()

@@ -10,8 +10,7 @@ from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from engine.models import Procedure, Site
-from engine.reservations import SlotSpec, new_release
-from engine.store import Store
+from engine.reservations import Reservations, SlotSpec, new_release
 
 TIMEZONE = "Europe/Paris"
 PROCEDURES = (
@@ -41,9 +40,10 @@ def _weekday_slots(start: datetime, days: int, capacity: int) -> list[SlotSpec]:
     return slots
 
 
-async def seed(store: Store, now: datetime | None = None) -> list[str]:
+async def seed(domain: Reservations, now: datetime | None = None) -> list[str]:
     """Seed the demo; return the ids of the releases created (empty if already seeded)."""
-    now = now or datetime.now(UTC)
+    store = domain.store
+    now = (now or datetime.now(UTC)).replace(second=0, microsecond=0)
     created = []
     for site in SITES:
         await store.upsert_site(site)
@@ -76,6 +76,6 @@ async def seed(store: Store, now: datetime | None = None) -> list[str]:
             ),
         ]
         for release in releases:
-            await store.create_release(release)
+            await domain.publish(release)
             created.append(release.id)
     return created

@@ -20,13 +20,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from engine import pow
 from engine.errors import (
     ChallengeExpired,
     HoldConfirming,
     HoldExpired,
+    IdentityAlreadyBooked,
     NotFound,
     NotOpen,
     Overloaded,
@@ -146,7 +147,7 @@ class Reservations:
         """A release from a short in-process cache (misses are cached too)."""
         if not _RELEASE_ID.match(release_id):
             raise NotFound(f"No release {release_id!r}")
-        now = time.monotonic()
+        now = self.clock()
         cached = self._releases.get(release_id)
         if cached is None or cached[0] <= now:
             if len(self._releases) > 10_000:
@@ -163,7 +164,7 @@ class Reservations:
 
     async def slot_counts(self, release_id: str) -> dict[str, SlotCounts]:
         """Per-slot counts for listings; at most ``listing_cache_s`` old."""
-        now = time.monotonic()
+        now = self.clock()
         cached = self._listings.get(release_id)
         if cached is None or cached[0] <= now:
             counts = await self._with_inventory(
@@ -172,6 +173,16 @@ class Reservations:
             cached = (now + self.settings.listing_cache_s, counts)
             self._listings[release_id] = cached
         return cached[1]
+
+    async def publish(self, release: Release) -> None:
+        """Store a new release, then build its inventory in Redis (not counted as a rebuild).
+        If Redis does not answer, the first request that needs the inventory builds it."""
+        await self.store.create_release(release)
+        capacities = [(s.id, s.capacity) for s in release.slots]
+        try:
+            await self.inventory.rebuild(release.id, capacities, [])
+        except StoreUnavailable:
+            log.warning("inventory_build_deferred", release=release.id)
 
     async def patch_release(
         self, release_id: str, windows: dict[str, datetime], capacities: dict[str, int]
@@ -317,7 +328,13 @@ class Reservations:
         return Confirmation(booking, self._cancel_token(token))
 
     async def _book(
-        self, release: Release, slot_id: str, hold_id: str, token: str, applicant: Applicant
+        self,
+        release: Release,
+        slot_id: str,
+        hold_id: str,
+        token: str,
+        applicant: Applicant,
+        channel: Literal["online", "staff"] = "online",
     ) -> Confirmation:
         """The PostgreSQL step and the Redis step that follows it, for a confirming hold."""
         secret = self.settings.secret
@@ -327,6 +344,7 @@ class Reservations:
                 reference=new_reference(),
                 release=release,
                 slot_id=slot_id,
+                channel=channel,
                 hold_id=hold_id,
                 hold_token_hash=token_hash(token),
                 identity_hash=applicant.identity_hash(secret),
@@ -391,7 +409,12 @@ class Reservations:
             raise NotFound(f"No slot {slot_id!r}")
         if await self.inventory.confirm_begin(release.id, hold_id, self.now_ms()) is None:
             raise HoldExpired("The counter's hold expired before it was confirmed")
-        return await self._book(release, slot_id, hold_id, token, applicant)
+        try:
+            return await self._book(release, slot_id, hold_id, token, applicant, "staff")
+        except (IdentityAlreadyBooked, SlotFull):
+            # Refused by PostgreSQL: the counter's hold must not keep the place.
+            await self.inventory.release_hold(release.id, hold_id, self.now_ms())
+            raise
 
     # Bookings ----------------------------------------------------------------------------
 

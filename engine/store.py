@@ -12,7 +12,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -328,7 +328,8 @@ class Store:
         reference: str,
         release: Release,
         slot_id: str,
-        hold_id: str | None,
+        channel: Literal["online", "staff"],
+        hold_id: str,
         hold_token_hash: bytes | None,
         identity_hash: bytes,
         email_hash: bytes,
@@ -354,7 +355,7 @@ class Store:
                     slot_id,
                     release.id,
                     release.procedure_id,
-                    "online" if hold_id else "staff",
+                    channel,
                     hold_id,
                     hold_token_hash,
                     identity_hash,
@@ -378,7 +379,7 @@ class Store:
                 )
                 await _audit(
                     conn,
-                    "online" if hold_id else "staff",
+                    channel,
                     "booking.confirm",
                     reference,
                     {"slot": slot_id, "hold": hold_id},

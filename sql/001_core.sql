@@ -53,7 +53,8 @@ CREATE TABLE bookings (
     release_id         text NOT NULL REFERENCES releases (id),
     procedure_id       text NOT NULL,
     channel            text NOT NULL CHECK (channel IN ('online', 'staff')),
-    -- One booking per hold: a confirm retried after a crash finds the first one.
+    -- One booking per hold (staff bookings use a hold too): a confirm retried after a
+    -- crash finds the first one.
     hold_id            text UNIQUE,
     hold_token_hash    bytea,
     identity_hash      bytea NOT NULL,
@@ -67,7 +68,7 @@ CREATE TABLE bookings (
     created_at         timestamptz NOT NULL DEFAULT now(),
     cancelled_at       timestamptz,
     CHECK ((status = 'cancelled') = (cancelled_at IS NOT NULL)),
-    CHECK ((channel = 'online') = (hold_id IS NOT NULL))
+    CHECK (channel <> 'online' OR hold_id IS NOT NULL)
 );
 -- One active booking per person and procedure (procedure ids are shared across sites).
 CREATE UNIQUE INDEX bookings_one_active_per_identity

@@ -1,0 +1,187 @@
+"""Staff endpoints: sites, releases, capacity changes, counter bookings, the agenda."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from tests.api import ADMIN, Api, applicant, ip
+from tests.conftest import FakeClock
+
+
+async def test_site_upsert_and_listing(api: Api) -> None:
+    await api.site("bobigny", ("renouvellement", "naturalisation"))
+    await api.site("bobigny", ("renouvellement",))  # replaces: naturalisation goes
+    r = await api.call("GET", "/v1/sites")
+    assert r.body == {
+        "sites": [
+            {
+                "id": "bobigny",
+                "name": "Site bobigny",
+                "timezone": "Europe/Paris",
+                "procedures": [{"id": "renouvellement", "name": "Renouvellement"}],
+            }
+        ]
+    }
+    bad = await api.call(
+        "PUT",
+        "/v1/admin/sites/Bad_Id",
+        {"name": "x", "timezone": "Mars/Olympus", "procedures": []},
+        ADMIN,
+    )
+    assert bad.status == 400
+    assert {e["field"] for e in bad.body["errors"]} == {"timezone"}
+    bad = await api.call(
+        "PUT", "/v1/admin/sites/Bad_Id", {"name": "x", "timezone": "UTC", "procedures": []}, ADMIN
+    )
+    assert bad.status == 400 and bad.body["errors"][0]["field"] == "site"
+
+
+async def test_release_validation(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    now = datetime.fromtimestamp(clock.now, UTC)
+    slot = {
+        "starts_at": (now + timedelta(days=1)).isoformat(),
+        "duration_minutes": 15,
+        "capacity": 1,
+    }
+    cases = [
+        {"site": "bobigny", "procedure": "renouvellement", "mode": "fcfs", "slots": [slot]},
+        {
+            "site": "bobigny",
+            "procedure": "renouvellement",
+            "mode": "draw",
+            "opens_at": now.isoformat(),
+            "slots": [slot],
+        },
+        {
+            "site": "bobigny",
+            "procedure": "renouvellement",
+            "mode": "fcfs",
+            "opens_at": now.isoformat(),
+            "slots": [],
+        },
+        {
+            "site": "bobigny",
+            "procedure": "renouvellement",
+            "mode": "fcfs",
+            "opens_at": now.isoformat(),
+            "slots": [{**slot, "capacity": -1}],
+        },
+    ]
+    for body in cases:
+        r = await api.call("POST", "/v1/admin/releases", body, ADMIN)
+        assert r.status == 400, (body, r.body)
+    r = await api.call(
+        "POST",
+        "/v1/admin/releases",
+        {
+            "site": "bobigny",
+            "procedure": "unknown",
+            "mode": "fcfs",
+            "opens_at": now.isoformat(),
+            "slots": [slot],
+        },
+        ADMIN,
+    )
+    assert r.status == 404
+    assert (await api.call("GET", "/v1/releases")).body == {"releases": []}
+
+
+async def test_published_release_is_listed(api: Api) -> None:
+    await api.site()
+    release = await api.publish([2, 3])
+    r = await api.call("GET", "/v1/releases?site=bobigny&procedure=renouvellement")
+    assert [x["id"] for x in r.body["releases"]] == [release["id"]]
+    assert r.body["releases"][0]["slots_total"] == 5
+    assert r.body["releases"][0]["mode"] == "fcfs"
+    assert (await api.call("GET", "/v1/releases?site=elsewhere")).body == {"releases": []}
+
+
+async def test_capacity_never_below_booked_or_held(api: Api) -> None:
+    await api.site()
+    release = await api.publish([3])
+    slot = release["slots"][0]["id"]
+    await api.book(slot, client_ip=ip(1))
+    await api.hold(slot, ip(2))
+    path = f"/v1/admin/releases/{release['id']}"
+    r = await api.call("PATCH", path, {"slots": [{"id": slot, "capacity": 1}]}, ADMIN)
+    assert r.status == 400, r.body
+    r = await api.call("PATCH", path, {"slots": [{"id": slot, "capacity": 2}]}, ADMIN)
+    assert r.status == 200 and r.body["release"]["slots"][0]["capacity"] == 2
+    assert await api.free(release["id"]) == {slot: 0}
+    r = await api.call("PATCH", path, {"slots": [{"id": slot, "capacity": 5}]}, ADMIN)
+    assert await api.free(release["id"]) == {slot: 3}
+
+
+async def test_windows_change_only_before_they_start(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    opened = await api.publish([1])
+    later = await api.publish([1], opens_in_s=3600)
+    soon = datetime.fromtimestamp(clock.now + 60, UTC).isoformat()
+    r = await api.call("PATCH", f"/v1/admin/releases/{opened['id']}", {"opens_at": soon}, ADMIN)
+    assert r.status == 400 and r.body["errors"][0]["field"] == "opens_at"
+    r = await api.call("PATCH", f"/v1/admin/releases/{later['id']}", {"opens_at": soon}, ADMIN)
+    assert r.status == 200, r.body
+    clock.advance(61)
+    assert (await api.hold(later["slots"][0]["id"])).status == 201
+
+
+async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> None:
+    await api.site()
+    release = await api.publish([2, 1])
+    first, second = (s["id"] for s in release["slots"])
+    person = applicant(family_name='=HYPERLINK("x")')
+    r = await api.call("POST", "/v1/admin/bookings", {"slot_id": first, "applicant": person}, ADMIN)
+    assert r.status == 201 and r.body["booking"]["status"] == "confirmed"
+    again = await api.call(
+        "POST", "/v1/admin/bookings", {"slot_id": second, "applicant": person}, ADMIN
+    )
+    assert again.status == 409 and again.body["type"] == "/problems/identity-already-booked"
+    online = await api.book(second, applicant(family_name="Zola"))
+    day = release["slots"][0]["starts_at"][:10]
+    agenda = await api.call("GET", f"/v1/admin/agenda?site=bobigny&date={day}", headers=ADMIN)
+    assert agenda.status == 200
+    rows = agenda.body["bookings"]
+    assert [b["reference"] for b in rows] == [
+        r.body["booking"]["reference"],
+        online["booking"]["reference"],
+    ]
+    assert rows[0]["channel"] == "staff" and rows[1]["channel"] == "online"
+    assert "id_number" not in rows[0] and "email" not in rows[0]
+    as_csv = await api.call(
+        "GET", f"/v1/admin/agenda?site=bobigny&date={day}", headers={**ADMIN, "Accept": "text/csv"}
+    )
+    assert as_csv.status == 200 and as_csv.headers["Content-Type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(as_csv.body)))
+    assert [row["reference"] for row in table] == [b["reference"] for b in rows]
+    assert table[0]["family_name"] == '\'=HYPERLINK("x")'
+    bad = await api.call(
+        "GET",
+        f"/v1/admin/agenda?site=bobigny&date={day}",
+        headers={**ADMIN, "Accept": "application/pdf"},
+    )
+    assert bad.status == 406
+    assert (
+        await api.call("GET", "/v1/admin/agenda?site=bobigny&date=nope", headers=ADMIN)
+    ).status == 400
+    assert (
+        await api.call("GET", f"/v1/admin/agenda?site=nowhere&date={day}", headers=ADMIN)
+    ).status == 404
+
+
+async def test_identity_is_hashed_and_only_staff_fields_are_clear(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    await api.site()
+    release = await api.publish([1])
+    person = applicant(id_number="AB 12-34-56", email="Someone@Example.org")
+    await api.book(release["slots"][0]["id"], person)
+    row = await pg.fetchrow("SELECT * FROM bookings")
+    stored = " ".join(str(v) for v in row.values())
+    assert "123456" not in stored and "AB" not in stored.replace(person["family_name"], "")
+    assert "example.org" not in stored.lower()
+    assert len(row["identity_hash"]) == 32 and len(row["cancel_token_hash"]) == 32

@@ -1,0 +1,84 @@
+"""The contract: /openapi.json is valid OpenAPI 3.1 and lists every route of API.md; the
+ops endpoints answer; configuration errors name the variable."""
+
+from __future__ import annotations
+
+import pytest
+from openapi_spec_validator import validate
+
+from engine.settings import ConfigError, Settings
+from tests.api import Api
+
+API_MD_ROUTES = {
+    ("get", "/v1/sites"),
+    ("get", "/v1/releases"),
+    ("get", "/v1/releases/{release}/slots"),
+    ("post", "/v1/challenges"),
+    ("post", "/v1/holds"),
+    ("post", "/v1/holds/{hold_id}/confirm"),
+    ("delete", "/v1/holds/{hold_id}"),
+    ("get", "/v1/bookings/{reference}"),
+    ("delete", "/v1/bookings/{reference}"),
+    ("put", "/v1/admin/sites/{site}"),
+    ("post", "/v1/admin/releases"),
+    ("patch", "/v1/admin/releases/{release}"),
+    ("post", "/v1/admin/bookings"),
+    ("get", "/v1/admin/agenda"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+}
+
+
+async def test_openapi_document(api: Api) -> None:
+    r = await api.call("GET", "/openapi.json")
+    assert r.status == 200
+    validate(r.body)
+    served = {(m, p) for p, ops in r.body["paths"].items() for m in ops}
+    assert served >= API_MD_ROUTES
+    hold = r.body["paths"]["/v1/holds"]["post"]
+    assert {"201", "403", "404", "409", "410", "429", "503", "413"} <= set(hold["responses"])
+
+
+async def test_ops_endpoints(api: Api) -> None:
+    assert (await api.call("GET", "/healthz")).status == 200
+    ready = await api.call("GET", "/readyz")
+    assert ready.status == 200 and ready.body["postgresql"] == ready.body["redis"] == "ok"
+    await api.site()
+    release = await api.publish([1])
+    await api.book(release["slots"][0]["id"])
+    metrics = await api.call("GET", "/metrics")
+    assert metrics.status == 200
+    text = metrics.body
+    assert 'guichet_holds_total{outcome="granted"} 1.0' in text
+    assert 'guichet_confirms_total{outcome="confirmed"} 1.0' in text
+    assert 'guichet_http_requests_total{method="POST",route="/v1/holds",status="201"} 1.0' in text
+    assert "guichet_reconcile_corrections_total 0.0" in text
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GUICHET_PORT": "eighty"}, "GUICHET_PORT"),
+        ({"GUICHET_WORKERS": "0"}, "GUICHET_WORKERS"),
+        ({"GUICHET_ENV": "production"}, "GUICHET_SECRET"),
+        ({"GUICHET_SECRET": "short"}, "GUICHET_SECRET"),
+        ({"GUICHET_TRUSTED_PROXIES": "10.0.0.0/8 nonsense"}, "nonsense"),
+        ({"GUICHET_REDIS_URL": "http://x"}, "GUICHET_REDIS_URL"),
+    ],
+)
+def test_configuration_errors_name_the_variable(
+    env: dict[str, str], message: str, tmp_path: object
+) -> None:
+    base = {"GUICHET_DATA_DIR": str(tmp_path), "GUICHET_SECRET": "x" * 40}
+    if env.get("GUICHET_ENV") == "production":
+        base.pop("GUICHET_SECRET")
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({**base, **env})
+
+
+def test_development_secret_is_generated_once(tmp_path: object) -> None:
+    env = {"GUICHET_DATA_DIR": str(tmp_path)}
+    first = Settings.from_env(env)
+    assert Settings.from_env(env).secret == first.secret and len(first.secret) >= 32

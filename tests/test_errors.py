@@ -1,0 +1,351 @@
+"""Every error of API.md, reached through HTTP, as problem+json with its status; and a refused
+request changes nothing (no place, hold, booking or challenge is lost)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine.app import create_app
+from engine.appkeys import RESERVATIONS
+from engine.pow import leading_zero_bits_ok, solve
+from tests.api import ADMIN, Api, Reply, applicant
+from tests.conftest import FakeClock, make_settings
+
+
+def problem(reply: Reply, name: str, status: int) -> dict[str, Any]:
+    assert reply.status == status, reply.body
+    assert reply.headers["Content-Type"].startswith("application/problem+json")
+    body = reply.body
+    assert body["type"] == f"/problems/{name}"
+    assert body["status"] == status and body["title"] and body["detail"]
+    return body  # type: ignore[no-any-return]
+
+
+async def state(api: Api, pg: asyncpg.Connection, release: str) -> tuple[Any, ...]:
+    """Everything a refused request must leave as it was."""
+    return (
+        await api.free(release),
+        await pg.fetchval("SELECT count(*) FROM bookings"),
+        await pg.fetchval("SELECT sum(booked) FROM slots"),
+    )
+
+
+@pytest.fixture
+async def release(api: Api) -> dict[str, Any]:
+    await api.site()
+    return await api.publish([1, 2])
+
+
+async def test_validation_errors(api: Api, pg: asyncpg.Connection, release: dict[str, Any]) -> None:
+    slot = release["slots"][0]["id"]
+    before = await state(api, pg, release["id"])
+    paid = await api.solved(release["id"])
+    cases = [
+        (b"{not json", "body"),
+        (b"[]", "body"),
+        (json.dumps({"slot_id": slot, **paid, "extra": 1}).encode(), "extra"),
+        (json.dumps({"slot_id": 7, **paid}).encode(), "slot_id"),
+        (json.dumps({"slot_id": slot, "challenge": paid["challenge"]}).encode(), "nonces"),
+        (json.dumps({"slot_id": slot, **paid, "nonces": ["not ok!"]}).encode(), "nonces.0"),
+    ]
+    for raw, field in cases:
+        r = await api.call(
+            "POST", "/v1/holds", data=raw, headers={"Content-Type": "application/json"}
+        )
+        body = problem(r, "validation-error", 400)
+        assert field in [e["field"] for e in body["errors"]], body
+    r = await api.hold(slot, paid=paid, key="x" * 201)
+    problem(r, "validation-error", 400)
+    assert await state(api, pg, release["id"]) == before
+    # None of those spent the challenge.
+    assert (await api.hold(slot, paid=paid)).status == 201
+
+
+async def test_confirm_validation_keeps_the_hold(
+    api: Api, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    hold = (await api.hold(release["slots"][1]["id"])).body
+    before = await state(api, pg, release["id"])
+    for person in (
+        applicant(id_number="12"),
+        applicant(birth_date="1990-02-30"),
+        applicant(email="nobody"),
+        {**applicant(), "nationality": "x"},
+    ):
+        problem(await api.confirm(hold, person), "validation-error", 400)
+    assert await state(api, pg, release["id"]) == before
+    assert (await api.confirm(hold)).status == 201
+
+
+async def test_unauthorized(api: Api, pg: asyncpg.Connection, release: dict[str, Any]) -> None:
+    hold = (await api.hold(release["slots"][1]["id"])).body
+    before = await state(api, pg, release["id"])
+    wrong = {**hold, "hold_token": "A" * 32}
+    problem(await api.confirm(wrong), "unauthorized", 401)
+    problem(
+        await api.call("POST", f"/v1/holds/{hold['hold_id']}/confirm", {"applicant": applicant()}),
+        "unauthorized",
+        401,
+    )
+    problem(
+        await api.call(
+            "DELETE", f"/v1/holds/{hold['hold_id']}", headers={"Authorization": "Bearer nope"}
+        ),
+        "unauthorized",
+        401,
+    )
+    assert await state(api, pg, release["id"]) == before
+    done = await api.confirm(hold)
+    ref = done.body["booking"]["reference"]
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic x"}):
+        problem(await api.call("GET", f"/v1/bookings/{ref}", headers=headers), "unauthorized", 401)
+        problem(
+            await api.call("DELETE", f"/v1/bookings/{ref}", headers=headers), "unauthorized", 401
+        )
+    problem(
+        await api.call("GET", "/v1/admin/agenda?site=bobigny&date=2026-01-01"), "unauthorized", 401
+    )
+    problem(
+        await api.call(
+            "GET",
+            "/v1/admin/agenda?site=bobigny&date=2026-01-01",
+            headers={"Authorization": "Bearer wrong"},
+        ),
+        "unauthorized",
+        401,
+    )
+    assert (
+        await api.call(
+            "GET",
+            f"/v1/bookings/{ref}",
+            headers={"Authorization": f"Bearer {done.body['cancel_token']}"},
+        )
+    ).body["booking"]["status"] == ("confirmed")
+
+
+async def test_admin_refuses_everyone_without_a_configured_token(clean: None) -> None:
+    app = create_app(make_settings(admin_token=None), sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        api = Api(client, FakeClock())
+        r = await api.call(
+            "PUT", "/v1/admin/sites/x", {"name": "x", "timezone": "UTC", "procedures": []}, ADMIN
+        )
+        problem(r, "unauthorized", 401)
+
+
+async def test_pow_invalid_leaves_the_challenge_unspent(
+    api: Api, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    slot = release["slots"][1]["id"]
+    other = await api.publish([1])
+    c = await api.challenge(release["id"], "10.0.0.1")
+    good = solve(c["challenge"], c["difficulty"], c["puzzles"])
+    tampered = c["challenge"][:-2] + ("AA" if not c["challenge"].endswith("AA") else "BB")
+    bad_nonce = next(
+        n
+        for n in (str(i) for i in range(1000))
+        if not leading_zero_bits_ok(
+            hashlib.sha256(f"{c['challenge']}:0:{n}".encode()).digest(), c["difficulty"]
+        )
+    )
+    before = await state(api, pg, release["id"])
+    attempts = [
+        ({"challenge": tampered, "nonces": good}, slot, "10.0.0.1"),
+        ({"challenge": c["challenge"], "nonces": good}, slot, "10.0.0.2"),  # another client
+        ({"challenge": c["challenge"], "nonces": good}, other["slots"][0]["id"], "10.0.0.1"),
+        ({"challenge": c["challenge"], "nonces": [bad_nonce, *good[1:]]}, slot, "10.0.0.1"),
+        ({"challenge": c["challenge"], "nonces": good[:1]}, slot, "10.0.0.1"),
+        ({"challenge": "garbage", "nonces": good}, slot, "10.0.0.1"),
+    ]
+    for paid, slot_id, ip in attempts:
+        problem(await api.hold(slot_id, ip, paid=paid), "pow-invalid", 403)
+    assert await state(api, pg, release["id"]) == before
+    assert (
+        await api.hold(slot, "10.0.0.1", paid={"challenge": c["challenge"], "nonces": good})
+    ).status == 201
+
+
+async def test_not_found(api: Api, pg: asyncpg.Connection, release: dict[str, Any]) -> None:
+    before = await state(api, pg, release["id"])
+    rid = release["id"]
+    missing_slot = f"{rid}.999"
+    problem(await api.hold(missing_slot, paid=await api.solved(rid)), "not-found", 404)
+    problem(await api.call("GET", "/v1/releases/r000000000000/slots"), "not-found", 404)
+    problem(await api.call("GET", "/v1/releases/nonsense/slots"), "not-found", 404)
+    problem(
+        await api.call("POST", "/v1/challenges", {"release": "r000000000000"}), "not-found", 404
+    )
+    problem(
+        await api.call(
+            "POST",
+            f"/v1/holds/{rid}.hnothere/confirm",
+            {"applicant": applicant()},
+            {"Authorization": "Bearer x"},
+        ),
+        "hold-expired",
+        410,
+    )
+    problem(
+        await api.call(
+            "POST",
+            "/v1/holds/garbage/confirm",
+            {"applicant": applicant()},
+            {"Authorization": "Bearer x"},
+        ),
+        "not-found",
+        404,
+    )
+    problem(
+        await api.call("GET", "/v1/bookings/AA-0000-0000", headers={"Authorization": "Bearer x"}),
+        "not-found",
+        404,
+    )
+    problem(await api.call("GET", "/v1/no/such/route"), "not-found", 404)
+    assert await state(api, pg, release["id"]) == before
+
+
+async def test_slot_full_spends_the_challenge(
+    api: Api, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    slot = release["slots"][0]["id"]
+    assert (await api.hold(slot, "10.0.0.1")).status == 201
+    before = await state(api, pg, release["id"])
+    paid = await api.solved(release["id"], "10.0.0.2")
+    problem(await api.hold(slot, "10.0.0.2", paid=paid), "slot-full", 409)
+    assert await state(api, pg, release["id"]) == before
+    # The same solved challenge cannot poll again, even for a slot with room.
+    problem(
+        await api.hold(release["slots"][1]["id"], "10.0.0.2", paid=paid), "challenge-expired", 410
+    )
+
+
+async def test_not_open(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    later = await api.publish([1], opens_in_s=3600)
+    before = await state(api, pg, later["id"])
+    problem(await api.hold(later["slots"][0]["id"]), "not-open", 409)
+    assert await state(api, pg, later["id"]) == before
+    booked = await api.book(release["slots"][1]["id"])
+    clock.advance(3 * 86400)  # every slot has started
+    problem(await api.call("POST", "/v1/challenges", {"release": release["id"]}), "not-open", 409)
+    problem(
+        await api.call(
+            "DELETE",
+            f"/v1/bookings/{booked['booking']['reference']}",
+            headers={"Authorization": f"Bearer {booked['cancel_token']}"},
+        ),
+        "not-open",
+        409,
+    )
+
+
+async def test_identity_already_booked(
+    api: Api, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    person = applicant()
+    first = await api.book(release["slots"][0]["id"], person)
+    hold = (await api.hold(release["slots"][1]["id"])).body
+    before = await state(api, pg, release["id"])
+    same = {**person, "id_number": " " + person["id_number"][:4] + "-" + person["id_number"][4:]}
+    problem(await api.confirm(hold, same), "identity-already-booked", 409)
+    assert await state(api, pg, release["id"]) == before
+    # Once the first booking is cancelled, the same person may confirm the hold they kept.
+    await api.call(
+        "DELETE",
+        f"/v1/bookings/{first['booking']['reference']}",
+        headers={"Authorization": f"Bearer {first['cancel_token']}"},
+    )
+    assert (await api.confirm(hold, same)).status == 201
+
+
+async def test_challenge_expired(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    paid = await api.solved(release["id"])
+    clock.advance(301)
+    before = await state(api, pg, release["id"])
+    body = problem(await api.hold(release["slots"][1]["id"], paid=paid), "challenge-expired", 410)
+    assert "time ran out" in body["detail"]
+    assert await state(api, pg, release["id"]) == before
+
+
+async def test_hold_expired(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    slot = release["slots"][0]["id"]
+    hold = (await api.hold(slot)).body
+    clock.advance(601)
+    problem(await api.confirm(hold), "hold-expired", 410)
+    assert (await api.free(release["id"]))[slot] == 1
+    released = (await api.hold(slot)).body
+    auth = {"Authorization": f"Bearer {released['hold_token']}"}
+    assert (
+        await api.call("DELETE", f"/v1/holds/{released['hold_id']}", headers=auth)
+    ).status == 204
+    before = await state(api, pg, release["id"])
+    problem(
+        await api.call("DELETE", f"/v1/holds/{released['hold_id']}", headers=auth),
+        "hold-expired",
+        410,
+    )
+    problem(await api.confirm(released), "hold-expired", 410)
+    assert await state(api, pg, release["id"]) == before
+
+
+async def test_hold_confirming_cannot_be_released(api: Api, release: dict[str, Any]) -> None:
+    hold = (await api.hold(release["slots"][0]["id"])).body
+    domain = api.client.app[RESERVATIONS]
+    await domain.inventory.confirm_begin(release["id"], hold["hold_id"], domain.now_ms())
+    r = await api.call(
+        "DELETE",
+        f"/v1/holds/{hold['hold_id']}",
+        headers={"Authorization": f"Bearer {hold['hold_token']}"},
+    )
+    problem(r, "hold-confirming", 409)
+
+
+async def test_payload_too_large(api: Api, pg: asyncpg.Connection, release: dict[str, Any]) -> None:
+    before = await state(api, pg, release["id"])
+    big = json.dumps({"slot_id": "x" * 17_000}).encode()
+    problem(
+        await api.call("POST", "/v1/holds", data=big, headers={"Content-Type": "application/json"}),
+        "payload-too-large",
+        413,
+    )
+    assert await state(api, pg, release["id"]) == before
+
+
+async def test_rate_limited(clean: None) -> None:
+    app = create_app(make_settings(client_rate_per_s=0.01, client_burst=2), sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        api = Api(client, FakeClock())
+        await api.site()
+        release = await api.publish([1])
+        await api.challenge(release["id"], "10.0.0.9")
+        await api.challenge(release["id"], "10.0.0.9")
+        r = await api.call(
+            "POST", "/v1/challenges", {"release": release["id"]}, {"X-Forwarded-For": "10.0.0.9"}
+        )
+        body = problem(r, "rate-limited", 429)
+        assert int(r.headers["Retry-After"]) == body["retry_after"] >= 1
+        # Another client is not affected.
+        await api.challenge(release["id"], "10.0.0.10")
+
+
+async def test_overloaded_when_shedding_load(clean: None) -> None:
+    app = create_app(make_settings(max_in_flight=0), sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        r = await Api(client, FakeClock()).call("GET", "/v1/sites")
+        problem(r, "overloaded", 503)
+        assert int(r.headers["Retry-After"]) >= 1
+
+
+async def test_method_not_allowed_is_a_problem(api: Api) -> None:
+    problem(await api.call("PUT", "/v1/sites"), "method-not-allowed", 405)

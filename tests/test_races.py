@@ -1,0 +1,114 @@
+"""Races on capacity, through HTTP: N concurrent attempts against capacity K, exactly K win,
+and PostgreSQL and Redis agree afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import asyncpg
+
+from engine.appkeys import RESERVATIONS
+from tests.api import ADMIN, Api, applicant, ip
+
+
+async def pg_slot(pg: asyncpg.Connection, slot_id: str) -> tuple[int, int, int]:
+    """(capacity, booked counter, confirmed bookings actually stored)."""
+    row = await pg.fetchrow(
+        """SELECT capacity, booked,
+                  (SELECT count(*) FROM bookings b
+                   WHERE b.slot_id = s.id AND b.status = 'confirmed') AS stored
+           FROM slots s WHERE id = $1""",
+        slot_id,
+    )
+    assert row is not None
+    return row["capacity"], row["booked"], row["stored"]
+
+
+async def test_200_concurrent_holds_on_capacity_5(api: Api, pg: asyncpg.Connection) -> None:
+    await api.site()
+    release = await api.publish([5])
+    slot = release["slots"][0]["id"]
+    paid = [await api.solved(release["id"], ip(i)) for i in range(200)]
+    replies = await asyncio.gather(*(api.hold(slot, ip(i), paid=paid[i]) for i in range(200)))
+    outcomes = Counter(r.status for r in replies)
+    assert outcomes == {201: 5, 409: 195}
+    assert {r.body["type"] for r in replies if r.status == 409} == {"/problems/slot-full"}
+    assert await api.free(release["id"]) == {slot: 0}
+
+    winners = [(i, r.body) for i, r in enumerate(replies) if r.status == 201]
+    confirms = await asyncio.gather(*(api.confirm(h, applicant(), ip(i)) for i, h in winners))
+    assert [c.status for c in confirms] == [201] * 5
+    assert await pg_slot(pg, slot) == (5, 5, 5)
+    assert await api.client.app[RESERVATIONS].reconcile(release["id"]) == 0
+
+
+async def test_concurrent_confirms_cancels_and_holds(api: Api, pg: asyncpg.Connection) -> None:
+    await api.site()
+    release = await api.publish([3])
+    slot = release["slots"][0]["id"]
+    booked = [await api.book(slot, client_ip=ip(i)) for i in range(2)]
+    held = (await api.hold(slot, ip(2))).body
+
+    async def cancel(b: dict[str, str]) -> int:
+        r = await api.call(
+            "DELETE",
+            f"/v1/bookings/{b['booking']['reference']}",  # type: ignore[index]
+            headers={"Authorization": f"Bearer {b['cancel_token']}"},
+        )
+        return r.status
+
+    async def hold_and_confirm(i: int) -> int:
+        h = await api.hold(slot, ip(100 + i))
+        if h.status != 201:
+            return h.status
+        return (await api.confirm(h.body, applicant(), ip(100 + i))).status
+
+    paid_confirm = api.confirm(held, applicant(), ip(2))
+    results = await asyncio.gather(
+        cancel(booked[0]),
+        cancel(booked[1]),
+        paid_confirm,  # type: ignore[arg-type]
+        *(hold_and_confirm(i) for i in range(30)),
+    )
+    assert results[0] == results[1] == 204
+    assert results[2].status == 201  # type: ignore[attr-defined]
+    capacity, counter, stored = await pg_slot(pg, slot)
+    assert counter == stored <= capacity == 3
+    domain = api.client.app[RESERVATIONS]
+    assert await domain.reconcile(release["id"]) == 0
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert counts[slot].booked == stored
+    assert counts[slot].booked + counts[slot].held <= 3
+
+
+async def test_staff_and_online_race_for_the_last_places(api: Api, pg: asyncpg.Connection) -> None:
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+
+    async def staff(i: int) -> int:
+        r = await api.call(
+            "POST", "/v1/admin/bookings", {"slot_id": slot, "applicant": applicant()}, ADMIN
+        )
+        return r.status
+
+    async def online(i: int) -> int:
+        h = await api.hold(slot, ip(i))
+        return (
+            h.status if h.status != 201 else (await api.confirm(h.body, applicant(), ip(i))).status
+        )
+
+    results = await asyncio.gather(*(staff(i) for i in range(10)), *(online(i) for i in range(10)))
+    assert Counter(results) == {201: 2, 409: 18}
+    assert await pg_slot(pg, slot) == (2, 2, 2)
+
+
+async def test_same_person_racing_two_slots_gets_one(api: Api, pg: asyncpg.Connection) -> None:
+    await api.site()
+    release = await api.publish([1] * 8)
+    person = applicant()
+    holds = [(await api.hold(s["id"], ip(i))).body for i, s in enumerate(release["slots"])]
+    confirms = await asyncio.gather(*(api.confirm(h, person, ip(i)) for i, h in enumerate(holds)))
+    assert Counter(c.status for c in confirms) == {201: 1, 409: 7}
+    assert await pg.fetchval("SELECT count(*) FROM bookings WHERE status = 'confirmed'") == 1

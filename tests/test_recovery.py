@@ -1,0 +1,151 @@
+"""Crash windows and lost Redis state converge toward PostgreSQL, and never overbook."""
+
+from __future__ import annotations
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from engine.appkeys import RESERVATIONS
+from engine.identity import Applicant
+from engine.reservations import Reservations
+from engine.sweeper import sweep_once
+from engine.tokens import new_reference, token_hash
+from tests.api import Api, applicant, ip
+from tests.conftest import FakeClock
+
+
+def domain_of(api: Api) -> Reservations:
+    return api.client.app[RESERVATIONS]
+
+
+async def test_redis_flushed_while_bookings_exist(api: Api, redis: aioredis.Redis) -> None:
+    await api.site()
+    release = await api.publish([3])
+    slot = release["slots"][0]["id"]
+    await api.book(slot, client_ip=ip(1))
+    await api.book(slot, client_ip=ip(2))
+    await redis.flushdb()
+    assert await api.free(release["id"]) == {slot: 1}
+    assert (await api.hold(slot, ip(3))).status == 201
+    assert (await api.hold(slot, ip(4))).status == 409
+    assert domain_of(api).metrics.rebuilds._value.get() == 1
+
+
+async def test_redis_flushed_then_hold_rebuilds_first(api: Api, redis: aioredis.Redis) -> None:
+    await api.site()
+    release = await api.publish([1])
+    slot = release["slots"][0]["id"]
+    await api.book(slot)
+    await redis.flushdb()
+    r = await api.hold(slot, ip(5))
+    assert r.status == 409 and r.body["type"] == "/problems/slot-full"
+
+
+async def _crash_after_commit(api: Api, slot: str, person: dict[str, str]) -> dict[str, str]:
+    """Hold by HTTP, then run the confirm's first two steps and 'crash' before confirm_done."""
+    domain = domain_of(api)
+    hold = (await api.hold(slot, ip(7))).body
+    release = await domain.release(slot.split(".")[0])
+    assert await domain.inventory.confirm_begin(release.id, hold["hold_id"], domain.now_ms())
+    a = Applicant(
+        person["family_name"],
+        person["given_names"],
+        __import__("datetime").date.fromisoformat(person["birth_date"]),
+        person["id_number"],
+        person["email"],
+    )
+    await domain.store.book(
+        reference=new_reference(),
+        release=release,
+        slot_id=slot,
+        channel="online",
+        hold_id=hold["hold_id"],
+        hold_token_hash=token_hash(hold["hold_token"]),
+        identity_hash=a.identity_hash(domain.settings.secret),
+        email_hash=a.email_hash(domain.settings.secret),
+        family_name=a.family_name,
+        given_names=a.given_names,
+        birth_date=a.birth_date,
+        cancel_token_hash=token_hash(domain._cancel_token(hold["hold_token"])),
+    )
+    return hold  # type: ignore[no-any-return]
+
+
+async def test_confirm_committed_but_never_told_redis(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    await _crash_after_commit(api, slot, applicant())
+    domain = domain_of(api)
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert (counts[slot].booked, counts[slot].held) == (0, 1)  # taken, never shown free
+    assert (await sweep_once(domain, reconcile=False)).settled == 0  # too young to settle
+    clock.advance(domain.settings.confirm_grace_s + 1)
+    assert (await sweep_once(domain, reconcile=False)).settled == 1
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert (counts[slot].booked, counts[slot].held) == (1, 0)
+    assert await domain.reconcile(release["id"]) == 0
+
+
+async def test_confirm_retried_after_a_crash_returns_the_booking(api: Api) -> None:
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    person = applicant()
+    hold = await _crash_after_commit(api, slot, person)
+    again = await api.confirm(hold, person, ip(7))
+    assert again.status == 201
+    domain = domain_of(api)
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert (counts[slot].booked, counts[slot].held) == (1, 0)
+    third = await api.confirm(hold, person, ip(7))
+    assert third.status == 201 and third.body == again.body
+
+
+async def test_confirm_begun_but_never_committed_frees_the_place(
+    api: Api, clock: FakeClock
+) -> None:
+    await api.site()
+    release = await api.publish([1])
+    slot = release["slots"][0]["id"]
+    hold = (await api.hold(slot)).body
+    domain = domain_of(api)
+    await domain.inventory.confirm_begin(release["id"], hold["hold_id"], domain.now_ms())
+    clock.advance(domain.settings.confirm_grace_s + 1)
+    assert (await sweep_once(domain, reconcile=False)).settled == 1
+    assert await api.free(release["id"]) == {slot: 1}
+
+
+async def test_cancel_never_told_redis_is_reconciled(api: Api, pg: asyncpg.Connection) -> None:
+    await api.site()
+    release = await api.publish([1])
+    slot = release["slots"][0]["id"]
+    booked = await api.book(slot)
+    domain = domain_of(api)
+    assert await domain.store.cancel(booked["booking"]["reference"], "test")  # crash after PG
+    assert await api.free(release["id"]) == {slot: 0}
+    assert (await sweep_once(domain, reconcile=True)).corrections == 1
+    assert domain.metrics.reconcile_corrections._value.get() == 1
+    assert await api.free(release["id"]) == {slot: 1}
+    assert (await sweep_once(domain, reconcile=True)).corrections == 0
+
+
+async def test_steady_state_reconcile_makes_no_correction(api: Api) -> None:
+    await api.site()
+    release = await api.publish([2, 2])
+    for i, s in enumerate(release["slots"]):
+        await api.book(s["id"], client_ip=ip(i))
+    await api.hold(release["slots"][0]["id"], ip(9))
+    assert (await sweep_once(domain_of(api), reconcile=True)).corrections == 0
+
+
+async def test_expired_holds_are_reclaimed_by_the_sweeper(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    release = await api.publish([1])
+    slot = release["slots"][0]["id"]
+    await api.hold(slot)
+    domain = domain_of(api)
+    clock.advance(domain.settings.hold_ttl_s + 1)
+    await sweep_once(domain, reconcile=False)
+    raw = await domain.inventory._redis.hget(f"g:{{r:{release['id']}}}:inv", f"h:{slot}")
+    assert raw == b"0"
