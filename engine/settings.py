@@ -35,7 +35,7 @@ class Settings:
     workers: int = 1
     hold_ttl_s: int = 600
     trusted_proxies: tuple[Network, ...] = ()
-    pow_difficulty: int = 18
+    pow_difficulty: int = 20
     pow_puzzles: int = 4
     challenge_ttl_s: int = 300
     # Every store call is bounded; an unanswered call becomes 503 with this Retry-After.
@@ -83,7 +83,7 @@ class Settings:
             workers=_int(env, "GUICHET_WORKERS", 1, 1, 256),
             hold_ttl_s=_int(env, "GUICHET_HOLD_TTL", 600, 10, 86400),
             trusted_proxies=_networks(env.get("GUICHET_TRUSTED_PROXIES", "")),
-            pow_difficulty=_int(env, "GUICHET_POW_DIFFICULTY", 18, 0, 32),
+            pow_difficulty=_int(env, "GUICHET_POW_DIFFICULTY", 20, 0, 32),
             pow_puzzles=_int(env, "GUICHET_POW_PUZZLES", 4, 1, 64),
             access_log=env.get("GUICHET_ACCESS_LOG", "0") == "1",
         )
