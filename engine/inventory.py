@@ -38,6 +38,10 @@ OPERATIONS = (
     "take_token",
 )
 RECLAIM_LIMIT = 100
+# Error replies that mean "this Redis cannot serve now", not "this call is wrong".
+_UNAVAILABLE_REPLIES = frozenset(
+    {"OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN"}
+)
 
 AnyRedis = Redis | RedisCluster
 
@@ -113,6 +117,8 @@ class Inventory:
         except ResponseError as exc:
             # A Redis restarted without persistence forgets its functions: load them again.
             if "Function not found" not in str(exc):
+                if str(exc).split(" ", 1)[0] in _UNAVAILABLE_REPLIES:
+                    raise StoreUnavailable(self._retry_after_s, f"Redis: {exc}") from exc
                 raise
         await self.load()
         return list(await self._guard(self._redis.fcall(name, len(keys), *keys, *args)))
