@@ -53,6 +53,7 @@ test: lint typecheck pytest
 lint: venv
 	$(VENV)/bin/ruff check engine tests scripts
 	$(VENV)/bin/ruff format --check engine tests scripts
+	$(VENV)/bin/hadolint deploy/Dockerfile
 
 typecheck: venv
 	$(VENV)/bin/mypy --strict engine
