@@ -122,7 +122,7 @@ async def staff_booking(request: web.Request) -> web.Response:
 
 async def agenda(request: web.Request) -> web.Response:
     require_admin(request)
-    site_id = request.query.get("site", "")
+    site_id = schemas.parse_ident("site", request.query.get("site", ""))
     try:
         day = date.fromisoformat(request.query.get("date", ""))
     except ValueError:

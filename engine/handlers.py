@@ -31,9 +31,11 @@ async def list_sites(request: web.Request) -> web.Response:
 
 async def list_releases(request: web.Request) -> web.Response:
     domain = request.app[RESERVATIONS]
-    releases = await domain.store.releases(
-        request.query.get("site") or None, request.query.get("procedure") or None, domain.now()
-    )
+    site, procedure = request.query.get("site"), request.query.get("procedure")
+    for name, value in (("site", site), ("procedure", procedure)):
+        if value is not None:
+            schemas.parse_ident(name, value)
+    releases = await domain.store.releases(site, procedure, domain.now())
     return json_response({"releases": [render.release(r) for r in releases]})
 
 

@@ -9,6 +9,7 @@ from engine import __version__
 from engine.errors import GuichetError
 from engine.routes import Route
 
+_IDENT = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
 _PROBLEM = {
     "type": "object",
     "required": ["type", "title", "status", "detail"],
@@ -50,7 +51,12 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         "responses": {str(route.ok): {"description": "Success"}},
     }
     params = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": _IDENT if name == "site" else {"type": "string"},
+        }
         for name in re.findall(r"{(\w+)}", route.path)
     ]
     if route.path == "/v1/holds" and route.method == "POST":
@@ -64,12 +70,12 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         )
     if route.path == "/v1/releases":
         params += [
-            {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+            {"name": n, "in": "query", "required": False, "schema": _IDENT}
             for n in ("site", "procedure")
         ]
     if route.path == "/v1/admin/agenda":
         params += [
-            {"name": "site", "in": "query", "required": True, "schema": {"type": "string"}},
+            {"name": "site", "in": "query", "required": True, "schema": _IDENT},
             {
                 "name": "date",
                 "in": "query",

@@ -27,7 +27,6 @@ from engine.errors import (
     ChallengeExpired,
     HoldConfirming,
     HoldExpired,
-    IdentityAlreadyBooked,
     NotFound,
     NotOpen,
     Overloaded,
@@ -44,7 +43,7 @@ from engine.metrics import Metrics
 from engine.models import Booking, Mode, Release, Slot
 from engine.settings import Settings
 from engine.store import Store
-from engine.tokens import derived_token, new_id, new_reference, token_hash
+from engine.tokens import REFERENCE, derived_token, new_id, new_reference, token_hash
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -411,14 +410,18 @@ class Reservations:
             raise HoldExpired("The counter's hold expired before it was confirmed")
         try:
             return await self._book(release, slot_id, hold_id, token, applicant, "staff")
-        except (IdentityAlreadyBooked, SlotFull):
-            # Refused by PostgreSQL: the counter's hold must not keep the place.
+        except StoreUnavailable:
+            raise  # committed or not: the sweeper settles the hold from PostgreSQL
+        except Exception:
+            # Refused: the counter's hold must not keep the place.
             await self.inventory.release_hold(release.id, hold_id, self.now_ms())
             raise
 
     # Bookings ----------------------------------------------------------------------------
 
     async def booking(self, reference: str, cancel_token: str) -> Booking:
+        if not REFERENCE.match(reference):
+            raise NotFound(f"No booking {reference!r}")
         booking = await self.store.booking(reference)
         if booking is None:
             raise NotFound(f"No booking {reference!r}")

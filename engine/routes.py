@@ -35,7 +35,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/releases",
         handlers.list_releases,
         "Releases whose slots have not all started",
-        errors=_STORE,
+        errors=("validation-error", *_STORE),
     ),
     Route(
         "GET",

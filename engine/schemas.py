@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 import zoneinfo
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -24,6 +25,17 @@ from pydantic import (
 from engine.errors import ValidationFailed
 from engine.identity import ID_NUMBER, normalise_id_number
 
+
+def _plausible(moment: datetime) -> datetime:
+    # The local year is checked first: converting 9999-12-31T23:59Z+01:00 would overflow.
+    if not 2000 <= moment.year <= 2200 or not 2000 <= moment.astimezone(UTC).year <= 2200:
+        raise ValueError("must be between the years 2000 and 2200")
+    return moment
+
+
+# Every date-time of a request: with an offset, and within years any calendar can render.
+Moment = Annotated[AwareDatetime, AfterValidator(_plausible)]
+IDENT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 Ident = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 Opaque = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
@@ -106,7 +118,7 @@ class SiteIn(Body):
 
 
 class SlotIn(Body):
-    starts_at: AwareDatetime
+    starts_at: Moment
     duration_minutes: int = Field(ge=1, le=1440)
     capacity: int = Field(ge=0, le=10000)
 
@@ -115,10 +127,10 @@ class ReleaseIn(Body):
     site: Ident
     procedure: Ident
     mode: Literal["fcfs", "draw"]
-    opens_at: AwareDatetime | None = None
-    registration_opens_at: AwareDatetime | None = None
-    registration_closes_at: AwareDatetime | None = None
-    draw_at: AwareDatetime | None = None
+    opens_at: Moment | None = None
+    registration_opens_at: Moment | None = None
+    registration_closes_at: Moment | None = None
+    draw_at: Moment | None = None
     slots: list[SlotIn] = Field(min_length=1, max_length=2000)
 
     @model_validator(mode="after")
@@ -146,10 +158,10 @@ class SlotCapacity(Body):
 
 
 class ReleasePatch(Body):
-    opens_at: AwareDatetime | None = None
-    registration_opens_at: AwareDatetime | None = None
-    registration_closes_at: AwareDatetime | None = None
-    draw_at: AwareDatetime | None = None
+    opens_at: Moment | None = None
+    registration_opens_at: Moment | None = None
+    registration_closes_at: Moment | None = None
+    draw_at: Moment | None = None
     slots: list[SlotCapacity] = Field(default_factory=list, max_length=2000)
 
 
@@ -161,9 +173,26 @@ class StaffBookingRequest(Body):
 def parse(model: type[M], raw: bytes) -> M:
     """Validate a JSON body; raise ValidationFailed listing every problem."""
     try:
-        return model.model_validate_json(raw or b"")
+        parsed = model.model_validate_json(raw or b"")
     except ValidationError as exc:
         raise ValidationFailed([_error(e) for e in exc.errors(include_url=False)]) from None
+    nul = _nul_fields(parsed.model_dump(), "")
+    if nul:
+        raise ValidationFailed([{"field": f, "message": "must not contain NUL"} for f in nul])
+    return parsed
+
+
+def _nul_fields(value: Any, path: str) -> list[str]:
+    """Fields holding a NUL character: PostgreSQL cannot store one in text."""
+    if isinstance(value, str):
+        return [path or "body"] if "\x00" in value else []
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return []
+    return [f for k, v in items for f in _nul_fields(v, f"{path}.{k}" if path else str(k))]
 
 
 def _error(e: Any) -> dict[str, str]:
@@ -178,6 +207,6 @@ def _error(e: Any) -> dict[str, str]:
 
 def parse_ident(field: str, value: str) -> str:
     """Check an identifier taken from the path (site ids are chosen by staff)."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", value):
+    if not IDENT.fullmatch(value):
         raise ValidationFailed([{"field": field, "message": "must be 1 to 63 of a-z, 0-9 and -"}])
     return value

@@ -255,12 +255,29 @@ class Store:
                     errors.append({"field": name, "message": "must be in the future"})
             if errors:
                 raise ValidationFailed(errors)
-            for name, value in windows.items():
+            try:
                 await conn.execute(
-                    f"UPDATE releases SET {name} = $2 WHERE id = $1",  # noqa: S608
+                    """UPDATE releases SET opens_at = coalesce($2, opens_at),
+                           registration_opens_at = coalesce($3, registration_opens_at),
+                           registration_closes_at = coalesce($4, registration_closes_at),
+                           draw_at = coalesce($5, draw_at)
+                       WHERE id = $1""",
                     release_id,
-                    value,
+                    windows.get("opens_at"),
+                    windows.get("registration_opens_at"),
+                    windows.get("registration_closes_at"),
+                    windows.get("draw_at"),
                 )
+            except asyncpg.CheckViolationError:
+                raise ValidationFailed(
+                    [
+                        {
+                            "field": "body",
+                            "message": "windows must keep registration_opens_at < "
+                            "registration_closes_at <= draw_at",
+                        }
+                    ]
+                ) from None
             for slot_id, capacity in capacities.items():
                 current = await conn.fetchrow(
                     "SELECT booked FROM slots WHERE id = $1 AND release_id = $2 FOR UPDATE",

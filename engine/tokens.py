@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -42,6 +43,9 @@ def derived_token(secret: bytes, purpose: str, *parts: str) -> str:
 def new_id(prefix: str, length: int = 12) -> str:
     """An opaque identifier: a one-letter kind and ``length`` random base32 characters."""
     return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+REFERENCE = re.compile(r"^[0-9A-Z]{2}-[0-9A-Z]{4}-[0-9A-Z]{4}$")
 
 
 def new_reference() -> str:

@@ -96,6 +96,8 @@ def guard(metrics: Metrics, max_in_flight: int) -> Any:
             if exc.status < 400:
                 raise
             response = _refusal(metrics, _from_http(exc), rid)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
         except Exception:
             log.exception("request_failed", route=route, method=request.method)
             response = problem_response(

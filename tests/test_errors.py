@@ -349,3 +349,107 @@ async def test_overloaded_when_shedding_load(clean: None) -> None:
 
 async def test_method_not_allowed_is_a_problem(api: Api) -> None:
     problem(await api.call("PUT", "/v1/sites"), "method-not-allowed", 405)
+
+
+async def test_nul_characters_and_bad_identifiers_are_refused(
+    api: Api, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    before = await state(api, pg, release["id"])
+    hold = (await api.hold(release["slots"][1]["id"])).body
+    body = problem(await api.confirm(hold, applicant(family_name="N\x00")), "validation-error", 400)
+    assert body["errors"] == [{"field": "applicant.family_name", "message": "must not contain NUL"}]
+    problem(await api.call("GET", "/v1/releases?site=a%00b"), "validation-error", 400)
+    problem(
+        await api.call("GET", "/v1/admin/agenda?site=b%00&date=2026-01-01", headers=ADMIN),
+        "validation-error",
+        400,
+    )
+    problem(
+        await api.call("GET", "/v1/bookings/AB%00", headers={"Authorization": "Bearer x"}),
+        "not-found",
+        404,
+    )
+    problem(
+        await api.call(
+            "PUT",
+            "/v1/admin/sites/zz",
+            {"name": "Bo\x00", "timezone": "UTC", "procedures": []},
+            ADMIN,
+        ),
+        "validation-error",
+        400,
+    )
+    staff = await api.call(
+        "POST",
+        "/v1/admin/bookings",
+        {"slot_id": release["slots"][0]["id"], "applicant": applicant(given_names="\x00")},
+        ADMIN,
+    )
+    problem(staff, "validation-error", 400)
+    assert (await api.confirm(hold)).status == 201
+    assert (await api.free(release["id"]))[release["slots"][0]["id"]] == 1
+    assert before[1:] == (0, 0)
+
+
+async def test_dates_out_of_any_calendar_are_refused(api: Api, release: dict[str, Any]) -> None:
+    for opens_at, starts_at in (
+        ("9999-12-31T23:59:59Z", "2030-01-01T09:00:00Z"),
+        ("2026-01-01T00:00:00Z", "9999-12-31T23:59:59Z"),
+        ("0001-01-01T00:00:00+01:00", "2030-01-01T09:00:00Z"),
+    ):
+        r = await api.call(
+            "POST",
+            "/v1/admin/releases",
+            {
+                "site": "bobigny",
+                "procedure": "renouvellement",
+                "mode": "fcfs",
+                "opens_at": opens_at,
+                "slots": [{"starts_at": starts_at, "duration_minutes": 15, "capacity": 1}],
+            },
+            ADMIN,
+        )
+        problem(r, "validation-error", 400)
+    assert (await api.call("GET", "/v1/releases")).status == 200
+
+
+async def test_draw_windows_move_together(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    now = clock.now
+    iso = __import__("datetime").datetime.fromtimestamp
+    utc = __import__("datetime").UTC
+
+    def at(days: float) -> str:
+        return str(iso(now + days * 86400, utc).isoformat())
+
+    r = await api.call(
+        "POST",
+        "/v1/admin/releases",
+        {
+            "site": "bobigny",
+            "procedure": "renouvellement",
+            "mode": "draw",
+            "registration_opens_at": at(1),
+            "registration_closes_at": at(2),
+            "draw_at": at(3),
+            "slots": [{"starts_at": at(10), "duration_minutes": 15, "capacity": 1}],
+        },
+        ADMIN,
+    )
+    assert r.status == 201, r.body
+    path = f"/v1/admin/releases/{r.body['release']['id']}"
+    problem(
+        await api.call("PATCH", path, {"registration_closes_at": at(4)}, ADMIN),
+        "validation-error",
+        400,
+    )
+    moved = await api.call(
+        "PATCH", path, {"registration_closes_at": at(4), "draw_at": at(5)}, ADMIN
+    )
+    assert moved.status == 200, moved.body
+
+
+async def test_method_not_allowed_names_the_allowed_methods(api: Api) -> None:
+    r = await api.call("TRACE", "/v1/sites")
+    problem(r, "method-not-allowed", 405)
+    assert "GET" in r.headers["Allow"]
