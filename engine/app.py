@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.maint_notifications import MaintNotificationsConfig
 
 from engine import sweeper
 from engine.appkeys import CLOCK, METRICS, OPENAPI, RESERVATIONS, SETTINGS
@@ -37,8 +38,15 @@ def redis_client(settings: Settings) -> AnyRedis:
     if settings.redis_url.startswith("redis+cluster://"):
         url = "redis://" + settings.redis_url.removeprefix("redis+cluster://")
         return RedisCluster.from_url(url, **options)
+    # Maintenance notifications off: with redis-py's "auto" default, a pooled connection
+    # that died with a Redis restart is not detected before use, so each one would fail a
+    # request after Redis is back. (A retry instead would re-send non-idempotent calls.)
     pool = BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=256, timeout=settings.redis_timeout_s, **options
+        settings.redis_url,
+        max_connections=256,
+        timeout=settings.redis_timeout_s,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **options,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
@@ -74,12 +82,20 @@ def create_app(
         await redis.aclose()
 
     async def background(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(sweeper.run(app[RESERVATIONS])) if sweep else None
+        if not sweep:
+            yield
+            return
+        stop = asyncio.Event()
+        task = asyncio.create_task(sweeper.run(app[RESERVATIONS], stop))
         yield
-        if task is not None:
+        # The stop event ends the loop even if a cancellation is lost: on Python 3.11,
+        # asyncio.wait_for (which redis-py uses for socket timeouts) can swallow one.
+        stop.set()
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.05)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     app.cleanup_ctx.append(stores)
     app.cleanup_ctx.append(background)

@@ -28,7 +28,10 @@ async def readyz(request: web.Request) -> web.Response:
         if isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
             raise result
     if any(result is not None for result in checks):
-        raise StoreUnavailable(domain.settings.retry_after_s, f"Not ready: {status}")
+        down = ", ".join(name for name, value in status.items() if value != "ok")
+        error = StoreUnavailable(domain.settings.retry_after_s, f"Not ready: {down} unavailable")
+        error.extra.update(status)
+        raise error
     return json_response({"status": "ready", **status})
 
 

@@ -9,6 +9,7 @@ A worker that dies is replaced; SIGTERM or SIGINT stops them all.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -16,8 +17,11 @@ import signal
 import socket
 import sys
 import tempfile
+from pathlib import Path
 
 from engine.settings import Settings
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -37,7 +41,8 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
     from engine.app import create_app
     from engine.logs import log
 
-    log.info("worker_started", pid=os.getpid(), address=f"{settings.host}:{settings.port}")
+    host, port = sock.getsockname()[:2]
+    log.info("worker_started", pid=os.getpid(), address=f"{host}:{port}")
     web.run_app(
         create_app(settings),
         sock=sock,
@@ -59,19 +64,24 @@ def serve(settings: Settings) -> None:
     if settings.workers == 1:
         run_worker(settings, sock)
         return
-    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
-        prefix="guichet-metrics-"
-    )
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        # An operator's folder is kept, but values of a previous run must not be added in.
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+    metrics_dir = given or tempfile.mkdtemp(prefix="guichet-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         _supervise(settings, sock)
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if not given:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _spawn(settings: Settings, sock: socket.socket) -> int:
     pid = os.fork()
     if pid == 0:
+        _die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         code = 0
@@ -82,6 +92,15 @@ def _spawn(settings: Settings, sock: socket.socket) -> int:
         finally:
             os._exit(code)
     return pid
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this worker SIGTERM if the supervisor dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: workers then outlive a killed supervisor
+        pass
 
 
 def _supervise(settings: Settings, sock: socket.socket) -> None:

@@ -6,6 +6,7 @@ them work at a time (each step is idempotent, so an overlap would only waste wor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -44,11 +45,12 @@ async def sweep_once(domain: Reservations, *, reconcile: bool) -> SweepReport:
         await domain.inventory.unlock(SWEEPER_LOCK)
 
 
-async def run(domain: Reservations) -> None:
-    """Sweep forever, every ``sweep_interval_s``; reconcile every ``reconcile_interval_s``."""
+async def run(domain: Reservations, stop: asyncio.Event) -> None:
+    """Sweep every ``sweep_interval_s`` until ``stop`` is set; reconcile every
+    ``reconcile_interval_s``."""
     settings = domain.settings
     next_reconcile = time.monotonic()
-    while True:
+    while not stop.is_set():
         try:
             due = time.monotonic() >= next_reconcile
             if (await sweep_once(domain, reconcile=due)).releases and due:
@@ -57,4 +59,5 @@ async def run(domain: Reservations) -> None:
             log.warning("sweep_skipped", detail=exc.detail)
         except Exception:
             log.exception("sweep_failed")
-        await asyncio.sleep(settings.sweep_interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.sweep_interval_s)

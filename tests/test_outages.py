@@ -1,0 +1,274 @@
+"""When Redis or PostgreSQL is unreachable, hangs, restarts or comes back: real processes and
+sockets, no mocks. A store that does not answer makes the engine answer 503 ``overloaded``
+with a Retry-After header, and the engine serves again by itself once the store is back.
+
+Only statuses, headers and bodies are asserted, never elapsed time: a request that hangs is
+caught by the per-test timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine.app import create_app
+from tests.api import Api, Reply
+from tests.conftest import DATABASE_URL, FakeClock, make_settings
+from tests.procs import HOST, Blackhole, RedisServer, TcpProxy, dead_port, poll
+
+# A hang shows up as a failure well before the suite's own 120 s limit.
+HANG = pytest.mark.timeout(30)
+
+
+@contextlib.asynccontextmanager
+async def engine(clock: FakeClock, **overrides: object) -> AsyncIterator[Api]:
+    """A second, real engine (same secret and database as the ``api`` fixture's unless
+    overridden), served on a loopback port."""
+    app = create_app(make_settings(**overrides), clock=clock, sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        yield Api(client, clock)
+
+
+def assert_overloaded(reply: Reply) -> None:
+    assert reply.status == 503, reply.body
+    assert reply.headers["Content-Type"].split(";")[0] == "application/problem+json"
+    assert reply.body["type"] == "/problems/overloaded", reply.body
+    assert reply.body["status"] == 503
+    retry_after = reply.headers["Retry-After"]
+    assert retry_after.isdigit() and int(retry_after) >= 1, retry_after
+    assert reply.body["retry_after"] == int(retry_after)
+
+
+async def function_libraries(url: str) -> list[str]:
+    r = aioredis.Redis.from_url(url)
+    try:
+        # Each library comes as a flat [name, value, name, value, ...] list.
+        libraries = [dict(zip(lib[::2], lib[1::2], strict=True)) for lib in await r.function_list()]
+        return [lib[b"library_name"].decode() for lib in libraries]
+    finally:
+        await r.aclose()
+
+
+async def wait_ready(api: Api) -> None:
+    """Poll /readyz (bounded) until the engine reports both stores answering."""
+
+    async def ready() -> bool:
+        return (await api.call("GET", "/readyz")).status == 200
+
+    await poll(ready, lambda: "the engine never became ready")
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.kill()
+
+
+# Unreachable: a port held bound but never listened on, so every connect is refused --------
+
+
+async def test_redis_refused_answers_503(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    paid = await api.solved(release["id"])
+    with dead_port() as port:
+        async with engine(clock, redis_url=f"redis://{HOST}:{port}/0") as down:
+            assert_overloaded(
+                await down.call(
+                    "POST",
+                    "/v1/challenges",
+                    {"release": release["id"]},
+                    {"X-Forwarded-For": "10.0.0.1"},
+                )
+            )
+            assert_overloaded(await down.hold(slot, paid=paid))
+            assert_overloaded(await down.call("GET", f"/v1/releases/{release['id']}/slots"))
+            assert_overloaded(await down.call("GET", "/readyz"))
+            assert (await down.call("GET", "/healthz")).status == 200
+    # A refused attempt does not spend its challenge: the healthy engine still takes it.
+    hold = await api.hold(slot, paid=paid)
+    assert hold.status == 201, hold.body
+
+
+async def test_postgresql_refused_answers_503(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    release = await api.publish([2])
+    with dead_port() as port:
+        dsn = _with_port(DATABASE_URL, port)
+        async with engine(clock, database_url=dsn) as down:
+            assert_overloaded(await down.call("GET", "/v1/sites"))
+            assert_overloaded(
+                await down.call(
+                    "POST",
+                    "/v1/challenges",
+                    {"release": release["id"]},
+                    {"X-Forwarded-For": "10.0.0.1"},
+                )
+            )
+            assert_overloaded(await down.call("GET", "/readyz"))
+            assert (await down.call("GET", "/healthz")).status == 200
+
+
+# Hanging: the store accepts the connection and never replies -------------------------------
+
+
+@HANG
+async def test_redis_that_hangs_answers_503(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    paid = await api.solved(release["id"])
+    async with (
+        Blackhole() as hole,
+        engine(clock, redis_url=f"redis://{HOST}:{hole.port}/0", redis_timeout_s=0.3) as hung,
+    ):
+        assert_overloaded(await hung.hold(slot, paid=paid))
+        assert_overloaded(await hung.call("GET", f"/v1/releases/{release['id']}/slots"))
+        assert_overloaded(await hung.call("GET", "/readyz"))
+        assert (await hung.call("GET", "/healthz")).status == 200
+        assert hole.accepted > 0  # the engine did reach the store, which then said nothing
+    hold = await api.hold(slot, paid=paid)
+    assert hold.status == 201, hold.body
+
+
+@HANG
+async def test_postgresql_that_hangs_answers_503(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    paid = await api.solved(release["id"])
+    async with (
+        Blackhole() as hole,
+        engine(clock, database_url=_with_port(DATABASE_URL, hole.port), pg_timeout_s=0.3) as hung,
+    ):
+        assert_overloaded(await hung.call("GET", "/v1/sites"))
+        assert_overloaded(await hung.hold(slot, paid=paid))
+        assert_overloaded(await hung.call("GET", "/readyz"))
+        assert (await hung.call("GET", "/healthz")).status == 200
+        assert hole.accepted > 0
+    hold = await api.hold(slot, paid=paid)
+    assert hold.status == 201, hold.body
+
+
+# Restarts and returns ---------------------------------------------------------------------
+
+
+async def test_redis_restart_reloads_functions_and_rebuilds_from_postgresql(
+    clean: None, clock: FakeClock, private_redis: RedisServer
+) -> None:
+    async with engine(clock, redis_url=private_redis.url) as api:
+        await api.site()
+        release = await api.publish([1, 2])
+        full, other = (s["id"] for s in release["slots"])
+        await api.book(full)
+        assert await api.free(release["id"]) == {full: 0, other: 2}
+        assert await function_libraries(private_redis.url)
+
+        private_redis.kill()
+        private_redis.start()
+        await private_redis.wait_ready()
+        assert await function_libraries(private_redis.url) == []  # no persistence: all gone
+        # See test_first_request_after_redis_restart_succeeds: until then, the engine needs
+        # one refused request per stale pooled connection to notice the restart.
+        await wait_ready(api)
+
+        hold = await api.hold(other)
+        assert hold.status == 201, hold.body
+        assert await function_libraries(private_redis.url)
+        # The inventory was rebuilt from PostgreSQL: the booked place is still taken.
+        refused = await api.hold(full)
+        assert refused.status == 409 and refused.body["type"] == "/problems/slot-full"
+        assert await api.free(release["id"]) == {full: 0, other: 1}
+        done = await api.confirm(hold.body)
+        assert done.status == 201, done.body
+        assert await api.free(release["id"]) == {full: 0, other: 1}
+
+
+async def test_first_request_after_redis_restart_succeeds(
+    clean: None, clock: FakeClock, private_redis: RedisServer
+) -> None:
+    async with engine(clock, redis_url=private_redis.url) as api:
+        await api.site()
+        release = await api.publish([2])
+        slot = release["slots"][0]["id"]
+        ready = await api.call("GET", "/readyz")  # leaves one connection in the pool
+        assert ready.status == 200, ready.body
+
+        private_redis.kill()
+        private_redis.start()
+        await private_redis.wait_ready()
+
+        # Redis answers again: nothing justifies refusing the next request.
+        ready = await api.call("GET", "/readyz")
+        assert ready.status == 200, ready.body
+        hold = await api.hold(slot)
+        assert hold.status == 201, hold.body
+
+
+async def test_engine_serves_again_when_redis_returns(
+    clean: None, clock: FakeClock, private_redis: RedisServer
+) -> None:
+    async with engine(clock, redis_url=private_redis.url, redis_timeout_s=0.5) as api:
+        await api.site()
+        release = await api.publish([1])
+        slot = release["slots"][0]["id"]
+        paid = await api.solved(release["id"])
+
+        private_redis.kill()
+        assert_overloaded(await api.hold(slot, paid=paid))
+        assert_overloaded(await api.call("GET", "/readyz"))
+
+        private_redis.start()
+        await private_redis.wait_ready()
+        ready = await api.call("GET", "/readyz")
+        assert ready.status == 200, ready.body
+        hold = await api.hold(slot, paid=paid)
+        assert hold.status == 201, hold.body
+
+
+async def test_engine_serves_again_when_postgresql_returns(clean: None, clock: FakeClock) -> None:
+    upstream = urlsplit(DATABASE_URL)
+    assert upstream.hostname is not None, "the test database must be reached over TCP"
+    proxy = TcpProxy(upstream.hostname, upstream.port or 5432)
+    await proxy.start()
+    try:
+        dsn = _with_port(DATABASE_URL, proxy.port)
+        async with engine(clock, database_url=dsn, pg_timeout_s=1.0) as api:
+            await api.site()
+            release = await api.publish([2])
+            slot = release["slots"][0]["id"]
+
+            await proxy.stop()  # every pooled connection is cut, new ones are refused
+            assert_overloaded(await api.call("GET", "/v1/sites"))
+            assert_overloaded(await api.call("GET", "/readyz"))
+
+            await proxy.start()
+            sites = await api.call("GET", "/v1/sites")
+            assert sites.status == 200, sites.body
+            assert [s["id"] for s in sites.body["sites"]] == ["bobigny"]
+            ready = await api.call("GET", "/readyz")
+            assert ready.status == 200, ready.body
+            booked = await api.book(slot)
+            assert booked["booking"]["status"] == "confirmed"
+    finally:
+        await proxy.stop()
+
+
+def _with_port(dsn: str, port: int) -> str:
+    """``dsn`` pointed at 127.0.0.1:``port``, same user, password and database."""
+    parts = urlsplit(dsn)
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}@{HOST}:{port}" if userinfo else f"{HOST}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,291 @@
+"""Several engine processes, as ``guichet serve`` runs them: separate processes share the
+work through Redis and PostgreSQL only; one supervisor's workers share a socket, report their
+metrics as one engine, and stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine import sweeper
+from engine.app import create_app
+from engine.pow import solve
+from tests.api import ADMIN, ADMIN_TOKEN, applicant
+from tests.conftest import DATABASE_URL, REDIS_URL, make_settings
+from tests.procs import Engine, alive, children, poll
+
+SECRET = "workers-test-secret-" + "y" * 32
+StartEngine = Callable[[str, dict[str, str]], Awaitable[Engine]]
+CLIENT = {"X-Forwarded-For": "10.1.2.3"}
+# Bound on an app's shutdown, which takes milliseconds: past it, the shutdown hangs.
+HANG_S = 5.0
+
+
+def engine_env(workers: int) -> dict[str, str]:
+    return {
+        "GUICHET_DATABASE_URL": DATABASE_URL,
+        "GUICHET_REDIS_URL": REDIS_URL,
+        "GUICHET_SECRET": SECRET,
+        "GUICHET_ADMIN_TOKEN": ADMIN_TOKEN,
+        "GUICHET_TRUSTED_PROXIES": "127.0.0.1",
+        "GUICHET_POW_DIFFICULTY": "4",
+        "GUICHET_POW_PUZZLES": "2",
+        "GUICHET_WORKERS": str(workers),
+    }
+
+
+@pytest.fixture
+async def start_engine(tmp_path: Path) -> AsyncIterator[StartEngine]:
+    """Start ``python -m engine serve`` processes; every one is stopped at teardown, and its
+    output printed (pytest shows it when the test failed)."""
+    started: list[Engine] = []
+
+    async def start(name: str, env: dict[str, str]) -> Engine:
+        engine = Engine(tmp_path, name, env)
+        started.append(engine)
+        engine.start()
+        await engine.wait_ready()
+        return engine
+
+    try:
+        yield start
+    finally:
+        for engine in started:
+            engine.stop()
+            print(engine.describe())
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    async with session.request(method, url, json=body, headers=headers) as r:
+        if "json" in r.headers.get("Content-Type", ""):
+            return r.status, await r.json(content_type=None)
+        return r.status, await r.text()
+
+
+async def test_a_challenge_from_one_process_pays_for_a_hold_on_another(
+    clean: None, start_engine: StartEngine
+) -> None:
+    a = await start_engine("a", engine_env(workers=1))
+    b = await start_engine("b", engine_env(workers=1))
+    async with aiohttp.ClientSession() as s:
+        status, body = await call(
+            s,
+            "PUT",
+            f"{a.base_url}/v1/admin/sites/bobigny",
+            {
+                "name": "Bobigny",
+                "timezone": "Europe/Paris",
+                "procedures": [{"id": "titre", "name": "Titre"}],
+            },
+            ADMIN,
+        )
+        assert status == 200, body
+        now = datetime.now(UTC)
+        status, body = await call(
+            s,
+            "POST",
+            f"{a.base_url}/v1/admin/releases",
+            {
+                "site": "bobigny",
+                "procedure": "titre",
+                "mode": "fcfs",
+                "opens_at": (now - timedelta(minutes=1)).isoformat(),
+                "slots": [
+                    {
+                        "starts_at": (now + timedelta(days=2)).isoformat(),
+                        "duration_minutes": 15,
+                        "capacity": 2,
+                    }
+                ],
+            },
+            ADMIN,
+        )
+        assert status == 201, body
+        release = body["release"]["id"]
+        slot = body["release"]["slots"][0]["id"]
+
+        status, challenge = await call(
+            s, "POST", f"{a.base_url}/v1/challenges", {"release": release}, CLIENT
+        )
+        assert status == 201, challenge
+        paid = {
+            "slot_id": slot,
+            "challenge": challenge["challenge"],
+            "nonces": solve(challenge["challenge"], challenge["difficulty"], challenge["puzzles"]),
+        }
+        status, hold = await call(s, "POST", f"{b.base_url}/v1/holds", paid, CLIENT)
+        assert status == 201, hold
+        # Spent on B means spent for A too: the challenge lives in the shared Redis.
+        status, again = await call(s, "POST", f"{a.base_url}/v1/holds", paid, CLIENT)
+        assert status == 410 and again["type"] == "/problems/challenge-expired", again
+
+        token = {"Authorization": f"Bearer {hold['hold_token']}", **CLIENT}
+        person = applicant()
+        status, done = await call(
+            s,
+            "POST",
+            f"{a.base_url}/v1/holds/{hold['hold_id']}/confirm",
+            {"applicant": person},
+            token,
+        )
+        assert status == 201, done
+        assert done["booking"]["status"] == "confirmed"
+        assert done["booking"]["slot"]["id"] == slot
+
+        cancel = {"Authorization": f"Bearer {done['cancel_token']}"}
+        reference = done["booking"]["reference"]
+        status, read = await call(s, "GET", f"{b.base_url}/v1/bookings/{reference}", None, cancel)
+        assert status == 200 and read["booking"] == done["booking"], read
+        # B never listed this release, so its listing is fresh: one place left.
+        status, listing = await call(s, "GET", f"{b.base_url}/v1/releases/{release}/slots")
+        assert status == 200, listing
+        assert [x["free"] for x in listing["slots"]] == [1]
+
+
+def healthz_total(metrics_text: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if (
+                sample.name == "guichet_http_requests_total"
+                and sample.labels["route"] == "/healthz"
+            ):
+                total += sample.value
+    return total
+
+
+@contextlib.contextmanager
+def only(worker: int, workers: set[int]) -> Iterator[None]:
+    """Stop (SIGSTOP) every worker but ``worker`` so that it alone accepts connections on
+    the shared socket; resume them all on the way out."""
+    others = workers - {worker}
+    try:
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def pinned_session() -> tuple[aiohttp.ClientSession, list[object]]:
+    """A session over one keep-alive connection, and the list of connections it opened:
+    while that list has one entry, every request went to the worker that accepted it."""
+    opened: list[object] = []
+
+    async def on_open(session: object, context: object, params: object) -> None:
+        opened.append(params)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(on_open)
+    connector = aiohttp.TCPConnector(limit=1)
+    return aiohttp.ClientSession(connector=connector, trace_configs=[trace]), opened
+
+
+async def test_workers_share_one_socket_and_report_metrics_as_one_engine(
+    clean: None, start_engine: StartEngine, tmp_path: Path
+) -> None:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**engine_env(workers=2), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    supervisor = await start_engine("supervisor", env)
+
+    async def two_workers() -> bool:
+        return len(children(supervisor.pid)) == 2
+
+    await poll(two_workers, supervisor.describe)
+    workers = children(supervisor.pid)
+    healthz, metrics = f"{supervisor.base_url}/healthz", f"{supervisor.base_url}/metrics"
+
+    async def total(session: aiohttp.ClientSession) -> float:
+        status, text = await call(session, "GET", metrics)
+        assert status == 200, text
+        return healthz_total(text)
+
+    async with contextlib.AsyncExitStack() as stack:
+        # A new connection for every request: any worker may answer.
+        fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        await stack.enter_async_context(fresh)
+        # One kept-alive connection per worker: while the other workers are stopped, only
+        # this one can accept it, and it answers everything sent over it afterwards.
+        pinned = {}
+        for pid in sorted(workers):
+            session, opened = pinned_session()
+            await stack.enter_async_context(session)
+            with only(pid, workers):
+                assert (await call(session, "GET", healthz))[0] == 200
+            pinned[pid] = (session, opened)
+
+        before = await total(fresh)
+        sent = 0
+        for _ in range(4):
+            assert (await call(fresh, "GET", healthz))[0] == 200
+            sent += 1
+        for session, _ in pinned.values():
+            for _ in range(3):
+                assert (await call(session, "GET", healthz))[0] == 200
+                sent += 1
+        # Each worker answers /metrics for the whole engine, whichever served what.
+        for pid, (session, opened) in pinned.items():
+            assert await total(session) == before + sent, f"worker {pid}"
+            assert len(opened) == 1, f"worker {pid}: the pinned connection was replaced"
+        assert await total(fresh) == before + sent
+
+    supervisor.send(signal.SIGTERM)
+    try:
+        code = supervisor.wait()
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            "still running after SIGTERM: a worker's shutdown hung (see "
+            f"test_shutdown_finishes_wherever_it_lands_in_a_sweep)\n{supervisor.describe()}"
+        )
+    assert code == 0, supervisor.describe()
+    assert not any(alive(pid) for pid in workers), supervisor.describe()
+
+
+async def test_shutdown_finishes_wherever_it_lands_in_a_sweep(clean: None) -> None:
+    """Stopping an app (a worker on SIGTERM) cancels its sweeper and waits for it. With
+    sweeps back to back, the stop lands mid-sweep, at a different point each round."""
+    for attempt in range(40):
+        app = create_app(make_settings(sweep_interval_s=0.0), sweep=True)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        for _ in range(attempt % 8):
+            await asyncio.sleep(0)
+        closing = asyncio.ensure_future(client.close())
+        finished, _ = await asyncio.wait({closing}, timeout=HANG_S)
+        if not finished:
+            await _cancel_sweepers_until(closing)
+        assert finished, f"round {attempt}: the shutdown never finished"
+
+
+async def _cancel_sweepers_until(closing: asyncio.Future[None]) -> None:
+    """Unblock a hung shutdown (so that its resources are still released): cancel the
+    sweeper again until a cancellation takes."""
+    for _ in range(100):
+        for task in asyncio.all_tasks():
+            if getattr(task.get_coro(), "cr_code", None) is sweeper.run.__code__:
+                task.cancel()
+        await asyncio.wait({closing}, timeout=0.1)
+        if closing.done():
+            return
+    raise AssertionError("the sweeper survived 100 cancellations")
