@@ -363,7 +363,12 @@ class Reservations:
             self.metrics.confirms.labels(getattr(exc, "name", "error")).inc()
             raise
         try:
-            await self.inventory.confirm_done(release.id, hold_id, slot_id, booking.reference)
+            if booking.status == "confirmed":
+                await self.inventory.confirm_done(release.id, hold_id, slot_id, booking.reference)
+            else:
+                # A retry of a confirm whose booking was cancelled since: the hold is done
+                # with, and its place is free (the sweeper would decide the same).
+                await self.inventory.settle_confirm(release.id, hold_id, None, self.now_ms())
         except StoreUnavailable:
             # The booking is committed and is the truth; the sweeper will count it in Redis.
             log.warning("confirm_done_deferred", hold=hold_id, booking=booking.reference)

@@ -413,10 +413,12 @@ class Store:
         return None if row is None else _booking(row)
 
     async def bookings_by_holds(self, hold_ids: Sequence[str]) -> dict[str, str]:
-        """hold id -> booking reference, for the holds that have one."""
+        """hold id -> reference, for the holds whose booking is confirmed (a cancelled one
+        leaves the hold's place free)."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "SELECT hold_id, reference FROM bookings WHERE hold_id = ANY($1::text[])",
+                """SELECT hold_id, reference FROM bookings
+                   WHERE hold_id = ANY($1::text[]) AND status = 'confirmed'""",
                 list(hold_ids),
             )
         return {r["hold_id"]: r["reference"] for r in rows}

@@ -149,3 +149,35 @@ async def test_expired_holds_are_reclaimed_by_the_sweeper(api: Api, clock: FakeC
     await sweep_once(domain, reconcile=False)
     raw = await domain.inventory._redis.hget(f"g:{{r:{release['id']}}}:inv", f"h:{slot}")
     assert raw == b"0"
+
+
+async def test_booking_cancelled_before_its_confirm_settled(api: Api, clock: FakeClock) -> None:
+    """Confirm committed, Redis never told, then the applicant cancelled: the hold is settled
+    as not booked (by the sweeper, or by a retried confirm) and the place is free."""
+    await api.site()
+    release = await api.publish([1, 1])
+    domain = domain_of(api)
+    for slot, settle_by in (
+        (release["slots"][0]["id"], "sweeper"),
+        (release["slots"][1]["id"], "retry"),
+    ):
+        person = applicant()
+        hold = await _crash_after_commit(api, slot, person)
+        booking = await domain.store.booking_by_hold(hold["hold_id"])
+        assert booking is not None
+        cancel_token = domain._cancel_token(hold["hold_token"])
+        r = await api.call(
+            "DELETE",
+            f"/v1/bookings/{booking.reference}",
+            headers={"Authorization": f"Bearer {cancel_token}"},
+        )
+        assert r.status == 204
+        if settle_by == "sweeper":
+            clock.advance(domain.settings.confirm_grace_s + 1)
+            assert (await sweep_once(domain, reconcile=False)).settled == 1
+        else:
+            again = await api.confirm(hold, person, ip(7))
+            assert again.status == 201 and again.body["booking"]["status"] == "cancelled"
+        counts = await domain.inventory.counts(release["id"], domain.now_ms())
+        assert (counts[slot].booked, counts[slot].held) == (0, 0), settle_by
+    assert await domain.reconcile(release["id"]) == 0

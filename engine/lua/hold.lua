@@ -6,7 +6,7 @@
 -- Returns: {'granted', hold_id, deadline_ms, token_hash}
 --          {'replayed', hold_id, deadline_ms, token_hash}  same idempotency field: the live hold
 --          {'full'}       no free place; the challenge is spent
---          {'spent'}      the challenge was spent before; nothing changed
+--          {'spent'}      the challenge was spent before, or has expired; nothing changed
 --          {'no-slot'}    the slot is not in this release's inventory; nothing changed
 --          {'rebuild'}    the inventory is missing; rebuild it from PostgreSQL and retry
 local function hold(keys, argv)
@@ -30,7 +30,8 @@ local function hold(keys, argv)
       redis.call('HDEL', idem, idem_field)
     end
   end
-  if redis.call('ZSCORE', spent, challenge) then
+  -- An expired challenge counts as spent: the spent set forgets it once it has expired.
+  if challenge_expiry <= now or redis.call('ZSCORE', spent, challenge) then
     return { 'spent' }
   end
   local capacity = redis.call('HGET', inv, 'c:' .. slot)
