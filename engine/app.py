@@ -22,7 +22,8 @@ from engine.appkeys import CLOCK, METRICS, OPENAPI, RESERVATIONS, SETTINGS
 from engine.inventory import AnyRedis, Inventory
 from engine.metrics import Metrics
 from engine.openapi import document
-from engine.reservations import Clock, Reservations
+from engine.recovery import Clock
+from engine.reservations import Reservations
 from engine.routes import ROUTES
 from engine.settings import Settings
 from engine.store import Store, create_pool

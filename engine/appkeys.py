@@ -5,7 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from engine.metrics import Metrics
-from engine.reservations import Clock, Reservations
+from engine.recovery import Clock
+from engine.reservations import Reservations
 from engine.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)

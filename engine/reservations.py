@@ -6,21 +6,19 @@
              sent only after COMMIT; then Redis counts the booking.
     cancel   PostgreSQL first, then Redis gives the place back.
 A crash between two steps leaves Redis counting a place as taken that is free, never the
-reverse; the sweeper (``settle_stale_confirms``, ``reconcile``) converges it. A release whose
-inventory is gone from Redis is rebuilt from PostgreSQL under a short lock.
+reverse; the sweeper converges it, and a release whose inventory is gone from Redis is
+rebuilt from PostgreSQL (``engine.recovery``).
 docs/consistency.md walks through every crash window.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import Literal
 
 from engine import pow
 from engine.errors import (
@@ -29,30 +27,24 @@ from engine.errors import (
     HoldExpired,
     NotFound,
     NotOpen,
-    Overloaded,
     RateLimited,
     SlotFull,
     StoreUnavailable,
     Unauthorized,
 )
 from engine.identity import Applicant
-from engine.inventory import HoldRecord, Inventory, InventoryMissing, SlotCounts
-from engine.keys import ReleaseKeys, bucket
+from engine.inventory import HoldRecord, Inventory, SlotCounts
+from engine.keys import bucket
 from engine.logs import log
 from engine.metrics import Metrics
 from engine.models import Booking, Mode, Release, Slot
+from engine.recovery import Clock, Recovery
 from engine.settings import Settings
 from engine.store import Store
 from engine.tokens import REFERENCE, derived_token, new_id, new_reference, token_hash
 
-T = TypeVar("T")
-Clock = Callable[[], float]
-
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
 _CHILD_ID = re.compile(r"^(r[0-9a-z]{12})\.[0-9a-z]{1,20}$")
-_REBUILD_LOCK_MS = 5000
-_REBUILD_WAIT_S = 0.05
-_REBUILD_WAITS = 40
 
 
 def release_of(identifier: str) -> str:
@@ -131,6 +123,7 @@ class Reservations:
         self.inventory = inventory
         self.metrics = metrics
         self.clock = clock
+        self.recovery = Recovery(settings, store, inventory, metrics, clock)
         self._releases: dict[str, tuple[float, Release | None]] = {}
         self._listings: dict[str, tuple[float, dict[str, SlotCounts]]] = {}
 
@@ -166,7 +159,7 @@ class Reservations:
         now = self.clock()
         cached = self._listings.get(release_id)
         if cached is None or cached[0] <= now:
-            counts = await self._with_inventory(
+            counts = await self.recovery.with_inventory(
                 release_id, lambda: self.inventory.counts(release_id, self.now_ms())
             )
             cached = (now + self.settings.listing_cache_s, counts)
@@ -188,7 +181,7 @@ class Reservations:
     ) -> None:
         """Staff change windows not yet started, and capacities (never below what is booked
         or held). PostgreSQL first, then Redis takes the new capacities."""
-        counts = await self._with_inventory(
+        counts = await self.recovery.with_inventory(
             release_id, lambda: self.inventory.counts(release_id, self.now_ms())
         )
         held = {slot_id: c.held for slot_id, c in counts.items()}
@@ -241,7 +234,7 @@ class Reservations:
             idem_field = token_hash(f"{client}\x00{idem_key}\x00{slot_id}").hex()
         hold_id = f"{release_id}.{new_id('h', 16)}"
         now_ms = self.now_ms()
-        result = await self._with_inventory(
+        result = await self.recovery.with_inventory(
             release_id,
             lambda: self.inventory.hold(
                 release_id,
@@ -393,7 +386,7 @@ class Reservations:
         token = derived_token(self.settings.secret, "staff", new_id("", 24))
         hold_id = f"{release.id}.{new_id('s', 16)}"
         now_ms = self.now_ms()
-        result = await self._with_inventory(
+        result = await self.recovery.with_inventory(
             release.id,
             lambda: self.inventory.hold(
                 release.id,
@@ -451,79 +444,6 @@ class Reservations:
                 log.warning("cancel_done_deferred", booking=reference)
             self._listings.pop(booking.release_id, None)
         log.info("booking_cancelled", booking=reference)
-
-    # Convergence -------------------------------------------------------------------------
-
-    async def _with_inventory(self, release_id: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op``; if the release's inventory is gone from Redis, rebuild it and retry."""
-        try:
-            return await op()
-        except InventoryMissing:
-            await self.rebuild(release_id)
-        try:
-            return await op()
-        except InventoryMissing:
-            raise Overloaded(
-                self.settings.retry_after_s, "The inventory is being rebuilt"
-            ) from None
-
-    async def rebuild(self, release_id: str) -> None:
-        """Rebuild a release's inventory from PostgreSQL, or wait for the worker doing it."""
-        lock = ReleaseKeys.of(release_id).rebuild_lock
-        if not await self.inventory.try_lock(lock, _REBUILD_LOCK_MS):
-            # Another worker is rebuilding: wait (bounded) until the inventory is back.
-            for _ in range(_REBUILD_WAITS):
-                await asyncio.sleep(_REBUILD_WAIT_S)
-                if await self.inventory.exists(release_id):
-                    return
-            return
-        try:
-            capacities, bookings = await self.store.inventory_snapshot(release_id)
-            if await self.inventory.rebuild(release_id, capacities, bookings):
-                self.metrics.rebuilds.inc()
-                log.warning("inventory_rebuilt", release=release_id, bookings=len(bookings))
-        finally:
-            await self.inventory.unlock(lock)
-
-    async def settle_stale_confirms(self, release_id: str) -> int:
-        """Settle confirms that began more than ``confirm_grace_s`` ago and never reported."""
-        cutoff = self.now_ms() - int(self.settings.confirm_grace_s * 1000)
-        stale = await self.inventory.stale_confirms(release_id, cutoff)
-        if not stale:
-            return 0
-        booked = await self.store.bookings_by_holds(stale)
-        for hold_id in stale:
-            outcome = await self.inventory.settle_confirm(
-                release_id, hold_id, booked.get(hold_id), cutoff
-            )
-            self.metrics.settled_confirms.labels(outcome).inc()
-            log.warning("confirm_settled", hold=hold_id, outcome=outcome)
-        return len(stale)
-
-    async def reconcile(self, release_id: str) -> int:
-        """Correct Redis toward PostgreSQL; return the number of corrections.
-
-        Redis is read before PostgreSQL: a booking Redis counts was committed before that
-        read, so if PostgreSQL no longer has it active it was cancelled and may be uncounted.
-        A booking PostgreSQL has and Redis lacks is counted; if its confirm is still in
-        flight, the place is counted twice for a moment: a place shown taken, never one
-        shown free that is not.
-        """
-        try:
-            counted = await self.inventory.booked_refs(release_id)
-            capacities, active = await self.store.inventory_snapshot(release_id)
-            active_refs = {ref for ref, _ in active}
-            add = [(ref, slot) for ref, slot in active if ref not in counted]
-            remove = sorted(counted - active_refs)
-            corrections = await self.inventory.reconcile(release_id, capacities, add, remove)
-        except InventoryMissing:
-            await self.rebuild(release_id)
-            return 0
-        if corrections:
-            self.metrics.reconcile_corrections.inc(corrections)
-            log.warning("inventory_reconciled", release=release_id, corrections=corrections)
-        self._listings.pop(release_id, None)
-        return corrections
 
     async def _rate_limit(self, kind: str, subject: str) -> None:
         wait_ms = await self.inventory.take_token(

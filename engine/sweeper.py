@@ -36,10 +36,10 @@ async def sweep_once(domain: Reservations, *, reconcile: bool) -> SweepReport:
             try:
                 await domain.inventory.counts(release_id, domain.now_ms())
             except InventoryMissing:
-                await domain.rebuild(release_id)
-            settled += await domain.settle_stale_confirms(release_id)
+                await domain.recovery.rebuild(release_id)
+            settled += await domain.recovery.settle_stale_confirms(release_id)
             if reconcile:
-                corrections += await domain.reconcile(release_id)
+                corrections += await domain.recovery.reconcile(release_id)
         return SweepReport(len(releases), settled, corrections)
     finally:
         await domain.inventory.unlock(SWEEPER_LOCK)

@@ -440,7 +440,7 @@ class InventoryMachine(RuleBasedStateMachine):
         assert built == self.model.rebuild()
 
     def with_inventory(self, op: Callable[[], Awaitable[T]]) -> T:
-        """``Reservations._with_inventory``: on a missing inventory, rebuild it and retry."""
+        """``Recovery.with_inventory``: on a missing inventory, rebuild it and retry."""
         try:
             result = self.run(op())
         except InventoryMissing:
@@ -467,7 +467,7 @@ class InventoryMachine(RuleBasedStateMachine):
         event(f"reconcile: {'corrected' if corrections else 'nothing to correct'}")
 
     def settle_stale(self, cutoff: int) -> None:
-        """``Reservations.settle_stale_confirms`` with the given cutoff."""
+        """``Recovery.settle_stale_confirms`` with the given cutoff."""
         stale = self.run(self.inventory.stale_confirms(RELEASE, cutoff))
         assert sorted(stale) == self.model.stale_confirms(cutoff)
         for hold_id in stale:

@@ -40,7 +40,7 @@ async def test_200_concurrent_holds_on_capacity_5(api: Api, pg: asyncpg.Connecti
     confirms = await asyncio.gather(*(api.confirm(h, applicant(), ip(i)) for i, h in winners))
     assert [c.status for c in confirms] == [201] * 5
     assert await pg_slot(pg, slot) == (5, 5, 5)
-    assert await api.client.app[RESERVATIONS].reconcile(release["id"]) == 0
+    assert await api.client.app[RESERVATIONS].recovery.reconcile(release["id"]) == 0
 
 
 async def test_concurrent_confirms_cancels_and_holds(api: Api, pg: asyncpg.Connection) -> None:
@@ -76,7 +76,7 @@ async def test_concurrent_confirms_cancels_and_holds(api: Api, pg: asyncpg.Conne
     capacity, counter, stored = await pg_slot(pg, slot)
     assert counter == stored <= capacity == 3
     domain = api.client.app[RESERVATIONS]
-    assert await domain.reconcile(release["id"]) == 0
+    assert await domain.recovery.reconcile(release["id"]) == 0
     counts = await domain.inventory.counts(release["id"], domain.now_ms())
     assert counts[slot].booked == stored
     assert counts[slot].booked + counts[slot].held <= 3

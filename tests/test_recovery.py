@@ -84,7 +84,7 @@ async def test_confirm_committed_but_never_told_redis(api: Api, clock: FakeClock
     assert (await sweep_once(domain, reconcile=False)).settled == 1
     counts = await domain.inventory.counts(release["id"], domain.now_ms())
     assert (counts[slot].booked, counts[slot].held) == (1, 0)
-    assert await domain.reconcile(release["id"]) == 0
+    assert await domain.recovery.reconcile(release["id"]) == 0
 
 
 async def test_confirm_retried_after_a_crash_returns_the_booking(api: Api) -> None:
@@ -180,4 +180,4 @@ async def test_booking_cancelled_before_its_confirm_settled(api: Api, clock: Fak
             assert again.status == 201 and again.body["booking"]["status"] == "cancelled"
         counts = await domain.inventory.counts(release["id"], domain.now_ms())
         assert (counts[slot].booked, counts[slot].held) == (0, 0), settle_by
-    assert await domain.reconcile(release["id"]) == 0
+    assert await domain.recovery.reconcile(release["id"]) == 0
