@@ -26,7 +26,7 @@ from engine.recovery import Clock
 from engine.reservations import Reservations
 from engine.routes import ROUTES
 from engine.settings import Settings
-from engine.store import Store, create_pool
+from engine.store import IdentityRules, Store, create_pool
 from engine.web import guard
 
 
@@ -53,8 +53,14 @@ def redis_client(settings: Settings) -> AnyRedis:
 
 
 def create_app(
-    settings: Settings, *, clock: Clock = time.time, sweep: bool = True
+    settings: Settings,
+    *,
+    clock: Clock = time.time,
+    sweep: bool = True,
+    bucket_clock: Clock | None = None,
 ) -> web.Application:
+    """A wired app. Tests inject ``clock`` (the engine's time) and ``bucket_clock`` (the
+    token buckets', Redis's own clock otherwise), and may leave the sweeper off."""
     metrics = Metrics()
     app = web.Application(
         middlewares=[guard(metrics, settings.max_in_flight)],
@@ -73,8 +79,10 @@ def create_app(
             settings.database_url, settings.pg_timeout_s, settings.pg_pool_size
         )
         inventory = Inventory(redis, settings.redis_timeout_s, settings.retry_after_s)
-        store = Store(pool, settings.pg_timeout_s, settings.retry_after_s)
-        app[RESERVATIONS] = Reservations(settings, store, inventory, metrics, clock)
+        store = Store(
+            pool, settings.pg_timeout_s, settings.retry_after_s, IdentityRules.of(settings)
+        )
+        app[RESERVATIONS] = Reservations(settings, store, inventory, metrics, clock, bucket_clock)
         with contextlib.suppress(Exception):
             # Functions are also loaded on first use, so a Redis that is down now is fine.
             await inventory.load()

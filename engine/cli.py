@@ -87,14 +87,14 @@ async def _domain(settings: Settings) -> AsyncIterator[Reservations]:
     from engine.inventory import Inventory
     from engine.metrics import Metrics
     from engine.reservations import Reservations
-    from engine.store import Store, create_pool
+    from engine.store import IdentityRules, Store, create_pool
 
     pool = await create_pool(settings.database_url, settings.pg_timeout_s, 2)
     redis = redis_client(settings)
     try:
         yield Reservations(
             settings,
-            Store(pool, settings.pg_timeout_s, settings.retry_after_s),
+            Store(pool, settings.pg_timeout_s, settings.retry_after_s, IdentityRules.of(settings)),
             Inventory(redis, settings.redis_timeout_s, settings.retry_after_s),
             Metrics(),
         )

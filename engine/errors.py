@@ -104,20 +104,26 @@ class PayloadTooLarge(GuichetError):
 
 
 class RateLimited(GuichetError):
+    """``level`` names the limit: address, net, net48, session, identity, email, unspent,
+    holds."""
+
     name, status, title = "rate-limited", 429, "Too many requests"
 
-    def __init__(self, retry_after: int, detail: str = "") -> None:
-        super().__init__(detail, retry_after=retry_after)
+    def __init__(self, retry_after: int, detail: str = "", level: str = "address") -> None:
+        super().__init__(detail, retry_after=retry_after, level=level)
         self.retry_after = retry_after
 
 
 class Overloaded(GuichetError):
     name, status, title = "overloaded", 503, "The service is overloaded; try again shortly"
 
-    def __init__(self, retry_after: int, detail: str = "") -> None:
-        super().__init__(detail, retry_after=retry_after)
+    def __init__(self, retry_after: int, detail: str = "", level: str = "engine") -> None:
+        super().__init__(detail, retry_after=retry_after, level=level)
         self.retry_after = retry_after
 
 
 class StoreUnavailable(Overloaded):
     """Redis or PostgreSQL did not answer within its timeout."""
+
+    def __init__(self, retry_after: int, detail: str = "") -> None:
+        super().__init__(retry_after, detail, level="store")

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from engine import render, schemas
+from engine import render, schemas, sessions
 from engine.appkeys import RESERVATIONS, SETTINGS
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
@@ -58,7 +58,9 @@ async def list_slots(request: web.Request) -> web.Response:
 async def create_challenge(request: web.Request) -> web.Response:
     body = await parse_body(request, schemas.ChallengeRequest)
     domain = request.app[RESERVATIONS]
-    challenge = await domain.challenge(body.release, _client(request))
+    challenge, session = await domain.challenge(
+        body.release, _client(request), request.headers.get(sessions.HEADER)
+    )
     return json_response(
         {
             "challenge": challenge.text,
@@ -68,6 +70,7 @@ async def create_challenge(request: web.Request) -> web.Response:
             "expires_at": render.local(
                 datetime.fromtimestamp(challenge.expires_ms / 1000, UTC), "UTC"
             ),
+            "session": session,
         },
         status=201,
     )

@@ -36,6 +36,7 @@ OPERATIONS = (
     "rebuild",
     "reconcile",
     "take_token",
+    "issue_challenge",
 )
 RECLAIM_LIMIT = 100
 # Error replies that mean "this Redis cannot serve now", not "this call is wrong".
@@ -59,9 +60,40 @@ def library_source() -> tuple[str, str]:
     return f"#!lua name=guichet_{digest}\n{body}\n{registrations}\n", digest
 
 
+Call = tuple[str, Sequence[str], Sequence[str | int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """One token-bucket take. With ``unspent`` (the address's unspent-challenge set, the
+    challenge id, its expiry in ms, how many may be unspent), also records a challenge."""
+
+    key: str
+    per_s: float
+    burst: int
+    cost: int = 1
+    unspent: tuple[str, str, int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What a take did: ``ok`` with ``left`` tokens, or ``limited`` (bucket empty) or
+    ``stockpile`` (too many unspent challenges) with ``wait_ms`` until it would pass."""
+
+    take: Take
+    outcome: Literal["ok", "limited", "stockpile"]
+    left: float = 0.0
+    wait_ms: int = 0
+
+    @property
+    def used(self) -> float:
+        """How empty the bucket is after this take: 0 (full) to 1 (empty)."""
+        return 1.0 if self.outcome != "ok" else 1.0 - self.left / self.take.burst
+
+
 @dataclass(frozen=True, slots=True)
 class HoldResult:
-    outcome: Literal["granted", "replayed", "full", "spent", "no-slot"]
+    outcome: Literal["granted", "replayed", "full", "spent", "no-slot", "client-limit"]
     hold_id: str = ""
     deadline_ms: int = 0
     token_hash: str = ""
@@ -111,17 +143,35 @@ class Inventory:
             raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
 
     async def _call(self, op: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
-        name = f"{op}_{self._digest}"
-        try:
-            return list(await self._guard(self._redis.fcall(name, len(keys), *keys, *args)))
-        except ResponseError as exc:
+        return (await self._pipeline([(op, keys, args)]))[0]
+
+    async def _pipeline(
+        self, calls: Sequence[Call], extra: Sequence[tuple[str, ...]] = ()
+    ) -> list[list[Any]]:
+        """Run functions (and ``extra`` plain commands, whose replies are dropped) in one
+        round trip. Non-transactional: each function is atomic on its own."""
+        for attempt in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for op, keys, args in calls:
+                    pipe.fcall(f"{op}_{self._digest}", len(keys), *keys, *args)
+                for command in extra:
+                    pipe.execute_command(*command)
+                replies = await self._guard(pipe.execute(raise_on_error=False))
+            errors = [r for r in replies if isinstance(r, Exception)]
+            if not errors:
+                return [list(r) for r in replies[: len(calls)]]
             # A Redis restarted without persistence forgets its functions: load them again.
-            if "Function not found" not in str(exc):
-                if str(exc).split(" ", 1)[0] in _UNAVAILABLE_REPLIES:
-                    raise StoreUnavailable(self._retry_after_s, f"Redis: {exc}") from exc
-                raise
-        await self.load()
-        return list(await self._guard(self._redis.fcall(name, len(keys), *keys, *args)))
+            if attempt == 0 and all("Function not found" in str(e) for e in errors):
+                await self.load()
+                continue
+            error = errors[0]
+            if isinstance(error, (RedisConnectionError, RedisTimeoutError)) or (
+                isinstance(error, ResponseError)
+                and str(error).split(" ", 1)[0] in _UNAVAILABLE_REPLIES
+            ):
+                raise StoreUnavailable(self._retry_after_s, f"Redis: {error}") from error
+            raise error
+        raise AssertionError("unreachable")
 
     async def ping(self) -> None:
         await self._guard(self._redis.ping())
@@ -138,9 +188,14 @@ class Inventory:
         idem_field: str,
         challenge_id: str,
         challenge_expiry_ms: int,
+        client_tag: str,
+        max_live_holds: int,
+        forget: tuple[str, str] | None = None,
     ) -> HoldResult:
+        """Take a place. ``forget`` (a client's unspent-challenge set and this challenge)
+        is removed in the same round trip."""
         k = ReleaseKeys.of(release_id)
-        reply = await self._call(
+        call: Call = (
             "hold",
             (k.inv, k.holds, k.confirming, k.hold, k.idem, k.spent),
             (
@@ -153,8 +208,12 @@ class Inventory:
                 challenge_id,
                 challenge_expiry_ms,
                 RECLAIM_LIMIT,
+                client_tag,
+                max_live_holds,
             ),
         )
+        extra = [("ZREM", *forget)] if forget else []
+        (reply,) = await self._pipeline([call], extra)
         outcome = _text(reply[0])
         if outcome == "rebuild":
             raise InventoryMissing(release_id)
@@ -186,7 +245,7 @@ class Inventory:
         raw = await self._guard(self._redis.hget(ReleaseKeys.of(release_id).hold, hold_id))
         if raw is None:
             return None
-        slot, state, deadline, _idem, token = _text(raw).split("|")
+        slot, state, deadline, _idem, token, _client = _text(raw).split("|")
         return HoldRecord(slot, "held" if state == "h" else "confirming", int(deadline), token)
 
     async def confirm_begin(self, release_id: str, hold_id: str, now_ms: int) -> str | None:
@@ -285,10 +344,31 @@ class Inventory:
             raise InventoryMissing(release_id)
         return int(reply[1])
 
-    async def take_token(self, key: str, rate_per_s: float, burst: int, cost: int = 1) -> int:
-        """Take ``cost`` tokens; return 0, or the milliseconds until they would be there."""
-        reply = await self._call("take_token", (key,), (repr(rate_per_s), burst, cost))
-        return int(reply[1])
+    async def take_tokens(self, takes: Sequence[Take], now_us: int | None) -> list[Taken]:
+        """Take from several buckets in one round trip. ``now_us`` None means Redis's own
+        clock (tests inject one)."""
+        clock = "" if now_us is None else now_us
+        calls: list[Call] = []
+        for t in takes:
+            if t.unspent is None:
+                calls.append(("take_token", (t.key,), (repr(t.per_s), t.burst, t.cost, clock)))
+            else:
+                key, challenge_id, expiry_ms, most = t.unspent
+                calls.append(
+                    (
+                        "issue_challenge",
+                        (t.key, key),
+                        (repr(t.per_s), t.burst, clock, challenge_id, expiry_ms, most),
+                    )
+                )
+        results = []
+        for take, reply in zip(takes, await self._pipeline(calls), strict=True):
+            outcome = _text(reply[0])
+            if outcome == "ok":
+                results.append(Taken(take, "ok", left=int(reply[1]) / 1000))
+            else:
+                results.append(Taken(take, outcome, wait_ms=int(reply[1])))  # type: ignore[arg-type]
+        return results
 
     async def try_lock(self, key: str, ttl_ms: int) -> bool:
         return bool(await self._guard(self._redis.set(key, "1", nx=True, px=ttl_ms)))

@@ -39,5 +39,13 @@ class ReleaseKeys:
 
 
 def bucket(kind: str, subject: str) -> str:
-    """A token bucket: ``kind`` names the limit, ``subject`` whom it limits."""
+    """A token bucket: ``kind`` names the limit, ``subject`` whom it limits. An address's
+    bucket shares its hash tag with the address's unspent challenges."""
+    if kind == "address":
+        return f"{PREFIX}{{c:{subject}}}:bucket"
     return f"{PREFIX}{{b:{kind}:{subject}}}"
+
+
+def unspent_challenges(address: str) -> str:
+    """The challenges issued to an address and not yet spent (zset: id -> expiry in ms)."""
+    return f"{PREFIX}{{c:{address}}}:unspent"

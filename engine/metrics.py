@@ -54,7 +54,10 @@ class Metrics:
             "guichet_cancellations", "Bookings cancelled, by channel.", ["actor"], registry=r
         )
         self.rejections = Counter(
-            "guichet_rejections", "Requests refused, by problem name.", ["reason"], registry=r
+            "guichet_rejections",
+            "Requests refused, by problem name and, for limits, by level.",
+            ["reason", "level"],
+            registry=r,
         )
         self.pow_difficulty = Histogram(
             "guichet_pow_difficulty_bits",

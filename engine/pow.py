@@ -42,11 +42,21 @@ def _mac(secret: bytes, body: str) -> str:
     return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
 
 
+def new_challenge_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
 def issue(
-    secret: bytes, release_id: str, client: str, difficulty: int, puzzles: int, expires_ms: int
+    secret: bytes,
+    release_id: str,
+    client: str,
+    difficulty: int,
+    puzzles: int,
+    expires_ms: int,
+    cid: str | None = None,
 ) -> Challenge:
     tag = client_tag(secret, client)
-    cid = secrets.token_urlsafe(12)
+    cid = cid or new_challenge_id()
     body = f"v1.{release_id}.{tag}.{difficulty}.{puzzles}.{expires_ms}.{cid}"
     return Challenge(
         f"{body}.{_mac(secret, body)}", release_id, tag, difficulty, puzzles, expires_ms, cid

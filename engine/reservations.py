@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from engine import pow
+from engine import pow, sessions
 from engine.errors import (
     ChallengeExpired,
     HoldConfirming,
@@ -34,7 +34,8 @@ from engine.errors import (
 )
 from engine.identity import Applicant
 from engine.inventory import HoldRecord, Inventory, SlotCounts
-from engine.keys import bucket
+from engine.keys import unspent_challenges
+from engine.limits import Client, Limiter
 from engine.logs import log
 from engine.metrics import Metrics
 from engine.models import Booking, Mode, Release, Slot
@@ -117,13 +118,16 @@ class Reservations:
         inventory: Inventory,
         metrics: Metrics,
         clock: Clock = time.time,
+        bucket_clock: Clock | None = None,
     ) -> None:
+        """``bucket_clock`` None: token buckets run on Redis's clock (tests inject one)."""
         self.settings = settings
         self.store = store
         self.inventory = inventory
         self.metrics = metrics
         self.clock = clock
         self.recovery = Recovery(settings, store, inventory, metrics, clock)
+        self.limiter = Limiter(settings, inventory, metrics, bucket_clock)
         self._releases: dict[str, tuple[float, Release | None]] = {}
         self._listings: dict[str, tuple[float, dict[str, SlotCounts]]] = {}
 
@@ -192,21 +196,31 @@ class Reservations:
 
     # Challenges --------------------------------------------------------------------------
 
-    async def challenge(self, release_id: str, client: str) -> pow.Challenge:
+    async def challenge(
+        self, release_id: str, client: str, session: str | None
+    ) -> tuple[pow.Challenge, str]:
+        """A challenge for one attempt in ``release_id``, and the client's session token
+        (``session`` if it is valid, else a new one). Its difficulty adapts to the client."""
+        s = self.settings
+        who = Client.of(client)
+        self.limiter.refuse_known(who)
         release = await self.release(release_id)
-        if all(s.starts_at <= self.now() for s in release.slots):
+        if all(slot.starts_at <= self.now() for slot in release.slots):
             raise NotOpen("Every slot of this release has started")
-        await self._rate_limit("client", client)
-        difficulty = self.settings.pow_difficulty
+        now_ms = self.now_ms()
+        sid = sessions.session_id(s.secret, session, now_ms, s.session_ttl_s)
+        if sid is None:
+            session = sessions.issue(s.secret, now_ms)
+            sid = sessions.session_id(s.secret, session, now_ms, s.session_ttl_s)
+        assert session is not None
+        challenge_id = pow.new_challenge_id()
+        expires_ms = now_ms + s.challenge_ttl_s * 1000
+        difficulty = await self.limiter.challenge(Client.of(client, sid), challenge_id, expires_ms)
         self.metrics.pow_difficulty.observe(difficulty)
-        return pow.issue(
-            self.settings.secret,
-            release_id,
-            client,
-            difficulty,
-            self.settings.pow_puzzles,
-            self.now_ms() + self.settings.challenge_ttl_s * 1000,
+        issued = pow.issue(
+            s.secret, release_id, client, difficulty, s.pow_puzzles, expires_ms, challenge_id
         )
+        return issued, session
 
     # Holds -------------------------------------------------------------------------------
 
@@ -214,7 +228,8 @@ class Reservations:
         self, slot_id: str, challenge: str, nonces: list[str], client: str, idem_key: str | None
     ) -> Hold:
         release_id = release_of(slot_id)
-        # Proof of work first: a forged or wrong challenge costs one HMAC and no store call.
+        # A client known to be over a limit, or a forged or wrong challenge, costs no store call.
+        self.limiter.refuse_known(Client.of(client))
         paid = pow.verify(
             self.settings.secret,
             challenge,
@@ -225,7 +240,6 @@ class Reservations:
         )
         release = await self.release(release_id)
         slot = self._open_slot(release, slot_id)
-        await self._rate_limit("client", client)
         if idem_key is None:
             token = derived_token(self.settings.secret, "hold-random", new_id("", 24))
             idem_field = ""
@@ -246,6 +260,9 @@ class Reservations:
                 idem_field=idem_field,
                 challenge_id=paid.id,
                 challenge_expiry_ms=paid.expires_ms,
+                client_tag=paid.client_tag,
+                max_live_holds=self.settings.max_live_holds,
+                forget=(unspent_challenges(client), paid.id),
             ),
         )
         self.metrics.holds.labels(result.outcome).inc()
@@ -255,6 +272,12 @@ class Reservations:
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
         if result.outcome == "no-slot":
             raise NotFound(f"No slot {slot_id!r}")
+        if result.outcome == "client-limit":
+            raise RateLimited(
+                self.settings.hold_ttl_s,
+                "You already hold a place in this release: confirm or release it first",
+                level="holds",
+            )
         log.info("hold_granted", hold=result.hold_id, slot=slot_id, outcome=result.outcome)
         return Hold(result.hold_id, token, _from_ms(result.deadline_ms), slot, release.timezone)
 
@@ -300,12 +323,15 @@ class Reservations:
         release, record = await self._hold_for(hold_id, token)
         slot_id = None
         if record is not None:
-            await self._rate_limit("client", client)
+            identity = applicant.identity_hash(self.settings.secret).hex()
+            await self.limiter.confirm(Client.of(client), identity)
             slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
         if slot_id is None:
             # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
             return await self._confirmed_before(hold_id, token)
-        confirmation = await self._book(release, slot_id, hold_id, token, applicant)
+        confirmation = await self._book(
+            release, slot_id, hold_id, token, applicant, client_net=Client.of(client).net
+        )
         self.metrics.confirms.labels("confirmed").inc()
         return confirmation
 
@@ -327,6 +353,7 @@ class Reservations:
         token: str,
         applicant: Applicant,
         channel: Literal["online", "staff"] = "online",
+        client_net: str | None = None,
     ) -> Confirmation:
         """The PostgreSQL step and the Redis step that follows it, for a confirming hold."""
         secret = self.settings.secret
@@ -345,6 +372,7 @@ class Reservations:
                 given_names=applicant.given_names,
                 birth_date=applicant.birth_date,
                 cancel_token_hash=token_hash(cancel_token),
+                client_net=client_net,
             )
         except StoreUnavailable:
             # Committed or not, we cannot tell: the hold stays "confirming" and the sweeper
@@ -398,6 +426,8 @@ class Reservations:
                 idem_field="",
                 challenge_id=hold_id,
                 challenge_expiry_ms=now_ms + 60_000,
+                client_tag=hold_id,  # its own: counter holds are never limited per client
+                max_live_holds=1,
             ),
         )
         if result.outcome == "full":
@@ -444,13 +474,6 @@ class Reservations:
                 log.warning("cancel_done_deferred", booking=reference)
             self._listings.pop(booking.release_id, None)
         log.info("booking_cancelled", booking=reference)
-
-    async def _rate_limit(self, kind: str, subject: str) -> None:
-        wait_ms = await self.inventory.take_token(
-            bucket(kind, subject), self.settings.client_rate_per_s, self.settings.client_burst
-        )
-        if wait_ms:
-            raise RateLimited(max(1, -(-wait_ms // 1000)))
 
 
 def _same_hash(token: str, stored_hex: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,44 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class ConfigError(ValueError):
     """A configuration variable has a value the engine cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A token bucket: ``burst`` tokens, refilled at ``burst`` per ``period_s`` seconds."""
+
+    burst: int
+    period_s: float
+
+    @property
+    def per_s(self) -> float:
+        return self.burst / self.period_s
+
+    @classmethod
+    def parse(cls, name: str, raw: str) -> Rate:
+        """``20/10s``: 20 at once, 20 more every 10 seconds (units s, m, h, d)."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*([smhd])\s*", raw)
+        if m is None or int(m.group(1)) == 0 or int(m.group(2)) == 0:
+            raise ConfigError(
+                f"{name} must look like 20/10s (count/period, s m h or d), not {raw!r}"
+            )
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(3)]
+        return cls(int(m.group(1)), int(m.group(2)) * unit)
+
+    def __str__(self) -> str:
+        return f"{self.burst}/{self.period_s:g}s"
+
+
+# Each limit's variable and its default; docs/abuse.md says why these values.
+LIMITS = {
+    "limit_address": ("GUICHET_LIMIT_ADDRESS", Rate(20, 10)),
+    "limit_net": ("GUICHET_LIMIT_NET", Rate(200, 10)),
+    "limit_net48": ("GUICHET_LIMIT_NET48", Rate(500, 10)),
+    "limit_session": ("GUICHET_LIMIT_SESSION", Rate(10, 20)),
+    "limit_identity": ("GUICHET_LIMIT_IDENTITY", Rate(10, 3600)),
+    "limit_global_challenge": ("GUICHET_LIMIT_GLOBAL_CHALLENGE", Rate(50_000, 10)),
+    "limit_global_confirm": ("GUICHET_LIMIT_GLOBAL_CONFIRM", Rate(10_000, 10)),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +84,27 @@ class Settings:
     retry_after_s: int = 2
     max_body_bytes: int = 16 * 1024
     max_in_flight: int = 2000
-    # Per client address: attempts (challenges, holds, confirms) per second, and burst.
-    client_rate_per_s: float = 5.0
-    client_burst: int = 20
+    # Token buckets (see LIMITS and docs/abuse.md). Challenges are the gate of every
+    # attempt: address, network, session and global buckets are taken when one is issued.
+    limit_address: Rate = LIMITS["limit_address"][1]
+    limit_net: Rate = LIMITS["limit_net"][1]
+    limit_net48: Rate = LIMITS["limit_net48"][1]
+    limit_session: Rate = LIMITS["limit_session"][1]
+    limit_identity: Rate = LIMITS["limit_identity"][1]
+    limit_global_challenge: Rate = LIMITS["limit_global_challenge"][1]
+    limit_global_confirm: Rate = LIMITS["limit_global_confirm"][1]
+    # Adaptive proof of work: up to this many bits more as a client's buckets empty, and
+    # this many more again under global pressure, for clients already escalated.
+    pow_max_extra_bits: int = 6
+    pow_global_extra_bits: int = 2
+    max_unspent_challenges: int = 3
+    max_live_holds: int = 1
+    session_ttl_s: int = 86400
+    # Identity rules against resale, over a sliding period.
+    identity_period_days: int = 30
+    max_bookings_per_identity: int = 3
+    max_cancellations_per_identity: int = 2
+    max_active_per_email: int = 4
     # A confirm whose PostgreSQL step did not report back after this long is settled by the
     # sweeper from PostgreSQL's answer. Longer than any transaction can live (see pg_timeout_s).
     confirm_grace_s: float = 30.0
@@ -86,6 +143,22 @@ class Settings:
             pow_difficulty=_int(env, "GUICHET_POW_DIFFICULTY", 20, 0, 32),
             pow_puzzles=_int(env, "GUICHET_POW_PUZZLES", 4, 1, 64),
             access_log=env.get("GUICHET_ACCESS_LOG", "0") == "1",
+            pow_max_extra_bits=_int(env, "GUICHET_POW_MAX_EXTRA_BITS", 6, 0, 16),
+            max_unspent_challenges=_int(env, "GUICHET_MAX_UNSPENT_CHALLENGES", 3, 1, 100),
+            max_live_holds=_int(env, "GUICHET_MAX_LIVE_HOLDS", 1, 1, 100),
+            identity_period_days=_int(env, "GUICHET_IDENTITY_PERIOD_DAYS", 30, 1, 3650),
+            max_bookings_per_identity=_int(env, "GUICHET_MAX_BOOKINGS_PER_IDENTITY", 3, 1, 1000),
+            max_cancellations_per_identity=_int(
+                env, "GUICHET_MAX_CANCELLATIONS_PER_IDENTITY", 2, 0, 1000
+            ),
+            max_active_per_email=_int(env, "GUICHET_MAX_ACTIVE_PER_EMAIL", 4, 1, 1000),
+            limit_address=_rate(env, "limit_address"),
+            limit_net=_rate(env, "limit_net"),
+            limit_net48=_rate(env, "limit_net48"),
+            limit_session=_rate(env, "limit_session"),
+            limit_identity=_rate(env, "limit_identity"),
+            limit_global_challenge=_rate(env, "limit_global_challenge"),
+            limit_global_confirm=_rate(env, "limit_global_confirm"),
         )
 
 
@@ -100,6 +173,12 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, not {value}")
     return value
+
+
+def _rate(env: Mapping[str, str], field: str) -> Rate:
+    name, default = LIMITS[field]
+    raw = env.get(name)
+    return Rate.parse(name, raw) if raw else default
 
 
 def _redis_url(url: str) -> str:

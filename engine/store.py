@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import date, datetime
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -19,11 +20,13 @@ import asyncpg
 from engine.errors import (
     IdentityAlreadyBooked,
     NotFound,
+    RateLimited,
     SlotFull,
     StoreUnavailable,
     ValidationFailed,
 )
 from engine.models import Booking, Procedure, Release, Site, Slot
+from engine.settings import Settings
 
 _UNAVAILABLE = (
     OSError,
@@ -63,11 +66,37 @@ async def create_pool(dsn: str, timeout_s: float, size: int) -> asyncpg.Pool:
     return await pool
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityRules:
+    """Caps against resale: per identity over a sliding period, and per email address."""
+
+    period: timedelta = timedelta(days=30)
+    max_bookings: int = 3
+    max_cancellations: int = 2
+    max_active_per_email: int = 4
+
+    @classmethod
+    def of(cls, settings: Settings) -> IdentityRules:
+        return cls(
+            timedelta(days=settings.identity_period_days),
+            settings.max_bookings_per_identity,
+            settings.max_cancellations_per_identity,
+            settings.max_active_per_email,
+        )
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        timeout_s: float,
+        retry_after_s: int,
+        rules: IdentityRules | None = None,
+    ) -> None:
         self._pool = pool
         self._timeout_s = timeout_s
         self._retry_after_s = retry_after_s
+        self._rules = rules or IdentityRules()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
@@ -354,19 +383,28 @@ class Store:
         given_names: str,
         birth_date: date,
         cancel_token_hash: bytes,
+        client_net: str | None = None,
     ) -> Booking:
         """Insert a confirmed booking; return it, or the one this hold already has.
 
         The slot's count and its capacity check happen in the same transaction (trigger and
         CHECK constraint); a constraint violation becomes SlotFull or IdentityAlreadyBooked.
+        A new booking must also pass the identity and email caps (``IdentityRules``).
         """
         async with self._transaction() as conn:
+            existing = await conn.fetchrow(
+                f"SELECT {_BOOKING_COLUMNS} FROM {_BOOKING_FROM} WHERE b.hold_id = $1",  # noqa: S608
+                hold_id,
+            )
+            if existing is not None:
+                return _booking(existing)
+            await self._check_caps(conn, identity_hash, email_hash)
             try:
                 inserted = await conn.fetchval(
                     """INSERT INTO bookings (reference, slot_id, release_id, procedure_id,
                            channel, hold_id, hold_token_hash, identity_hash, email_hash,
-                           family_name, given_names, birth_date, cancel_token_hash)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                           family_name, given_names, birth_date, cancel_token_hash, client_net)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                        ON CONFLICT (hold_id) DO NOTHING RETURNING reference""",
                     reference,
                     slot_id,
@@ -381,6 +419,7 @@ class Store:
                     given_names,
                     birth_date,
                     cancel_token_hash,
+                    client_net,
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _map_integrity(exc) from None
@@ -403,6 +442,56 @@ class Store:
                 )
         assert row is not None
         return _booking(row)
+
+    async def _check_caps(
+        self, conn: asyncpg.pool.PoolConnectionProxy, identity_hash: bytes, email_hash: bytes
+    ) -> None:
+        """Refuse a new booking past the identity's bookings or cancellations in the period,
+        or past the email's active bookings. The advisory locks serialise the transactions
+        of one identity, and of one email, so concurrent ones cannot both pass."""
+        rules = self._rules
+        for key in (identity_hash, email_hash):
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(('x' || substr(encode($1::bytea, 'hex'), 1, 15))"
+                "::bit(60)::bigint)",
+                key,
+            )
+        row = await conn.fetchrow(
+            """SELECT
+                   count(*) FILTER (WHERE created_at > now() - $2::interval) AS booked,
+                   min(created_at) FILTER (WHERE created_at > now() - $2::interval)
+                       AS first_booked,
+                   count(*) FILTER (WHERE cancelled_at > now() - $2::interval) AS cancelled,
+                   min(cancelled_at) FILTER (WHERE cancelled_at > now() - $2::interval)
+                       AS first_cancelled,
+                   now() AS now
+               FROM bookings WHERE identity_hash = $1""",
+            identity_hash,
+            rules.period,
+        )
+        assert row is not None
+        for count, first, most, what in (
+            (row["booked"], row["first_booked"], rules.max_bookings, "bookings"),
+            (row["cancelled"], row["first_cancelled"], rules.max_cancellations, "cancellations"),
+        ):
+            if count >= most:
+                wait = (first + rules.period - row["now"]).total_seconds() if first else 0
+                raise RateLimited(
+                    max(1, int(wait) + 1),
+                    f"This person has had {count} {what} in {rules.period.days} days, "
+                    f"the most allowed",
+                    level="identity",
+                )
+        active = await conn.fetchval(
+            "SELECT count(*) FROM bookings WHERE email_hash = $1 AND status = 'confirmed'",
+            email_hash,
+        )
+        if active >= rules.max_active_per_email:
+            raise RateLimited(
+                86400,
+                f"This email address already has {active} active bookings, the most allowed",
+                level="email",
+            )
 
     async def booking_by_hold(self, hold_id: str) -> Booking | None:
         async with self._connection() as conn:

@@ -113,7 +113,7 @@ def guard(metrics: Metrics, max_in_flight: int) -> Any:
 
 
 def _refusal(metrics: Metrics, exc: GuichetError, rid: str) -> web.Response:
-    metrics.rejections.labels(exc.name).inc()
+    metrics.rejections.labels(exc.name, str(exc.extra.get("level", ""))).inc()
     if isinstance(exc, StoreUnavailable):
         metrics.store_errors.inc()
         log.warning("store_unavailable", detail=exc.detail)

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine.app import create_app
 from engine.migrate import migrate
-from engine.settings import Settings
+from engine.settings import Rate, Settings
 from tests.api import ADMIN_TOKEN, Api
 
 DATABASE_URL = os.environ.get(
@@ -52,8 +52,14 @@ def make_settings(**overrides: object) -> Settings:
         "pow_difficulty": 4,
         "pow_puzzles": 2,
         "trusted_proxies": (ipaddress.ip_network("127.0.0.0/8"),),
-        "client_rate_per_s": 1000.0,
-        "client_burst": 1000,
+        # Generous limits: tests of the limits themselves set their own.
+        "limit_address": Rate(100_000, 1),
+        "limit_net": Rate(100_000, 1),
+        "limit_net48": Rate(100_000, 1),
+        "limit_session": Rate(100_000, 1),
+        "limit_identity": Rate(100_000, 1),
+        "max_unspent_challenges": 1000,
+        "max_live_holds": 1000,
         "redis_timeout_s": 2.0,
         "pg_timeout_s": 5.0,
     }
@@ -102,7 +108,7 @@ def settings() -> Settings:
 
 @pytest.fixture
 async def client(settings: Settings, clock: FakeClock, clean: None) -> AsyncIterator[TestClient]:
-    app = create_app(settings, clock=clock, sweep=False)
+    app = create_app(settings, clock=clock, bucket_clock=clock, sweep=False)
     async with TestClient(TestServer(app)) as c:
         yield c
 

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.pow import leading_zero_bits_ok, solve
+from engine.settings import Rate
 from tests.api import ADMIN, Api, Reply, applicant
 from tests.conftest import FakeClock, make_settings
 
@@ -323,7 +324,7 @@ async def test_payload_too_large(api: Api, pg: asyncpg.Connection, release: dict
 
 
 async def test_rate_limited(clean: None) -> None:
-    app = create_app(make_settings(client_rate_per_s=0.01, client_burst=2), sweep=False)
+    app = create_app(make_settings(limit_address=Rate(2, 1000)), sweep=False)
     async with TestClient(TestServer(app)) as client:
         api = Api(client, FakeClock())
         await api.site()

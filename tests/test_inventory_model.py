@@ -55,6 +55,7 @@ UNKNOWN_SLOT = f"{RELEASE}.999"  # in no inventory: the "no-slot" answer
 START_MS = 1_700_000_000_000
 HOLD_TTL_MS = 3_000
 CHALLENGE_TTL_MS = 6_000
+MAX_LIVE_HOLDS = 2  # per client and release (hold.lua's "client-limit")
 GRACE_MS = 2_000  # the sweeper's confirm grace, in model time
 TICKS_MS = (500, 1_000, 3_000)  # multiples of 500: deadlines are hit exactly, too
 CONFIRM_ENDINGS = (  # hypothesis leans to the first: the ending that leaves the most behind
@@ -73,10 +74,11 @@ class ModelHold:
     deadline: int
     idem: str
     token: str
+    client: str
     started: int = 0  # when its latest confirm began; meaningful in state "c"
 
     def record(self) -> str:
-        return f"{self.slot}|{self.state}|{self.deadline}|{self.idem}|{self.token}"
+        return f"{self.slot}|{self.state}|{self.deadline}|{self.idem}|{self.token}|{self.client}"
 
 
 @dataclass
@@ -195,6 +197,7 @@ class Model:
         idem: str,
         challenge: str,
         challenge_expiry: int,
+        client: str,
     ) -> HoldResult:
         self._reclaim(now)
         if idem and idem in self.idem:
@@ -207,11 +210,13 @@ class Model:
             return HoldResult("spent")
         if slot not in self.caps:
             return HoldResult("no-slot")
+        if sum(1 for h in self.holds.values() if h.client == client) >= MAX_LIVE_HOLDS:
+            return HoldResult("client-limit")
         # The capacity decision spends the challenge, whatever its answer.
         self.spent[challenge] = challenge_expiry
         if self.booked_count(slot) + self.held_count(slot) >= self.caps[slot]:
             return HoldResult("full")
-        self.holds[hold_id] = ModelHold(slot, "h", deadline, idem, token)
+        self.holds[hold_id] = ModelHold(slot, "h", deadline, idem, token, client)
         if idem:
             self.idem[idem] = hold_id
         return HoldResult("granted", hold_id, deadline, token)
@@ -304,6 +309,8 @@ class Model:
             fields[f"c:{slot}"] = str(cap)
             fields[f"b:{slot}"] = str(self.booked_count(slot))
             fields[f"h:{slot}"] = str(self.held_count(slot))
+        for h in self.holds.values():
+            fields[f"l:{h.client}"] = str(int(fields.get(f"l:{h.client}", "0")) + 1)
         return fields
 
 
@@ -373,7 +380,7 @@ class InventoryMachine(RuleBasedStateMachine):
         self.challenges[challenge] = self.now + CHALLENGE_TTL_MS
         return challenge
 
-    def take_hold(self, slot: str, idem: str, challenge: str) -> HoldResult:
+    def take_hold(self, slot: str, idem: str, challenge: str, client: str = "c1") -> HoldResult:
         """``Reservations.hold`` once the proof of work is verified."""
         expiry = self.challenges[challenge]
         hold_id, token = self.fresh(f"{RELEASE}.h"), self.fresh("t")
@@ -389,10 +396,12 @@ class InventoryMachine(RuleBasedStateMachine):
                 idem_field=idem,
                 challenge_id=challenge,
                 challenge_expiry_ms=expiry,
+                client_tag=client,
+                max_live_holds=MAX_LIVE_HOLDS,
             )
         )
         assert result == self.model.hold(
-            now, slot, hold_id, token, deadline, idem, challenge, expiry
+            now, slot, hold_id, token, deadline, idem, challenge, expiry, client
         )
         event(f"hold: {result.outcome}")
         if result.outcome == "granted":
@@ -516,7 +525,8 @@ class InventoryMachine(RuleBasedStateMachine):
             challenge = data.draw(st.sampled_from(live), "challenge")
         else:
             challenge = self.fresh_challenge()
-        self.take_hold(slot, idem, challenge)
+        client = data.draw(st.sampled_from(["c1", "c2"]), "client")
+        self.take_hold(slot, idem, challenge, client)
 
     @rule()
     def applicant_next_step(self) -> None:
@@ -536,7 +546,9 @@ class InventoryMachine(RuleBasedStateMachine):
             assert counts == self.model.counts(self.now)
             free = [slot for slot in self.slots if counts[slot].free]
             if free:
-                assert self.take_hold(free[0], "", self.fresh_challenge()).outcome == "granted"
+                person = self.fresh("p")  # each applicant is a client of their own
+                result = self.take_hold(free[0], "", self.fresh_challenge(), person)
+                assert result.outcome == "granted"
                 return
         if held:
             self.confirm_hold(held[0][1], "done")

@@ -2,18 +2,21 @@
 -- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 spent (see lib.lua)
 -- ARGV: 1 now_ms, 2 slot id, 3 new hold id, 4 token hash (hex), 5 deadline_ms,
 --       6 idempotency field ('' for none), 7 challenge id, 8 challenge expiry_ms,
---       9 reclaim limit (expired holds reclaimed first)
+--       9 reclaim limit (expired holds reclaimed first), 10 client tag,
+--       11 most live holds one client may have in this release
 -- Returns: {'granted', hold_id, deadline_ms, token_hash}
 --          {'replayed', hold_id, deadline_ms, token_hash}  same idempotency field: the live hold
 --          {'full'}       no free place; the challenge is spent
 --          {'spent'}      the challenge was spent before, or has expired; nothing changed
 --          {'no-slot'}    the slot is not in this release's inventory; nothing changed
+--          {'client-limit'}  the client has as many live holds as it may; nothing changed
 --          {'rebuild'}    the inventory is missing; rebuild it from PostgreSQL and retry
 local function hold(keys, argv)
   local inv, holds, confirming, hold, idem, spent = unpack(keys)
   local now, slot, hold_id, token = tonumber(argv[1]), argv[2], argv[3], argv[4]
   local deadline, idem_field = tonumber(argv[5]), argv[6]
   local challenge, challenge_expiry, limit = argv[7], tonumber(argv[8]), tonumber(argv[9])
+  local client, most_holds = argv[10], tonumber(argv[11])
 
   if redis.call('EXISTS', inv) == 0 then
     return { 'rebuild' }
@@ -38,6 +41,9 @@ local function hold(keys, argv)
   if not capacity then
     return { 'no-slot' }
   end
+  if tonumber(redis.call('HGET', inv, 'l:' .. client) or '0') >= most_holds then
+    return { 'client-limit' }
+  end
   -- The capacity decision: from here on the challenge is spent, whatever the answer.
   redis.call('ZREMRANGEBYSCORE', spent, '-inf', now)
   redis.call('ZADD', spent, challenge_expiry, challenge)
@@ -47,9 +53,10 @@ local function hold(keys, argv)
     return { 'full' }
   end
   redis.call('HINCRBY', inv, 'h:' .. slot, 1)
+  client_holds(inv, client, 1)
   redis.call('ZADD', holds, deadline, hold_id)
-  redis.call('HSET', hold, hold_id,
-    join_hold({ slot = slot, state = 'h', deadline = deadline, idem = idem_field, token = token }))
+  redis.call('HSET', hold, hold_id, join_hold({ slot = slot, state = 'h', deadline = deadline,
+    idem = idem_field, token = token, client = client }))
   if idem_field ~= '' then
     redis.call('HSET', idem, idem_field, hold_id)
   end

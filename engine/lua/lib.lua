@@ -2,22 +2,67 @@
 --
 -- All keys of one release share the hash tag {r:<release>} (see engine/keys.py):
 --   inv        hash  c:<slot> capacity, b:<slot> bookings Redis knows of,
---                    h:<slot> live holds (held or confirming), ready = 1 once built
+--                    h:<slot> live holds (held or confirming), ready = 1 once built,
+--                    l:<client> live holds of one client (absent when 0)
 --   holds      zset  hold id -> deadline (ms since epoch); only holds in state "held"
 --   confirming zset  hold id -> time its confirm began (ms)
---   hold       hash  hold id -> "slot|state|deadline_ms|idem_field|token_hash", state h or c
+--   hold       hash  hold id -> "slot|state|deadline_ms|idem_field|token_hash|client",
+--                    state h (held) or c (confirming), client an opaque tag of the client
 --   idem       hash  idempotency field -> hold id
 --   booked     hash  booking reference -> slot: the confirmed bookings Redis counts
 --   spent      zset  challenge id -> its expiry (ms); spent challenges
 -- Free places of a slot = c - b - h. Times come from the caller (ARGV), in milliseconds.
 
 local function split_hold(rec)
-  local slot, state, deadline, idem, token = string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-  return { slot = slot, state = state, deadline = tonumber(deadline), idem = idem, token = token }
+  local slot, state, deadline, idem, token, client =
+    string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+  return { slot = slot, state = state, deadline = tonumber(deadline), idem = idem, token = token,
+           client = client }
 end
 
 local function join_hold(h)
-  return table.concat({ h.slot, h.state, tostring(h.deadline), h.idem, h.token }, '|')
+  return table.concat({ h.slot, h.state, tostring(h.deadline), h.idem, h.token, h.client }, '|')
+end
+
+-- One client's live holds in this release, kept in inv as l:<client> (absent when 0).
+local function client_holds(inv, client, delta)
+  local field = 'l:' .. client
+  local n = redis.call('HINCRBY', inv, field, delta)
+  if n <= 0 then
+    redis.call('HDEL', inv, field)
+    return 0
+  end
+  return n
+end
+
+-- A token bucket at `now_us` (microseconds): take `cost` tokens if there are that many.
+-- Returns {true, tokens left} or {false, milliseconds until there would be enough}.
+local function take(bucket, rate, burst, cost, now_us)
+  local state = redis.call('HMGET', bucket, 'tokens', 'ts_us')
+  local tokens, ts = tonumber(state[1]), tonumber(state[2])
+  if not tokens then
+    tokens, ts = burst, now_us
+  end
+  tokens = math.min(burst, tokens + math.max(0, now_us - ts) * rate / 1000000)
+  local ok = tokens >= cost
+  if ok then
+    tokens = tokens - cost
+  end
+  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'ts_us', now_us)
+  redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
+  if ok then
+    return { true, tokens }
+  end
+  return { false, math.ceil((cost - tokens) / rate * 1000) }
+end
+
+-- Redis's own clock in microseconds, unless the caller gives one (tests inject time).
+local function clock_us(override)
+  if override ~= nil and override ~= '' then
+    return tonumber(override)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
 -- Forget a hold entirely and give its place back.
@@ -29,6 +74,7 @@ local function drop_hold(inv, holds, confirming, hold, idem, hold_id, h)
     redis.call('HDEL', idem, h.idem)
   end
   redis.call('HINCRBY', inv, 'h:' .. h.slot, -1)
+  client_holds(inv, h.client, -1)
 end
 
 -- Reclaim at most `limit` holds whose deadline is at or before `now`. Returns how many.

@@ -1,6 +1,7 @@
 -- reconcile: move a release's inventory toward PostgreSQL's truth, and count each correction.
 -- Capacities are set; bookings PostgreSQL has and Redis lacks are counted; bookings PostgreSQL
--- no longer has active are uncounted; live-hold counters are recounted from the hold records.
+-- no longer has active are uncounted; live-hold counters (per slot and per client) are
+-- recounted from the hold records.
 -- KEYS: 1 inv, 2 hold, 3 booked (see lib.lua)
 -- ARGV: 1 number of slots n, then n times (slot id, capacity), 2+2n number of additions a,
 --       then a times (reference, slot id), then references to remove
@@ -39,9 +40,24 @@ local function reconcile(keys, argv)
     end
   end
   local records = redis.call('HVALS', hold)
+  local clients = {}
   for _, rec in ipairs(records) do
-    local slot = split_hold(rec).slot
-    live[slot] = (live[slot] or 0) + 1
+    local h = split_hold(rec)
+    live[h.slot] = (live[h.slot] or 0) + 1
+    clients[h.client] = (clients[h.client] or 0) + 1
+  end
+  local fields = redis.call('HKEYS', inv)
+  for _, field in ipairs(fields) do
+    if string.sub(field, 1, 2) == 'l:' and not clients[string.sub(field, 3)] then
+      redis.call('HDEL', inv, field)
+      corrections = corrections + 1
+    end
+  end
+  for client, count in pairs(clients) do
+    if tonumber(redis.call('HGET', inv, 'l:' .. client) or '0') ~= count then
+      redis.call('HSET', inv, 'l:' .. client, count)
+      corrections = corrections + 1
+    end
   end
   for slot, count in pairs(live) do
     local current = tonumber(redis.call('HGET', inv, 'h:' .. slot) or '0')

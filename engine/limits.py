@@ -1,0 +1,197 @@
+"""Who may try, how often, and how much work each try costs.
+
+Token buckets live in Redis (cluster-wide, on Redis's own clock, each expiring once it
+would be full again). Levels:
+
+    address    one client address                      challenges
+    net        its IPv4 /24 or IPv6 /64                challenges
+    net48      its IPv6 /48                            challenges
+    session    the engine's signed session token       challenges
+    identity   the applicant's document number         confirms
+    global     the whole engine, per endpoint          challenges, confirms (503 overloaded)
+
+Challenges are the gate of every attempt (a hold or a draw entry spends one), so limiting
+their issuance limits attempts. A client whose bucket is empty is remembered in-process
+until its Retry-After passes: its next requests are refused without a Redis round trip.
+
+Proof of work adapts: as a client's address or network bucket empties, its challenges get
+harder, up to ``pow_max_extra_bits`` more; an empty bucket answers 429. Global pressure adds
+``pow_global_extra_bits`` only for clients already escalated, so a newcomer elsewhere keeps
+the base difficulty during a flood.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from engine.errors import Overloaded, RateLimited
+from engine.inventory import Inventory, Take, Taken
+from engine.keys import bucket, unspent_challenges
+from engine.metrics import Metrics
+from engine.settings import Rate, Settings
+
+_MAX_BLOCKED = 100_000
+# Escalation starts once a quarter of a bucket is used: a person's few tries stay cheap.
+_FREE_SHARE = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A client as the limits see it: its address, its networks, its session if any."""
+
+    address: str
+    net: str
+    net48: str | None
+    session: str | None
+
+    @classmethod
+    def of(cls, address: str, session: str | None = None) -> Client:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return cls(address, address, None, session)
+        if ip.version == 4:
+            return cls(address, str(ipaddress.ip_network(f"{ip}/24", strict=False)), None, session)
+        return cls(
+            address,
+            str(ipaddress.ip_network(f"{ip}/64", strict=False)),
+            str(ipaddress.ip_network(f"{ip}/48", strict=False)),
+            session,
+        )
+
+
+class Limiter:
+    def __init__(
+        self,
+        settings: Settings,
+        inventory: Inventory,
+        metrics: Metrics,
+        bucket_clock: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.inventory = inventory
+        self.metrics = metrics
+        self._bucket_clock = bucket_clock
+        self._monotonic = monotonic
+        self._blocked: dict[str, tuple[float, str]] = {}
+
+    # In-process refusals ------------------------------------------------------------------
+
+    def refuse_known(self, client: Client) -> None:
+        """Refuse, without any store call, a client whose bucket was found empty."""
+        keys = [bucket("address", client.address), bucket("net", client.net)]
+        if client.net48:
+            keys.append(bucket("net48", client.net48))
+        if client.session:
+            keys.append(bucket("session", client.session))
+        self._refuse_blocked(keys)
+
+    def _refuse_blocked(self, keys: Iterable[str]) -> None:
+        now = self._monotonic()
+        for key in keys:
+            entry = self._blocked.get(key)
+            if entry is not None and entry[0] > now:
+                until, level = entry
+                raise RateLimited(max(1, math.ceil(until - now)), _detail(level), level=level)
+
+    def _block(self, key: str, wait_ms: int, level: str) -> None:
+        if len(self._blocked) >= _MAX_BLOCKED:
+            now = self._monotonic()
+            self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
+        self._blocked[key] = (self._monotonic() + wait_ms / 1000, level)
+
+    # Buckets ------------------------------------------------------------------------------
+
+    async def challenge(self, client: Client, challenge_id: str, expiry_ms: int) -> int:
+        """Take the tokens one challenge costs; return the difficulty it gets (bits)."""
+        s = self.settings
+        self.refuse_known(client)
+        self._refuse_blocked([bucket("global", "challenge")])
+        takes = {
+            "address": _take(
+                bucket("address", client.address),
+                s.limit_address,
+                unspent=(
+                    unspent_challenges(client.address),
+                    challenge_id,
+                    expiry_ms,
+                    s.max_unspent_challenges,
+                ),
+            ),
+            "net": _take(bucket("net", client.net), s.limit_net),
+            "global": _take(bucket("global", "challenge"), s.limit_global_challenge),
+        }
+        if client.net48:
+            takes["net48"] = _take(bucket("net48", client.net48), s.limit_net48)
+        if client.session:
+            takes["session"] = _take(bucket("session", client.session), s.limit_session)
+        taken = dict(zip(takes, await self._take(list(takes.values())), strict=True))
+        self._enforce(taken)
+        return self.difficulty(taken)
+
+    async def confirm(self, client: Client, identity: str) -> None:
+        """Take the tokens a confirm costs: the applicant's identity, and the global one."""
+        s = self.settings
+        self.refuse_known(client)
+        self._refuse_blocked([bucket("global", "confirm")])
+        takes = {
+            "identity": _take(bucket("identity", identity), s.limit_identity),
+            "global": _take(bucket("global", "confirm"), s.limit_global_confirm),
+        }
+        self._enforce(dict(zip(takes, await self._take(list(takes.values())), strict=True)))
+
+    async def _take(self, takes: list[Take]) -> list[Taken]:
+        now_us = None if self._bucket_clock is None else int(self._bucket_clock() * 1_000_000)
+        return await self.inventory.take_tokens(takes, now_us)
+
+    def _enforce(self, taken: dict[str, Taken]) -> None:
+        """Raise for the first empty bucket, remembering it so the next request is refused
+        in-process. A global bucket sheds load (503); the others are the client's (429)."""
+        for level, result in taken.items():
+            if result.outcome == "ok":
+                continue
+            if result.outcome == "stockpile":
+                raise RateLimited(
+                    max(1, math.ceil(result.wait_ms / 1000)),
+                    "Spend or let expire the challenges you have before asking for more",
+                    level="unspent",
+                )
+            self._block(result.take.key, result.wait_ms, level)
+            seconds = max(1, math.ceil(result.wait_ms / 1000))
+            if level == "global":
+                raise Overloaded(
+                    seconds, "Too many attempts right now; try again shortly", level="global"
+                )
+            raise RateLimited(seconds, _detail(level), level=level)
+
+    def difficulty(self, taken: dict[str, Taken]) -> int:
+        """Base difficulty, plus bits as the client's own buckets empty, plus bits under
+        global pressure for a client that is already escalated."""
+        s = self.settings
+        own = max(taken[k].used for k in ("address", "net", "net48") if k in taken)
+        extra = 0
+        if own > _FREE_SHARE:
+            extra = math.ceil((own - _FREE_SHARE) / (1 - _FREE_SHARE) * s.pow_max_extra_bits)
+            pressure = taken["global"].used
+            if pressure > 0.5:
+                extra += math.ceil((pressure - 0.5) / 0.5 * s.pow_global_extra_bits)
+        return min(32, s.pow_difficulty + extra)
+
+
+def _take(key: str, rate: Rate, unspent: tuple[str, str, int, int] | None = None) -> Take:
+    return Take(key, rate.per_s, rate.burst, 1, unspent)
+
+
+def _detail(level: str) -> str:
+    return {
+        "address": "Too many attempts from this address",
+        "net": "Too many attempts from this network",
+        "net48": "Too many attempts from this network",
+        "session": "Too many attempts in this session",
+        "identity": "Too many attempts for this person",
+    }.get(level, "Too many attempts")
