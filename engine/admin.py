@@ -13,7 +13,7 @@ from datetime import date
 
 from aiohttp import web
 
-from engine import render, schemas
+from engine import fairness, render, schemas
 from engine.appkeys import RESERVATIONS, SETTINGS
 from engine.errors import NotAcceptable, NotFound, Unauthorized, ValidationFailed
 from engine.handlers import applicant
@@ -118,6 +118,17 @@ async def staff_booking(request: web.Request) -> web.Response:
     return json_response(
         {"booking": render.booking(done.booking), "cancel_token": done.cancel_token}, status=201
     )
+
+
+async def fairness_report(request: web.Request) -> web.Response:
+    """How online bookings of appointments to come spread over client networks."""
+    require_admin(request)
+    domain = request.app[RESERVATIONS]
+    release_id = request.query.get("release")
+    if release_id is not None:
+        release_id = (await domain.release(release_id)).id
+    report = await fairness.measure(domain.store, domain.now(), release_id)
+    return json_response(report.render())
 
 
 async def agenda(request: web.Request) -> web.Response:

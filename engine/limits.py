@@ -71,13 +71,14 @@ class Limiter:
         inventory: Inventory,
         metrics: Metrics,
         bucket_clock: Callable[[], float] | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``bucket_clock`` None: buckets run on Redis's clock and in-process blocks on this
+        process's monotonic clock. Tests inject one clock for both."""
         self.settings = settings
         self.inventory = inventory
         self.metrics = metrics
         self._bucket_clock = bucket_clock
-        self._monotonic = monotonic
+        self._monotonic = bucket_clock or time.monotonic
         self._blocked: dict[str, tuple[float, str]] = {}
 
     # In-process refusals ------------------------------------------------------------------
@@ -97,7 +98,7 @@ class Limiter:
             entry = self._blocked.get(key)
             if entry is not None and entry[0] > now:
                 until, level = entry
-                raise RateLimited(max(1, math.ceil(until - now)), _detail(level), level=level)
+                _refuse(level, max(1, math.ceil(until - now)))
 
     def _block(self, key: str, wait_ms: int, level: str) -> None:
         if len(self._blocked) >= _MAX_BLOCKED:
@@ -162,12 +163,7 @@ class Limiter:
                     level="unspent",
                 )
             self._block(result.take.key, result.wait_ms, level)
-            seconds = max(1, math.ceil(result.wait_ms / 1000))
-            if level == "global":
-                raise Overloaded(
-                    seconds, "Too many attempts right now; try again shortly", level="global"
-                )
-            raise RateLimited(seconds, _detail(level), level=level)
+            _refuse(level, max(1, math.ceil(result.wait_ms / 1000)))
 
     def difficulty(self, taken: dict[str, Taken]) -> int:
         """Base difficulty, plus bits as the client's own buckets empty, plus bits under
@@ -185,6 +181,13 @@ class Limiter:
 
 def _take(key: str, rate: Rate, unspent: tuple[str, str, int, int] | None = None) -> Take:
     return Take(key, rate.per_s, rate.burst, 1, unspent)
+
+
+def _refuse(level: str, seconds: int) -> None:
+    """A global bucket sheds load (503); the others are the client's own (429)."""
+    if level == "global":
+        raise Overloaded(seconds, "Too many attempts right now; try again shortly", level=level)
+    raise RateLimited(seconds, _detail(level), level=level)
 
 
 def _detail(level: str) -> str:

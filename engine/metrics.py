@@ -14,6 +14,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -78,6 +79,24 @@ class Metrics:
             "Confirms that never reported back, settled by the sweeper, by outcome.",
             ["outcome"],
             registry=r,
+        )
+        self.bookings_online = Gauge(
+            "guichet_bookings_online",
+            "Confirmed online bookings of appointments still to come.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.bookings_networks = Gauge(
+            "guichet_bookings_networks",
+            "Client networks (IPv4 /24, IPv6 /64) holding those bookings.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.busiest_network_share = Gauge(
+            "guichet_bookings_busiest_network_share",
+            "Share of those bookings held by the busiest network (0 to 1).",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.store_errors = Counter(
             "guichet_store_unavailable", "Calls to a store that did not answer in time.", registry=r

@@ -68,6 +68,21 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "schema": {"type": "string", "minLength": 1, "maxLength": 200},
             }
         )
+    if route.path == "/v1/challenges":
+        params.append(
+            {
+                "name": "Guichet-Session",
+                "in": "header",
+                "required": False,
+                "description": "The session token of an earlier challenge; a missing or "
+                "invalid one is replaced by a new one.",
+                "schema": {"type": "string"},
+            }
+        )
+    if route.path == "/v1/admin/fairness":
+        params.append(
+            {"name": "release", "in": "query", "required": False, "schema": {"type": "string"}}
+        )
     if route.path == "/v1/releases":
         params += [
             {"name": n, "in": "query", "required": False, "schema": _IDENT}

@@ -532,6 +532,23 @@ class Store:
                 await _audit(conn, actor, "booking.cancel", reference, {})
         return done is not None
 
+    async def bookings_by_network(
+        self, now: datetime, release_id: str | None = None
+    ) -> list[tuple[str, int]]:
+        """Confirmed online bookings of appointments still to come, per client network
+        (IPv4 /24, IPv6 /64), busiest first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT b.client_net, count(*) AS n
+                   FROM bookings b JOIN slots s ON s.id = b.slot_id
+                   WHERE b.status = 'confirmed' AND b.client_net IS NOT NULL
+                     AND s.starts_at > $1 AND ($2::text IS NULL OR b.release_id = $2)
+                   GROUP BY b.client_net ORDER BY n DESC, b.client_net""",
+                now,
+                release_id,
+            )
+        return [(r["client_net"], r["n"]) for r in rows]
+
     async def agenda(self, site_id: str, day: date, timezone: str) -> list[dict[str, Any]]:
         async with self._connection() as conn:
             rows = await conn.fetch(

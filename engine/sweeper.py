@@ -10,6 +10,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+from engine import fairness
 from engine.errors import StoreUnavailable
 from engine.inventory import InventoryMissing
 from engine.keys import SWEEPER_LOCK
@@ -40,6 +41,8 @@ async def sweep_once(domain: Reservations, *, reconcile: bool) -> SweepReport:
             settled += await domain.recovery.settle_stale_confirms(release_id)
             if reconcile:
                 corrections += await domain.recovery.reconcile(release_id)
+        if reconcile:
+            fairness.publish(domain.metrics, await fairness.measure(domain.store, domain.now()))
         return SweepReport(len(releases), settled, corrections)
     finally:
         await domain.inventory.unlock(SWEEPER_LOCK)

@@ -1,0 +1,282 @@
+"""Abuse resistance: every limit trips at its level, answers with a correct Retry-After, and
+lets the client through again once refilled (time is injected, nobody sleeps)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine.app import create_app
+from engine.settings import Rate
+from engine.web import client_address
+from tests.api import ADMIN, Api, Reply, applicant
+from tests.conftest import REDIS_URL, FakeClock, make_settings
+
+
+@asynccontextmanager
+async def engine(**overrides: Any) -> AsyncIterator[Api]:
+    """An app whose buckets start empty of history: each engine has its own clock."""
+    r = aioredis.Redis.from_url(REDIS_URL)
+    await r.flushdb()
+    await r.aclose()
+    clock = FakeClock()
+    app = create_app(make_settings(**overrides), clock=clock, bucket_clock=clock, sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        api = Api(client, clock)
+        await api.site()
+        yield api
+
+
+async def challenge(api: Api, release: str, ip: str, session: str | None = None) -> Reply:
+    headers = {"X-Forwarded-For": ip}
+    if session:
+        headers["Guichet-Session"] = session
+    return await api.call("POST", "/v1/challenges", {"release": release}, headers)
+
+
+def limited(reply: Reply, level: str, retry_after: int, status: int = 429) -> None:
+    assert reply.status == status, reply.body
+    assert reply.body["level"] == level
+    assert int(reply.headers["Retry-After"]) == reply.body["retry_after"] == retry_after
+
+
+async def trips(
+    api: Api,
+    attempt: Callable[[], Any],
+    allowed: int,
+    level: str,
+    retry_after: int,
+    status: int = 429,
+) -> None:
+    """``allowed`` attempts pass, the next is refused; once refilled, one passes again."""
+    for _ in range(allowed):
+        r = await attempt()
+        assert r.status == 201, r.body
+    limited(await attempt(), level, retry_after, status)
+    limited(await attempt(), level, retry_after, status)  # the in-process refusal says the same
+    api.clock.advance(retry_after)
+    assert (await attempt()).status == 201
+
+
+async def test_address_bucket(clean: None) -> None:
+    async with engine(limit_address=Rate(3, 30)) as api:
+        release = (await api.publish([1]))["id"]
+        await trips(api, lambda: challenge(api, release, "10.0.0.1"), 3, "address", 10)
+        assert (await challenge(api, release, "10.0.0.2")).status == 201
+
+
+async def test_network_bucket_ipv4_24(clean: None) -> None:
+    async with engine(limit_net=Rate(4, 8)) as api:
+        release = (await api.publish([1]))["id"]
+        addresses = iter(f"10.0.7.{i}" for i in range(1, 100))
+        await trips(api, lambda: challenge(api, release, next(addresses)), 4, "net", 2)
+        assert (await challenge(api, release, "10.0.8.1")).status == 201
+
+
+async def test_network_buckets_ipv6_64_and_48(clean: None) -> None:
+    async with engine(limit_net=Rate(100, 1), limit_net48=Rate(3, 3)) as api:
+        release = (await api.publish([1]))["id"]
+        # A different /64 each time, all in one /48.
+        addresses = iter(f"2001:db8:5:{i:x}::1" for i in range(1, 100))
+        await trips(api, lambda: challenge(api, release, next(addresses)), 3, "net48", 1)
+        assert (await challenge(api, release, "2001:db8:6::1")).status == 201
+    async with engine(limit_net=Rate(2, 2)) as api:
+        release = (await api.publish([1]))["id"]
+        addresses = iter(f"2001:db8:9:1::{i:x}" for i in range(1, 100))  # one /64
+        await trips(api, lambda: challenge(api, release, next(addresses)), 2, "net", 1)
+
+
+async def test_session_bucket(clean: None) -> None:
+    async with engine(limit_session=Rate(2, 20)) as api:
+        release = (await api.publish([1]))["id"]
+        first = await challenge(api, release, "10.0.0.1")
+        session = first.body["session"]
+        assert (await challenge(api, release, "10.0.0.1", session)).body["session"] == session
+        limited(await challenge(api, release, "10.0.0.1", session), "session", 10)
+        # Without the session (or with a forged one), a new session is issued.
+        fresh = await challenge(api, release, "10.0.0.1", session[:-2] + "xx")
+        assert fresh.status == 201 and fresh.body["session"] != session
+        api.clock.advance(10)
+        assert (await challenge(api, release, "10.0.0.1", session)).status == 201
+
+
+async def test_identity_bucket_on_confirm(clean: None) -> None:
+    async with engine(limit_identity=Rate(2, 7200)) as api:
+        release = await api.publish([1, 1, 1, 1])
+        person = applicant()
+        holds = [
+            (await api.hold(s["id"], f"10.0.1.{i}")).body for i, s in enumerate(release["slots"])
+        ]
+        assert (await api.confirm(holds[0], person, "10.0.1.0")).status == 201
+        again = await api.confirm(holds[1], person, "10.0.1.1")
+        assert again.body["type"] == "/problems/identity-already-booked"
+        limited(await api.confirm(holds[2], person, "10.0.1.2"), "identity", 3600)
+        # Another person is not concerned; the refused hold is still there to confirm.
+        assert (await api.confirm(holds[2], applicant(), "10.0.1.2")).status == 201
+
+
+async def test_global_buckets_shed_load(clean: None) -> None:
+    async with engine(limit_global_challenge=Rate(3, 3)) as api:
+        release = (await api.publish([1]))["id"]
+        addresses = iter(f"10.{i}.0.1" for i in range(1, 100))
+        await trips(
+            api, lambda: challenge(api, release, next(addresses)), 3, "global", 1, status=503
+        )
+    async with engine(limit_global_confirm=Rate(1, 5)) as api:
+        release = await api.publish([1, 1])
+        h1 = (await api.hold(release["slots"][0]["id"], "10.0.0.1")).body
+        h2 = (await api.hold(release["slots"][1]["id"], "10.0.0.2")).body
+        assert (await api.confirm(h1, applicant(), "10.0.0.1")).status == 201
+        limited(await api.confirm(h2, applicant(), "10.0.0.2"), "global", 5, status=503)
+        api.clock.advance(5)
+        assert (await api.confirm(h2, applicant(), "10.0.0.2")).status == 201
+
+
+async def test_no_stockpile_of_unspent_challenges(clean: None) -> None:
+    async with engine(max_unspent_challenges=2) as api:
+        release = await api.publish([5])
+        slot = release["slots"][0]["id"]
+        paid = [await api.solved(release["id"], "10.0.0.1") for _ in range(2)]
+        r = await challenge(api, release["id"], "10.0.0.1")
+        assert r.status == 429 and r.body["level"] == "unspent"
+        assert int(r.headers["Retry-After"]) == r.body["retry_after"] <= 300
+        assert (await api.hold(slot, "10.0.0.1", paid=paid[0])).status == 201
+        assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
+        api.clock.advance(301)  # the other one expired unspent
+        assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
+
+
+async def test_one_live_hold_per_client(clean: None) -> None:
+    async with engine(max_live_holds=1) as api:
+        release = await api.publish([5, 5])
+        first = await api.hold(release["slots"][0]["id"], "10.0.0.1")
+        assert first.status == 201
+        paid = await api.solved(release["id"], "10.0.0.1")
+        second = await api.hold(release["slots"][1]["id"], "10.0.0.1", paid=paid)
+        assert second.status == 429 and second.body["level"] == "holds"
+        assert (await api.hold(release["slots"][1]["id"], "10.0.0.2")).status == 201
+        auth = {"Authorization": f"Bearer {first.body['hold_token']}"}
+        await api.call("DELETE", f"/v1/holds/{first.body['hold_id']}", headers=auth)
+        # The refusal left the challenge unspent.
+        assert (await api.hold(release["slots"][1]["id"], "10.0.0.1", paid=paid)).status == 201
+
+
+async def cancel(api: Api, booked: dict[str, Any]) -> None:
+    r = await api.call(
+        "DELETE",
+        f"/v1/bookings/{booked['booking']['reference']}",
+        headers={"Authorization": f"Bearer {booked['cancel_token']}"},
+    )
+    assert r.status == 204
+
+
+async def test_bookings_and_cancellations_per_identity(clean: None) -> None:
+    async with engine(max_bookings_per_identity=2, max_cancellations_per_identity=5) as api:
+        release = await api.publish([1, 1, 1])
+        person = applicant()
+        slots = [s["id"] for s in release["slots"]]
+        await cancel(api, await api.book(slots[0], person, "10.0.0.1"))
+        await cancel(api, await api.book(slots[1], person, "10.0.0.2"))
+        hold = (await api.hold(slots[2], "10.0.0.3")).body
+        r = await api.confirm(hold, person, "10.0.0.3")
+        assert r.status == 429 and r.body["level"] == "identity"
+        assert 29 * 86400 < r.body["retry_after"] <= 30 * 86400 + 1
+        assert (await api.confirm(hold, applicant(), "10.0.0.3")).status == 201
+    async with engine(max_cancellations_per_identity=1) as api:
+        release = await api.publish([1, 1])
+        person = applicant()
+        await cancel(api, await api.book(release["slots"][0]["id"], person, "10.0.0.1"))
+        staff = await api.call(
+            "POST",
+            "/v1/admin/bookings",
+            {"slot_id": release["slots"][1]["id"], "applicant": person},
+            ADMIN,
+        )
+        assert staff.status == 429 and staff.body["level"] == "identity"
+        assert (await api.free(release["id"]))[release["slots"][1]["id"]] == 1
+
+
+async def test_active_bookings_per_email(clean: None) -> None:
+    async with engine(max_active_per_email=2) as api:
+        release = await api.publish([1, 1, 1])
+        slots = [s["id"] for s in release["slots"]]
+        email = "family@example.org"
+        await api.book(slots[0], applicant(email=email), "10.0.0.1")
+        await api.book(slots[1], applicant(email=email.upper()), "10.0.0.2")
+        hold = (await api.hold(slots[2], "10.0.0.3")).body
+        r = await api.confirm(hold, applicant(email=email), "10.0.0.3")
+        assert r.status == 429 and r.body["level"] == "email"
+
+
+async def commands(redis: aioredis.Redis) -> int:
+    """Commands Redis has served so far, the INFO calls themselves left out."""
+    stats = await redis.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def test_refusals_that_cost_no_redis_command(clean: None, redis: aioredis.Redis) -> None:
+    async with engine(limit_address=Rate(1, 60)) as api:
+        release = await api.publish([1])
+        slot = release["slots"][0]["id"]
+        paid = await api.solved(release["id"], "10.0.0.1")
+        limited(await challenge(api, release["id"], "10.0.0.1"), "address", 60)
+        forged = {"challenge": paid["challenge"][:-3] + "AAA", "nonces": paid["nonces"]}
+        before = await commands(redis)
+        limited(await challenge(api, release["id"], "10.0.0.1"), "address", 60)
+        limited(await api.hold(slot, "10.0.0.1", paid=paid), "address", 60)
+        assert (await api.hold(slot, "10.0.0.2", paid=forged)).status == 403
+        assert await commands(redis) == before
+        assert (await api.hold(slot, "10.0.0.2", paid=paid)).status == 403  # not its challenge
+        assert await commands(redis) == before
+
+
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(clean: None) -> None:
+    async with engine(limit_address=Rate(2, 60), trusted_proxies=()) as api:
+        release = (await api.publish([1]))["id"]
+        spoofed = [await challenge(api, release, f"10.9.9.{i}") for i in range(3)]
+        assert [r.status for r in spoofed] == [201, 201, 429]  # all one client: the peer
+    async with engine(limit_address=Rate(2, 60)) as api:  # 127.0.0.0/8 trusted
+        release = (await api.publish([1]))["id"]
+        spread = [await challenge(api, release, f"10.9.9.{i}") for i in range(3)]
+        assert [r.status for r in spread] == [201, 201, 201]
+
+
+def test_client_address_from_headers() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    trusted = (ipaddress.ip_network("192.0.2.0/24"),)
+
+    def addr(peer: str, xff: str | None) -> str:
+        headers = {"X-Forwarded-For": xff} if xff is not None else {}
+        request = make_mocked_request("GET", "/", headers=headers)
+        request._transport_peername = (peer, 1234)  # type: ignore[attr-defined]
+        return client_address(request.clone(remote=peer), trusted)
+
+    assert addr("198.51.100.7", "10.0.0.1") == "198.51.100.7"  # untrusted peer: ignored
+    assert addr("192.0.2.1", "10.0.0.1") == "10.0.0.1"
+    assert addr("192.0.2.1", "6.6.6.6, 10.0.0.1, 192.0.2.2") == "10.0.0.1"  # last untrusted hop
+    assert addr("192.0.2.1", "garbage") == "192.0.2.1"
+    assert addr("192.0.2.1", None) == "192.0.2.1"
+
+
+async def test_a_flood_from_one_network_leaves_others_at_base_difficulty(clean: None) -> None:
+    async with engine(
+        limit_net=Rate(40, 40),
+        limit_global_challenge=Rate(44, 44),
+        pow_difficulty=4,
+        pow_max_extra_bits=6,
+        pow_global_extra_bits=2,
+    ) as api:
+        release = await api.publish([3])
+        flood = [await challenge(api, release["id"], f"10.66.66.{i}") for i in range(1, 41)]
+        bits = [r.body["difficulty"] for r in flood]
+        assert bits[0] == 4 and bits == sorted(bits) and bits[-1] == 4 + 6 + 2
+        assert (await challenge(api, release["id"], "10.66.66.200")).status == 429
+        newcomer = await challenge(api, release["id"], "10.77.0.1")
+        assert newcomer.body["difficulty"] == 4  # global pressure only adds to the escalated
+        assert (await api.hold(release["slots"][0]["id"], "10.77.0.1")).status == 201
