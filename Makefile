@@ -51,8 +51,8 @@ run: services $(DATA)/admin-token
 test: lint typecheck pytest
 
 lint: venv
-	$(VENV)/bin/ruff check engine tests scripts
-	$(VENV)/bin/ruff format --check engine tests scripts
+	$(VENV)/bin/ruff check engine tests scripts loadtests
+	$(VENV)/bin/ruff format --check engine tests scripts loadtests
 	$(VENV)/bin/hadolint deploy/Dockerfile
 
 typecheck: venv

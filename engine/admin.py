@@ -51,7 +51,7 @@ async def put_site(request: web.Request) -> web.Response:
         site_id, body.name, body.timezone, tuple(Procedure(p.id, p.name) for p in body.procedures)
     )
     domain = request.app[RESERVATIONS]
-    await domain.store.upsert_site(site)
+    await domain.upsert_site(site)
     return json_response({"site": render.site(site)})
 
 

@@ -25,7 +25,7 @@ def applicant(a: schemas.Applicant) -> Applicant:
 
 
 async def list_sites(request: web.Request) -> web.Response:
-    sites = await request.app[RESERVATIONS].store.sites()
+    sites = await request.app[RESERVATIONS].sites()
     return json_response({"sites": [render.site(s) for s in sites]})
 
 
@@ -35,7 +35,7 @@ async def list_releases(request: web.Request) -> web.Response:
     for name, value in (("site", site), ("procedure", procedure)):
         if value is not None:
             schemas.parse_ident(name, value)
-    releases = await domain.store.releases(site, procedure, domain.now())
+    releases = await domain.releases(site, procedure)
     return json_response({"releases": [render.release(r) for r in releases]})
 
 

@@ -19,7 +19,6 @@ from engine.errors import ChallengeExpired, PowInvalid
 from engine.tokens import keyed_hash
 
 ALGORITHM = "sha256-leading-zero-bits"
-_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,24 +101,17 @@ def verify(
 
 
 def solve(text: str, difficulty: int, puzzles: int) -> list[str]:
-    """A reference solver (tests, the demo client, load tests): k nonces, base-62 counters."""
+    """A reference solver (tests, the demo client, load tests): k nonces, decimal counters.
+
+    The hash of the fixed prefix is computed once per puzzle and copied for each nonce."""
     nonces = []
+    limit = 1 << (256 - difficulty)
     for i in range(puzzles):
         prefix = hashlib.sha256(f"{text}:{i}:".encode())
         for n in count():
-            nonce = _base62(n)
             h = prefix.copy()
-            h.update(nonce.encode())
-            if leading_zero_bits_ok(h.digest(), difficulty):
-                nonces.append(nonce)
+            h.update(b"%d" % n)
+            if int.from_bytes(h.digest(), "big") < limit:
+                nonces.append(str(n))
                 break
     return nonces
-
-
-def _base62(n: int) -> str:
-    out = _ALPHABET[n % 62]
-    n //= 62
-    while n:
-        out = _ALPHABET[n % 62] + out
-        n //= 62
-    return out

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hmac
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from engine import pow, sessions
 from engine.errors import (
@@ -38,12 +39,13 @@ from engine.keys import unspent_challenges
 from engine.limits import Client, Limiter
 from engine.logs import log
 from engine.metrics import Metrics
-from engine.models import Booking, Mode, Release, Slot
+from engine.models import Booking, Mode, Release, Site, Slot
 from engine.recovery import Clock, Recovery
 from engine.settings import Settings
 from engine.store import Store
 from engine.tokens import REFERENCE, derived_token, new_id, new_reference, token_hash
 
+T = TypeVar("T")
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
 _CHILD_ID = re.compile(r"^(r[0-9a-z]{12})\.[0-9a-z]{1,20}$")
 
@@ -130,6 +132,7 @@ class Reservations:
         self.limiter = Limiter(settings, inventory, metrics, bucket_clock)
         self._releases: dict[str, tuple[float, Release | None]] = {}
         self._listings: dict[str, tuple[float, dict[str, SlotCounts]]] = {}
+        self._catalog: dict[tuple[str | None, ...], tuple[float, Any]] = {}
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -154,9 +157,37 @@ class Reservations:
             raise NotFound(f"No release {release_id!r}")
         return cached[1]
 
+    async def sites(self) -> list[Site]:
+        """All sites, from a short in-process cache (listings are what pollers hammer)."""
+        return await self._cached(("sites",), self.store.sites)
+
+    async def releases(self, site_id: str | None, procedure_id: str | None) -> list[Release]:
+        """Releases with slots to come, from a short in-process cache."""
+        return await self._cached(
+            ("releases", site_id, procedure_id),
+            lambda: self.store.releases(site_id, procedure_id, self.now()),
+        )
+
+    async def _cached(self, key: tuple[str | None, ...], load: Callable[[], Awaitable[T]]) -> T:
+        now = self.clock()
+        hit = self._catalog.get(key)
+        if hit is None or hit[0] <= now:
+            if len(self._catalog) > 10_000:
+                self._catalog.clear()
+            hit = (now + self.settings.listing_cache_s, await load())
+            self._catalog[key] = hit
+        return hit[1]
+
+    async def upsert_site(self, site: Site) -> None:
+        await self.store.upsert_site(site)
+        self._catalog.clear()
+
     def forget(self, release_id: str) -> None:
+        """Drop what this worker cached of a release (others see changes within
+        ``release_cache_s``)."""
         self._releases.pop(release_id, None)
         self._listings.pop(release_id, None)
+        self._catalog.clear()
 
     async def slot_counts(self, release_id: str) -> dict[str, SlotCounts]:
         """Per-slot counts for listings; at most ``listing_cache_s`` old."""
@@ -174,6 +205,7 @@ class Reservations:
         """Store a new release, then build its inventory in Redis (not counted as a rebuild).
         If Redis does not answer, the first request that needs the inventory builds it."""
         await self.store.create_release(release)
+        self._catalog.clear()
         capacities = [(s.id, s.capacity) for s in release.slots]
         try:
             await self.inventory.rebuild(release.id, capacities, [])
