@@ -14,7 +14,7 @@ from datetime import date
 from aiohttp import web
 
 from engine import fairness, render, schemas
-from engine.appkeys import RESERVATIONS, SETTINGS
+from engine.appkeys import LOTTERY, RESERVATIONS, SETTINGS
 from engine.errors import NotAcceptable, NotFound, Unauthorized, ValidationFailed
 from engine.handlers import applicant
 from engine.models import Procedure, Site
@@ -109,6 +109,14 @@ async def patch_release(request: web.Request) -> web.Response:
             }
         }
     )
+
+
+async def put_beacon(request: web.Request) -> web.Response:
+    """Add the public beacon value to a draw, after registration closed."""
+    require_admin(request)
+    body = await parse_body(request, schemas.BeaconIn)
+    await request.app[LOTTERY].set_beacon(request.match_info["release"], body.beacon)
+    return json_response({"beacon": body.beacon})
 
 
 async def staff_booking(request: web.Request) -> web.Response:

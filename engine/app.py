@@ -18,8 +18,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.maint_notifications import MaintNotificationsConfig
 
 from engine import sweeper
-from engine.appkeys import CLOCK, METRICS, OPENAPI, RESERVATIONS, SETTINGS
+from engine.appkeys import CLOCK, LOTTERY, METRICS, OPENAPI, RESERVATIONS, SETTINGS
 from engine.inventory import AnyRedis, Inventory
+from engine.lottery import Lottery
 from engine.metrics import Metrics
 from engine.openapi import document
 from engine.recovery import Clock
@@ -83,6 +84,7 @@ def create_app(
             pool, settings.pg_timeout_s, settings.retry_after_s, IdentityRules.of(settings)
         )
         app[RESERVATIONS] = Reservations(settings, store, inventory, metrics, clock, bucket_clock)
+        app[LOTTERY] = Lottery(app[RESERVATIONS])
         with contextlib.suppress(Exception):
             # Functions are also loaded on first use, so a Redis that is down now is fine.
             await inventory.load()
@@ -95,7 +97,7 @@ def create_app(
             yield
             return
         stop = asyncio.Event()
-        task = asyncio.create_task(sweeper.run(app[RESERVATIONS], stop))
+        task = asyncio.create_task(sweeper.run(app[LOTTERY], stop))
         yield
         # The stop event ends the loop even if a cancellation is lost: on Python 3.11,
         # asyncio.wait_for (which redis-py uses for socket timeouts) can swallow one.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from engine.lottery import Lottery
 from engine.metrics import Metrics
 from engine.recovery import Clock
 from engine.reservations import Reservations
@@ -13,4 +14,5 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 RESERVATIONS = web.AppKey("reservations", Reservations)
+LOTTERY = web.AppKey("lottery", Lottery)
 OPENAPI = web.AppKey("openapi", bytes)

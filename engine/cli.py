@@ -3,7 +3,11 @@
 serve       serve the HTTP API (GUICHET_HOST, GUICHET_PORT, GUICHET_WORKERS)
 migrate     apply the SQL migrations the database has not seen (idempotent)
 demo        seed the demo sites and releases (idempotent)
-sweep       one sweeper pass now: reclaim, settle stale confirms, reconcile
+sweep       one sweeper pass now: reclaim, settle stale confirms, reconcile, and run the
+            draws that are due
+verify-draw RECORD
+            recompute a draw from its public record (a file or a URL); exit 0 when it
+            matches, 1 with what differs
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="serve the HTTP API")
     sub.add_parser("migrate", help="apply pending SQL migrations")
     sub.add_parser("demo", help="seed demo sites and releases")
-    sub.add_parser("sweep", help="run one sweeper pass, with a reconcile")
+    sub.add_parser("sweep", help="run one sweeper pass, with a reconcile and due draws")
+    verify = sub.add_parser("verify-draw", help="recompute a draw from its public record")
+    verify.add_argument("record", help="a file, or an http(s) URL of GET /v1/releases/ID/draw")
     args = parser.parse_args(argv)
+    if args.command == "verify-draw":
+        return _verify_draw(args.record)
 
     from engine import logs
 
@@ -69,13 +77,47 @@ async def _demo(settings: Settings) -> int:
 
 
 async def _sweep(settings: Settings) -> int:
+    from engine.lottery import Lottery
     from engine.sweeper import sweep_once
 
     async with _domain(settings) as domain:
-        report = await sweep_once(domain, reconcile=True)
+        report = await sweep_once(domain, reconcile=True, lottery=Lottery(domain))
     print(
         f"guichet: swept {report.releases} release(s), settled {report.settled} confirm(s), "
-        f"{report.corrections} correction(s)"
+        f"{report.corrections} correction(s), ran {report.draws} draw(s)"
+    )
+    return 0
+
+
+def _verify_draw(source: str) -> int:
+    """Recompute a draw record. Reads a file, or fetches an http(s) URL."""
+    import urllib.request
+
+    from engine import draw
+
+    try:
+        if source.startswith(("http://", "https://")):
+            with urllib.request.urlopen(source, timeout=30) as response:  # noqa: S310
+                text = response.read().decode()
+        else:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        record = draw.load(text)
+    except (OSError, ValueError) as exc:
+        print(f"guichet verify-draw: cannot read {source}: {exc}", file=sys.stderr)
+        return 2
+    problems = draw.verify(record)
+    if problems:
+        print(
+            f"guichet verify-draw: the record of {record.get('release')} does NOT match:",
+            file=sys.stderr,
+        )
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(
+        f"guichet verify-draw: OK: {len(record['allocation'])} place(s) allocated among "
+        f"{len(record['entries'])} entries of {record['release']}, as published"
     )
     return 0
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from engine import render, schemas, sessions
-from engine.appkeys import RESERVATIONS, SETTINGS
+from engine.appkeys import LOTTERY, RESERVATIONS, SETTINGS
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
 from engine.pow import ALGORITHM
@@ -124,3 +124,44 @@ async def cancel_booking(request: web.Request) -> web.Response:
     token = bearer(request)
     await request.app[RESERVATIONS].cancel(request.match_info["reference"], token)
     return web.Response(status=204)
+
+
+# Draw -------------------------------------------------------------------------------------
+
+
+async def create_entry(request: web.Request) -> web.Response:
+    body = await parse_body(request, schemas.EntryRequest)
+    entry = await request.app[LOTTERY].enter(
+        request.match_info["release"],
+        body.challenge,
+        list(body.nonces),
+        applicant(body.applicant),
+        _client(request),
+    )
+    return json_response(
+        {"entry_id": entry.id, "entry_token": entry.token, "status": "registered"}, status=201
+    )
+
+
+async def get_entry(request: web.Request) -> web.Response:
+    token = bearer(request)
+    view = await request.app[LOTTERY].view(
+        request.match_info["release"], request.match_info["entry_id"], token
+    )
+    out: dict[str, object] = {"status": view.status}
+    if view.booking is not None:
+        out["booking"] = render.booking(view.booking)
+        out["cancel_token"] = view.cancel_token
+    return json_response(out)
+
+
+async def delete_entry(request: web.Request) -> web.Response:
+    token = bearer(request)
+    await request.app[LOTTERY].withdraw(
+        request.match_info["release"], request.match_info["entry_id"], token
+    )
+    return web.Response(status=204)
+
+
+async def get_draw(request: web.Request) -> web.Response:
+    return json_response(await request.app[LOTTERY].record(request.match_info["release"]))

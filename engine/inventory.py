@@ -37,6 +37,7 @@ OPERATIONS = (
     "reconcile",
     "take_token",
     "issue_challenge",
+    "spend_challenge",
 )
 RECLAIM_LIMIT = 100
 # Error replies that mean "this Redis cannot serve now", not "this call is wrong".
@@ -237,6 +238,24 @@ class Inventory:
             for name, value in fields.items()
             if name.startswith("c:")
         }
+
+    async def spend_challenge(
+        self,
+        release_id: str,
+        challenge_id: str,
+        expiry_ms: int,
+        now_ms: int,
+        forget: tuple[str, str] | None = None,
+    ) -> bool:
+        """Spend a challenge once (False if spent before or expired). ``forget`` as in
+        ``hold``."""
+        call: Call = (
+            "spend_challenge",
+            (ReleaseKeys.of(release_id).spent,),
+            (now_ms, challenge_id, expiry_ms),
+        )
+        (reply,) = await self._pipeline([call], [("ZREM", *forget)] if forget else [])
+        return _text(reply[0]) == "ok"
 
     async def exists(self, release_id: str) -> bool:
         return bool(await self._guard(self._redis.exists(ReleaseKeys.of(release_id).inv)))

@@ -135,14 +135,15 @@ class Limiter:
         self._enforce(taken)
         return self.difficulty(taken)
 
-    async def confirm(self, client: Client, identity: str) -> None:
-        """Take the tokens a confirm costs: the applicant's identity, and the global one."""
+    async def confirm(self, client: Client, identity: str, endpoint: str = "confirm") -> None:
+        """Take the tokens a confirm (or a draw entry) costs: the applicant's identity, and
+        the endpoint's global one."""
         s = self.settings
         self.refuse_known(client)
-        self._refuse_blocked([bucket("global", "confirm")])
+        self._refuse_blocked([bucket("global", endpoint)])
         takes = {
             "identity": _take(bucket("identity", identity), s.limit_identity),
-            "global": _take(bucket("global", "confirm"), s.limit_global_confirm),
+            "global": _take(bucket("global", endpoint), s.limit_global_confirm),
         }
         self._enforce(dict(zip(takes, await self._take(list(takes.values())), strict=True)))
 

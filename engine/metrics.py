@@ -98,6 +98,17 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.entries = Counter("guichet_draw_entries", "Draw entries registered.", registry=r)
+        self.draws = Counter("guichet_draws", "Draws run.", registry=r)
+        self.places_allocated = Counter(
+            "guichet_draw_places_allocated", "Places given to winners by draws.", registry=r
+        )
+        self.places_carried = Counter(
+            "guichet_draw_places_carried",
+            "Places allocated by a draw that came from an earlier draw of the procedure "
+            "(cancelled or left over).",
+            registry=r,
+        )
         self.store_errors = Counter(
             "guichet_store_unavailable", "Calls to a store that did not answer in time.", registry=r
         )

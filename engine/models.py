@@ -44,6 +44,7 @@ class Release:
     draw_at: datetime | None
     timezone: str
     slots: tuple[Slot, ...]
+    seed_commitment: str | None = None
     _index: dict[str, Slot] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -64,8 +65,27 @@ class Booking:
     family_name: str
     given_names: str
     birth_date: date
-    channel: Literal["online", "staff"]
+    channel: Literal["online", "staff", "draw"]
     hold_token_hash: bytes | None
     cancel_token_hash: bytes
     mode: Mode
     timezone: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: str
+    release_id: str
+    status: Literal["registered", "won", "not-drawn", "withdrawn"]
+    token_hash: bytes
+    booking_reference: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DrawOutcome:
+    release_id: str
+    entries: int
+    places: int
+    allocated: int
+    carried: int
+    releases_touched: tuple[str, ...]

@@ -36,6 +36,7 @@ def release(r: Release) -> dict[str, Any]:
         out["registration_opens_at"] = local(r.registration_opens_at, r.timezone)
         out["registration_closes_at"] = local(r.registration_closes_at, r.timezone)
         out["draw_at"] = local(r.draw_at, r.timezone)
+        out["seed_commitment"] = r.seed_commitment
     out["slots_total"] = sum(s.capacity for s in r.slots)
     return out
 

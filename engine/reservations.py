@@ -13,15 +13,17 @@ docs/consistency.md walks through every crash window.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
-from engine import pow, sessions
+from engine import draw, pow, sessions
 from engine.errors import (
     ChallengeExpired,
     HoldConfirming,
@@ -48,6 +50,15 @@ from engine.tokens import REFERENCE, derived_token, new_id, new_reference, token
 T = TypeVar("T")
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
 _CHILD_ID = re.compile(r"^(r[0-9a-z]{12})\.[0-9a-z]{1,20}$")
+
+
+def with_seed(release: Release) -> tuple[Release, str | None]:
+    """A draw release gets its secret seed when published; the world sees only its
+    commitment until the draw."""
+    if release.mode != "draw":
+        return release, None
+    seed = secrets.token_hex(32)
+    return dataclasses.replace(release, seed_commitment=draw.seed_commitment(seed)), seed
 
 
 def release_of(identifier: str) -> str:
@@ -204,7 +215,8 @@ class Reservations:
     async def publish(self, release: Release) -> None:
         """Store a new release, then build its inventory in Redis (not counted as a rebuild).
         If Redis does not answer, the first request that needs the inventory builds it."""
-        await self.store.create_release(release)
+        release, seed = with_seed(release)
+        await self.store.create_release(release, seed)
         self._catalog.clear()
         capacities = [(s.id, s.capacity) for s in release.slots]
         try:

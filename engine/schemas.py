@@ -86,6 +86,18 @@ class HoldRequest(Body):
     nonces: list[Nonce] = Field(min_length=1, max_length=64)
 
 
+class EntryRequest(Body):
+    challenge: Opaque
+    nonces: list[Nonce] = Field(min_length=1, max_length=64)
+    applicant: Applicant
+
+
+class BeaconIn(Body):
+    beacon: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="A public random value published after registration closed"
+    )
+
+
 class ConfirmRequest(Body):
     applicant: Applicant
 

@@ -9,23 +9,25 @@ asyncpg's errors are mapped to domain errors in ``_connection`` and ``_map_integ
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
 
+from engine import draw
 from engine.errors import (
     IdentityAlreadyBooked,
     NotFound,
+    NotOpen,
     RateLimited,
     SlotFull,
     StoreUnavailable,
     ValidationFailed,
 )
-from engine.models import Booking, Procedure, Release, Site, Slot
+from engine.models import Booking, DrawOutcome, Entry, Procedure, Release, Site, Slot
 from engine.settings import Settings
 
 _UNAVAILABLE = (
@@ -172,13 +174,15 @@ class Store:
 
     # Releases ----------------------------------------------------------------------------
 
-    async def create_release(self, release: Release) -> None:
+    async def create_release(self, release: Release, seed_hex: str | None = None) -> None:
+        """Store a new release; a draw release with its secret seed and its commitment."""
         async with self._transaction() as conn:
             try:
                 await conn.execute(
                     """INSERT INTO releases (id, site_id, procedure_id, mode, opens_at,
-                           registration_opens_at, registration_closes_at, draw_at)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                           registration_opens_at, registration_closes_at, draw_at,
+                           seed, seed_commitment)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
                     release.id,
                     release.site_id,
                     release.procedure_id,
@@ -187,6 +191,8 @@ class Store:
                     release.registration_opens_at,
                     release.registration_closes_at,
                     release.draw_at,
+                    seed_hex,
+                    release.seed_commitment,
                 )
             except asyncpg.ForeignKeyViolationError:
                 raise NotFound(
@@ -565,6 +571,261 @@ class Store:
             )
         return [dict(r) for r in rows]
 
+    # Draws --------------------------------------------------------------------------------
+
+    async def add_entry(
+        self,
+        *,
+        entry_id: str,
+        digest: str,
+        release: Release,
+        token_hash: bytes,
+        identity_hash: bytes,
+        email_hash: bytes,
+        family_name: str,
+        given_names: str,
+        birth_date: date,
+        client_net: str | None,
+    ) -> None:
+        """Register an entry, unless this person has an active booking for the procedure or
+        an entry in this draw already."""
+        async with self._transaction() as conn:
+            booked = await conn.fetchval(
+                """SELECT 1 FROM bookings WHERE procedure_id = $1 AND identity_hash = $2
+                   AND status = 'confirmed'""",
+                release.procedure_id,
+                identity_hash,
+            )
+            if booked:
+                raise IdentityAlreadyBooked(
+                    "This person already has an active booking for this procedure"
+                )
+            try:
+                await conn.execute(
+                    """INSERT INTO entries (id, release_id, procedure_id, digest, token_hash,
+                           identity_hash, email_hash, family_name, given_names, birth_date,
+                           client_net)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)""",
+                    entry_id,
+                    release.id,
+                    release.procedure_id,
+                    digest,
+                    token_hash,
+                    identity_hash,
+                    email_hash,
+                    family_name,
+                    given_names,
+                    birth_date,
+                    client_net,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                if getattr(exc, "constraint_name", "") == "entries_one_per_person":
+                    raise IdentityAlreadyBooked(
+                        "This person already has an entry in this draw"
+                    ) from None
+                raise
+
+    async def entry(self, entry_id: str) -> Entry | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """SELECT id, release_id, status, token_hash, booking_reference
+                   FROM entries WHERE id = $1""",
+                entry_id,
+            )
+        return None if row is None else Entry(*row.values())
+
+    async def withdraw_entry(self, entry_id: str) -> bool:
+        async with self._transaction() as conn:
+            done = await conn.fetchval(
+                """UPDATE entries SET status = 'withdrawn'
+                   WHERE id = $1 AND status = 'registered' RETURNING id""",
+                entry_id,
+            )
+        return done is not None
+
+    async def set_beacon(self, release_id: str, beacon: str, now: datetime) -> None:
+        """Add the public beacon value: only between registration's close and the draw."""
+        async with self._transaction() as conn:
+            done = await conn.fetchval(
+                """UPDATE releases SET beacon = $2
+                   WHERE id = $1 AND mode = 'draw' AND registration_closes_at <= $3
+                     AND draw_at > $3 RETURNING id""",
+                release_id,
+                beacon,
+                now,
+            )
+            if done is None:
+                raise NotOpen("A beacon is added after registration closes and before the draw")
+            await _audit(conn, "admin", "draw.beacon", release_id, {"beacon": beacon})
+
+    async def draws_due(self, now: datetime) -> list[str]:
+        """Draw releases whose draw time has come and which have not been drawn."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """SELECT r.id FROM releases r
+                   WHERE r.mode = 'draw' AND r.draw_at <= $1
+                     AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
+                   ORDER BY r.draw_at""",
+                now,
+            )
+        return [r["id"] for r in rows]
+
+    async def freeze_entries(self, now: datetime) -> int:
+        """Record the entries digest of every draw whose registration has closed."""
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                """SELECT id FROM releases WHERE mode = 'draw' AND entries_digest IS NULL
+                     AND registration_closes_at <= $1 FOR UPDATE""",
+                now,
+            )
+            for row in rows:
+                digests = await conn.fetch(
+                    "SELECT digest FROM entries WHERE release_id = $1 AND status <> 'withdrawn'",
+                    row["id"],
+                )
+                await conn.execute(
+                    "UPDATE releases SET entries_digest = $2 WHERE id = $1",
+                    row["id"],
+                    draw.entries_digest([d["digest"] for d in digests]),
+                )
+        return len(rows)
+
+    async def draw_record(self, release_id: str) -> dict[str, Any] | None:
+        async with self._connection() as conn:
+            raw = await conn.fetchval("SELECT record FROM draws WHERE release_id = $1", release_id)
+        return None if raw is None else dict(json.loads(raw))
+
+    async def run_draw(
+        self,
+        release_id: str,
+        now: datetime,
+        cancel_token_hash: Callable[[str], bytes],
+        new_ref: Callable[[], str],
+    ) -> DrawOutcome | None:
+        """Run a due draw, once: allocate, book the winners, publish the record, in one
+        transaction. The release row's lock makes concurrent runners wait and then find it
+        drawn; a crash anywhere rolls it all back, and running again gives the same result,
+        since its inputs were frozen when registration closed. None if not due, or drawn."""
+        async with self._transaction() as conn:
+            await conn.execute("SET LOCAL statement_timeout = '300s'")
+            rel = await conn.fetchrow(
+                "SELECT * FROM releases WHERE id = $1 AND mode = 'draw' FOR UPDATE", release_id
+            )
+            if rel is None or rel["draw_at"] > now:
+                return None
+            if await conn.fetchval("SELECT 1 FROM draws WHERE release_id = $1", release_id):
+                return None
+            # Draws of one procedure at one site share their carried places: one at a time.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"draw:{rel['site_id']}:{rel['procedure_id']}",
+            )
+            entries = await conn.fetch(
+                """SELECT e.*, EXISTS (SELECT 1 FROM bookings b
+                       WHERE b.procedure_id = e.procedure_id AND b.identity_hash = e.identity_hash
+                         AND b.status = 'confirmed') AS booked
+                   FROM entries e WHERE e.release_id = $1 AND e.status = 'registered'""",
+                release_id,
+            )
+            digests = [e["digest"] for e in entries]
+            frozen = rel["entries_digest"] or draw.entries_digest(digests)
+            if frozen != draw.entries_digest(digests):
+                raise RuntimeError(f"the entries of {release_id} changed after registration closed")
+            places_rows = await conn.fetch(
+                """SELECT s.id, s.release_id, s.starts_at, s.capacity - s.booked AS free
+                   FROM slots s JOIN releases r ON r.id = s.release_id
+                   WHERE s.capacity > s.booked AND s.starts_at > $2
+                     AND (s.release_id = $1
+                          OR (r.mode = 'draw' AND r.site_id = $3 AND r.procedure_id = $4
+                              AND EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)))
+                   FOR UPDATE OF s""",
+                release_id,
+                now,
+                rel["site_id"],
+                rel["procedure_id"],
+            )
+            places = [draw.Places(p["id"], _utc(p["starts_at"]), p["free"]) for p in places_rows]
+            excluded = [e["digest"] for e in entries if e["booked"]]
+            beacon = rel["beacon"] or ""
+            record = draw.record(
+                release=release_id,
+                seed_hex=rel["seed"],
+                beacon=beacon,
+                digests=digests,
+                places=places,
+                excluded=excluded,
+                drawn_at=_utc(now),
+            )
+            by_digest = {e["digest"]: e for e in entries}
+            slot_release = {p["id"]: p["release_id"] for p in places_rows}
+            winners = [(by_digest[d], slot) for d, slot in record["allocation"].items()]
+            refs = [new_ref() for _ in winners]
+            await conn.execute(
+                """INSERT INTO bookings (reference, slot_id, release_id, procedure_id, channel,
+                       entry_id, identity_hash, email_hash, family_name, given_names,
+                       birth_date, cancel_token_hash, client_net)
+                   SELECT ref, slot, rel, $4, 'draw', entry, ident, email, family, given,
+                          birth, cancel, net
+                   FROM unnest($1::text[], $2::text[], $3::text[], $5::text[], $6::bytea[],
+                               $7::bytea[], $8::text[], $9::text[], $10::date[], $11::bytea[],
+                               $12::text[])
+                        AS w(ref, slot, rel, entry, ident, email, family, given, birth,
+                             cancel, net)""",
+                refs,
+                [slot for _, slot in winners],
+                [slot_release[slot] for _, slot in winners],
+                rel["procedure_id"],
+                [e["id"] for e, _ in winners],
+                [e["identity_hash"] for e, _ in winners],
+                [e["email_hash"] for e, _ in winners],
+                [e["family_name"] for e, _ in winners],
+                [e["given_names"] for e, _ in winners],
+                [e["birth_date"] for e, _ in winners],
+                [cancel_token_hash(e["id"]) for e, _ in winners],
+                [e["client_net"] for e, _ in winners],
+            )
+            await conn.execute(
+                """UPDATE entries e SET status = 'won', booking_reference = w.ref
+                   FROM unnest($1::text[], $2::text[]) AS w(id, ref) WHERE e.id = w.id""",
+                [e["id"] for e, _ in winners],
+                refs,
+            )
+            await conn.execute(
+                """UPDATE entries SET status = CASE WHEN digest = ANY($2::text[])
+                       THEN 'withdrawn' ELSE 'not-drawn' END
+                   WHERE release_id = $1 AND status = 'registered'""",
+                release_id,
+                excluded,
+            )
+            carried = sum(1 for _, slot in winners if slot_release[slot] != release_id)
+            await conn.execute(
+                """INSERT INTO draws (release_id, record, places, allocated, carried)
+                   VALUES ($1, $2::jsonb, $3, $4, $5)""",
+                release_id,
+                json.dumps(record),
+                sum(p.count for p in places),
+                len(winners),
+                carried,
+            )
+            await conn.execute(
+                "UPDATE releases SET entries_digest = $2 WHERE id = $1", release_id, frozen
+            )
+            await _audit(
+                conn,
+                "engine",
+                "draw.run",
+                release_id,
+                {"entries": len(entries), "allocated": len(winners), "carried": carried},
+            )
+        return DrawOutcome(
+            release_id,
+            len(entries),
+            sum(p.count for p in places),
+            len(winners),
+            carried,
+            tuple(sorted(set(slot_release.values()) | {release_id})),
+        )
+
 
 def _map_integrity(exc: asyncpg.IntegrityConstraintViolationError) -> Exception:
     name = getattr(exc, "constraint_name", None)
@@ -586,11 +847,17 @@ def _release(row: asyncpg.Record, slots: Sequence[asyncpg.Record]) -> Release:
         registration_closes_at=row["registration_closes_at"],
         draw_at=row["draw_at"],
         timezone=row["timezone"],
+        seed_commitment=row["seed_commitment"],
         slots=tuple(
             Slot(s["id"], s["starts_at"], s["duration_minutes"], s["capacity"], s["booked"])
             for s in slots
         ),
     )
+
+
+def _utc(moment: datetime) -> str:
+    """Fixed-width UTC (microseconds always written), so text order is time order."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _booking(row: asyncpg.Record) -> Booking:

@@ -1,6 +1,7 @@
-"""The sweeper: reclaims expired holds, settles confirms that never reported back, and
-reconciles Redis toward PostgreSQL. Every worker runs one; a short Redis lock lets one of
-them work at a time (each step is idempotent, so an overlap would only waste work).
+"""The sweeper: reclaims expired holds, settles confirms that never reported back,
+reconciles Redis toward PostgreSQL, and runs the draws that are due. Every worker runs one;
+a short Redis lock lets one of them work at a time (each step is idempotent, so an overlap
+would only waste work, and a draw runs once whoever runs it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from engine.errors import StoreUnavailable
 from engine.inventory import InventoryMissing
 from engine.keys import SWEEPER_LOCK
 from engine.logs import log
+from engine.lottery import Lottery
 from engine.reservations import Reservations
 
 
@@ -23,10 +25,14 @@ class SweepReport:
     releases: int = 0
     settled: int = 0
     corrections: int = 0
+    draws: int = 0
 
 
-async def sweep_once(domain: Reservations, *, reconcile: bool) -> SweepReport:
-    """One pass over the active releases. Visits none if another worker holds the lock."""
+async def sweep_once(
+    domain: Reservations, *, reconcile: bool, lottery: Lottery | None = None
+) -> SweepReport:
+    """One pass over the active releases, and the due draws when ``lottery`` is given.
+    Visits none if another worker holds the lock (a draw runs once whoever runs it)."""
     lock_ms = int(max(domain.settings.sweep_interval_s * 5, 5) * 1000)
     if not await domain.inventory.try_lock(SWEEPER_LOCK, lock_ms):
         return SweepReport()
@@ -41,22 +47,24 @@ async def sweep_once(domain: Reservations, *, reconcile: bool) -> SweepReport:
             settled += await domain.recovery.settle_stale_confirms(release_id)
             if reconcile:
                 corrections += await domain.recovery.reconcile(release_id)
+        draws = len(await lottery.run_due()) if lottery is not None else 0
         if reconcile:
             fairness.publish(domain.metrics, await fairness.measure(domain.store, domain.now()))
-        return SweepReport(len(releases), settled, corrections)
+        return SweepReport(len(releases), settled, corrections, draws)
     finally:
         await domain.inventory.unlock(SWEEPER_LOCK)
 
 
-async def run(domain: Reservations, stop: asyncio.Event) -> None:
+async def run(lottery: Lottery, stop: asyncio.Event) -> None:
     """Sweep every ``sweep_interval_s`` until ``stop`` is set; reconcile every
     ``reconcile_interval_s``."""
+    domain = lottery.domain
     settings = domain.settings
     next_reconcile = time.monotonic()
     while not stop.is_set():
         try:
             due = time.monotonic() >= next_reconcile
-            if (await sweep_once(domain, reconcile=due)).releases and due:
+            if (await sweep_once(domain, reconcile=due, lottery=lottery)).releases and due:
                 next_reconcile = time.monotonic() + settings.reconcile_interval_s
         except StoreUnavailable as exc:
             log.warning("sweep_skipped", detail=exc.detail)

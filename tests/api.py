@@ -122,6 +122,54 @@ class Api:
         assert r.status == 201, r.body
         return r.body["release"]  # type: ignore[no-any-return]
 
+    async def publish_draw(
+        self,
+        capacities: list[int],
+        *,
+        procedure: str = "renouvellement",
+        opens_in_s: float = -60,
+        closes_in_s: float = 86400,
+        draw_in_s: float = 90000,
+        starts_in_days: float = 3,
+    ) -> dict[str, Any]:
+        """Publish a draw release with one slot per capacity; return the release JSON."""
+        now = datetime.fromtimestamp(self.clock.now, UTC)
+        first = now + timedelta(days=starts_in_days)
+        r = await self.call(
+            "POST",
+            "/v1/admin/releases",
+            {
+                "site": "bobigny",
+                "procedure": procedure,
+                "mode": "draw",
+                "registration_opens_at": (now + timedelta(seconds=opens_in_s)).isoformat(),
+                "registration_closes_at": (now + timedelta(seconds=closes_in_s)).isoformat(),
+                "draw_at": (now + timedelta(seconds=draw_in_s)).isoformat(),
+                "slots": [
+                    {
+                        "starts_at": (first + timedelta(minutes=15 * i)).isoformat(),
+                        "duration_minutes": 15,
+                        "capacity": c,
+                    }
+                    for i, c in enumerate(capacities)
+                ],
+            },
+            ADMIN,
+        )
+        assert r.status == 201, r.body
+        return r.body["release"]  # type: ignore[no-any-return]
+
+    async def enter(
+        self, release: str, person: dict[str, str] | None = None, client_ip: str = "10.0.0.1"
+    ) -> Reply:
+        paid = await self.solved(release, client_ip)
+        return await self.call(
+            "POST",
+            f"/v1/releases/{release}/entries",
+            {**paid, "applicant": person or applicant()},
+            {"X-Forwarded-For": client_ip},
+        )
+
     # Public -------------------------------------------------------------------------------
 
     async def challenge(self, release: str, client_ip: str = "10.0.0.1") -> dict[str, Any]:

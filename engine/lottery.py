@@ -1,0 +1,184 @@
+"""Release by draw: entries during the registration window, then one draw at ``draw_at``.
+
+The draw itself is ``engine.draw`` (pure) run inside ``Store.run_draw`` (one transaction,
+once). This module checks windows, tokens and challenges, runs due draws from the sweeper,
+and brings Redis's counts in line afterwards. docs/draw.md has the algorithm and timeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from engine import draw, pow
+from engine.errors import (
+    ChallengeExpired,
+    NotFound,
+    NotOpen,
+    Unauthorized,
+)
+from engine.identity import Applicant
+from engine.keys import unspent_challenges
+from engine.limits import Client
+from engine.logs import log
+from engine.models import Booking, DrawOutcome, Entry, Release
+from engine.reservations import Reservations
+from engine.tokens import derived_token, matches, new_id, new_reference, new_token, token_hash
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    id: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class EntryView:
+    status: str
+    booking: Booking | None
+    cancel_token: str | None
+
+
+class Lottery:
+    def __init__(self, domain: Reservations) -> None:
+        self.domain = domain
+        self.settings = domain.settings
+        self.store = domain.store
+
+    def _now(self) -> datetime:
+        return self.domain.now()
+
+    async def _draw_release(self, release_id: str) -> Release:
+        release = await self.domain.release(release_id)
+        if release.mode != "draw":
+            raise NotFound(f"Release {release_id!r} is first come, first served: no draw")
+        return release
+
+    def _cancel_token(self, entry_id: str) -> str:
+        return derived_token(self.settings.secret, "draw-cancel", entry_id)
+
+    # Entries ------------------------------------------------------------------------------
+
+    async def enter(
+        self, release_id: str, challenge: str, nonces: list[str], applicant: Applicant, client: str
+    ) -> NewEntry:
+        """Register a person for a draw, paid with a challenge (spent by this attempt)."""
+        s = self.settings
+        who = Client.of(client)
+        self.domain.limiter.refuse_known(who)
+        now_ms = self.domain.now_ms()
+        paid = pow.verify(
+            s.secret, challenge, nonces, release_id=release_id, client=client, now_ms=now_ms
+        )
+        release = await self.domain.release(release_id)
+        if release.mode != "draw":
+            raise NotOpen("This release is first come, first served: hold a place instead")
+        assert release.registration_opens_at and release.registration_closes_at
+        now = self._now()
+        if not release.registration_opens_at <= now < release.registration_closes_at:
+            raise NotOpen(
+                f"Registration is open from {release.registration_opens_at.isoformat()} "
+                f"to {release.registration_closes_at.isoformat()}"
+            )
+        identity = applicant.identity_hash(s.secret)
+        await self.domain.limiter.confirm(who, identity.hex(), endpoint="entry")
+        if not await self.domain.inventory.spend_challenge(
+            release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
+        ):
+            raise ChallengeExpired("This challenge was already spent; ask for a new one")
+        entry_id = new_id("e", 20)
+        token = new_token()
+        await self.store.add_entry(
+            entry_id=entry_id,
+            digest=draw.entry_digest(entry_id),
+            release=release,
+            token_hash=token_hash(token),
+            identity_hash=identity,
+            email_hash=applicant.email_hash(s.secret),
+            family_name=applicant.family_name,
+            given_names=applicant.given_names,
+            birth_date=applicant.birth_date,
+            client_net=who.net,
+        )
+        self.domain.metrics.entries.inc()
+        log.info("entry_registered", release=release_id, entry=entry_id)
+        return NewEntry(entry_id, token)
+
+    async def _entry(self, release_id: str, entry_id: str, token: str) -> tuple[Release, Entry]:
+        release = await self._draw_release(release_id)
+        entry = await self.store.entry(entry_id) if len(entry_id) <= 40 else None
+        if entry is None or entry.release_id != release.id:
+            raise NotFound(f"No entry {entry_id!r} in this release")
+        if not matches(token, entry.token_hash):
+            raise Unauthorized("Wrong entry token")
+        return release, entry
+
+    async def view(self, release_id: str, entry_id: str, token: str) -> EntryView:
+        _, entry = await self._entry(release_id, entry_id, token)
+        if entry.status != "won" or entry.booking_reference is None:
+            return EntryView(entry.status, None, None)
+        booking = await self.store.booking(entry.booking_reference)
+        return EntryView(entry.status, booking, self._cancel_token(entry.id))
+
+    async def withdraw(self, release_id: str, entry_id: str, token: str) -> None:
+        release, entry = await self._entry(release_id, entry_id, token)
+        if entry.status == "withdrawn":
+            return
+        assert release.registration_closes_at is not None
+        if entry.status != "registered" or self._now() >= release.registration_closes_at:
+            raise NotOpen("Registration has closed: the entry can no longer be withdrawn")
+        await self.store.withdraw_entry(entry.id)
+        log.info("entry_withdrawn", release=release_id, entry=entry_id)
+
+    # Draws --------------------------------------------------------------------------------
+
+    async def record(self, release_id: str) -> dict[str, Any]:
+        release = await self._draw_release(release_id)
+        rec = await self.store.draw_record(release.id)
+        if rec is None:
+            assert release.draw_at is not None
+            raise NotOpen(f"The draw takes place at {release.draw_at.isoformat()}")
+        return rec
+
+    async def set_beacon(self, release_id: str, beacon: str) -> None:
+        release = await self._draw_release(release_id)
+        await self.store.set_beacon(release.id, beacon, self._now())
+        self.domain.forget(release.id)
+
+    async def run_due(self) -> list[DrawOutcome]:
+        """Freeze closed registrations, then run every due draw (each exactly once)."""
+        now = self._now()
+        await self.store.freeze_entries(now)
+        outcomes = []
+        for release_id in await self.store.draws_due(now):
+            outcome = await self.run(release_id)
+            if outcome is not None:
+                outcomes.append(outcome)
+        return outcomes
+
+    async def run(self, release_id: str) -> DrawOutcome | None:
+        outcome = await self.store.run_draw(
+            release_id,
+            self._now(),
+            lambda entry_id: token_hash(self._cancel_token(entry_id)),
+            new_reference,
+        )
+        if outcome is None:
+            return None
+        m = self.domain.metrics
+        m.draws.inc()
+        m.places_allocated.inc(outcome.allocated)
+        m.places_carried.inc(outcome.carried)
+        log.info(
+            "draw_run",
+            release=release_id,
+            entries=outcome.entries,
+            places=outcome.places,
+            allocated=outcome.allocated,
+            carried=outcome.carried,
+        )
+        for touched in outcome.releases_touched:
+            self.domain.forget(touched)
+            await self.domain.recovery.reconcile(touched)
+        return outcome

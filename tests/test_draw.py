@@ -1,0 +1,360 @@
+"""Release by draw: the algorithm, its record and checker, and the draw run by the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+import asyncpg
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine import draw
+from engine.app import create_app
+from engine.appkeys import LOTTERY, RESERVATIONS
+from engine.sweeper import sweep_once
+from tests.api import ADMIN, Api, applicant, ip
+from tests.conftest import FakeClock
+
+PLACES = [
+    draw.Places("s2", "2026-12-02T09:00:00Z", 1),
+    draw.Places("s1", "2026-12-01T09:00:00Z", 2),
+]
+SEED = "ab" * 32
+
+
+def digests(n: int) -> list[str]:
+    return [draw.entry_digest(f"e{i}") for i in range(n)]
+
+
+# The algorithm ---------------------------------------------------------------------------
+
+
+def test_allocation_is_deterministic_and_respects_capacity() -> None:
+    entries = digests(10)
+    first = draw.allocate(SEED, entries, "", PLACES)
+    assert first == draw.allocate(SEED, list(reversed(entries)), "", PLACES)
+    assert Counter(first.values()) == {"s1": 2, "s2": 1}
+    assert len(first) == len(set(first)) == 3  # nobody wins twice
+    # Places go to the best-ranked entries, earliest slot first.
+    ranked = draw.order(entries, draw.key(SEED, draw.entries_digest(entries), ""))
+    assert first == {ranked[0]: "s1", ranked[1]: "s1", ranked[2]: "s2"}
+    assert draw.allocate(SEED, entries, "beacon-42", PLACES) != first
+    assert draw.allocate("cd" * 32, entries, "", PLACES) != first
+
+
+def test_fewer_entries_than_places_and_excluded_entries() -> None:
+    entries = digests(2)
+    assert set(draw.allocate(SEED, entries, "", PLACES)) == set(entries)
+    many = digests(10)
+    excluded = many[:5]
+    allocation = draw.allocate(SEED, many, "", PLACES, excluded)
+    assert not set(allocation) & set(excluded) and len(allocation) == 3
+
+
+def test_every_entry_has_the_same_chance() -> None:
+    """Chi-square over 4000 fixed seeds: 6 entries, 2 places; deterministic, so not flaky."""
+    entries = digests(6)
+    places = [draw.Places("s", "2026-12-01T09:00:00Z", 2)]
+    wins: Counter[str] = Counter()
+    seeds = 4000
+    for n in range(seeds):
+        wins.update(list(draw.allocate(f"{n:064x}", entries, "", places)))
+    expected = seeds * 2 / 6
+    chi2 = sum((wins[e] - expected) ** 2 / expected for e in entries)
+    assert chi2 < 20.52  # df = 5, p = 0.001
+    assert sum(wins.values()) == seeds * 2
+
+
+def make_record(**changes: Any) -> dict[str, Any]:
+    rec = draw.record(
+        release="r1",
+        seed_hex=SEED,
+        beacon="b",
+        digests=digests(8),
+        places=PLACES,
+        excluded=[],
+        drawn_at="2026-11-30T10:00:00Z",
+    )
+    rec.update(changes)
+    return rec
+
+
+def test_verify_accepts_a_record_and_rejects_every_tampering() -> None:
+    rec = make_record()
+    assert draw.verify(rec) == []
+    changed_seed = make_record(seed="cd" * 32)
+    assert any("seed commitment" in p for p in draw.verify(changed_seed))
+    swapped = copy.deepcopy(rec)
+    winners = sorted(swapped["allocation"])
+    loser = next(d for d in swapped["entries"] if d not in swapped["allocation"])
+    swapped["allocation"][loser] = swapped["allocation"].pop(winners[0])
+    assert draw.verify(swapped)
+    removed = copy.deepcopy(rec)
+    removed["entries"].remove(loser)
+    assert any("entries digest" in p for p in draw.verify(removed))
+    added = copy.deepcopy(rec)
+    added["entries"].append(draw.entry_digest("intruder"))
+    assert any("entries digest" in p for p in draw.verify(added))
+    assert draw.verify({"nonsense": 1})
+
+
+def test_verify_draw_command(tmp_path: Any) -> None:
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(make_record()))
+    bad.write_text(json.dumps(make_record(beacon="other")))
+    ok = subprocess.run(
+        [sys.executable, "-m", "engine", "verify-draw", str(good)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    ko = subprocess.run(
+        [sys.executable, "-m", "engine", "verify-draw", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ko.returncode == 1 and "does NOT match" in ko.stderr
+
+
+# The engine --------------------------------------------------------------------------------
+
+
+async def entry_status(api: Api, release: str, entry: dict[str, str]) -> dict[str, Any]:
+    r = await api.call(
+        "GET",
+        f"/v1/releases/{release}/entries/{entry['entry_id']}",
+        headers={"Authorization": f"Bearer {entry['entry_token']}"},
+    )
+    assert r.status == 200, r.body
+    return r.body  # type: ignore[no-any-return]
+
+
+async def test_entries_and_windows(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    release = (await api.publish_draw([2], opens_in_s=60))["id"]
+    listed = (await api.call("GET", "/v1/releases")).body["releases"][0]
+    assert listed["mode"] == "draw" and len(listed["seed_commitment"]) == 64
+    early = await api.enter(release)
+    assert early.status == 409 and early.body["type"] == "/problems/not-open"
+    clock.advance(61)
+    person = applicant()
+    entry = await api.enter(release, person, ip(1))
+    assert entry.status == 201 and entry.body["status"] == "registered"
+    again = await api.enter(release, {**person, "email": "other@example.org"}, ip(2))
+    assert again.status == 409 and again.body["type"] == "/problems/identity-already-booked"
+    assert (await entry_status(api, release, entry.body)) == {"status": "registered"}
+    wrong = await api.call(
+        "GET",
+        f"/v1/releases/{release}/entries/{entry.body['entry_id']}",
+        headers={"Authorization": "Bearer nope"},
+    )
+    assert wrong.status == 401
+    fcfs = await api.publish([1])
+    hold = await api.hold(fcfs["slots"][0]["id"], ip(3))
+    assert hold.status == 201
+    assert (
+        await api.hold(listed_slot(await api.call("GET", f"/v1/releases/{release}/slots")), ip(4))
+    ).status == 409  # no holds on a draw release
+    booked = await api.confirm(hold.body, applicant(id_number="BOOKED123"), ip(3))
+    assert booked.status == 201
+    r = await api.enter(release, applicant(id_number="BOOKED123"), ip(5))
+    assert r.status == 409 and r.body["type"] == "/problems/identity-already-booked"
+    withdrawn = await api.enter(release, applicant(), ip(6))
+    auth = {"Authorization": f"Bearer {withdrawn.body['entry_token']}"}
+    path = f"/v1/releases/{release}/entries/{withdrawn.body['entry_id']}"
+    assert (await api.call("DELETE", path, headers=auth)).status == 204
+    assert (await entry_status(api, release, withdrawn.body))["status"] == "withdrawn"
+    clock.advance(86400)
+    late = await api.enter(release, applicant(), ip(7))
+    assert late.status == 409 and late.body["type"] == "/problems/not-open"
+    assert (
+        await api.call(
+            "DELETE",
+            f"/v1/releases/{release}/entries/{entry.body['entry_id']}",
+            headers={"Authorization": f"Bearer {entry.body['entry_token']}"},
+        )
+    ).status == 409
+    assert (await api.call("GET", f"/v1/releases/{release}/draw")).status == 409
+
+
+def listed_slot(reply: Any) -> str:
+    return str(reply.body["slots"][0]["id"])
+
+
+async def run_draw_flow(
+    api: Api, clock: FakeClock, entrants: int, capacities: list[int]
+) -> tuple[str, list[dict[str, str]], dict[str, str]]:
+    release = (await api.publish_draw(capacities))["id"]
+    entries = []
+    for i in range(entrants):
+        r = await api.enter(release, applicant(), ip(100 + i))
+        assert r.status == 201, r.body
+        entries.append(r.body)
+    withdrawn = entries.pop()
+    await api.call(
+        "DELETE",
+        f"/v1/releases/{release}/entries/{withdrawn['entry_id']}",
+        headers={"Authorization": f"Bearer {withdrawn['entry_token']}"},
+    )
+    clock.advance(90001)
+    return release, entries, withdrawn
+
+
+async def test_the_draw_books_the_winners(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection, tmp_path: Any
+) -> None:
+    await api.site()
+    release, entries, withdrawn = await run_draw_flow(api, clock, 9, [2, 1])
+    domain = api.client.app[RESERVATIONS]
+    report = await sweep_once(domain, reconcile=True, lottery=api.client.app[LOTTERY])
+    assert report.draws == 1
+    statuses = [await entry_status(api, release, e) for e in entries]
+    assert Counter(s["status"] for s in statuses) == {"won": 3, "not-drawn": 5}
+    assert (await entry_status(api, release, withdrawn))["status"] == "withdrawn"
+    for s in statuses:
+        if s["status"] == "won":
+            ref = s["booking"]["reference"]
+            read = await api.call(
+                "GET",
+                f"/v1/bookings/{ref}",
+                headers={"Authorization": f"Bearer {s['cancel_token']}"},
+            )
+            assert read.status == 200 and read.body["booking"]["status"] == "confirmed"
+    rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
+    assert draw.verify(rec) == []
+    assert draw.entry_digest(withdrawn["entry_id"]) not in rec["entries"]
+    mine = {
+        draw.entry_digest(e["entry_id"])
+        for e, s in zip(entries, statuses, strict=True)
+        if s["status"] == "won"
+    }
+    assert set(rec["allocation"]) == mine
+    listed = (await api.call("GET", "/v1/releases")).body["releases"]
+    assert [r["seed_commitment"] for r in listed if r["id"] == release] == [rec["seed_commitment"]]
+    assert await pg.fetchval("SELECT sum(booked) FROM slots WHERE release_id = $1", release) == 3
+    assert (await sweep_once(domain, reconcile=True, lottery=api.client.app[LOTTERY])).draws == 0
+    counts = await domain.inventory.counts(release, domain.now_ms())
+    assert sum(c.booked for c in counts.values()) == 3
+    url = str(api.client.make_url(f"/v1/releases/{release}/draw"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engine",
+        "verify-draw",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+
+
+async def test_the_draw_runs_once_with_workers_racing(
+    api: Api, clock: FakeClock, settings: Any, pg: asyncpg.Connection
+) -> None:
+    await api.site()
+    release, _, _ = await run_draw_flow(api, clock, 7, [3])
+    apps = [create_app(settings, clock=clock, bucket_clock=clock, sweep=False) for _ in range(4)]
+    clients = [TestClient(TestServer(app)) for app in apps]
+    for c in clients:
+        await c.start_server()
+    try:
+        outcomes = await asyncio.gather(*(c.app[LOTTERY].run(release) for c in clients))
+    finally:
+        for c in clients:
+            await c.close()
+    assert sum(o is not None for o in outcomes) == 1
+    assert await pg.fetchval("SELECT count(*) FROM bookings WHERE channel = 'draw'") == 3
+    assert await pg.fetchval("SELECT count(*) FROM draws") == 1
+
+
+async def test_a_crash_mid_draw_recovers_to_the_same_result(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    await api.site()
+    release, entries, _ = await run_draw_flow(api, clock, 8, [2, 2])
+    lottery = api.client.app[LOTTERY]
+    row = await pg.fetchrow("SELECT seed FROM releases WHERE id = $1", release)
+    digests_now = [draw.entry_digest(e["entry_id"]) for e in entries]
+    slots = await pg.fetch(
+        "SELECT id, starts_at, capacity FROM slots WHERE release_id = $1", release
+    )
+    expected = draw.allocate(
+        row["seed"],
+        digests_now,
+        "",
+        [draw.Places(s["id"], s["starts_at"].isoformat(), s["capacity"]) for s in slots],
+    )
+
+    def crash() -> str:
+        raise RuntimeError("the process died after allocating, before booking")
+
+    store = lottery.store
+    try:
+        await store.run_draw(release, lottery._now(), lambda _: b"x" * 32, crash)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the crash did not happen")
+    assert await pg.fetchval("SELECT count(*) FROM draws") == 0
+    assert await pg.fetchval("SELECT count(*) FROM bookings") == 0
+    assert (await lottery.run(release)) is not None
+    rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
+    assert rec["allocation"] == expected
+
+
+async def test_a_cancelled_draw_place_goes_to_the_next_draw(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    await api.site()
+    first = (await api.publish_draw([1], starts_in_days=10))["id"]
+    winner = (await api.enter(first, applicant(), ip(1))).body
+    clock.advance(90001)
+    lottery = api.client.app[LOTTERY]
+    assert (await lottery.run(first)).allocated == 1  # type: ignore[union-attr]
+    won = await entry_status(api, first, winner)
+    r = await api.call(
+        "DELETE",
+        f"/v1/bookings/{won['booking']['reference']}",
+        headers={"Authorization": f"Bearer {won['cancel_token']}"},
+    )
+    assert r.status == 204
+    # Not back online: a draw release takes no holds.
+    hold = await api.hold(won["booking"]["slot"]["id"], ip(2))
+    assert hold.status == 409 and hold.body["type"] == "/problems/not-open"
+    second = (await api.publish_draw([1], starts_in_days=10))["id"]
+    for i in range(3):
+        assert (await api.enter(second, applicant(), ip(10 + i))).status == 201
+    clock.advance(90001)
+    outcome = await lottery.run(second)
+    assert outcome is not None and (outcome.places, outcome.allocated, outcome.carried) == (2, 2, 1)
+    rec = (await api.call("GET", f"/v1/releases/{second}/draw")).body
+    assert sorted(rec["allocation"].values()) == sorted(
+        [won["booking"]["slot"]["id"], f"{second}.000"]
+    )
+    assert draw.verify(rec) == []
+    metrics = (await api.call("GET", "/metrics")).body
+    assert "guichet_draw_places_carried_total 1.0" in metrics
+    assert "guichet_draws_total 2.0" in metrics
+
+
+async def test_beacon_window(api: Api, clock: FakeClock) -> None:
+    await api.site()
+    release = (await api.publish_draw([1]))["id"]
+    path = f"/v1/admin/releases/{release}/beacon"
+    assert (await api.call("PUT", path, {"beacon": "too-early"}, ADMIN)).status == 409
+    await api.enter(release, applicant(), ip(1))
+    clock.advance(86401)
+    assert (await api.call("PUT", path, {"beacon": "loto-2026-11-28"}, ADMIN)).status == 200
+    clock.advance(3600)
+    await api.client.app[LOTTERY].run_due()
+    rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
+    assert rec["beacon"] == "loto-2026-11-28" and draw.verify(rec) == []
+    assert (await api.call("PUT", path, {"beacon": "too-late"}, ADMIN)).status == 409
