@@ -4,8 +4,17 @@ ALTER TABLE releases
     ADD COLUMN seed text,                -- hex, secret until the draw
     ADD COLUMN seed_commitment text,     -- SHA-256 of the seed, public from the start
     ADD COLUMN beacon text,              -- optional public value added after registration closes
-    ADD COLUMN entries_digest text,      -- frozen when registration closes
-    ADD CONSTRAINT draw_has_seed CHECK (mode <> 'draw' OR (seed IS NOT NULL AND seed_commitment IS NOT NULL));
+    ADD COLUMN entries_digest text;      -- frozen when registration closes
+
+-- Draw releases published before this migration get their seed now (gen_random_uuid is
+-- PostgreSQL's own CSPRNG; two of them give 244 random bits).
+UPDATE releases
+SET seed = replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '')
+WHERE mode = 'draw';
+UPDATE releases SET seed_commitment = encode(sha256(convert_to(seed, 'UTF8')), 'hex')
+WHERE mode = 'draw';
+ALTER TABLE releases ADD CONSTRAINT draw_has_seed
+    CHECK (mode <> 'draw' OR (seed IS NOT NULL AND seed_commitment IS NOT NULL));
 
 CREATE TABLE entries (
     id               text PRIMARY KEY,
@@ -29,6 +38,7 @@ CREATE TABLE entries (
 CREATE UNIQUE INDEX entries_one_per_person ON entries (release_id, identity_hash)
     WHERE status <> 'withdrawn';
 CREATE INDEX entries_by_release ON entries (release_id, status);
+CREATE INDEX entries_by_booking ON entries (booking_reference) WHERE booking_reference IS NOT NULL;
 
 CREATE TABLE draws (
     release_id  text PRIMARY KEY REFERENCES releases (id),

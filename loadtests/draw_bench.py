@@ -1,0 +1,147 @@
+"""How long a big draw takes: 100 000 entries for 5 000 places, on a real PostgreSQL.
+
+    python loadtests/draw_bench.py [--entries 100000] [--places 5000] [--dsn DSN]
+
+Creates a scratch site, a draw release of ``places`` places (10 per slot) and ``entries``
+entries in the database (GUICHET_DATABASE_URL by default), then times the pure allocation
+(engine.draw) and the whole draw as the engine runs it (Store.run_draw: allocation,
+bookings and record, one transaction). Removes everything it created afterwards.
+docs/draw.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import time
+from datetime import UTC, datetime, timedelta
+
+from engine import draw
+from engine.migrate import migrate
+from engine.models import Procedure, Site
+from engine.reservations import SlotSpec, new_release, with_seed
+from engine.store import Store, create_pool
+from engine.tokens import keyed_hash, new_id, new_reference, token_hash
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--places", type=int, default=5_000)
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get(
+            "GUICHET_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/guichet"
+        ),
+    )
+    args = parser.parse_args()
+    await migrate(args.dsn)
+    pool = await create_pool(args.dsn, 60.0, 4)
+    store = Store(pool, 60.0, 2)
+    site_id = f"bench-{secrets.token_hex(4)}"
+    now = datetime.now(UTC)
+    await store.upsert_site(Site(site_id, "Bench", "Europe/Paris", (Procedure("bench", "Bench"),)))
+    slots = [
+        SlotSpec(now + timedelta(days=10, minutes=15 * i), 15, 10) for i in range(args.places // 10)
+    ]
+    release, seed = with_seed(
+        new_release(
+            site_id,
+            "bench",
+            "draw",
+            slots,
+            registration_opens_at=now - timedelta(days=2),
+            registration_closes_at=now - timedelta(days=1),
+            draw_at=now - timedelta(hours=1),
+        )
+    )
+    await store.create_release(release, seed)
+    secret = secrets.token_bytes(32)
+    rows = []
+    for i in range(args.entries):
+        entry_id = new_id("e", 20)
+        rows.append(
+            (
+                entry_id,
+                release.id,
+                "bench",
+                draw.entry_digest(entry_id),
+                token_hash(entry_id),
+                keyed_hash(secret, "identity", str(i)),
+                keyed_hash(secret, "email", str(i)),
+                f"Nom{i}",
+                "Prénom",
+                datetime(1990, 1, 1).date(),
+                f"10.{i >> 16 & 255}.{i >> 8 & 255}.0/24",
+            )
+        )
+    async with pool.acquire() as conn:
+        start = time.perf_counter()
+        await conn.copy_records_to_table(
+            "entries",
+            records=rows,
+            columns=[
+                "id",
+                "release_id",
+                "procedure_id",
+                "digest",
+                "token_hash",
+                "identity_hash",
+                "email_hash",
+                "family_name",
+                "given_names",
+                "birth_date",
+                "client_net",
+            ],
+        )
+        print(f"entries: {args.entries} loaded in {time.perf_counter() - start:.2f} s (COPY)")
+    try:
+        digests = [r[3] for r in rows]
+        places = [
+            draw.Places(s.id, f"{s.starts_at:%Y-%m-%dT%H:%M:%S.%fZ}", s.capacity)
+            for s in release.slots
+        ]
+        start = time.perf_counter()
+        allocation = draw.allocate(seed or "", digests, "", places)
+        pure = time.perf_counter() - start
+        print(f"allocation alone (engine.draw): {pure:.2f} s for {len(allocation)} winners")
+        start = time.perf_counter()
+        outcome = await store.run_draw(
+            release.id, datetime.now(UTC), lambda e: token_hash("cancel" + e), new_reference
+        )
+        total = time.perf_counter() - start
+        assert outcome is not None
+        print(
+            f"the whole draw (Store.run_draw, one transaction): {total:.2f} s: "
+            f"{outcome.entries} entries, {outcome.places} places, "
+            f"{outcome.allocated} bookings created"
+        )
+        record = await store.draw_record(release.id)
+        assert record is not None
+        start = time.perf_counter()
+        problems = draw.verify(record)
+        print(
+            f"verify-draw on the record: {time.perf_counter() - start:.2f} s, "
+            f"{'OK' if not problems else problems[:3]}"
+        )
+    finally:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM draws WHERE release_id = $1", release.id)
+            await conn.execute(
+                "UPDATE entries SET booking_reference = NULL, "
+                "status = 'not-drawn' WHERE release_id = $1",
+                release.id,
+            )
+            await conn.execute("DELETE FROM entries WHERE release_id = $1", release.id)
+            await conn.execute("DELETE FROM bookings WHERE release_id = $1", release.id)
+            await conn.execute("DELETE FROM audit_log WHERE subject = $1", release.id)
+            await conn.execute("DELETE FROM slots WHERE release_id = $1", release.id)
+            await conn.execute("DELETE FROM releases WHERE id = $1", release.id)
+            await conn.execute("DELETE FROM sites WHERE id = $1", site_id)
+        await pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
