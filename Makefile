@@ -10,11 +10,17 @@ ENV_FILE := $(DATA)/env.sh
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: help venv services run test lint typecheck pytest sweep stop clean
+SCENARIO ?= fcfs
+USERS ?= 60
+TIME ?= 60s
+
+.PHONY: help venv services run test lint typecheck pytest sweep load bench stop clean
 
 help:
 	@echo "make run    start the engine with local Redis, PostgreSQL and demo data"
 	@echo "make test   lint, type-check and run the test suite"
+	@echo "make load   a Locust scenario (SCENARIO=fcfs|draw USERS=60 TIME=60s)"
+	@echo "make bench  the peak-capacity benchmark (BENCHMARKS.md)"
 	@echo "make stop   stop the private Redis/PostgreSQL that make started (if any)"
 
 $(VENV)/.installed: pyproject.toml
@@ -60,6 +66,15 @@ typecheck: venv
 
 pytest: services
 	. ./$(ENV_FILE) && $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# A Locust scenario (SCENARIO=fcfs or draw), headless, against an engine it starts (or
+# LOAD_ARGS='--host URL --admin-token TOKEN' for a running one). Reports: loadtests/reports/.
+load: services
+	. ./$(ENV_FILE) && $(PY) loadtests/run_load.py --scenario $(SCENARIO) --users $(USERS) \
+		--time $(TIME) $(LOAD_ARGS)
+
+bench: services
+	. ./$(ENV_FILE) && $(PY) loadtests/bench.py
 
 sweep: services
 	. ./$(ENV_FILE) && $(PY) -m engine sweep

@@ -180,5 +180,6 @@ class Lottery:
         )
         for touched in outcome.releases_touched:
             self.domain.forget(touched)
-            await self.domain.recovery.reconcile(touched)
+            # Redis learns the draw's bookings now: expected changes, not corrections.
+            await self.domain.recovery.reconcile(touched, correction=False)
         return outcome

@@ -87,7 +87,7 @@ class Recovery:
             log.warning("confirm_settled", hold=hold_id, outcome=outcome)
         return len(stale)
 
-    async def reconcile(self, release_id: str) -> int:
+    async def reconcile(self, release_id: str, *, correction: bool = True) -> int:
         """Correct Redis toward PostgreSQL; return the number of corrections.
 
         Redis is read before PostgreSQL: a booking Redis counts was committed before that
@@ -106,7 +106,7 @@ class Recovery:
         except InventoryMissing:
             await self.rebuild(release_id)
             return 0
-        if corrections:
+        if corrections and correction:
             self.metrics.reconcile_corrections.inc(corrections)
             log.warning("inventory_reconciled", release=release_id, corrections=corrections)
         return corrections

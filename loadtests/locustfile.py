@@ -1,0 +1,474 @@
+"""Locust scenarios: people, bots and staff against a running guichet engine.
+
+    make load SCENARIO=fcfs            # or SCENARIO=draw; see README.md, "Load tests"
+
+Run by hand:
+    locust -f loadtests/locustfile.py --headless -u 60 -r 20 -t 60s --host http://127.0.0.1:8080 \
+        --scenario fcfs --admin-token TOKEN --database-url DSN \
+        --csv loadtests/reports/fcfs --html loadtests/reports/fcfs.html \
+        --summary loadtests/reports/fcfs-summary.json
+
+The engine must believe X-Forwarded-For from the load generator (GUICHET_TRUSTED_PROXIES=
+127.0.0.1): people come from one 10.N.0.0/16, one address each; bots rotate through another.
+
+- fcfs: a first-come release opens a few seconds after the start; everyone races for it.
+- draw: a draw release takes entries during the run, closes just before the end, and is
+  drawn by the engine; the summary waits for the record.
+
+At the end the summary JSON has requests per second and p50/p95/p99 by endpoint, outcomes
+by status, the flows each user class completed, and fairness: the share of places bots won
+against their share of the population. PostgreSQL is checked for overbooked slots; any
+makes the run fail (exit code 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent.pool import Pool
+from locust import FastHttpUser, between, constant, events, task
+from locust.env import Environment
+
+from engine.pow import solve
+
+SITE, PROCEDURE = "load", "storm"
+
+
+class Run:
+    """What one run shares between users, and what it counts."""
+
+    release: str = ""
+    env: Environment | None = None
+    users: Counter[str] = Counter()
+    buyers = 0
+    # Identities and addresses differ from run to run: what a client did in an earlier run
+    # (a booking, unspent challenges) must not follow it into this one.
+    tag = f"{random.randrange(10**4):04d}"
+    people_net = f"10.{1 + int(tag) % 60}"  # people: one address each in 10.N.0.0/16
+    bot_net = f"10.{100 + int(tag) % 60}"  # bots: rotating through 10.M.0.0/16
+    mode: str = "fcfs"
+    started = 0.0
+    outcomes: defaultdict[str, Counter[int]] = defaultdict(Counter)
+    flows: Counter[str] = Counter()
+    people = itertools.count(1)
+    bots = itertools.count(1)
+
+
+RUN = Run()
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    parser.add_argument("--scenario", choices=["fcfs", "draw"], default="fcfs")
+    parser.add_argument("--admin-token", default=os.environ.get("GUICHET_ADMIN_TOKEN", ""))
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("GUICHET_DATABASE_URL", "postgresql://postgres@127.0.0.1/guichet"),
+    )
+    parser.add_argument("--places", type=int, default=40, help="places in the release")
+    parser.add_argument(
+        "--phone-seconds",
+        type=float,
+        default=1.0,
+        help="a phone's solve time at the base difficulty",
+    )
+    parser.add_argument("--buyers", type=int, default=5, help="paying buyers per bot")
+    parser.add_argument("--summary", default="loadtests/reports/summary.json")
+
+
+def _admin(env: Environment, method: str, path: str, body: Any = None) -> Any:
+    import urllib.request
+
+    req = urllib.request.Request(
+        env.host + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {env.parsed_options.admin_token}",
+        },
+    )
+    with urllib.request.urlopen(req, timeout=30) as response:
+        text = response.read()
+    return json.loads(text) if text else None
+
+
+@events.test_start.add_listener
+def _publish(environment: Environment, **_: Any) -> None:
+    """Publish the release the scenario is about (staff users publish more as they go)."""
+    opts = environment.parsed_options
+    RUN.mode, RUN.started, RUN.env = opts.scenario, time.time(), environment
+    _admin(
+        environment,
+        "PUT",
+        f"/v1/admin/sites/{SITE}",
+        {
+            "name": "Load test",
+            "timezone": "Europe/Paris",
+            "procedures": [{"id": PROCEDURE, "name": "Storm"}],
+        },
+    )
+    now = datetime.now(UTC)
+    first = now + timedelta(days=3)
+    slots = [
+        {
+            "starts_at": (first + timedelta(minutes=15 * i)).isoformat(),
+            "duration_minutes": 15,
+            "capacity": 2,
+        }
+        for i in range(max(1, opts.places // 2))
+    ]
+    body: dict[str, Any] = {"site": SITE, "procedure": PROCEDURE, "mode": RUN.mode, "slots": slots}
+    if RUN.mode == "fcfs":
+        body["opens_at"] = (now + timedelta(seconds=3)).isoformat()
+    else:
+        run_time = opts.run_time or 60
+        closes = now + timedelta(seconds=max(3, run_time - 3))
+        body.update(
+            registration_opens_at=(now - timedelta(seconds=1)).isoformat(),
+            registration_closes_at=closes.isoformat(),
+            draw_at=(closes + timedelta(seconds=1)).isoformat(),
+        )
+    RUN.release = _admin(environment, "POST", "/v1/admin/releases", body)["release"]["id"]
+
+
+@events.spawning_complete.add_listener
+def _spawned(user_count: int, **_: Any) -> None:
+    runner = RUN.env.runner if RUN.env else None
+    RUN.users = Counter(runner.user_classes_count if runner else {})
+
+
+@events.request.add_listener
+def _count(name: str, response: Any = None, **_: Any) -> None:
+    if response is not None:
+        RUN.outcomes[name][getattr(response, "status_code", 0) or 0] += 1
+
+
+def applicant(n: int, kind: str) -> dict[str, str]:
+    """A distinct identity per person and run; bots make them up by the hundred."""
+    return {
+        "family_name": f"{kind.title()}{n}",
+        "given_names": "Load Test",
+        "birth_date": "1990-01-01",
+        "id_number": f"{'B' if kind == 'bot' else 'P'}{RUN.tag}{n:08d}",
+        "email": f"{kind}{n}-{RUN.tag}@example.org",
+    }
+
+
+class Client(FastHttpUser):
+    """What people and bots share: the API calls of a booking, one client address each."""
+
+    abstract = True
+    address = "127.0.0.1"
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        name: str,
+        body: Any = None,
+        token: str | None = None,
+        ok: tuple[int, ...] = (200, 201, 204),
+        address: str | None = None,
+    ) -> tuple[int, Any]:
+        headers = {"X-Forwarded-For": address or self.address}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        with self.client.request(
+            method, path, name=name, json=body, headers=headers, catch_response=True
+        ) as r:
+            status = r.status_code
+            data = r.json() if r.text else None
+            if status in ok or 400 <= status < 500 or status == 503:
+                r.success()  # refusals are outcomes here, counted in the summary
+            return status, data
+
+    def free_slots(self) -> list[str]:
+        status, body = self.call(
+            "GET", f"/v1/releases/{RUN.release}/slots", "/v1/releases/[id]/slots"
+        )
+        return [s["id"] for s in body["slots"] if s["free"]] if status == 200 else []
+
+    def challenge(self, address: str | None = None) -> dict[str, Any] | None:
+        status, body = self.call(
+            "POST", "/v1/challenges", "/v1/challenges", {"release": RUN.release}, address=address
+        )
+        return body if status == 201 else None
+
+
+class Person(Client):
+    """A person on a cheap phone: browses, solves at a phone's pace, holds, thinks,
+    confirms, sometimes cancels. Books once."""
+
+    weight = 10
+    wait_time = between(0.5, 2)
+
+    def on_start(self) -> None:
+        self.n = next(RUN.people)
+        self.address = f"{RUN.people_net}.{self.n >> 8 & 255}.{self.n & 255}"
+        self.base_bits: int | None = None
+        self.done = False
+
+    def solve_like_a_phone(self, c: dict[str, Any]) -> list[str]:
+        nonces = solve(c["challenge"], c["difficulty"], c["puzzles"])
+        self.base_bits = self.base_bits or c["difficulty"]
+        pace = self.environment.parsed_options.phone_seconds
+        gevent.sleep(pace * 2 ** (c["difficulty"] - self.base_bits))
+        return nonces
+
+    @task
+    def book(self) -> None:
+        if self.done:
+            gevent.sleep(1)
+            return
+        self.call("GET", f"/v1/releases?site={SITE}", "/v1/releases")
+        if RUN.mode == "draw":
+            self.enter()
+            return
+        free = self.free_slots()
+        if not free:
+            RUN.flows["Person: nothing free"] += 1  # looks again later, as people do
+            return
+        c = self.challenge()
+        if c is None:
+            return
+        nonces = self.solve_like_a_phone(c)
+        status, hold = self.call(
+            "POST",
+            "/v1/holds",
+            "/v1/holds",
+            {"slot_id": random.choice(free), "challenge": c["challenge"], "nonces": nonces},
+        )
+        if status != 201:
+            RUN.flows["Person: refused"] += 1
+            return
+        gevent.sleep(random.uniform(1, 3))  # reads the slot, types a name
+        status, booked = self.call(
+            "POST",
+            f"/v1/holds/{hold['hold_id']}/confirm",
+            "/v1/holds/[id]/confirm",
+            {"applicant": applicant(self.n, "person")},
+            hold["hold_token"],
+        )
+        if status == 201:
+            RUN.flows["Person"] += 1
+            self.done = True
+            if random.random() < 0.1:
+                ref = booked["booking"]["reference"]
+                self.call(
+                    "DELETE",
+                    f"/v1/bookings/{ref}",
+                    "/v1/bookings/[ref]",
+                    token=booked["cancel_token"],
+                )
+
+    def enter(self) -> None:
+        c = self.challenge()
+        if c is None:
+            return
+        nonces = self.solve_like_a_phone(c)
+        status, _ = self.call(
+            "POST",
+            f"/v1/releases/{RUN.release}/entries",
+            "/v1/releases/[id]/entries",
+            {
+                "challenge": c["challenge"],
+                "nonces": nonces,
+                "applicant": applicant(self.n, "person"),
+            },
+        )
+        if status == 201:
+            RUN.flows["Person"] += 1
+            self.done = True
+
+
+class Bot(Client):
+    """A reseller's bot: polls hard, solves natively at full speed, fires parallel holds,
+    rotates addresses through the trusted proxy, books under many identities, and replays
+    spent challenges."""
+
+    weight = 3
+    wait_time = constant(0.05)
+    addresses = itertools.count(1)
+    identities = itertools.count(1)
+
+    def on_start(self) -> None:
+        # A booking is only worth something in a buyer's name: each bot works for a few
+        # paying buyers, and tries for all of them.
+        opts = self.environment.parsed_options
+        self.buyers = [applicant(next(Bot.identities), "bot") for _ in range(opts.buyers)]
+        RUN.buyers += len(self.buyers)
+
+    def rotate(self) -> str:
+        """The next address of the bot farm's proxy pool."""
+        n = next(self.addresses)
+        self.address = f"{RUN.bot_net}.{n >> 8 & 255}.{n & 255}"
+        return self.address
+
+    def attempt(self, slot: str) -> None:
+        address = self.rotate()  # parallel attempts: each keeps its own address
+        c = self.challenge(address)
+        if c is None:
+            return
+        paid = {
+            "slot_id": slot,
+            "challenge": c["challenge"],
+            "nonces": solve(c["challenge"], c["difficulty"], c["puzzles"]),
+        }
+        status, hold = self.call("POST", "/v1/holds", "/v1/holds", paid, address=address)
+        self.call("POST", "/v1/holds", "/v1/holds (replayed challenge)", paid, address=address)
+        if status == 201:
+            self.call(
+                "POST",
+                f"/v1/holds/{hold['hold_id']}/confirm",
+                "/v1/holds/[id]/confirm",
+                {"applicant": random.choice(self.buyers)},
+                hold["hold_token"],
+                address=address,
+            )
+
+    @task
+    def storm(self) -> None:
+        self.call("GET", f"/v1/releases?site={SITE}", "/v1/releases")
+        if RUN.mode == "draw":
+            self.rotate()
+            c = self.challenge()
+            if c is not None:
+                nonces = solve(c["challenge"], c["difficulty"], c["puzzles"])
+                self.call(
+                    "POST",
+                    f"/v1/releases/{RUN.release}/entries",
+                    "/v1/releases/[id]/entries",
+                    {
+                        "challenge": c["challenge"],
+                        "nonces": nonces,
+                        "applicant": random.choice(self.buyers),
+                    },
+                )
+            RUN.flows["Bot"] += 1
+            return
+        free = self.free_slots()
+        if free:
+            pool = Pool(4)
+            for slot in random.sample(free, min(4, len(free))):
+                pool.spawn(self.attempt, slot)
+            pool.join(timeout=30)
+        RUN.flows["Bot"] += 1
+
+
+class Staff(FastHttpUser):
+    """Prefecture staff: publish small releases and read the day's agenda."""
+
+    fixed_count = 1
+    wait_time = between(2, 4)
+
+    def admin(self, method: str, path: str, name: str, body: Any = None) -> int:
+        headers = {"Authorization": f"Bearer {self.environment.parsed_options.admin_token}"}
+        with self.client.request(method, path, name=name, json=body, headers=headers) as r:
+            return int(r.status_code)
+
+    @task
+    def work(self) -> None:
+        start = datetime.now(UTC) + timedelta(days=5)
+        published = self.admin(
+            "POST",
+            "/v1/admin/releases",
+            "/v1/admin/releases",
+            {
+                "site": SITE,
+                "procedure": PROCEDURE,
+                "mode": "fcfs",
+                "opens_at": (start - timedelta(days=4)).isoformat(),
+                "slots": [{"starts_at": start.isoformat(), "duration_minutes": 15, "capacity": 1}],
+            },
+        )
+        day = (datetime.now(UTC) + timedelta(days=3)).date().isoformat()
+        agenda = self.admin("GET", f"/v1/admin/agenda?site={SITE}&date={day}", "/v1/admin/agenda")
+        if published == 201 and agenda == 200:
+            RUN.flows["Staff"] += 1
+
+
+def _wait_for_draw(env: Environment, seconds: float = 30) -> dict[str, Any] | None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            return dict(_admin(env, "GET", f"/v1/releases/{RUN.release}/draw"))
+        except OSError:
+            time.sleep(0.5)  # the engine's sweeper draws within a second of draw_at
+    return None
+
+
+def _overbooked(dsn: str) -> int:
+    """Slots whose confirmed bookings exceed their capacity, counted from the rows."""
+    query = """SELECT count(*) FROM slots s WHERE s.capacity < (SELECT count(*) FROM bookings b
+               WHERE b.slot_id = s.id AND b.status = 'confirmed')"""
+    out = subprocess.run(
+        ["psql", dsn, "-Atc", query],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return int(out.stdout.strip())
+
+
+@events.quitting.add_listener
+def _summary(environment: Environment, **_: Any) -> None:
+    opts = environment.parsed_options
+    record = _wait_for_draw(environment) if RUN.mode == "draw" else None
+    fair = _admin(environment, "GET", f"/v1/admin/fairness?release={RUN.release}")
+    bot_places = sum(
+        b["bookings"] for b in fair["busiest"] if b["network"].startswith(RUN.bot_net + ".")
+    )
+    users = RUN.users
+    population = users.get("Person", 0) + RUN.buyers
+    stats = environment.stats
+    summary = {
+        "scenario": RUN.mode,
+        "release": RUN.release,
+        "seconds": round(time.time() - RUN.started, 1),
+        "users": dict(users),
+        "total_rps": round(stats.total.total_rps, 1),
+        "requests": [
+            {
+                "name": e.name,
+                "method": e.method,
+                "count": e.num_requests,
+                "failures": e.num_failures,
+                "rps": round(e.total_rps, 1),
+                "p50_ms": e.get_response_time_percentile(0.5),
+                "p95_ms": e.get_response_time_percentile(0.95),
+                "p99_ms": e.get_response_time_percentile(0.99),
+            }
+            for e in sorted(stats.entries.values(), key=lambda e: e.name)
+        ],
+        "outcomes": {name: dict(c) for name, c in sorted(RUN.outcomes.items())},
+        "flows": dict(RUN.flows),
+        "fairness": {
+            "places_won": fair["bookings"],
+            "bot_places_share": round(bot_places / fair["bookings"], 3) if fair["bookings"] else 0,
+            "people": users.get("Person", 0),
+            "bot_buyers": RUN.buyers,
+            "bot_population_share": round(RUN.buyers / population, 3) if population else 0,
+            "draw_entries": len(record["entries"]) if record else None,
+        },
+        "overbooked_slots": _overbooked(opts.database_url),
+    }
+    path = Path(opts.summary)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+    print(
+        json.dumps({k: summary[k] for k in ("scenario", "flows", "fairness", "overbooked_slots")})
+    )
+    if summary["overbooked_slots"] or (RUN.mode == "draw" and record is None):
+        environment.process_exit_code = 1
