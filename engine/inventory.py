@@ -257,6 +257,13 @@ class Inventory:
         (reply,) = await self._pipeline([call], [("ZREM", *forget)] if forget else [])
         return _text(reply[0]) == "ok"
 
+    async def forget_unspent(self, key: str, challenge_id: str) -> None:
+        await self._guard(self._redis.zrem(key, challenge_id))
+
+    async def unspend(self, release_id: str, challenge_id: str) -> None:
+        """Give a spent challenge back (its attempt failed for want of a store)."""
+        await self._guard(self._redis.zrem(ReleaseKeys.of(release_id).spent, challenge_id))
+
     async def exists(self, release_id: str) -> bool:
         return bool(await self._guard(self._redis.exists(ReleaseKeys.of(release_id).inv)))
 

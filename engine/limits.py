@@ -132,7 +132,15 @@ class Limiter:
         if client.session:
             takes["session"] = _take(bucket("session", client.session), s.limit_session)
         taken = dict(zip(takes, await self._take(list(takes.values())), strict=True))
-        self._enforce(taken)
+        try:
+            self._enforce(taken)
+        except (RateLimited, Overloaded):
+            if taken["address"].outcome == "ok":
+                # Another bucket refused: the challenge recorded as unspent was never given.
+                await self.inventory.forget_unspent(
+                    unspent_challenges(client.address), challenge_id
+                )
+            raise
         return self.difficulty(taken)
 
     async def confirm(self, client: Client, identity: str, endpoint: str = "confirm") -> None:

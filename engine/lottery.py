@@ -7,6 +7,7 @@ and brings Redis's counts in line afterwards. docs/draw.md has the algorithm and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ from engine.errors import (
     ChallengeExpired,
     NotFound,
     NotOpen,
+    StoreUnavailable,
     Unauthorized,
 )
 from engine.identity import Applicant
@@ -89,6 +91,27 @@ class Lottery:
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
         entry_id = new_id("e", 20)
         token = new_token()
+        try:
+            await self._add_entry(release, entry_id, token, applicant, identity, who)
+        except StoreUnavailable:
+            # Nothing was registered: the attempt must not cost the challenge.
+            with contextlib.suppress(StoreUnavailable):
+                await self.domain.inventory.unspend(release_id, paid.id)
+            raise
+        self.domain.metrics.entries.inc()
+        log.info("entry_registered", release=release_id, entry=entry_id)
+        return NewEntry(entry_id, token)
+
+    async def _add_entry(
+        self,
+        release: Release,
+        entry_id: str,
+        token: str,
+        applicant: Applicant,
+        identity: bytes,
+        who: Client,
+    ) -> None:
+        s = self.settings
         await self.store.add_entry(
             entry_id=entry_id,
             digest=draw.entry_digest(entry_id),
@@ -101,9 +124,6 @@ class Lottery:
             birth_date=applicant.birth_date,
             client_net=who.net,
         )
-        self.domain.metrics.entries.inc()
-        log.info("entry_registered", release=release_id, entry=entry_id)
-        return NewEntry(entry_id, token)
 
     async def _entry(self, release_id: str, entry_id: str, token: str) -> tuple[Release, Entry]:
         release = await self._draw_release(release_id)
@@ -128,7 +148,7 @@ class Lottery:
         assert release.registration_closes_at is not None
         if entry.status != "registered" or self._now() >= release.registration_closes_at:
             raise NotOpen("Registration has closed: the entry can no longer be withdrawn")
-        await self.store.withdraw_entry(entry.id)
+        await self.store.withdraw_entry(release.id, entry.id)
         log.info("entry_withdrawn", release=release_id, entry=entry_id)
 
     # Draws --------------------------------------------------------------------------------
@@ -152,7 +172,16 @@ class Lottery:
         await self.store.freeze_entries(now)
         outcomes = []
         for release_id in await self.store.draws_due(now):
-            outcome = await self.run(release_id)
+            try:
+                outcome = await self.run(release_id)
+            except StoreUnavailable:
+                raise
+            except Exception:
+                # One draw that cannot run must not hold back the others: log it (the
+                # alert), and try again at the next sweep.
+                log.exception("draw_failed", release=release_id)
+                self.domain.metrics.draw_failures.inc()
+                continue
             if outcome is not None:
                 outcomes.append(outcome)
         return outcomes

@@ -100,6 +100,9 @@ class Metrics:
         )
         self.entries = Counter("guichet_draw_entries", "Draw entries registered.", registry=r)
         self.draws = Counter("guichet_draws", "Draws run.", registry=r)
+        self.draw_failures = Counter(
+            "guichet_draw_failures", "Draw attempts that failed (retried each sweep).", registry=r
+        )
         self.places_allocated = Counter(
             "guichet_draw_places_allocated", "Places given to winners by draws.", registry=r
         )

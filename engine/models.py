@@ -45,6 +45,7 @@ class Release:
     timezone: str
     slots: tuple[Slot, ...]
     seed_commitment: str | None = None
+    entries_digest: str | None = None  # a draw's, frozen when registration closed
     _index: dict[str, Slot] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

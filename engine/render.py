@@ -37,6 +37,8 @@ def release(r: Release) -> dict[str, Any]:
         out["registration_closes_at"] = local(r.registration_closes_at, r.timezone)
         out["draw_at"] = local(r.draw_at, r.timezone)
         out["seed_commitment"] = r.seed_commitment
+        if r.entries_digest is not None:
+            out["entries_digest"] = r.entries_digest
     out["slots_total"] = sum(s.capacity for s in r.slots)
     return out
 

@@ -144,6 +144,8 @@ class Reservations:
         self._releases: dict[str, tuple[float, Release | None]] = {}
         self._listings: dict[str, tuple[float, dict[str, SlotCounts]]] = {}
         self._catalog: dict[tuple[str | None, ...], tuple[float, Any]] = {}
+        self._known: frozenset[str] = frozenset()
+        self._known_at = float("-inf")
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -154,19 +156,27 @@ class Reservations:
     # Releases ----------------------------------------------------------------------------
 
     async def release(self, release_id: str) -> Release:
-        """A release from a short in-process cache (misses are cached too)."""
+        """A release from a short in-process cache. An id that is not one of the known
+        releases is refused from memory: random ids cost no PostgreSQL query (the list of
+        ids is read again at most every ``release_cache_s``)."""
         if not _RELEASE_ID.match(release_id):
             raise NotFound(f"No release {release_id!r}")
         now = self.clock()
         cached = self._releases.get(release_id)
         if cached is None or cached[0] <= now:
-            if len(self._releases) > 10_000:
-                self._releases.clear()
+            if release_id not in await self._release_ids(now):
+                raise NotFound(f"No release {release_id!r}")
             cached = (now + self.settings.release_cache_s, await self.store.release(release_id))
             self._releases[release_id] = cached
         if cached[1] is None:
             raise NotFound(f"No release {release_id!r}")
         return cached[1]
+
+    async def _release_ids(self, now: float) -> frozenset[str]:
+        if self._known_at + self.settings.release_cache_s <= now:
+            self._known = frozenset(await self.store.release_ids())
+            self._known_at = now
+        return self._known
 
     async def sites(self) -> list[Site]:
         """All sites, from a short in-process cache (listings are what pollers hammer)."""
@@ -218,6 +228,7 @@ class Reservations:
         release, seed = with_seed(release)
         await self.store.create_release(release, seed)
         self._catalog.clear()
+        self._known = self._known | {release.id}
         capacities = [(s.id, s.capacity) for s in release.slots]
         try:
             await self.inventory.rebuild(release.id, capacities, [])
@@ -235,8 +246,12 @@ class Reservations:
         held = {slot_id: c.held for slot_id, c in counts.items()}
         await self.store.patch_release(release_id, windows, capacities, self.now(), held)
         self.forget(release_id)
-        new_capacities, _ = await self.store.inventory_snapshot(release_id)
-        await self.inventory.reconcile(release_id, new_capacities, [], [])
+        try:
+            new_capacities, _ = await self.store.inventory_snapshot(release_id)
+            await self.inventory.reconcile(release_id, new_capacities, [], [])
+        except StoreUnavailable:
+            # The change is committed; the sweeper's reconcile gives Redis the capacities.
+            log.warning("capacity_sync_deferred", release=release_id)
 
     # Challenges --------------------------------------------------------------------------
 

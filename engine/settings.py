@@ -106,8 +106,10 @@ class Settings:
     max_cancellations_per_identity: int = 2
     max_active_per_email: int = 4
     # A confirm whose PostgreSQL step did not report back after this long is settled by the
-    # sweeper from PostgreSQL's answer. Longer than any transaction can live (see pg_timeout_s).
-    confirm_grace_s: float = 30.0
+    # sweeper from PostgreSQL's answer. It must outlive any booking transaction: that is at
+    # most ~12 statements (locks and trigger included), each bounded by pg_timeout_s, with
+    # idle gaps bounded by it too, so about 12 x 5 s; 120 s leaves a margin.
+    confirm_grace_s: float = 120.0
     sweep_interval_s: float = 1.0
     reconcile_interval_s: float = 30.0
     listing_cache_s: float = 0.5

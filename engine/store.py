@@ -30,6 +30,8 @@ from engine.errors import (
 from engine.models import Booking, DrawOutcome, Entry, Procedure, Release, Site, Slot
 from engine.settings import Settings
 
+DRAW_TIMEOUT_S = 300.0
+
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
@@ -255,6 +257,10 @@ class Store:
         for s in slots:
             by_release.setdefault(s["release_id"], []).append(s)
         return [_release(r, by_release.get(r["id"], [])) for r in rows]
+
+    async def release_ids(self) -> list[str]:
+        async with self._connection() as conn:
+            return [r["id"] for r in await conn.fetch("SELECT id FROM releases")]
 
     async def active_release_ids(self, now: datetime) -> list[str]:
         async with self._connection() as conn:
@@ -588,8 +594,9 @@ class Store:
         client_net: str | None,
     ) -> None:
         """Register an entry, unless this person has an active booking for the procedure or
-        an entry in this draw already."""
+        an entry in this draw already, or the entry list is frozen."""
         async with self._transaction() as conn:
+            await _require_unfrozen(conn, release.id)
             booked = await conn.fetchval(
                 """SELECT 1 FROM bookings WHERE procedure_id = $1 AND identity_hash = $2
                    AND status = 'confirmed'""",
@@ -634,8 +641,9 @@ class Store:
             )
         return None if row is None else Entry(*row.values())
 
-    async def withdraw_entry(self, entry_id: str) -> bool:
+    async def withdraw_entry(self, release_id: str, entry_id: str) -> bool:
         async with self._transaction() as conn:
+            await _require_unfrozen(conn, release_id)
             done = await conn.fetchval(
                 """UPDATE entries SET status = 'withdrawn'
                    WHERE id = $1 AND status = 'registered' RETURNING id""",
@@ -707,18 +715,23 @@ class Store:
         drawn; a crash anywhere rolls it all back, and running again gives the same result,
         since its inputs were frozen when registration closed. None if not due, or drawn."""
         async with self._transaction() as conn:
-            await conn.execute("SET LOCAL statement_timeout = '300s'")
+            # A big draw outlives the pool's per-call timeout: each call passes its own.
+            await conn.execute("SET LOCAL statement_timeout = '300s'", timeout=DRAW_TIMEOUT_S)
             rel = await conn.fetchrow(
-                "SELECT * FROM releases WHERE id = $1 AND mode = 'draw' FOR UPDATE", release_id
+                "SELECT * FROM releases WHERE id = $1 AND mode = 'draw' FOR UPDATE",
+                release_id,
+                timeout=DRAW_TIMEOUT_S,
             )
             if rel is None or rel["draw_at"] > now:
                 return None
-            if await conn.fetchval("SELECT 1 FROM draws WHERE release_id = $1", release_id):
+            drawn = "SELECT 1 FROM draws WHERE release_id = $1"
+            if await conn.fetchval(drawn, release_id, timeout=DRAW_TIMEOUT_S):
                 return None
             # Draws of one procedure at one site share their carried places: one at a time.
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                 f"draw:{rel['site_id']}:{rel['procedure_id']}",
+                timeout=DRAW_TIMEOUT_S,
             )
             entries = await conn.fetch(
                 """SELECT e.*, EXISTS (SELECT 1 FROM bookings b
@@ -726,6 +739,7 @@ class Store:
                          AND b.status = 'confirmed') AS booked
                    FROM entries e WHERE e.release_id = $1 AND e.status = 'registered'""",
                 release_id,
+                timeout=DRAW_TIMEOUT_S,
             )
             digests = [e["digest"] for e in entries]
             frozen = rel["entries_digest"] or draw.entries_digest(digests)
@@ -743,6 +757,7 @@ class Store:
                 now,
                 rel["site_id"],
                 rel["procedure_id"],
+                timeout=DRAW_TIMEOUT_S,
             )
             places = [draw.Places(p["id"], _utc(p["starts_at"]), p["free"]) for p in places_rows]
             excluded = [e["digest"] for e in entries if e["booked"]]
@@ -756,6 +771,9 @@ class Store:
                 excluded=excluded,
                 drawn_at=_utc(now),
             )
+            # The commitment published at release time, not one recomputed from the seed:
+            # a verifier then checks the seed against what the world saw.
+            record["seed_commitment"] = rel["seed_commitment"]
             by_digest = {e["digest"]: e for e in entries}
             slot_release = {p["id"]: p["release_id"] for p in places_rows}
             winners = [(by_digest[d], slot) for d, slot in record["allocation"].items()]
@@ -783,12 +801,14 @@ class Store:
                 [e["birth_date"] for e, _ in winners],
                 [cancel_token_hash(e["id"]) for e, _ in winners],
                 [e["client_net"] for e, _ in winners],
+                timeout=DRAW_TIMEOUT_S,
             )
             await conn.execute(
                 """UPDATE entries e SET status = 'won', booking_reference = w.ref
                    FROM unnest($1::text[], $2::text[]) AS w(id, ref) WHERE e.id = w.id""",
                 [e["id"] for e, _ in winners],
                 refs,
+                timeout=DRAW_TIMEOUT_S,
             )
             await conn.execute(
                 """UPDATE entries SET status = CASE WHEN digest = ANY($2::text[])
@@ -796,6 +816,7 @@ class Store:
                    WHERE release_id = $1 AND status = 'registered'""",
                 release_id,
                 excluded,
+                timeout=DRAW_TIMEOUT_S,
             )
             carried = sum(1 for _, slot in winners if slot_release[slot] != release_id)
             await conn.execute(
@@ -806,9 +827,13 @@ class Store:
                 sum(p.count for p in places),
                 len(winners),
                 carried,
+                timeout=DRAW_TIMEOUT_S,
             )
             await conn.execute(
-                "UPDATE releases SET entries_digest = $2 WHERE id = $1", release_id, frozen
+                "UPDATE releases SET entries_digest = $2 WHERE id = $1",
+                release_id,
+                frozen,
+                timeout=DRAW_TIMEOUT_S,
             )
             await _audit(
                 conn,
@@ -825,6 +850,17 @@ class Store:
             carried,
             tuple(sorted(set(slot_release.values()) | {release_id})),
         )
+
+
+async def _require_unfrozen(conn: asyncpg.pool.PoolConnectionProxy, release_id: str) -> None:
+    """Entries change only while the list is not frozen. The row lock (FOR SHARE) makes
+    freeze_entries (FOR UPDATE) wait for this transaction, or this one wait for it: a late
+    request on a slow path or a worker whose clock lags cannot slip in after the freeze."""
+    frozen = await conn.fetchval(
+        "SELECT entries_digest IS NOT NULL FROM releases WHERE id = $1 FOR SHARE", release_id
+    )
+    if frozen:
+        raise NotOpen("Registration has closed")
 
 
 def _map_integrity(exc: asyncpg.IntegrityConstraintViolationError) -> Exception:
@@ -848,6 +884,7 @@ def _release(row: asyncpg.Record, slots: Sequence[asyncpg.Record]) -> Release:
         draw_at=row["draw_at"],
         timezone=row["timezone"],
         seed_commitment=row["seed_commitment"],
+        entries_digest=row["entries_digest"],
         slots=tuple(
             Slot(s["id"], s["starts_at"], s["duration_minutes"], s["capacity"], s["booked"])
             for s in slots

@@ -358,3 +358,22 @@ async def test_beacon_window(api: Api, clock: FakeClock) -> None:
     rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
     assert rec["beacon"] == "loto-2026-11-28" and draw.verify(rec) == []
     assert (await api.call("PUT", path, {"beacon": "too-late"}, ADMIN)).status == 409
+
+
+async def test_no_entry_slips_in_after_the_list_is_frozen(api: Api, clock: FakeClock) -> None:
+    """A late request (a slow path, or a worker whose clock lags) finds the list frozen."""
+    await api.site()
+    release = (await api.publish_draw([1]))["id"]
+    entry = (await api.enter(release, applicant(), ip(1))).body
+    lottery = api.client.app[LOTTERY]
+    from datetime import UTC, datetime, timedelta
+
+    await lottery.store.freeze_entries(datetime.fromtimestamp(clock.now, UTC) + timedelta(days=2))
+    late = await api.enter(release, applicant(), ip(2))
+    assert late.status == 409 and late.body["type"] == "/problems/not-open"
+    r = await api.call(
+        "DELETE",
+        f"/v1/releases/{release}/entries/{entry['entry_id']}",
+        headers={"Authorization": f"Bearer {entry['entry_token']}"},
+    )
+    assert r.status == 409

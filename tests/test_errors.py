@@ -454,3 +454,27 @@ async def test_method_not_allowed_names_the_allowed_methods(api: Api) -> None:
     r = await api.call("TRACE", "/v1/sites")
     problem(r, "method-not-allowed", 405)
     assert "GET" in r.headers["Allow"]
+
+
+async def test_unknown_release_ids_cost_no_postgresql_query(
+    api: Api, release: dict[str, Any]
+) -> None:
+    domain = api.client.app[RESERVATIONS]
+    calls = {"release": 0, "release_ids": 0}
+    for name in calls:
+        real = getattr(domain.store, name)
+
+        async def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            calls[_name] += 1
+            return await _real(*args)
+
+        setattr(domain.store, name, counted)
+    for i in range(50):
+        problem(await api.call("GET", f"/v1/releases/r{i:012d}/slots"), "not-found", 404)
+        problem(
+            await api.call("POST", "/v1/challenges", {"release": f"r{i:012d}"}), "not-found", 404
+        )
+    assert calls == {"release": 0, "release_ids": 0}  # the known ids were read at publish
+    api.clock.advance(3)
+    problem(await api.call("GET", "/v1/releases/rzzzzzzzzzzzz/slots"), "not-found", 404)
+    assert calls == {"release": 0, "release_ids": 1}

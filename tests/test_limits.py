@@ -280,3 +280,12 @@ async def test_a_flood_from_one_network_leaves_others_at_base_difficulty(clean: 
         newcomer = await challenge(api, release["id"], "10.77.0.1")
         assert newcomer.body["difficulty"] == 4  # global pressure only adds to the escalated
         assert (await api.hold(release["slots"][0]["id"], "10.77.0.1")).status == 201
+
+
+async def test_a_refused_challenge_is_not_counted_as_unspent(clean: None) -> None:
+    async with engine(limit_net=Rate(1, 10), max_unspent_challenges=1) as api:
+        release = (await api.publish([1]))["id"]
+        assert (await challenge(api, release, "10.0.0.1")).status == 201
+        limited(await challenge(api, release, "10.0.0.2"), "net", 10)
+        api.clock.advance(11)
+        assert (await challenge(api, release, "10.0.0.2")).status == 201
