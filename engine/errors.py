@@ -17,8 +17,8 @@
     └── Overloaded                 503 overloaded (carries retry_after)
         └── StoreUnavailable       a backing store did not answer in time
 
-Lower layers (redis-py, asyncpg) never leak past ``engine.stores``: their errors are mapped
-there, in one place, to StoreUnavailable or to one of the above.
+Lower layers (redis-py, asyncpg) never leak past ``engine.inventory`` and ``engine.store``:
+their errors are mapped there, in one place each, to StoreUnavailable or to one of the above.
 """
 
 from __future__ import annotations

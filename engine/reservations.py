@@ -14,7 +14,6 @@ docs/consistency.md walks through every crash window.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import re
 import secrets
 import time
@@ -45,7 +44,14 @@ from engine.models import Booking, Mode, Release, Site, Slot
 from engine.recovery import Clock, Recovery
 from engine.settings import Settings
 from engine.store import Store
-from engine.tokens import REFERENCE, derived_token, new_id, new_reference, token_hash
+from engine.tokens import (
+    REFERENCE,
+    derived_token,
+    matches,
+    new_id,
+    new_reference,
+    token_hash,
+)
 
 T = TypeVar("T")
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
@@ -357,7 +363,7 @@ class Reservations:
     async def _hold_for(self, hold_id: str, token: str) -> tuple[Release, HoldRecord | None]:
         release = await self.release(release_of(hold_id))
         record = await self.inventory.hold_record(release.id, hold_id)
-        if record is not None and not _same_hash(token, record.token_hash):
+        if record is not None and not matches(token, bytes.fromhex(record.token_hash)):
             raise Unauthorized("Wrong hold token")
         return release, record
 
@@ -399,7 +405,7 @@ class Reservations:
         if booking is None:
             self.metrics.confirms.labels("hold-expired").inc()
             raise HoldExpired("This hold expired or was released")
-        if booking.hold_token_hash is None or not _same_hash(token, booking.hold_token_hash.hex()):
+        if booking.hold_token_hash is None or not matches(token, booking.hold_token_hash):
             raise Unauthorized("Wrong hold token")
         self.metrics.confirms.labels("replayed").inc()
         return Confirmation(booking, self._cancel_token(token))
@@ -512,7 +518,7 @@ class Reservations:
         booking = await self.store.booking(reference)
         if booking is None:
             raise NotFound(f"No booking {reference!r}")
-        if not _same_hash(cancel_token, booking.cancel_token_hash.hex()):
+        if not matches(cancel_token, booking.cancel_token_hash):
             raise Unauthorized("Wrong cancel token")
         return booking
 
@@ -533,10 +539,6 @@ class Reservations:
                 log.warning("cancel_done_deferred", booking=reference)
             self._listings.pop(booking.release_id, None)
         log.info("booking_cancelled", booking=reference)
-
-
-def _same_hash(token: str, stored_hex: str) -> bool:
-    return hmac.compare_digest(token_hash(token).hex(), stored_hex)
 
 
 def _from_ms(ms: int) -> datetime:

@@ -370,14 +370,6 @@ class Store:
             [(r["reference"], r["slot_id"]) for r in bookings],
         )
 
-    async def slot_booked_counts(self, release_id: str) -> dict[str, tuple[int, int]]:
-        """slot id -> (capacity, booked) as PostgreSQL has them."""
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT id, capacity, booked FROM slots WHERE release_id = $1", release_id
-            )
-        return {r["id"]: (r["capacity"], r["booked"]) for r in rows}
-
     # Bookings ----------------------------------------------------------------------------
 
     async def book(
