@@ -16,3 +16,5 @@ CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 RESERVATIONS = web.AppKey("reservations", Reservations)
 LOTTERY = web.AppKey("lottery", Lottery)
 OPENAPI = web.AppKey("openapi", bytes)
+# Rendered listing bodies: key -> (expires at, by the engine's clock; JSON bytes).
+BODIES: web.AppKey[dict[tuple[str | None, ...], tuple[float, bytes]]] = web.AppKey("bodies")

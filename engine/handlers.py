@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
 from engine import render, schemas, sessions
-from engine.appkeys import LOTTERY, RESERVATIONS, SETTINGS
+from engine.appkeys import BODIES, LOTTERY, RESERVATIONS, SETTINGS
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
 from engine.pow import ALGORITHM
@@ -24,9 +27,28 @@ def applicant(a: schemas.Applicant) -> Applicant:
     return Applicant(a.family_name, a.given_names, a.birth_date, a.id_number, a.email)
 
 
+async def _cached_json(
+    request: web.Request, key: tuple[str | None, ...], build: Callable[[], Awaitable[Any]]
+) -> web.Response:
+    """A listing's rendered body, kept ``listing_cache_s``: pollers hammer listings, and
+    rendering (a time zone per slot, JSON) costs more than the lookup behind it."""
+    cache = request.app[BODIES]
+    now = request.app[RESERVATIONS].clock()
+    hit = cache.get(key)
+    if hit is None or hit[0] <= now:
+        if len(cache) > 10_000:
+            cache.clear()
+        body = json.dumps(await build(), default=str).encode()
+        hit = (now + request.app[SETTINGS].listing_cache_s, body)
+        cache[key] = hit
+    return web.Response(body=hit[1], content_type="application/json")
+
+
 async def list_sites(request: web.Request) -> web.Response:
-    sites = await request.app[RESERVATIONS].sites()
-    return json_response({"sites": [render.site(s) for s in sites]})
+    async def build() -> Any:
+        return {"sites": [render.site(s) for s in await request.app[RESERVATIONS].sites()]}
+
+    return await _cached_json(request, ("sites",), build)
 
 
 async def list_releases(request: web.Request) -> web.Response:
@@ -35,24 +57,31 @@ async def list_releases(request: web.Request) -> web.Response:
     for name, value in (("site", site), ("procedure", procedure)):
         if value is not None:
             schemas.parse_ident(name, value)
-    releases = await domain.releases(site, procedure)
-    return json_response({"releases": [render.release(r) for r in releases]})
+
+    async def build() -> Any:
+        releases = await domain.releases(site, procedure)
+        return {"releases": [render.release(r) for r in releases]}
+
+    return await _cached_json(request, ("releases", site, procedure), build)
 
 
 async def list_slots(request: web.Request) -> web.Response:
     domain = request.app[RESERVATIONS]
     release = await domain.release(request.match_info["release"])
-    counts = await domain.slot_counts(release.id)
-    now = domain.now()
-    slots = []
-    for slot in release.slots:
-        if slot.starts_at <= now:
-            continue
-        count = counts.get(slot.id)
-        slots.append(
-            {**render.slot(slot, release.timezone), "free": count.free if count is not None else 0}
-        )
-    return json_response({"slots": slots})
+
+    async def build() -> Any:
+        counts = await domain.slot_counts(release.id)
+        now = domain.now()
+        slots = []
+        for slot in release.slots:
+            if slot.starts_at <= now:
+                continue
+            count = counts.get(slot.id)
+            free = count.free if count is not None else 0
+            slots.append({**render.slot(slot, release.timezone), "free": free})
+        return {"slots": slots}
+
+    return await _cached_json(request, ("slots", release.id), build)
 
 
 async def create_challenge(request: web.Request) -> web.Response:
