@@ -13,6 +13,7 @@ from engine import render, schemas, sessions
 from engine.appkeys import BODIES, LOTTERY, RESERVATIONS, SETTINGS
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
+from engine.limits import Client
 from engine.pow import ALGORITHM
 from engine.web import bearer, client_address, json_response, parse_body
 
@@ -21,6 +22,11 @@ _IDEMPOTENCY_KEY_MAX = 200
 
 def _client(request: web.Request) -> str:
     return client_address(request, request.app[SETTINGS].trusted_proxies)
+
+
+def _refuse_known(request: web.Request) -> None:
+    """A client already found over a limit is refused before its body is even read."""
+    request.app[RESERVATIONS].limiter.refuse_known(Client.of(_client(request)))
 
 
 def applicant(a: schemas.Applicant) -> Applicant:
@@ -85,6 +91,7 @@ async def list_slots(request: web.Request) -> web.Response:
 
 
 async def create_challenge(request: web.Request) -> web.Response:
+    _refuse_known(request)
     body = await parse_body(request, schemas.ChallengeRequest)
     domain = request.app[RESERVATIONS]
     challenge, session = await domain.challenge(
@@ -106,6 +113,7 @@ async def create_challenge(request: web.Request) -> web.Response:
 
 
 async def create_hold(request: web.Request) -> web.Response:
+    _refuse_known(request)
     body = await parse_body(request, schemas.HoldRequest)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= _IDEMPOTENCY_KEY_MAX and key.isascii()):
@@ -159,6 +167,7 @@ async def cancel_booking(request: web.Request) -> web.Response:
 
 
 async def create_entry(request: web.Request) -> web.Response:
+    _refuse_known(request)
     body = await parse_body(request, schemas.EntryRequest)
     entry = await request.app[LOTTERY].enter(
         request.match_info["release"],
