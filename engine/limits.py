@@ -22,6 +22,7 @@ the base difficulty during a flood.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -49,6 +50,7 @@ class Client:
     session: str | None
 
     @classmethod
+    @functools.lru_cache(maxsize=65536)
     def of(cls, address: str, session: str | None = None) -> Client:
         try:
             ip = ipaddress.ip_address(address)
