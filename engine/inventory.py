@@ -198,7 +198,7 @@ class Inventory:
         k = ReleaseKeys.of(release_id)
         call: Call = (
             "hold",
-            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.spent),
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.spent, k.clients),
             (
                 now_ms,
                 slot_id,
@@ -226,7 +226,9 @@ class Inventory:
         """Per-slot counts after reclaiming expired holds. Raises InventoryMissing."""
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
-            "inventory", (k.inv, k.holds, k.confirming, k.hold, k.idem), (now_ms, RECLAIM_LIMIT)
+            "inventory",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients),
+            (now_ms, RECLAIM_LIMIT),
         )
         if _text(reply[0]) == "rebuild":
             raise InventoryMissing(release_id)
@@ -278,7 +280,9 @@ class Inventory:
         """Mark the hold confirming; return its slot, or None if it is gone or expired."""
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
-            "confirm_begin", (k.inv, k.holds, k.confirming, k.hold, k.idem), (hold_id, now_ms)
+            "confirm_begin",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients),
+            (hold_id, now_ms),
         )
         return _text(reply[1]) if _text(reply[0]) == "confirming" else None
 
@@ -288,7 +292,7 @@ class Inventory:
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
             "confirm_done",
-            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked),
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients),
             (hold_id, slot_id, ref),
         )
         return _text(reply[0]) == "done"
@@ -302,7 +306,9 @@ class Inventory:
     ) -> Literal["released", "confirming", "gone"]:
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
-            "release_hold", (k.inv, k.holds, k.confirming, k.hold, k.idem), (hold_id, now_ms)
+            "release_hold",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients),
+            (hold_id, now_ms),
         )
         return _text(reply[0])  # type: ignore[return-value]
 
@@ -318,7 +324,7 @@ class Inventory:
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
             "settle_confirm",
-            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked),
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients),
             (hold_id, ref or "", cutoff_ms),
         )
         return _text(reply[0])
@@ -345,7 +351,7 @@ class Inventory:
         for ref, slot_id in bookings:
             args += [ref, slot_id]
         reply = await self._call(
-            "rebuild", (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked), args
+            "rebuild", (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients), args
         )
         return _text(reply[0]) == "rebuilt"
 
@@ -365,7 +371,7 @@ class Inventory:
         for ref, slot_id in add:
             args += [ref, slot_id]
         args += list(remove)
-        reply = await self._call("reconcile", (k.inv, k.hold, k.booked), args)
+        reply = await self._call("reconcile", (k.inv, k.hold, k.booked, k.clients), args)
         if _text(reply[0]) == "rebuild":
             raise InventoryMissing(release_id)
         return int(reply[1])

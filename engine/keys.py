@@ -21,6 +21,7 @@ class ReleaseKeys:
     idem: str
     booked: str
     spent: str
+    clients: str
     rebuild_lock: str
 
     @classmethod
@@ -34,6 +35,7 @@ class ReleaseKeys:
             idem=tag + "idem",
             booked=tag + "booked",
             spent=tag + "spent",
+            clients=tag + "clients",
             rebuild_lock=tag + "rebuild",
         )
 

@@ -28,6 +28,7 @@ flushed at the start of every example, as every other test does.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -309,9 +310,12 @@ class Model:
             fields[f"c:{slot}"] = str(cap)
             fields[f"b:{slot}"] = str(self.booked_count(slot))
             fields[f"h:{slot}"] = str(self.held_count(slot))
-        for h in self.holds.values():
-            fields[f"l:{h.client}"] = str(int(fields.get(f"l:{h.client}", "0")) + 1)
         return fields
+
+    def clients_hash(self) -> dict[str, str]:
+        """Live holds per client, as the release's ``clients`` hash keeps them."""
+        counts = Counter(h.client for h in self.holds.values())
+        return {client: str(n) for client, n in counts.items()}
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,7 @@ class RawRedis:
     confirming: dict[str, int]
     idem: dict[str, str]
     spent: dict[str, int]
+    clients: dict[str, str]
 
 
 def newest_first(ids: Iterable[str]) -> list[str]:
@@ -494,7 +499,8 @@ class InventoryMachine(RuleBasedStateMachine):
             pipe.zrange(KEYS.confirming, 0, -1, withscores=True)
             pipe.hgetall(KEYS.idem)
             pipe.zrange(KEYS.spent, 0, -1, withscores=True)
-            inv, booked, hold, holds, confirming, idem, spent = await pipe.execute()
+            pipe.hgetall(KEYS.clients)
+            inv, booked, hold, holds, confirming, idem, spent, clients = await pipe.execute()
         return RawRedis(
             _hash(inv),
             _hash(booked),
@@ -503,6 +509,7 @@ class InventoryMachine(RuleBasedStateMachine):
             _zset(confirming),
             _hash(idem),
             _zset(spent),
+            _hash(clients),
         )
 
     # Rules --------------------------------------------------------------------------------
@@ -655,6 +662,7 @@ class InventoryMachine(RuleBasedStateMachine):
     def check_redis_is_the_model(self, raw: RawRedis) -> None:
         model = self.model
         assert raw.inv == model.inv_hash()
+        assert raw.clients == model.clients_hash()
         assert raw.booked == model.booked
         assert raw.hold == {hold_id: h.record() for hold_id, h in model.holds.items()}
         assert raw.holds == {i: h.deadline for i, h in model.holds.items() if h.state == "h"}

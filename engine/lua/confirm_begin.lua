@@ -1,12 +1,12 @@
 -- confirm_begin: mark a live hold "confirming" before PostgreSQL is asked to book it.
 -- A confirming hold still counts as taken, is never reclaimed by its deadline, and is settled
 -- by confirm_done, confirm_abort, or the sweeper (from PostgreSQL's answer).
--- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem (see lib.lua)
+-- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 clients (see lib.lua)
 -- ARGV: 1 hold id, 2 now_ms
 -- Returns: {'confirming', slot}  the caller may now run the booking transaction
 --          {'gone'}              no such hold, or it expired (an expired one is reclaimed now)
 local function confirm_begin(keys, argv)
-  local inv, holds, confirming, hold, idem = unpack(keys)
+  local inv, holds, confirming, hold, idem, clients = unpack(keys)
   local hold_id, now = argv[1], tonumber(argv[2])
   local rec = redis.call('HGET', hold, hold_id)
   if not rec then
@@ -15,7 +15,7 @@ local function confirm_begin(keys, argv)
   local h = split_hold(rec)
   if h.state == 'h' then
     if h.deadline <= now then
-      drop_hold(inv, holds, confirming, hold, idem, hold_id, h)
+      drop_hold(inv, holds, confirming, hold, idem, clients, hold_id, h)
       return { 'gone' }
     end
     h.state = 'c'

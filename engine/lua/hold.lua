@@ -1,5 +1,5 @@
 -- hold: spend a challenge and take one place on a slot, atomically.
--- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 spent (see lib.lua)
+-- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 spent, 7 clients (see lib.lua)
 -- ARGV: 1 now_ms, 2 slot id, 3 new hold id, 4 token hash (hex), 5 deadline_ms,
 --       6 idempotency field ('' for none), 7 challenge id, 8 challenge expiry_ms,
 --       9 reclaim limit (expired holds reclaimed first), 10 client tag,
@@ -12,7 +12,7 @@
 --          {'client-limit'}  the client has as many live holds as it may; nothing changed
 --          {'rebuild'}    the inventory is missing; rebuild it from PostgreSQL and retry
 local function hold(keys, argv)
-  local inv, holds, confirming, hold, idem, spent = unpack(keys)
+  local inv, holds, confirming, hold, idem, spent, clients = unpack(keys)
   local now, slot, hold_id, token = tonumber(argv[1]), argv[2], argv[3], argv[4]
   local deadline, idem_field = tonumber(argv[5]), argv[6]
   local challenge, challenge_expiry, limit = argv[7], tonumber(argv[8]), tonumber(argv[9])
@@ -21,7 +21,7 @@ local function hold(keys, argv)
   if redis.call('EXISTS', inv) == 0 then
     return { 'rebuild' }
   end
-  reclaim(inv, holds, confirming, hold, idem, now, limit)
+  reclaim(inv, holds, confirming, hold, idem, clients, now, limit)
   if idem_field ~= '' then
     local previous = redis.call('HGET', idem, idem_field)
     if previous then
@@ -41,7 +41,7 @@ local function hold(keys, argv)
   if not capacity then
     return { 'no-slot' }
   end
-  if tonumber(redis.call('HGET', inv, 'l:' .. client) or '0') >= most_holds then
+  if tonumber(redis.call('HGET', clients, client) or '0') >= most_holds then
     return { 'client-limit' }
   end
   -- The capacity decision: from here on the challenge is spent, whatever the answer.
@@ -53,7 +53,7 @@ local function hold(keys, argv)
     return { 'full' }
   end
   redis.call('HINCRBY', inv, 'h:' .. slot, 1)
-  client_holds(inv, client, 1)
+  client_holds(clients, client, 1)
   redis.call('ZADD', holds, deadline, hold_id)
   redis.call('HSET', hold, hold_id, join_hold({ slot = slot, state = 'h', deadline = deadline,
     idem = idem_field, token = token, client = client }))

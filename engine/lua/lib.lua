@@ -2,8 +2,9 @@
 --
 -- All keys of one release share the hash tag {r:<release>} (see engine/keys.py):
 --   inv        hash  c:<slot> capacity, b:<slot> bookings Redis knows of,
---                    h:<slot> live holds (held or confirming), ready = 1 once built,
---                    l:<client> live holds of one client (absent when 0)
+--                    h:<slot> live holds (held or confirming), ready = 1 once built
+--   clients    hash  client -> its live holds in this release (absent when 0); kept out of
+--                    inv so that reading the inventory does not grow with live holds
 --   holds      zset  hold id -> deadline (ms since epoch); only holds in state "held"
 --   confirming zset  hold id -> time its confirm began (ms)
 --   hold       hash  hold id -> "slot|state|deadline_ms|idem_field|token_hash|client",
@@ -24,12 +25,11 @@ local function join_hold(h)
   return table.concat({ h.slot, h.state, tostring(h.deadline), h.idem, h.token, h.client }, '|')
 end
 
--- One client's live holds in this release, kept in inv as l:<client> (absent when 0).
-local function client_holds(inv, client, delta)
-  local field = 'l:' .. client
-  local n = redis.call('HINCRBY', inv, field, delta)
+-- One client's live holds in this release (the field is absent when 0).
+local function client_holds(clients, client, delta)
+  local n = redis.call('HINCRBY', clients, client, delta)
   if n <= 0 then
-    redis.call('HDEL', inv, field)
+    redis.call('HDEL', clients, client)
     return 0
   end
   return n
@@ -66,7 +66,7 @@ local function clock_us(override)
 end
 
 -- Forget a hold entirely and give its place back.
-local function drop_hold(inv, holds, confirming, hold, idem, hold_id, h)
+local function drop_hold(inv, holds, confirming, hold, idem, clients, hold_id, h)
   redis.call('HDEL', hold, hold_id)
   redis.call('ZREM', holds, hold_id)
   redis.call('ZREM', confirming, hold_id)
@@ -74,16 +74,16 @@ local function drop_hold(inv, holds, confirming, hold, idem, hold_id, h)
     redis.call('HDEL', idem, h.idem)
   end
   redis.call('HINCRBY', inv, 'h:' .. h.slot, -1)
-  client_holds(inv, h.client, -1)
+  client_holds(clients, h.client, -1)
 end
 
 -- Reclaim at most `limit` holds whose deadline is at or before `now`. Returns how many.
-local function reclaim(inv, holds, confirming, hold, idem, now, limit)
+local function reclaim(inv, holds, confirming, hold, idem, clients, now, limit)
   local expired = redis.call('ZRANGE', holds, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
   for _, hold_id in ipairs(expired) do
     local rec = redis.call('HGET', hold, hold_id)
     if rec then
-      drop_hold(inv, holds, confirming, hold, idem, hold_id, split_hold(rec))
+      drop_hold(inv, holds, confirming, hold, idem, clients, hold_id, split_hold(rec))
     else
       redis.call('ZREM', holds, hold_id)
     end

@@ -2,12 +2,12 @@
 -- Capacities are set; bookings PostgreSQL has and Redis lacks are counted; bookings PostgreSQL
 -- no longer has active are uncounted; live-hold counters (per slot and per client) are
 -- recounted from the hold records.
--- KEYS: 1 inv, 2 hold, 3 booked (see lib.lua)
+-- KEYS: 1 inv, 2 hold, 3 booked, 4 clients (see lib.lua)
 -- ARGV: 1 number of slots n, then n times (slot id, capacity), 2+2n number of additions a,
 --       then a times (reference, slot id), then references to remove
 -- Returns: {'reconciled', corrections} or {'rebuild'}
 local function reconcile(keys, argv)
-  local inv, hold, booked = unpack(keys)
+  local inv, hold, booked, clients = unpack(keys)
   if redis.call('EXISTS', inv) == 0 then
     return { 'rebuild' }
   end
@@ -40,22 +40,22 @@ local function reconcile(keys, argv)
     end
   end
   local records = redis.call('HVALS', hold)
-  local clients = {}
+  local per_client = {}
   for _, rec in ipairs(records) do
     local h = split_hold(rec)
     live[h.slot] = (live[h.slot] or 0) + 1
-    clients[h.client] = (clients[h.client] or 0) + 1
+    per_client[h.client] = (per_client[h.client] or 0) + 1
   end
-  local fields = redis.call('HKEYS', inv)
-  for _, field in ipairs(fields) do
-    if string.sub(field, 1, 2) == 'l:' and not clients[string.sub(field, 3)] then
-      redis.call('HDEL', inv, field)
+  local known = redis.call('HKEYS', clients)
+  for _, client in ipairs(known) do
+    if not per_client[client] then
+      redis.call('HDEL', clients, client)
       corrections = corrections + 1
     end
   end
-  for client, count in pairs(clients) do
-    if tonumber(redis.call('HGET', inv, 'l:' .. client) or '0') ~= count then
-      redis.call('HSET', inv, 'l:' .. client, count)
+  for client, count in pairs(per_client) do
+    if tonumber(redis.call('HGET', clients, client) or '0') ~= count then
+      redis.call('HSET', clients, client, count)
       corrections = corrections + 1
     end
   end

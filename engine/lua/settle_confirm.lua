@@ -1,11 +1,11 @@
 -- settle_confirm: the sweeper settles a confirm that never reported back, from PostgreSQL's
 -- answer: booked (ref given) counts the booking; not booked drops the hold.
--- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 booked (see lib.lua)
+-- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 booked, 7 clients (see lib.lua)
 -- ARGV: 1 hold id, 2 booking reference ('' when PostgreSQL has no booking for the hold),
 --       3 oldest start_ms still too young to settle (a confirm begun since is left alone)
 -- Returns: {'booked'}, {'dropped'}, or {'skipped'} (settled already, or restarted since)
 local function settle_confirm(keys, argv)
-  local inv, holds, confirming, hold, idem, booked = unpack(keys)
+  local inv, holds, confirming, hold, idem, booked, clients = unpack(keys)
   local hold_id, ref, cutoff = argv[1], argv[2], tonumber(argv[3])
   local started = redis.call('ZSCORE', confirming, hold_id)
   if not started or tonumber(started) > cutoff then
@@ -17,7 +17,7 @@ local function settle_confirm(keys, argv)
     return { 'skipped' }
   end
   local h = split_hold(rec)
-  drop_hold(inv, holds, confirming, hold, idem, hold_id, h)
+  drop_hold(inv, holds, confirming, hold, idem, clients, hold_id, h)
   if ref == '' then
     return { 'dropped' }
   end
