@@ -70,18 +70,8 @@ async def create_release(request: web.Request) -> web.Response:
         draw_at=body.draw_at,
     )
     await domain.publish(release)
-    created = await domain.release(release.id)
     return json_response(
-        {
-            "release": {
-                **render.release(created),
-                "slots": [
-                    {**render.slot(s, created.timezone), "capacity": s.capacity}
-                    for s in created.slots
-                ],
-            }
-        },
-        status=201,
+        {"release": render.release_for_staff(await domain.release(release.id))}, status=201
     )
 
 
@@ -97,18 +87,7 @@ async def patch_release(request: web.Request) -> web.Response:
     }
     capacities = {s.id: s.capacity for s in body.slots}
     await domain.patch_release(release.id, windows, capacities)
-    updated = await domain.release(release.id)
-    return json_response(
-        {
-            "release": {
-                **render.release(updated),
-                "slots": [
-                    {**render.slot(s, updated.timezone), "capacity": s.capacity}
-                    for s in updated.slots
-                ],
-            }
-        }
-    )
+    return json_response({"release": render.release_for_staff(await domain.release(release.id))})
 
 
 async def put_beacon(request: web.Request) -> web.Response:

@@ -43,6 +43,14 @@ def release(r: Release) -> dict[str, Any]:
     return out
 
 
+def release_for_staff(r: Release) -> dict[str, Any]:
+    """A release with every slot and its capacity, as the admin endpoints answer."""
+    return {
+        **release(r),
+        "slots": [{**slot(s, r.timezone), "capacity": s.capacity} for s in r.slots],
+    }
+
+
 def slot(s: Slot, timezone: str) -> dict[str, Any]:
     return {
         "id": s.id,
