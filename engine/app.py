@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.maint_notifications import MaintNotificationsConfig
 
 from engine import sweeper
-from engine.appkeys import BODIES, CLOCK, LOTTERY, METRICS, OPENAPI, RESERVATIONS, SETTINGS
+from engine.appkeys import BODIES, CLOCK, LOTTERY, METRICS, OPENAPI, REFILLS, RESERVATIONS, SETTINGS
 from engine.inventory import AnyRedis, Inventory
 from engine.lottery import Lottery
 from engine.metrics import Metrics
@@ -72,6 +72,7 @@ def create_app(
     app[CLOCK] = clock
     app[OPENAPI] = json.dumps(document(ROUTES)).encode()
     app[BODIES] = {}
+    app[REFILLS] = {}
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from engine.lottery import Lottery
@@ -18,3 +20,7 @@ LOTTERY = web.AppKey("lottery", Lottery)
 OPENAPI = web.AppKey("openapi", bytes)
 # Rendered listing bodies: key -> (expires at, by the engine's clock; JSON bytes).
 BODIES: web.AppKey[dict[tuple[str | None, ...], tuple[float, bytes]]] = web.AppKey("bodies")
+# Listing refills under way, so that concurrent misses share one.
+REFILLS: web.AppKey[dict[tuple[str | None, ...], asyncio.Future[tuple[float, bytes]]]] = web.AppKey(
+    "refills"
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -10,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from engine import render, schemas, sessions
-from engine.appkeys import BODIES, LOTTERY, RESERVATIONS, SETTINGS
+from engine.appkeys import BODIES, LOTTERY, REFILLS, RESERVATIONS, SETTINGS
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
 from engine.limits import Client
@@ -42,12 +43,31 @@ async def _cached_json(
     now = request.app[RESERVATIONS].clock()
     hit = cache.get(key)
     if hit is None or hit[0] <= now:
-        if len(cache) > 10_000:
-            cache.clear()
-        body = json.dumps(await build(), default=str).encode()
-        hit = (now + request.app[SETTINGS].listing_cache_s, body)
-        cache[key] = hit
+        # Single flight: when an entry expires, one request rebuilds it and the others
+        # in flight wait for that body instead of each asking the stores again.
+        refills = request.app[REFILLS]
+        pending = refills.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(_refill(request, key, build, now))
+            refills[key] = pending
+            pending.add_done_callback(lambda _: refills.pop(key, None))
+        hit = await asyncio.shield(pending)
     return web.Response(body=hit[1], content_type="application/json")
+
+
+async def _refill(
+    request: web.Request,
+    key: tuple[str | None, ...],
+    build: Callable[[], Awaitable[Any]],
+    now: float,
+) -> tuple[float, bytes]:
+    cache = request.app[BODIES]
+    if len(cache) > 10_000:
+        cache.clear()
+    body = json.dumps(await build(), default=str).encode()
+    hit = (now + request.app[SETTINGS].listing_cache_s, body)
+    cache[key] = hit
+    return hit
 
 
 async def list_sites(request: web.Request) -> web.Response:
