@@ -17,10 +17,9 @@ import dataclasses
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 from engine import draw, pow, sessions
 from engine.errors import (
@@ -53,7 +52,6 @@ from engine.tokens import (
     token_hash,
 )
 
-T = TypeVar("T")
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
 _CHILD_ID = re.compile(r"^(r[0-9a-z]{12})\.[0-9a-z]{1,20}$")
 
@@ -148,8 +146,6 @@ class Reservations:
         self.recovery = Recovery(settings, store, inventory, metrics, clock)
         self.limiter = Limiter(settings, inventory, metrics, bucket_clock)
         self._releases: dict[str, tuple[float, Release | None]] = {}
-        self._listings: dict[str, tuple[float, dict[str, SlotCounts]]] = {}
-        self._catalog: dict[tuple[str | None, ...], tuple[float, Any]] = {}
         self._known: frozenset[str] = frozenset()
         self._known_at = float("-inf")
 
@@ -185,55 +181,32 @@ class Reservations:
         return self._known
 
     async def sites(self) -> list[Site]:
-        """All sites, from a short in-process cache (listings are what pollers hammer)."""
-        return await self._cached(("sites",), self.store.sites)
+        """All sites (the HTTP layer keeps the rendered listing for ``listing_cache_s``)."""
+        return await self.store.sites()
 
     async def releases(self, site_id: str | None, procedure_id: str | None) -> list[Release]:
-        """Releases with slots to come, from a short in-process cache."""
-        return await self._cached(
-            ("releases", site_id, procedure_id),
-            lambda: self.store.releases(site_id, procedure_id, self.now()),
-        )
-
-    async def _cached(self, key: tuple[str | None, ...], load: Callable[[], Awaitable[T]]) -> T:
-        now = self.clock()
-        hit = self._catalog.get(key)
-        if hit is None or hit[0] <= now:
-            if len(self._catalog) > 10_000:
-                self._catalog.clear()
-            hit = (now + self.settings.listing_cache_s, await load())
-            self._catalog[key] = hit
-        return hit[1]
+        """Releases with slots to come (cached, rendered, by the HTTP layer)."""
+        return await self.store.releases(site_id, procedure_id, self.now())
 
     async def upsert_site(self, site: Site) -> None:
         await self.store.upsert_site(site)
-        self._catalog.clear()
 
     def forget(self, release_id: str) -> None:
         """Drop what this worker cached of a release (others see changes within
         ``release_cache_s``)."""
         self._releases.pop(release_id, None)
-        self._listings.pop(release_id, None)
-        self._catalog.clear()
 
     async def slot_counts(self, release_id: str) -> dict[str, SlotCounts]:
-        """Per-slot counts for listings; at most ``listing_cache_s`` old."""
-        now = self.clock()
-        cached = self._listings.get(release_id)
-        if cached is None or cached[0] <= now:
-            counts = await self.recovery.with_inventory(
-                release_id, lambda: self.inventory.counts(release_id, self.now_ms())
-            )
-            cached = (now + self.settings.listing_cache_s, counts)
-            self._listings[release_id] = cached
-        return cached[1]
+        """Per-slot counts for the slot listing, expired holds reclaimed first."""
+        return await self.recovery.with_inventory(
+            release_id, lambda: self.inventory.counts(release_id, self.now_ms())
+        )
 
     async def publish(self, release: Release) -> None:
         """Store a new release, then build its inventory in Redis (not counted as a rebuild).
         If Redis does not answer, the first request that needs the inventory builds it."""
         release, seed = with_seed(release)
         await self.store.create_release(release, seed)
-        self._catalog.clear()
         self._known = self._known | {release.id}
         capacities = [(s.id, s.capacity) for s in release.slots]
         try:
@@ -377,7 +350,6 @@ class Reservations:
             raise HoldConfirming("This hold is being confirmed and cannot be released now")
         if outcome == "gone":
             raise HoldExpired("This hold expired or was released")
-        self._listings.pop(release.id, None)
         log.info("hold_released", hold=hold_id)
 
     # Confirm -----------------------------------------------------------------------------
@@ -459,7 +431,6 @@ class Reservations:
         except StoreUnavailable:
             # The booking is committed and is the truth; the sweeper will count it in Redis.
             log.warning("confirm_done_deferred", hold=hold_id, booking=booking.reference)
-        self._listings.pop(release.id, None)
         log.info("booking_confirmed", booking=booking.reference, slot=slot_id, hold=hold_id)
         return Confirmation(booking, cancel_token)
 
@@ -538,7 +509,6 @@ class Reservations:
                 await self.inventory.cancel_done(booking.release_id, reference)
             except StoreUnavailable:
                 log.warning("cancel_done_deferred", booking=reference)
-            self._listings.pop(booking.release_id, None)
         log.info("booking_cancelled", booking=reference)
 
 
