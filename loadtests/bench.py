@@ -108,6 +108,7 @@ GOALS = {
 }
 HOLD_P99_GOAL_MS = 50.0
 PROFILE_TARGETS = ("hold", "slots", "confirm", "blocked", "forged")
+SCENARIOS = ("slots", "hold", "forged", "confirm", "open", "blocked")
 BLOCKED_ADDRESS = "198.51.100.7"  # TEST-NET-2: the client the blocked measurements use
 
 
@@ -1077,6 +1078,8 @@ class Bench:
         self.rows: list[Row] = []
         self.notes: list[str] = []
         self.redis_pid: int | None = None
+        self.hold_rps = 0.0
+        self.releases: dict[str, Any] = {}
         self.commit = "unknown"
         self.pinning = hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
 
@@ -1271,7 +1274,6 @@ class Bench:
         return int(guess_rps * seconds * 1.3) + 500
 
     async def _pinned_runs(self) -> None:
-        a = self.args
         print("ceiling", flush=True)
         hello = await self.start_hello()
         await self.measure(hello, "ceiling", "ceiling: hello world (first)", "GET /", 200)
@@ -1293,6 +1295,31 @@ class Bench:
             },
         )
         self.releases = rel
+        if self._wanted("slots"):
+            await self._slot_runs(engine)
+        if self._wanted("hold") or self._wanted("open"):
+            await self._hold_run(engine)
+        if self._wanted("forged"):
+            await self._forged_run(engine)
+        if self._wanted("confirm"):
+            print("confirm", flush=True)
+            await self._confirm(engine)
+        if self._wanted("open"):
+            await self._open_run(engine)
+        self.stop(engine)
+        if self._wanted("blocked"):
+            await self._blocked_runs()
+
+        print("ceiling again", flush=True)
+        hello = await self.start_hello()
+        await self.measure(hello, "ceiling_end", "ceiling: hello world (last)", "GET /", 200)
+        self.stop(hello)
+
+    def _wanted(self, scenario: str) -> bool:
+        return not self.args.only or scenario in self.args.only
+
+    async def _slot_runs(self, engine: Server) -> None:
+        rel = self.releases
         slots_route = "/v1/releases/{release}/slots"
         print("slot listing", flush=True)
         for key, label, name in (
@@ -1304,6 +1331,8 @@ class Bench:
                 engine, key, label, f"GET {slots_route}", 200, route=slots_route, path=path
             )
 
+    async def _hold_run(self, engine: Server) -> None:
+        a, rel, port = self.args, self.releases, engine.port
         print("holds", flush=True)
         guess = a.hold_guess
         warm, _ = self.minter.holds(
@@ -1326,6 +1355,8 @@ class Bench:
         self.hold_rps = hold.measured.rps
         await drop_holds(self.redis, rel["hold"]["id"])
 
+    async def _forged_run(self, engine: Server) -> None:
+        rel, port = self.releases, engine.port
         print("forged challenge", flush=True)
         forged = self.minter.forged(port, rel["forged"]["id"], rel["forged"]["slots"], 2000)
         await self.measure(
@@ -1338,9 +1369,8 @@ class Bench:
             requests=forged,
         )
 
-        print("confirm", flush=True)
-        await self._confirm(engine)
-
+    async def _open_run(self, engine: Server) -> None:
+        a, rel, port = self.args, self.releases, engine.port
         print("holds, open loop at 80 % of peak", flush=True)
         rate = 0.8 * self.hold_rps
         reqs, _ = self.minter.holds(
@@ -1372,8 +1402,9 @@ class Bench:
             f" (target {rate:,.0f}/s)",
             flush=True,
         )
-        self.stop(engine)
 
+    async def _blocked_runs(self) -> None:
+        rel = self.releases
         print("blocked client (second engine: GUICHET_LIMIT_ADDRESS=2/1h)", flush=True)
         blocked = await self.start_engine(
             "engine-blocked", 1, pinned=True, GUICHET_LIMIT_ADDRESS="2/1h"
@@ -1419,11 +1450,6 @@ class Bench:
             requests=holds,
         )
         self.stop(blocked)
-
-        print("ceiling again", flush=True)
-        hello = await self.start_hello()
-        await self.measure(hello, "ceiling_end", "ceiling: hello world (last)", "GET /", 200)
-        self.stop(hello)
 
     async def _confirm(self, engine: Server) -> None:
         """Take holds (through the API, one address each), then confirm them under load."""
@@ -1886,6 +1912,12 @@ def main() -> None:
     )
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio client")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument(
+        "--only",
+        type=lambda text: set(text.split(",")),
+        default=set(),
+        help="comma-separated subset of: " + ", ".join(SCENARIOS) + " (the ceiling always runs)",
+    )
     parser.add_argument("--profile", choices=PROFILE_TARGETS)
     parser.add_argument("--profile-seconds", type=int, default=12)
     parser.add_argument("--profile-rate", type=int, default=200)
