@@ -92,6 +92,7 @@ def create_app(
             await inventory.load()
         yield
         await pool.close()
+        await inventory.autopipeline.aclose()
         await redis.aclose()
 
     async def background(app: web.Application) -> AsyncIterator[None]:

@@ -133,7 +133,8 @@ async def create_challenge(request: web.Request) -> web.Response:
 
 
 async def create_hold(request: web.Request) -> web.Response:
-    _refuse_known(request)
+    client = _client(request)
+    request.app[RESERVATIONS].limiter.refuse_known(Client.of(client))
     body = await parse_body(request, schemas.HoldRequest)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= _IDEMPOTENCY_KEY_MAX and key.isascii()):
@@ -141,7 +142,7 @@ async def create_hold(request: web.Request) -> web.Response:
             [{"field": "Idempotency-Key", "message": "must be 1 to 200 ASCII characters"}]
         )
     domain = request.app[RESERVATIONS]
-    hold = await domain.hold(body.slot_id, body.challenge, list(body.nonces), _client(request), key)
+    hold = await domain.hold(body.slot_id, body.challenge, list(body.nonces), client, key)
     return json_response(
         {
             "hold_id": hold.id,

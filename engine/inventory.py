@@ -3,7 +3,8 @@
 The Lua files in ``engine/lua`` are loaded once as a Redis Functions library whose name carries
 a digest of the code, so two versions of the engine never call each other's functions. Each
 method here knows its function's KEYS and ARGV order and decodes its reply; nothing else in the
-engine talks Lua. redis-py errors are mapped to domain errors in ``_call``, and only there.
+engine talks Lua. Every call goes through ``engine.autopipeline``, and redis-py errors are
+mapped to domain errors in ``_guard``, ``_run`` and ``_raise``, and only there.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -21,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from engine.autopipeline import AutoPipeline, Command
 from engine.errors import StoreUnavailable
 from engine.keys import ReleaseKeys
 
@@ -46,6 +48,7 @@ _UNAVAILABLE_REPLIES = frozenset(
 )
 
 AnyRedis = Redis | RedisCluster
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
 
 def library_source() -> tuple[str, str]:
@@ -130,6 +133,9 @@ class Inventory:
         self._retry_after_s = retry_after_s
         self._source, self._digest = library_source()
         self._loaded = False
+        # Every call but the library load goes through here: concurrent requests share
+        # round trips (engine/autopipeline.py).
+        self.autopipeline = AutoPipeline(redis, timeout_s)
 
     async def load(self) -> None:
         """Load the Functions library (idempotent; every worker does it at start)."""
@@ -140,7 +146,14 @@ class Inventory:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await aw
-        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+
+    async def _run(self, commands: Sequence[Command]) -> list[Any]:
+        # No timeout of our own here: the shared pipeline has one.
+        try:
+            return await self.autopipeline.run(commands)
+        except _UNREACHABLE as exc:
             raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
 
     async def _call(self, op: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
@@ -150,14 +163,13 @@ class Inventory:
         self, calls: Sequence[Call], extra: Sequence[tuple[str, ...]] = ()
     ) -> list[list[Any]]:
         """Run functions (and ``extra`` plain commands, whose replies are dropped) in one
-        round trip. Non-transactional: each function is atomic on its own."""
+        round trip, shared with other requests'. Each function is atomic on its own."""
+        commands: list[Command] = [
+            ("FCALL", f"{op}_{self._digest}", len(keys), *keys, *args) for op, keys, args in calls
+        ]
+        commands += extra
         for attempt in range(2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for op, keys, args in calls:
-                    pipe.fcall(f"{op}_{self._digest}", len(keys), *keys, *args)
-                for command in extra:
-                    pipe.execute_command(*command)
-                replies = await self._guard(pipe.execute(raise_on_error=False))
+            replies = await self._run(commands)
             errors = [r for r in replies if isinstance(r, Exception)]
             if not errors:
                 return [list(r) for r in replies[: len(calls)]]
@@ -165,17 +177,25 @@ class Inventory:
             if attempt == 0 and all("Function not found" in str(e) for e in errors):
                 await self.load()
                 continue
-            error = errors[0]
-            if isinstance(error, (RedisConnectionError, RedisTimeoutError)) or (
-                isinstance(error, ResponseError)
-                and str(error).split(" ", 1)[0] in _UNAVAILABLE_REPLIES
-            ):
-                raise StoreUnavailable(self._retry_after_s, f"Redis: {error}") from error
-            raise error
+            self._raise(errors[0])
         raise AssertionError("unreachable")
 
+    async def _command(self, *command: str | int) -> Any:
+        """One plain command, in the shared round trip."""
+        (reply,) = await self._run([command])
+        if isinstance(reply, Exception):
+            self._raise(reply)
+        return reply
+
+    def _raise(self, error: Exception) -> NoReturn:
+        if isinstance(error, (RedisConnectionError, RedisTimeoutError)) or (
+            isinstance(error, ResponseError) and str(error).split(" ", 1)[0] in _UNAVAILABLE_REPLIES
+        ):
+            raise StoreUnavailable(self._retry_after_s, f"Redis: {error}") from error
+        raise error
+
     async def ping(self) -> None:
-        await self._guard(self._redis.ping())
+        await self._command("PING")
 
     async def hold(
         self,
@@ -260,17 +280,17 @@ class Inventory:
         return _text(reply[0]) == "ok"
 
     async def forget_unspent(self, key: str, challenge_id: str) -> None:
-        await self._guard(self._redis.zrem(key, challenge_id))
+        await self._command("ZREM", key, challenge_id)
 
     async def unspend(self, release_id: str, challenge_id: str) -> None:
         """Give a spent challenge back (its attempt failed for want of a store)."""
-        await self._guard(self._redis.zrem(ReleaseKeys.of(release_id).spent, challenge_id))
+        await self._command("ZREM", ReleaseKeys.of(release_id).spent, challenge_id)
 
     async def exists(self, release_id: str) -> bool:
-        return bool(await self._guard(self._redis.exists(ReleaseKeys.of(release_id).inv)))
+        return bool(await self._command("EXISTS", ReleaseKeys.of(release_id).inv))
 
     async def hold_record(self, release_id: str, hold_id: str) -> HoldRecord | None:
-        raw = await self._guard(self._redis.hget(ReleaseKeys.of(release_id).hold, hold_id))
+        raw = await self._command("HGET", ReleaseKeys.of(release_id).hold, hold_id)
         if raw is None:
             return None
         slot, state, deadline, _idem, token, _client = _text(raw).split("|")
@@ -315,7 +335,7 @@ class Inventory:
     async def stale_confirms(self, release_id: str, cutoff_ms: int) -> list[str]:
         """Holds whose confirm began at or before ``cutoff_ms`` and never reported back."""
         k = ReleaseKeys.of(release_id)
-        ids = await self._guard(self._redis.zrange(k.confirming, "-inf", cutoff_ms, byscore=True))
+        ids = await self._command("ZRANGE", k.confirming, "-inf", cutoff_ms, "BYSCORE")
         return [_text(i) for i in ids]
 
     async def settle_confirm(
@@ -334,7 +354,7 @@ class Inventory:
         await self._call("cancel_done", (k.inv, k.booked), (ref,))
 
     async def booked_refs(self, release_id: str) -> set[str]:
-        refs = await self._guard(self._redis.hkeys(ReleaseKeys.of(release_id).booked))
+        refs = await self._command("HKEYS", ReleaseKeys.of(release_id).booked)
         return {_text(r) for r in refs}
 
     async def rebuild(
@@ -403,10 +423,10 @@ class Inventory:
         return results
 
     async def try_lock(self, key: str, ttl_ms: int) -> bool:
-        return bool(await self._guard(self._redis.set(key, "1", nx=True, px=ttl_ms)))
+        return (await self._command("SET", key, "1", "NX", "PX", ttl_ms)) is not None
 
     async def unlock(self, key: str) -> None:
-        await self._guard(self._redis.delete(key))
+        await self._command("DEL", key)
 
 
 def _text(value: bytes | str) -> str:

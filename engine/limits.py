@@ -57,7 +57,8 @@ class Client:
         except ValueError:
             return cls(address, address, None, session)
         if ip.version == 4:
-            return cls(address, str(ipaddress.ip_network(f"{ip}/24", strict=False)), None, session)
+            # The /24 by string: ``ip`` is canonical, and ip_network would parse it again.
+            return cls(address, f"{str(ip).rpartition('.')[0]}.0/24", None, session)
         return cls(
             address,
             str(ipaddress.ip_network(f"{ip}/64", strict=False)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -54,9 +55,15 @@ def release_for_staff(r: Release) -> dict[str, Any]:
 def slot(s: Slot, timezone: str) -> dict[str, Any]:
     return {
         "id": s.id,
-        "starts_at": local(s.starts_at, timezone),
+        "starts_at": _start(s.starts_at, timezone),
         "duration_minutes": s.duration_minutes,
     }
+
+
+@functools.lru_cache(maxsize=4096)
+def _start(moment: datetime, timezone: str) -> str | None:
+    # A slot's start is rendered in every hold reply: the same few strings, over and over.
+    return local(moment, timezone)
 
 
 def booking(b: Booking) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""Automatic pipelining: the Redis calls of concurrent requests share one round trip.
+
+Under load, hundreds of requests wait on Redis at once, and redis-py's per-call cost (taking a
+pooled connection, packing, a timeout, one write and one read system call) dominates the
+hold path (BENCHMARKS.md). ``AutoPipeline.run`` queues a request's commands; once per turn of
+the event loop, everything queued in that turn goes out as one non-transactional redis-py
+pipeline, and each caller gets back the replies to its own commands, in order.
+
+Nothing about atomicity changes: each command (each Redis Function) was already atomic on its
+own, and a caller's commands still reach Redis in the order it gave them, next to each other.
+A batch that fails as a whole (connection lost, timeout) fails every caller in it, exactly as
+if each had sent its own pipeline at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+Command = tuple[str | int | float | bytes, ...]
+_Waiter = tuple[Sequence[Command], asyncio.Future[list[Any]]]
+
+
+class AutoPipeline:
+    """Coalesce concurrent ``run`` calls into one pipeline per event-loop turn.
+
+    ``max_commands`` bounds one pipeline; a turn that queued more sends several. The timeout
+    bounds each pipeline from the moment it is sent, connection wait included.
+    """
+
+    def __init__(
+        self, redis: Redis | RedisCluster, timeout_s: float, max_commands: int = 512
+    ) -> None:
+        self._redis = redis
+        self._timeout_s = timeout_s
+        self._max_commands = max_commands
+        self._queue: list[_Waiter] = []
+        self._queued_commands = 0
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+        self.batches = 0  # pipelines sent, for tests and the benchmark's profile
+        self.commands = 0
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        """The replies to ``commands``, in order. A command that failed gets its exception
+        as its reply; a batch that failed as a whole raises here (redis-py's error, or
+        TimeoutError)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._queue.append((commands, future))
+        self._queued_commands += len(commands)
+        if self._queued_commands >= self._max_commands:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._queue:
+            return
+        batch, self._queue, self._queued_commands = self._queue, [], 0
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Waiter]) -> None:
+        self.batches += 1
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for commands, _ in batch:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                self.commands += len(pipe)
+                async with asyncio.timeout(self._timeout_s):
+                    replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # every caller must hear of it, even of a cancellation
+            failure = exc if isinstance(exc, Exception) else TimeoutError("cancelled")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for commands, future in batch:
+            end = start + len(commands)
+            if not future.done():  # the caller may have been cancelled meanwhile
+                future.set_result(replies[start:end])
+            start = end
+
+    async def aclose(self) -> None:
+        """Wait for the pipelines in flight (each is bounded by the timeout)."""
+        self._flush()
+        if self._sending:
+            await asyncio.wait(set(self._sending))
