@@ -9,6 +9,7 @@ worker aggregates all of them (prometheus-client's multiprocess mode).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,6 +28,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        self._answered: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -115,6 +117,20 @@ class Metrics:
         self.store_errors = Counter(
             "guichet_store_unavailable", "Calls to a store that did not answer in time.", registry=r
         )
+
+    def answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP answer. The labelled children are kept: ``labels()`` costs more
+        than the increment, and it ran on every request (BENCHMARKS.md)."""
+        key = (route, method, status)
+        children = self._answered.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route),
+            )
+            self._answered[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import json
 import secrets
 import time
@@ -72,15 +73,21 @@ def _from_http(exc: web.HTTPException) -> GuichetError:
     return _HttpProblem(exc.status, "http-error", exc.reason, exc.text or exc.reason)
 
 
+# Methods counted by name; any other is "other", so that no client can make up label values.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def guard(metrics: Metrics, max_in_flight: int) -> Any:
     in_flight = 0
+    # Request ids: random per process, then counted (unique, and no system call each).
+    prefix, counter = secrets.token_hex(5) + "-", itertools.count(1)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal in_flight
         rid = request.headers.get("X-Request-Id", "")
         if not (0 < len(rid) <= 64 and rid.isascii() and rid.isprintable()):
-            rid = secrets.token_hex(8)
+            rid = f"{prefix}{next(counter):x}"
         request_id.set(rid)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
@@ -106,8 +113,8 @@ def guard(metrics: Metrics, max_in_flight: int) -> Any:
             )
         finally:
             in_flight -= 1
-        metrics.requests.labels(route, request.method, str(response.status)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        method = request.method if request.method in _METHODS else "other"
+        metrics.answered(route, method, response.status, time.perf_counter() - started)
         return response
 
     return middleware
