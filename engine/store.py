@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
@@ -61,6 +61,7 @@ async def create_pool(dsn: str, timeout_s: float, size: int) -> asyncpg.Pool:
         max_size=size,
         timeout=timeout_s,
         command_timeout=timeout_s,
+        reset=_keep_session,
         server_settings={
             "statement_timeout": ms,
             "idle_in_transaction_session_timeout": ms,
@@ -68,6 +69,13 @@ async def create_pool(dsn: str, timeout_s: float, size: int) -> asyncpg.Pool:
         },
     )
     return await pool
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release (advisory unlock, CLOSE ALL, UNLISTEN, RESET
+    ALL): a round trip per request, and the engine keeps no session state. Its locks are
+    transaction-scoped (pg_advisory_xact_lock), its settings SET LOCAL, and it neither
+    listens nor keeps cursors. asyncpg still ends any open transaction before this runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,25 +399,17 @@ class Store:
     ) -> Booking:
         """Insert a confirmed booking; return it, or the one this hold already has.
 
-        The slot's count and its capacity check happen in the same transaction (trigger and
-        CHECK constraint); a constraint violation becomes SlotFull or IdentityAlreadyBooked.
-        A new booking must also pass the identity and email caps (``IdentityRules``).
+        One statement, one round trip: ``book_hold`` (sql/004_book.sql) checks the identity
+        and email caps (``IdentityRules``) and inserts. The slot's count and its capacity
+        check happen in the same transaction (trigger and CHECK constraint); a constraint
+        violation becomes SlotFull or IdentityAlreadyBooked.
         """
-        async with self._transaction() as conn:
-            existing = await conn.fetchrow(
-                f"SELECT {_BOOKING_COLUMNS} FROM {_BOOKING_FROM} WHERE b.hold_id = $1",  # noqa: S608
-                hold_id,
-            )
-            if existing is not None:
-                return _booking(existing)
-            await self._check_caps(conn, identity_hash, email_hash)
+        rules = self._rules
+        async with self._connection() as conn:
             try:
-                inserted = await conn.fetchval(
-                    """INSERT INTO bookings (reference, slot_id, release_id, procedure_id,
-                           channel, hold_id, hold_token_hash, identity_hash, email_hash,
-                           family_name, given_names, birth_date, cancel_token_hash, client_net)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-                       ON CONFLICT (hold_id) DO NOTHING RETURNING reference""",
+                row = await conn.fetchrow(
+                    "SELECT * FROM book_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+                    " $13, $14, $15, $16, $17, $18)",
                     reference,
                     slot_id,
                     release.id,
@@ -424,78 +424,30 @@ class Store:
                     birth_date,
                     cancel_token_hash,
                     client_net,
+                    rules.period,
+                    rules.max_bookings,
+                    rules.max_cancellations,
+                    rules.max_active_per_email,
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _map_integrity(exc) from None
-            if inserted is None:
-                row = await conn.fetchrow(
-                    f"SELECT {_BOOKING_COLUMNS} FROM {_BOOKING_FROM} WHERE b.hold_id = $1",  # noqa: S608
-                    hold_id,
-                )
-            else:
-                row = await conn.fetchrow(
-                    f"SELECT {_BOOKING_COLUMNS} FROM {_BOOKING_FROM} WHERE b.reference = $1",  # noqa: S608
-                    reference,
-                )
-                await _audit(
-                    conn,
-                    channel,
-                    "booking.confirm",
-                    reference,
-                    {"slot": slot_id, "hold": hold_id},
-                )
         assert row is not None
-        return _booking(row)
-
-    async def _check_caps(
-        self, conn: asyncpg.pool.PoolConnectionProxy, identity_hash: bytes, email_hash: bytes
-    ) -> None:
-        """Refuse a new booking past the identity's bookings or cancellations in the period,
-        or past the email's active bookings. The advisory locks serialise the transactions
-        of one identity, and of one email, so concurrent ones cannot both pass."""
-        rules = self._rules
-        for key in (identity_hash, email_hash):
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(('x' || substr(encode($1::bytea, 'hex'), 1, 15))"
-                "::bit(60)::bigint)",
-                key,
-            )
-        row = await conn.fetchrow(
-            """SELECT
-                   count(*) FILTER (WHERE created_at > now() - $2::interval) AS booked,
-                   min(created_at) FILTER (WHERE created_at > now() - $2::interval)
-                       AS first_booked,
-                   count(*) FILTER (WHERE cancelled_at > now() - $2::interval) AS cancelled,
-                   min(cancelled_at) FILTER (WHERE cancelled_at > now() - $2::interval)
-                       AS first_cancelled,
-                   now() AS now
-               FROM bookings WHERE identity_hash = $1""",
-            identity_hash,
-            rules.period,
-        )
-        assert row is not None
-        for count, first, most, what in (
-            (row["booked"], row["first_booked"], rules.max_bookings, "bookings"),
-            (row["cancelled"], row["first_cancelled"], rules.max_cancellations, "cancellations"),
-        ):
-            if count >= most:
-                wait = (first + rules.period - row["now"]).total_seconds() if first else 0
-                raise RateLimited(
-                    max(1, int(wait) + 1),
-                    f"This person has had {count} {what} in {rules.period.days} days, "
-                    f"the most allowed",
-                    level="identity",
-                )
-        active = await conn.fetchval(
-            "SELECT count(*) FROM bookings WHERE email_hash = $1 AND status = 'confirmed'",
-            email_hash,
-        )
-        if active >= rules.max_active_per_email:
+        outcome = row["outcome"]
+        if outcome in ("booked", "existing"):
+            return Booking(*list(row.values())[:_BOOKING_FIELDS])
+        count = row["limit_count"]
+        if outcome == "email":
             raise RateLimited(
                 86400,
-                f"This email address already has {active} active bookings, the most allowed",
+                f"This email address already has {count} active bookings, the most allowed",
                 level="email",
             )
+        what = "bookings" if outcome == "identity-bookings" else "cancellations"
+        raise RateLimited(
+            max(1, int(row["wait_s"] or 0) + 1),
+            f"This person has had {count} {what} in {rules.period.days} days, the most allowed",
+            level="identity",
+        )
 
     async def booking_by_hold(self, hold_id: str) -> Booking | None:
         async with self._connection() as conn:
@@ -887,6 +839,9 @@ def _release(row: asyncpg.Record, slots: Sequence[asyncpg.Record]) -> Release:
 def _utc(moment: datetime) -> str:
     """Fixed-width UTC (microseconds always written), so text order is time order."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_BOOKING_FIELDS = len(fields(Booking))
 
 
 def _booking(row: asyncpg.Record) -> Booking:

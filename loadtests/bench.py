@@ -1091,7 +1091,14 @@ class Bench:
 
     async def start_engine(self, name: str, workers: int, pinned: bool, **extra: str) -> Server:
         env = engine_env(
-            self.dsn, self.redis, self.secret, self.admin, self.workdir, workers, **extra
+            self.dsn,
+            self.redis,
+            self.secret,
+            self.admin,
+            self.workdir,
+            workers,
+            **dict(self.args.set),
+            **extra,
         )
         server = Server(
             name,
@@ -1260,7 +1267,7 @@ class Bench:
                 "connections": a.connections,
                 "open_loop_s": a.open_duration,
                 "pinning": "engine on cpu1, load generator on cpu0" if self.pinning else "none",
-                "engine_env": GENEROUS,
+                "engine_env": {**GENEROUS, **dict(a.set)},
                 "blocked_engine_env": {"GUICHET_LIMIT_ADDRESS": "2/1h"},
                 "database": BENCH_DB,
                 "redis_db": BENCH_REDIS_DB,
@@ -1912,6 +1919,14 @@ def main() -> None:
     )
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio client")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="GUICHET_NAME=VALUE",
+        type=lambda text: tuple(text.split("=", 1)),
+        help="an engine setting for every engine the run starts (repeatable)",
+    )
     parser.add_argument(
         "--only",
         type=lambda text: set(text.split(",")),

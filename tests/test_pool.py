@@ -1,0 +1,50 @@
+"""The PostgreSQL pool skips asyncpg's reset query on release (engine/store.py): check that a
+connection still comes back clean after a transaction that failed, or that was left open."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from engine.store import create_pool
+
+
+async def test_a_connection_comes_back_without_locks_or_transaction(database: str) -> None:
+    pool = await create_pool(database, timeout_s=5.0, size=1)
+    try:
+        with pytest.raises(RuntimeError):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(4242)")
+                await conn.execute("SET LOCAL statement_timeout = '123s'")
+                raise RuntimeError("the request failed mid-transaction")
+        # A connection released with its transaction still open (a cancelled request).
+        conn = await pool.acquire()
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT pg_advisory_xact_lock(4243)")
+        await pool.release(conn)
+
+        async with pool.acquire() as conn:  # size 1: the same connection each time
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SHOW statement_timeout") == "5s"
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND objid IN (4242, 4243)"
+            )
+            assert held == 0
+    finally:
+        await pool.close()
+
+
+async def test_the_reset_query_is_really_skipped(database: str) -> None:
+    """Guards the measured saving: a release must not cost a round trip."""
+    pool = await create_pool(database, timeout_s=5.0, size=1)
+    try:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+            raw: asyncpg.Connection = conn._con  # type: ignore[attr-defined]
+        before = raw._protocol.queries_count
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+        assert raw._protocol.queries_count == before + 1
+    finally:
+        await pool.close()
