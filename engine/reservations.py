@@ -13,6 +13,7 @@ docs/consistency.md walks through every crash window.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import secrets
@@ -146,6 +147,7 @@ class Reservations:
         self.recovery = Recovery(settings, store, inventory, metrics, clock)
         self.limiter = Limiter(settings, inventory, metrics, bucket_clock)
         self._releases: dict[str, tuple[float, Release | None]] = {}
+        self._release_refills: dict[str, asyncio.Future[tuple[float, Release | None]]] = {}
         self._known: frozenset[str] = frozenset()
         self._known_at = float("-inf")
 
@@ -166,13 +168,24 @@ class Reservations:
         now = self.clock()
         cached = self._releases.get(release_id)
         if cached is None or cached[0] <= now:
-            if release_id not in await self._release_ids(now):
-                raise NotFound(f"No release {release_id!r}")
-            cached = (now + self.settings.release_cache_s, await self.store.release(release_id))
-            self._releases[release_id] = cached
+            # Single flight: when the entry expires, one request reads PostgreSQL and the
+            # others in flight wait for it, instead of all of them queueing on the pool.
+            pending = self._release_refills.get(release_id)
+            if pending is None:
+                pending = asyncio.ensure_future(self._load_release(release_id, now))
+                self._release_refills[release_id] = pending
+                pending.add_done_callback(lambda _: self._release_refills.pop(release_id, None))
+            cached = await asyncio.shield(pending)
         if cached[1] is None:
             raise NotFound(f"No release {release_id!r}")
         return cached[1]
+
+    async def _load_release(self, release_id: str, now: float) -> tuple[float, Release | None]:
+        if release_id not in await self._release_ids(now):
+            return (now, None)  # not cached: a release published meanwhile is found next time
+        cached = (now + self.settings.release_cache_s, await self.store.release(release_id))
+        self._releases[release_id] = cached
+        return cached
 
     async def _release_ids(self, now: float) -> frozenset[str]:
         if self._known_at + self.settings.release_cache_s <= now:

@@ -107,7 +107,7 @@ GOALS = {
     "confirm": ("rps", 1000.0),
 }
 HOLD_P99_GOAL_MS = 50.0
-PROFILE_TARGETS = ("hold", "slots", "confirm", "blocked", "forged")
+PROFILE_TARGETS = ("hold", "open", "slots", "confirm", "blocked", "forged")
 SCENARIOS = ("slots", "hold", "forged", "confirm", "open", "blocked")
 BLOCKED_ADDRESS = "198.51.100.7"  # TEST-NET-2: the client the blocked measurements use
 
@@ -1787,7 +1787,7 @@ async def profile(args: argparse.Namespace) -> None:
         requests: list[bytes] | None = None
         if args.profile == "slots":
             path = f"/v1/releases/{release['id']}/slots"
-        elif args.profile == "hold":
+        elif args.profile in ("hold", "open"):
             requests, _ = bench.minter.holds(
                 engine.port, release["id"], release["slots"], int(args.hold_guess * (secs + 4))
             )
@@ -1857,17 +1857,19 @@ async def profile(args: argparse.Namespace) -> None:
             if proc.returncode != 0:
                 print(err.decode(errors="replace"), file=sys.stderr)
 
-        load, _ = await asyncio.gather(
-            bench.wrk.measure(
+        if args.profile == "open":
+            assert requests is not None
+            driver = open_loop(engine.port, requests, rate=args.open_rate, duration_s=secs + 3)
+        else:
+            driver = bench.wrk.measure(
                 engine.port,
                 connections=args.connections,
                 duration_s=secs + 3,
                 warmup_s=0,
                 path=path,
                 requests=requests,
-            ),
-            record(),
-        )
+            )
+        load, _ = await asyncio.gather(driver, record())
     finally:
         bench.stop_all()
         bench._pin_self(None)
@@ -1935,6 +1937,9 @@ def main() -> None:
     )
     parser.add_argument("--profile", choices=PROFILE_TARGETS)
     parser.add_argument("--profile-seconds", type=int, default=12)
+    parser.add_argument(
+        "--open-rate", type=float, default=1600, help="holds per second for --profile open"
+    )
     parser.add_argument("--profile-rate", type=int, default=200)
     parser.add_argument("--native", action="store_true", help="py-spy --native")
     parser.add_argument("--hello-server", action="store_true", help=argparse.SUPPRESS)
