@@ -1,5 +1,11 @@
-"""``guichet serve``: one process, or a supervisor forking GUICHET_WORKERS workers that share
-one listening socket.
+"""``guichet serve``: one process, or a supervisor forking GUICHET_WORKERS workers.
+
+Each worker listens on its own socket bound with SO_REUSEPORT, so the kernel spreads new
+connections evenly over the workers. With one shared socket, whichever worker woke first took
+the connection, and in measured 4-worker runs one worker got almost none (BENCHMARKS.md). The
+supervisor keeps a bound, non-listening socket of its own, so the port stays the engine's
+while a worker is replaced; the connections waiting in a dying worker's queue are lost (the
+clients retry). Where SO_REUSEPORT is missing, the workers share one socket as before.
 
 With several workers, prometheus-client's multiprocess mode is switched on before any worker
 imports it (``PROMETHEUS_MULTIPROC_DIR``), so ``/metrics`` on any worker reports the engine.
@@ -24,11 +30,21 @@ from engine.settings import Settings
 _PR_SET_PDEATHSIG = 1
 
 
-def _listen(host: str, port: int) -> socket.socket:
+_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
+
+
+def _bind(host: str, port: int, *, reuseport: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
+    return sock
+
+
+def _listen(host: str, port: int, *, reuseport: bool = False) -> socket.socket:
+    sock = _bind(host, port, reuseport=reuseport)
     sock.listen(1024)
     sock.set_inheritable(True)
     return sock
@@ -54,7 +70,11 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
 
 
 def serve(settings: Settings) -> None:
-    sock = _listen(settings.host, settings.port)
+    if settings.workers > 1 and _REUSEPORT:
+        # Not listening: it only holds the port (and resolves port 0) for the workers.
+        sock = _bind(settings.host, settings.port, reuseport=True)
+    else:
+        sock = _listen(settings.host, settings.port)
     print(
         f"guichet: serving on http://{settings.host}:{sock.getsockname()[1]} "
         f"with {settings.workers} worker(s)",
@@ -86,6 +106,11 @@ def _spawn(settings: Settings, sock: socket.socket) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         code = 0
         try:
+            if _REUSEPORT:
+                host, port = sock.getsockname()[:2]
+                own = _listen(host, port, reuseport=True)
+                sock.close()
+                sock = own
             run_worker(settings, sock)
         except BaseException:  # a worker must never fall back into the supervisor's loop
             code = 1

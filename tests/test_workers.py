@@ -1,6 +1,6 @@
 """Several engine processes, as ``guichet serve`` runs them: separate processes share the
-work through Redis and PostgreSQL only; one supervisor's workers share a socket, report their
-metrics as one engine, and stop on SIGTERM.
+work through Redis and PostgreSQL only; one supervisor's workers each get connections, report
+their metrics as one engine, and stop on SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -173,35 +173,58 @@ def healthz_total(metrics_text: str) -> float:
     return total
 
 
-@contextlib.contextmanager
-def only(worker: int, workers: set[int]) -> Iterator[None]:
-    """Stop (SIGSTOP) every worker but ``worker`` so that it alone accepts connections on
-    the shared socket; resume them all on the way out."""
-    others = workers - {worker}
-    try:
-        for pid in others:
-            os.kill(pid, signal.SIGSTOP)
-        yield
-    finally:
-        for pid in others:
-            os.kill(pid, signal.SIGCONT)
+def socket_owner(server_port: int, client_port: int, pids: set[int]) -> int | None:
+    """The process holding the server side of the loopback connection from
+    ``client_port``: its socket inode from /proc/net/tcp, then the process with that fd."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                local, remote = fields[1], fields[2]
+                if (
+                    int(local.rsplit(":", 1)[1], 16) == server_port
+                    and int(remote.rsplit(":", 1)[1], 16) == client_port
+                ):
+                    inode = fields[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                        return pid
+    return None
 
 
-def pinned_session() -> tuple[aiohttp.ClientSession, list[object]]:
-    """A session over one keep-alive connection, and the list of connections it opened:
-    while that list has one entry, every request went to the worker that accepted it."""
-    opened: list[object] = []
+class KeptAlive:
+    """One keep-alive HTTP/1.1 connection, spoken by hand so that its local port is known
+    (which tells, through ``socket_owner``, which worker accepted it)."""
 
-    async def on_open(session: object, context: object, params: object) -> None:
-        opened.append(params)
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.port = int(writer.get_extra_info("sockname")[1])
 
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_create_end.append(on_open)
-    connector = aiohttp.TCPConnector(limit=1)
-    return aiohttp.ClientSession(connector=connector, trace_configs=[trace]), opened
+    @classmethod
+    async def open(cls, host: str, port: int) -> KeptAlive:
+        return cls(*await asyncio.open_connection(host, port))
+
+    async def get(self, path: str) -> tuple[int, str]:
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: engine\r\n\r\n".encode())
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        return status, (await self.reader.readexactly(length)).decode()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
-async def test_workers_share_one_socket_and_report_metrics_as_one_engine(
+async def test_workers_share_connections_and_report_metrics_as_one_engine(
     clean: None, start_engine: StartEngine, tmp_path: Path
 ) -> None:
     metrics_dir = tmp_path / "metrics"
@@ -225,30 +248,53 @@ async def test_workers_share_one_socket_and_report_metrics_as_one_engine(
         # A new connection for every request: any worker may answer.
         fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         await stack.enter_async_context(fresh)
-        # One kept-alive connection per worker: while the other workers are stopped, only
-        # this one can accept it, and it answers everything sent over it afterwards.
-        pinned = {}
-        for pid in sorted(workers):
-            session, opened = pinned_session()
-            await stack.enter_async_context(session)
-            with only(pid, workers):
-                assert (await call(session, "GET", healthz))[0] == 200
-            pinned[pid] = (session, opened)
+        # Kept-alive connections, each answered by the worker that accepted it. The kernel
+        # spreads them over the workers' own sockets (SO_REUSEPORT): both get some.
+        host, port = supervisor.base_url.removeprefix("http://").rsplit(":", 1)
+        pinned: dict[int, list[KeptAlive]] = {pid: [] for pid in workers}
+        for _ in range(24):
+            conn = await KeptAlive.open(host, int(port))
+            stack.callback(conn.close)
+            assert (await conn.get("/healthz"))[0] == 200
+            owner = socket_owner(int(port), conn.port, workers)
+            assert owner in workers, f"connection from port {conn.port} held by {owner}"
+            pinned[owner].append(conn)
+        assert all(pinned.values()), {pid: len(c) for pid, c in pinned.items()}
 
         before = await total(fresh)
         sent = 0
         for _ in range(4):
             assert (await call(fresh, "GET", healthz))[0] == 200
             sent += 1
-        for session, _ in pinned.values():
+        for conns in pinned.values():
             for _ in range(3):
-                assert (await call(session, "GET", healthz))[0] == 200
+                assert (await conns[0].get("/healthz"))[0] == 200
                 sent += 1
         # Each worker answers /metrics for the whole engine, whichever served what.
-        for pid, (session, opened) in pinned.items():
-            assert await total(session) == before + sent, f"worker {pid}"
-            assert len(opened) == 1, f"worker {pid}: the pinned connection was replaced"
+        for pid, conns in pinned.items():
+            status, text = await conns[0].get("/metrics")
+            assert status == 200, text
+            assert healthz_total(text) == before + sent, f"worker {pid}"
         assert await total(fresh) == before + sent
+
+        # A worker that dies is replaced, and its successor gets connections of its own.
+        dead = min(workers)
+        os.kill(dead, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            now = children(supervisor.pid)
+            return len(now) == 2 and dead not in now
+
+        await poll(replaced, supervisor.describe)
+        successor = (children(supervisor.pid) - workers).pop()
+        owners = set()
+        for _ in range(24):
+            conn = await KeptAlive.open(host, int(port))
+            stack.callback(conn.close)
+            assert (await conn.get("/healthz"))[0] == 200
+            owners.add(socket_owner(int(port), conn.port, children(supervisor.pid)))
+        assert successor in owners, (successor, owners)
+        workers = children(supervisor.pid)
 
     supervisor.send(signal.SIGTERM)
     try:
