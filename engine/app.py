@@ -19,9 +19,11 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from engine import sweeper
 from engine.appkeys import BODIES, CLOCK, LOTTERY, METRICS, OPENAPI, REFILLS, RESERVATIONS, SETTINGS
-from engine.inventory import AnyRedis, Inventory
+from engine.autopipeline import AutoPipeline
+from engine.inventory import AnyRedis, Inventory, Pipelining
 from engine.lottery import Lottery
 from engine.metrics import Metrics
+from engine.multiplex import Multiplexed
 from engine.openapi import document
 from engine.recovery import Clock
 from engine.reservations import Reservations
@@ -53,6 +55,14 @@ def redis_client(settings: Settings) -> AnyRedis:
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
+def pipelining(settings: Settings, redis: AnyRedis) -> Pipelining:
+    """One multiplexed connection for a plain ``redis://`` URL; redis-py pipelines for the
+    others (TLS, Unix socket, cluster)."""
+    if settings.redis_url.startswith("redis://"):
+        return Multiplexed.from_url(settings.redis_url, settings.redis_timeout_s)
+    return AutoPipeline(redis, settings.redis_timeout_s)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -81,7 +91,12 @@ def create_app(
         pool = await create_pool(
             settings.database_url, settings.pg_timeout_s, settings.pg_pool_size
         )
-        inventory = Inventory(redis, settings.redis_timeout_s, settings.retry_after_s)
+        inventory = Inventory(
+            redis,
+            settings.redis_timeout_s,
+            settings.retry_after_s,
+            pipelining(settings, redis),
+        )
         store = Store(
             pool, settings.pg_timeout_s, settings.retry_after_s, IdentityRules.of(settings)
         )
@@ -92,7 +107,7 @@ def create_app(
             await inventory.load()
         yield
         await pool.close()
-        await inventory.autopipeline.aclose()
+        await inventory.pipelining.aclose()
         await redis.aclose()
 
     async def background(app: web.Application) -> AsyncIterator[None]:

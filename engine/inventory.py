@@ -3,8 +3,9 @@
 The Lua files in ``engine/lua`` are loaded once as a Redis Functions library whose name carries
 a digest of the code, so two versions of the engine never call each other's functions. Each
 method here knows its function's KEYS and ARGV order and decodes its reply; nothing else in the
-engine talks Lua. Every call goes through ``engine.autopipeline``, and redis-py errors are
-mapped to domain errors in ``_guard``, ``_run`` and ``_raise``, and only there.
+engine talks Lua. Every call but the library load shares round trips with other requests'
+(``pipelining``), and Redis errors are mapped to domain errors in ``_guard``, ``_run`` and
+``_raise``, and only there.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -126,16 +127,31 @@ class InventoryMissing(Exception):
     """The release's inventory is not in Redis (flushed, restarted): rebuild it."""
 
 
+class Pipelining(Protocol):
+    """What carries the calls: ``engine.multiplex.Multiplexed`` (one connection, plain
+    ``redis://``) or ``engine.autopipeline.AutoPipeline`` (redis-py pipelines, any URL)."""
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Inventory:
-    def __init__(self, redis: AnyRedis, timeout_s: float, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        redis: AnyRedis,
+        timeout_s: float,
+        retry_after_s: int,
+        pipelining: Pipelining | None = None,
+    ) -> None:
         self._redis = redis
         self._timeout_s = timeout_s
         self._retry_after_s = retry_after_s
         self._source, self._digest = library_source()
         self._loaded = False
         # Every call but the library load goes through here: concurrent requests share
-        # round trips (engine/autopipeline.py).
-        self.autopipeline = AutoPipeline(redis, timeout_s)
+        # round trips.
+        self.pipelining = pipelining or AutoPipeline(redis, timeout_s)
 
     async def load(self) -> None:
         """Load the Functions library (idempotent; every worker does it at start)."""
@@ -152,7 +168,7 @@ class Inventory:
     async def _run(self, commands: Sequence[Command]) -> list[Any]:
         # No timeout of our own here: the shared pipeline has one.
         try:
-            return await self.autopipeline.run(commands)
+            return await self.pipelining.run(commands)
         except _UNREACHABLE as exc:
             raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
 

@@ -162,9 +162,12 @@ class RedisServer:
     """A private redis-server on a fixed loopback port, without persistence: a restart
     starts empty (no keys, no Functions library)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, options: dict[str, str] | None = None
+    ) -> None:
         self.port = port or free_port()
         self.workdir = workdir
+        self.options = options or {}
         self.logfile = workdir / f"redis-{self.port}.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -183,6 +186,7 @@ class RedisServer:
             "appendonly": "no",
             "dir": str(self.workdir),
             "daemonize": "no",
+            **self.options,
         }
         args = ["redis-server"]
         for name, value in options.items():
@@ -226,7 +230,8 @@ async def _redis_pong(port: int) -> bool:
     try:
         writer.write(b"PING\r\n")
         await writer.drain()
-        return await asyncio.wait_for(reader.readline(), READY_S) == b"+PONG\r\n"
+        line = await asyncio.wait_for(reader.readline(), READY_S)
+        return line == b"+PONG\r\n" or line.startswith(b"-NOAUTH")  # up, and wants a password
     except (OSError, TimeoutError):
         return False
     finally:

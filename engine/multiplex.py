@@ -1,0 +1,218 @@
+"""One pipelined Redis connection per worker, shared by every request in flight.
+
+``engine.autopipeline`` batches concurrent calls into redis-py pipelines, but each batch still
+pays redis-py's fixed cost: a pooled connection, a task, a timeout, command objects. Under
+open-loop load the batches are small (a request or two per event-loop turn), and that fixed
+cost came back as the largest part of a hold (BENCHMARKS.md). Here the batch costs one
+``write``: ``run`` packs its commands into the connection's output buffer, one callback per
+event-loop turn writes the buffer, and replies, parsed by hiredis as they arrive, go to the
+callers in the order they were sent (Redis answers in order on a connection).
+
+Failure is all-or-nothing, as a connection's stream is: if a batch is not fully answered
+within ``timeout_s``, or the connection drops, every caller waiting on it fails
+(``TimeoutError`` or redis-py's ``ConnectionError``) and the connection is closed; the next
+call connects again (also bounded by ``timeout_s``). Error replies are not failures: a
+command's ``ResponseError`` is its reply, as in a redis-py pipeline with
+``raise_on_error=False``. Plain ``redis://`` URLs only; the engine uses
+``engine.autopipeline`` for TLS, Unix sockets and Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, ResponseError
+
+from engine.autopipeline import Command
+
+
+@dataclass(slots=True)
+class _Caller:
+    expected: int
+    future: asyncio.Future[list[Any]]
+    batch: int
+    replies: list[Any] = field(default_factory=list)
+
+
+def pack(commands: Sequence[Command]) -> bytes:
+    """Commands in RESP: arrays of bulk strings."""
+    out = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, str):
+                data = arg.encode()
+            elif isinstance(arg, int) and not isinstance(arg, bool):
+                data = b"%d" % arg
+            elif isinstance(arg, float):
+                data = repr(arg).encode()
+            else:
+                raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class Multiplexed(asyncio.Protocol):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        timeout_s: float,
+    ) -> None:
+        self._address = (host, port)
+        self._hello: list[Command] = []
+        if password is not None:
+            self._hello.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            self._hello.append(("SELECT", db))
+        self._timeout_s = timeout_s
+        self._transport: asyncio.Transport | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        self._reader = hiredis.Reader()
+        self._waiting: deque[_Caller] = deque()
+        self._out: list[bytes] = []
+        self._unsent: list[_Caller] = []
+        self._scheduled = False
+        self.batches = 0  # writes, for tests and the benchmark's profile
+        self.commands = 0
+
+    @classmethod
+    def from_url(cls, url: str, timeout_s: float) -> Multiplexed:
+        parts = urlsplit(url)
+        if parts.scheme != "redis" or not parts.hostname:
+            raise ValueError(f"not a plain redis:// URL: {url!r}")
+        path = parts.path.strip("/")
+        return cls(
+            parts.hostname,
+            parts.port or 6379,
+            db=int(path) if path else 0,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+            timeout_s=timeout_s,
+        )
+
+    # Calls ------------------------------------------------------------------------------
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        """The replies to ``commands``, in order (a failed command's reply is its
+        ``ResponseError``). Raises TimeoutError or ConnectionError if Redis does not answer."""
+        if self._transport is None:
+            await self._connect()
+        return await self._send(commands)
+
+    async def _send(self, commands: Sequence[Command]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        caller = _Caller(len(commands), loop.create_future(), self.batches + 1)
+        self._out.append(pack(commands))
+        self._unsent.append(caller)
+        self.commands += len(commands)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await caller.future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._unsent:
+            return
+        callers, self._unsent = self._unsent, []
+        data, self._out = b"".join(self._out), []
+        if self._transport is None or self._transport.is_closing():
+            _fail(callers, RedisConnectionError("Redis connection lost"))
+            return
+        self.batches += 1
+        for caller in callers:
+            caller.batch = self.batches
+        self._waiting.extend(callers)
+        self._transport.write(data)
+        asyncio.get_running_loop().call_later(self._timeout_s, self._expire, self.batches)
+
+    def _expire(self, batch: int) -> None:
+        if self._waiting and self._waiting[0].batch <= batch:
+            self._close(TimeoutError(f"Redis did not answer within {self._timeout_s} s"))
+
+    # Connection -------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(self._connected)
+        await asyncio.shield(self._connecting)
+
+    def _connected(self, attempt: asyncio.Future[None]) -> None:
+        self._connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here; the callers get it from the shield
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await loop.create_connection(lambda: self, *self._address)
+                if self._hello:
+                    for reply in await self._send(self._hello):
+                        if isinstance(reply, Exception):
+                            raise reply
+        except (OSError, TimeoutError) as exc:
+            self._close(RedisConnectionError(f"Redis: {exc}"))
+            raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+        except ResponseError as exc:  # AUTH or SELECT refused: a setting is wrong
+            self._close(RedisConnectionError("Redis refused the connection"))
+            raise RedisConnectionError(f"Redis refused the connection: {exc}") from exc
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._reader = hiredis.Reader(replyError=ResponseError, protocolError=InvalidResponse)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        waiting = self._waiting
+        try:
+            reply = self._reader.gets()
+            while reply is not False:
+                caller = waiting[0]
+                caller.replies.append(reply)
+                if len(caller.replies) == caller.expected:
+                    waiting.popleft()
+                    if not caller.future.done():  # the caller may have been cancelled
+                        caller.future.set_result(caller.replies)
+                reply = self._reader.gets()
+        except (InvalidResponse, IndexError) as exc:  # garbage, or a reply nobody asked for
+            self._close(RedisConnectionError(f"Redis protocol error: {exc!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail_all(RedisConnectionError("Redis connection lost"))
+
+    def _close(self, error: Exception) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.abort()
+        self._fail_all(error)
+
+    def _fail_all(self, error: Exception) -> None:
+        waiting, self._waiting = list(self._waiting), deque()
+        _fail(waiting, error)
+
+    async def aclose(self) -> None:
+        self._flush()
+        self._close(RedisConnectionError("closed"))
+
+
+def _fail(callers: Sequence[_Caller], error: Exception) -> None:
+    for caller in callers:
+        if not caller.future.done():
+            caller.future.set_exception(error)
