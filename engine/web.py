@@ -158,10 +158,10 @@ def _forwarded_client(peer: str, forwarded: str, trusted: tuple[Network, ...]) -
         if not hop:
             continue
         try:
-            ipaddress.ip_address(hop)
+            ip = ipaddress.ip_address(hop)
         except ValueError:
             return peer
-        if not _is_trusted(hop, trusted):
+        if not any(ip in net for net in trusted):
             return hop
     return peer
 
