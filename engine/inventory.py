@@ -43,6 +43,9 @@ OPERATIONS = (
     "spend_challenge",
 )
 RECLAIM_LIMIT = 100
+# The reconcile recounts live-hold counters from the records only below this many live holds
+# (about a millisecond of Redis time); see reconcile.lua.
+RECOUNT_LIMIT = 1000
 # Error replies that mean "this Redis cannot serve now", not "this call is wrong".
 _UNAVAILABLE_REPLIES = frozenset(
     {"OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN"}
@@ -397,10 +400,12 @@ class Inventory:
         capacities: Sequence[tuple[str, int]],
         add: Sequence[tuple[str, str]],
         remove: Sequence[str],
+        recount_limit: int = RECOUNT_LIMIT,
     ) -> int:
-        """Correct the inventory toward PostgreSQL; return how many corrections were made."""
+        """Correct the inventory toward PostgreSQL; return how many corrections were made.
+        Live-hold counters are recounted only while at most ``recount_limit`` holds live."""
         k = ReleaseKeys.of(release_id)
-        args: list[str | int] = [len(capacities)]
+        args: list[str | int] = [recount_limit, len(capacities)]
         for slot_id, capacity in capacities:
             args += [slot_id, capacity]
         args.append(len(add))

@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 
 from engine.appkeys import RESERVATIONS
 from engine.identity import Applicant
+from engine.keys import ReleaseKeys
 from engine.reservations import Reservations
 from engine.sweeper import sweep_once
 from engine.tokens import new_reference, token_hash
@@ -181,3 +182,29 @@ async def test_booking_cancelled_before_its_confirm_settled(api: Api, clock: Fak
         counts = await domain.inventory.counts(release["id"], domain.now_ms())
         assert (counts[slot].booked, counts[slot].held) == (0, 0), settle_by
     assert await domain.recovery.reconcile(release["id"]) == 0
+
+
+async def test_live_hold_counters_are_recounted_only_outside_a_rush(
+    api: Api, redis: aioredis.Redis
+) -> None:
+    """The reconcile's recount walks every hold record: it is skipped while more than
+    ``recount_limit`` holds live, and catches up once they are fewer."""
+    await api.site()
+    release = await api.publish([10])
+    slot = release["slots"][0]["id"]
+    for n in range(3):
+        assert (await api.hold(slot, ip(40 + n))).status == 201
+    await redis.hset(ReleaseKeys.of(release["id"]).inv, f"h:{slot}", 7)  # drifted
+    domain = domain_of(api)
+    capacities, _ = await domain.store.inventory_snapshot(release["id"])
+
+    async def reconcile(limit: int) -> int:
+        return await domain.inventory.reconcile(
+            release["id"], capacities, [], [], recount_limit=limit
+        )
+
+    assert await reconcile(2) == 0  # 3 live holds: a rush, as far as this limit goes
+    assert await api.free(release["id"]) == {slot: 3}  # 10 - 7, the drifted count
+    assert await reconcile(3) == 1
+    api.clock.advance(1)
+    assert await api.free(release["id"]) == {slot: 7}

@@ -1,10 +1,13 @@
 -- reconcile: move a release's inventory toward PostgreSQL's truth, and count each correction.
 -- Capacities are set; bookings PostgreSQL has and Redis lacks are counted; bookings PostgreSQL
 -- no longer has active are uncounted; live-hold counters (per slot and per client) are
--- recounted from the hold records.
+-- recounted from the hold records, but only while there are at most `recount` of them. The
+-- hold functions keep those counters in step atomically, so the recount is a safety net, and
+-- walking every record during a rush blocked Redis for tens of milliseconds (BENCHMARKS.md);
+-- it runs again once the rush's holds have expired.
 -- KEYS: 1 inv, 2 hold, 3 booked, 4 clients (see lib.lua)
--- ARGV: 1 number of slots n, then n times (slot id, capacity), 2+2n number of additions a,
---       then a times (reference, slot id), then references to remove
+-- ARGV: 1 recount, 2 number of slots n, then n times (slot id, capacity), 3+2n number of
+--       additions a, then a times (reference, slot id), then references to remove
 -- Returns: {'reconciled', corrections} or {'rebuild'}
 local function reconcile(keys, argv)
   local inv, hold, booked, clients = unpack(keys)
@@ -12,17 +15,18 @@ local function reconcile(keys, argv)
     return { 'rebuild' }
   end
   local corrections = 0
-  local n = tonumber(argv[1])
+  local recount = tonumber(argv[1])
+  local n = tonumber(argv[2])
   local live = {}
   for i = 0, n - 1 do
-    local slot, capacity = argv[2 + 2 * i], argv[3 + 2 * i]
+    local slot, capacity = argv[3 + 2 * i], argv[4 + 2 * i]
     if redis.call('HGET', inv, 'c:' .. slot) ~= capacity then
       redis.call('HSET', inv, 'c:' .. slot, capacity)
       corrections = corrections + 1
     end
     live[slot] = 0
   end
-  local at = 2 + 2 * n
+  local at = 3 + 2 * n
   local a = tonumber(argv[at])
   for i = at + 1, at + 2 * a, 2 do
     local ref, slot = argv[i], argv[i + 1]
@@ -38,6 +42,9 @@ local function reconcile(keys, argv)
       redis.call('HINCRBY', inv, 'b:' .. slot, -1)
       corrections = corrections + 1
     end
+  end
+  if redis.call('HLEN', hold) > recount then
+    return { 'reconciled', corrections }
   end
   local records = redis.call('HVALS', hold)
   local per_client = {}
