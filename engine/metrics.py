@@ -29,6 +29,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._answered: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._rejected: dict[tuple[str, str], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -117,6 +118,13 @@ class Metrics:
         self.store_errors = Counter(
             "guichet_store_unavailable", "Calls to a store that did not answer in time.", registry=r
         )
+
+    def rejected(self, name: str, level: str) -> None:
+        """Count one refusal (children kept, as in ``answered``)."""
+        child = self._rejected.get((name, level))
+        if child is None:
+            child = self._rejected[(name, level)] = self.rejections.labels(name, level)
+        child.inc()
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count one HTTP answer. The labelled children are kept: ``labels()`` costs more

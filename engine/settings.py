@@ -73,7 +73,8 @@ class Settings:
     port: int = 8080
     workers: int = 1
     hold_ttl_s: int = 600
-    trusted_proxies: tuple[Network, ...] = ()
+    # A frozenset: it is part of cache keys per request, and a frozenset keeps its hash.
+    trusted_proxies: frozenset[Network] = frozenset()
     pow_difficulty: int = 20
     pow_puzzles: int = 4
     challenge_ttl_s: int = 300
@@ -191,7 +192,7 @@ def _redis_url(url: str) -> str:
     return url
 
 
-def _networks(raw: str) -> tuple[Network, ...]:
+def _networks(raw: str) -> frozenset[Network]:
     nets = []
     for item in raw.replace(",", " ").split():
         try:
@@ -200,7 +201,7 @@ def _networks(raw: str) -> tuple[Network, ...]:
             raise ConfigError(
                 f"GUICHET_TRUSTED_PROXIES has a bad address or CIDR: {item!r}"
             ) from None
-    return tuple(nets)
+    return frozenset(nets)
 
 
 def _local_secret(data_dir: Path) -> str:

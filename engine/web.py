@@ -133,14 +133,14 @@ def guard(metrics: Metrics, max_in_flight: int) -> Any:
 
 
 def _refusal(metrics: Metrics, exc: GuichetError, rid: str) -> web.Response:
-    metrics.rejections.labels(exc.name, str(exc.extra.get("level", ""))).inc()
+    metrics.rejected(exc.name, str(exc.extra.get("level", "")))
     if isinstance(exc, StoreUnavailable):
         metrics.store_errors.inc()
         log.warning("store_unavailable", detail=exc.detail)
     return problem_response(exc, rid)
 
 
-def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
+def client_address(request: web.Request, trusted: frozenset[Network]) -> str:
     """The client's address: the peer, or, behind a trusted proxy, the last address in
     X-Forwarded-For that is not one of our proxies."""
     peer = request.remote or "unknown"
@@ -150,7 +150,7 @@ def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def _forwarded_client(peer: str, forwarded: str, trusted: tuple[Network, ...]) -> str:
+def _forwarded_client(peer: str, forwarded: str, trusted: frozenset[Network]) -> str:
     # Cached: a client's requests come with the same header, and parsing addresses is a
     # tenth of the hold path when each request parses them afresh (BENCHMARKS.md).
     for hop in reversed(forwarded.split(",")):
@@ -167,7 +167,7 @@ def _forwarded_client(peer: str, forwarded: str, trusted: tuple[Network, ...]) -
 
 
 @functools.lru_cache(maxsize=65536)
-def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+def _is_trusted(address: str, trusted: frozenset[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -51,7 +51,7 @@ def make_settings(**overrides: object) -> Settings:
         "admin_token": ADMIN_TOKEN,
         "pow_difficulty": 4,
         "pow_puzzles": 2,
-        "trusted_proxies": (ipaddress.ip_network("127.0.0.0/8"),),
+        "trusted_proxies": frozenset({ipaddress.ip_network("127.0.0.0/8")}),
         # Generous limits: tests of the limits themselves set their own.
         "limit_address": Rate(100_000, 1),
         "limit_net": Rate(100_000, 1),

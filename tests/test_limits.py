@@ -236,7 +236,7 @@ async def test_refusals_that_cost_no_redis_command(clean: None, redis: aioredis.
 
 
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(clean: None) -> None:
-    async with engine(limit_address=Rate(2, 60), trusted_proxies=()) as api:
+    async with engine(limit_address=Rate(2, 60), trusted_proxies=frozenset()) as api:
         release = (await api.publish([1]))["id"]
         spoofed = [await challenge(api, release, f"10.9.9.{i}") for i in range(3)]
         assert [r.status for r in spoofed] == [201, 201, 429]  # all one client: the peer
@@ -249,7 +249,7 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(clean: None) 
 def test_client_address_from_headers() -> None:
     from aiohttp.test_utils import make_mocked_request
 
-    trusted = (ipaddress.ip_network("192.0.2.0/24"),)
+    trusted = frozenset({ipaddress.ip_network("192.0.2.0/24")})
 
     def addr(peer: str, xff: str | None) -> str:
         headers = {"X-Forwarded-For": xff} if xff is not None else {}
