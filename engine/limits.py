@@ -50,21 +50,26 @@ class Client:
     session: str | None
 
     @classmethod
-    @functools.lru_cache(maxsize=65536)
     def of(cls, address: str, session: str | None = None) -> Client:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return cls(address, address, None, session)
-        if ip.version == 4:
-            # The /24 by string: ``ip`` is canonical, and ip_network would parse it again.
-            return cls(address, f"{str(ip).rpartition('.')[0]}.0/24", None, session)
-        return cls(
-            address,
-            str(ipaddress.ip_network(f"{ip}/64", strict=False)),
-            str(ipaddress.ip_network(f"{ip}/48", strict=False)),
-            session,
-        )
+        return cls(address, *_networks(address), session)
+
+
+@functools.lru_cache(maxsize=16384)
+def _networks(address: str) -> tuple[str, str | None]:
+    """An address's network for the limits: its /24, or its /64 and /48. Cached as a tuple of
+    strings, which the garbage collector stops tracking (a cache of Client objects made its
+    full collections scan every cached client)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address, None
+    if ip.version == 4:
+        # The /24 by string: ``ip`` is canonical, and ip_network would parse it again.
+        return f"{str(ip).rpartition('.')[0]}.0/24", None
+    return (
+        str(ipaddress.ip_network(f"{ip}/64", strict=False)),
+        str(ipaddress.ip_network(f"{ip}/48", strict=False)),
+    )
 
 
 class Limiter:

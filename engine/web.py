@@ -143,36 +143,46 @@ def _refusal(metrics: Metrics, exc: GuichetError, rid: str) -> web.Response:
 def client_address(request: web.Request, trusted: frozenset[Network]) -> str:
     """The client's address: the peer, or, behind a trusted proxy, the last address in
     X-Forwarded-For that is not one of our proxies."""
-    peer = request.remote or "unknown"
-    if not trusted or not _is_trusted(peer, trusted):
-        return peer
-    return _forwarded_client(peer, request.headers.get("X-Forwarded-For", ""), trusted)
+    if not trusted:
+        return request.remote or "unknown"
+    return _resolver(trusted)(request.remote or "unknown", request.headers.get(_XFF, ""))
 
 
-@functools.lru_cache(maxsize=65536)
-def _forwarded_client(peer: str, forwarded: str, trusted: frozenset[Network]) -> str:
-    # Cached: a client's requests come with the same header, and parsing addresses is a
-    # tenth of the hold path when each request parses them afresh (BENCHMARKS.md).
-    for hop in reversed(forwarded.split(",")):
-        hop = hop.strip()
-        if not hop:
-            continue
+_XFF = "X-Forwarded-For"
+
+
+@functools.lru_cache(maxsize=4)
+def _resolver(trusted: frozenset[Network]) -> Callable[[str, str], str]:
+    """The cached address function for one set of proxies. Cached by (peer, header): a
+    client's requests repeat them, and parsing addresses afresh was a tenth of the hold path
+    (BENCHMARKS.md). Keys and values are strings only, which the garbage collector stops
+    tracking: a cache of objects it must scan made its full collections take 200 ms."""
+
+    @functools.lru_cache(maxsize=16384)
+    def is_trusted(address: str) -> bool:
         try:
-            ip = ipaddress.ip_address(hop)
+            ip = ipaddress.ip_address(address)
         except ValueError:
+            return False
+        return any(ip in net for net in trusted)
+
+    @functools.lru_cache(maxsize=16384)
+    def resolve(peer: str, forwarded: str) -> str:
+        if not is_trusted(peer):
             return peer
-        if not any(ip in net for net in trusted):
-            return hop
-    return peer
+        for hop in reversed(forwarded.split(",")):
+            hop = hop.strip()
+            if not hop:
+                continue
+            try:
+                ip = ipaddress.ip_address(hop)
+            except ValueError:
+                return peer
+            if not any(ip in net for net in trusted):
+                return hop
+        return peer
 
-
-@functools.lru_cache(maxsize=65536)
-def _is_trusted(address: str, trusted: frozenset[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in trusted)
+    return resolve
 
 
 def bearer(request: web.Request) -> str:
