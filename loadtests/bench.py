@@ -456,6 +456,41 @@ def hello_server(port: int) -> None:
     web.run_app(app, sock=sock, print=None, access_log=None, loop=uvloop.new_event_loop())
 
 
+# --gc-log: loaded into each engine process as sitecustomize, it appends one line per garbage
+# collection of 1 ms or more ("<generation> <ms>") to a file per process.
+_GC_PROBE = """
+import gc, os, time
+_started = [0.0]
+_path = os.path.join(os.environ["BENCH_GC_DIR"], f"gc-{os.getpid()}.txt")
+def _probe(phase, info):
+    if phase == "start":
+        _started[0] = time.perf_counter()
+        return
+    ms = (time.perf_counter() - _started[0]) * 1000
+    if ms >= 1.0:
+        with open(_path, "a") as f:
+            f.write(f"{info['generation']} {ms:.2f}\\n")
+gc.callbacks.append(_probe)
+"""
+
+
+def gc_summary(directory: Path, names: dict[int, str]) -> dict[str, dict[str, float]]:
+    """Per engine: collections of 1 ms or more, full ones, and the longest pause."""
+    out: dict[str, dict[str, float]] = {}
+    for path in sorted(directory.glob("gc-*.txt")):
+        pid = int(path.stem.removeprefix("gc-"))
+        pauses = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        full = [float(ms) for gen, ms in pauses if gen == "2"]
+        out[f"{names.get(pid, 'engine')} (pid {pid})"] = {
+            "over_1ms": len(pauses),
+            "full": len(full),
+            "full_max_ms": max(full, default=0.0),
+            "all_max_ms": max((float(ms) for _, ms in pauses), default=0.0),
+            "total_ms": round(sum(float(ms) for _, ms in pauses), 1),
+        }
+    return out
+
+
 def engine_env(
     dsn: str, redis: str, secret: str, admin: str, workdir: Path, workers: int, **extra: str
 ) -> dict[str, str]:
@@ -1079,6 +1114,8 @@ class Bench:
         self.notes: list[str] = []
         self.redis_pid: int | None = None
         self.hold_rps = 0.0
+        self.gc_names: dict[int, str] = {}
+        self.gc: dict[str, dict[str, float]] = {}
         self.releases: dict[str, Any] = {}
         self.commit = "unknown"
         self.pinning = hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
@@ -1100,6 +1137,13 @@ class Bench:
             **dict(self.args.set),
             **extra,
         )
+        if self.args.gc_log:
+            probe = self.workdir / "gcprobe"
+            probe.mkdir(exist_ok=True)
+            (probe / "sitecustomize.py").write_text(_GC_PROBE)
+            (self.workdir / "gc").mkdir(exist_ok=True)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe), env.get("PYTHONPATH")]))
+            env["BENCH_GC_DIR"] = str(self.workdir / "gc")
         server = Server(
             name,
             [sys.executable, "-m", "engine", "serve"],
@@ -1110,6 +1154,7 @@ class Bench:
         self.servers.append(server)
         server.start()
         await server.wait_ready(workers)
+        self.gc_names.update({pid: name for pid in server.pids()})
         return server
 
     async def start_hello(self) -> Server:
@@ -1252,6 +1297,8 @@ class Bench:
             self._pin_self(None)
             with contextlib.suppress(Exception):
                 await flush_redis(self.redis)
+            if a.gc_log:
+                self.gc = gc_summary(self.workdir / "gc", self.gc_names)
             shutil.rmtree(self.workdir, ignore_errors=True)
         self._judge()
         return {
@@ -1274,6 +1321,7 @@ class Bench:
             },
             "ceiling_rps": self.ceiling,
             "rows": [asdict(r) for r in self.rows],
+            "gc_pauses": self.gc,
             "notes": self.notes,
         }
 
@@ -1660,6 +1708,14 @@ def print_table(report: dict[str, Any]) -> None:
                 got = f"p99 {mm['p99_ms']:.1f} ms at {mm['rps']:,.0f} req/s"
             verdict = "met" if r["met"] else "NOT met"
             print(f"  {r['label']:<44} {r['goal']:<20} {got:<32} {verdict}")
+    if report.get("gc_pauses"):
+        print("\ngarbage collections of 1 ms or more, by engine process:")
+        for name, g in report["gc_pauses"].items():
+            print(
+                f"  {name:<32} {g['over_1ms']:>5.0f} collections, {g['full']:>3.0f} full "
+                f"(longest {g['full_max_ms']:.1f} ms), longest of all {g['all_max_ms']:.1f} ms, "
+                f"{g['total_ms']:.0f} ms in all"
+            )
     if report["notes"]:
         print()
         for note in report["notes"]:
@@ -1921,6 +1977,11 @@ def main() -> None:
         type=lambda text: [float(x) for x in text.split(",")],
         default=[0.8],
         help="fractions of the hold peak for the open-loop runs (default 0.8, the goal's)",
+    )
+    parser.add_argument(
+        "--gc-log",
+        action="store_true",
+        help="record each engine process's garbage-collection pauses (1 ms or more)",
     )
     parser.add_argument(
         "--set",
