@@ -141,6 +141,7 @@ class Settings:
             host=env.get("GUICHET_HOST", "127.0.0.1"),
             port=_int(env, "GUICHET_PORT", 8080, 0, 65535),
             workers=_int(env, "GUICHET_WORKERS", 1, 1, 256),
+            pg_pool_size=_int(env, "GUICHET_PG_POOL_SIZE", 10, 1, 1000),
             hold_ttl_s=_int(env, "GUICHET_HOLD_TTL", 600, 10, 86400),
             trusted_proxies=_networks(env.get("GUICHET_TRUSTED_PROXIES", "")),
             pow_difficulty=_int(env, "GUICHET_POW_DIFFICULTY", 20, 0, 32),

@@ -62,6 +62,7 @@ async def test_ops_endpoints(api: Api) -> None:
     [
         ({"GUICHET_PORT": "eighty"}, "GUICHET_PORT"),
         ({"GUICHET_WORKERS": "0"}, "GUICHET_WORKERS"),
+        ({"GUICHET_PG_POOL_SIZE": "0"}, "GUICHET_PG_POOL_SIZE"),
         ({"GUICHET_ENV": "production"}, "GUICHET_SECRET"),
         ({"GUICHET_SECRET": "short"}, "GUICHET_SECRET"),
         ({"GUICHET_TRUSTED_PROXIES": "10.0.0.0/8 nonsense"}, "nonsense"),
@@ -82,3 +83,9 @@ def test_development_secret_is_generated_once(tmp_path: object) -> None:
     env = {"GUICHET_DATA_DIR": str(tmp_path)}
     first = Settings.from_env(env)
     assert Settings.from_env(env).secret == first.secret and len(first.secret) >= 32
+
+
+def test_the_pool_size_is_a_setting(tmp_path: object) -> None:
+    base = {"GUICHET_DATA_DIR": str(tmp_path), "GUICHET_SECRET": "x" * 40}
+    assert Settings.from_env(base).pg_pool_size == 10
+    assert Settings.from_env({**base, "GUICHET_PG_POOL_SIZE": "32"}).pg_pool_size == 32
