@@ -57,10 +57,11 @@ def redis_client(settings: Settings) -> AnyRedis:
 
 def pipelining(settings: Settings, redis: AnyRedis) -> Pipelining:
     """One multiplexed connection for a plain ``redis://`` URL; redis-py pipelines for the
-    others (TLS, Unix socket, cluster)."""
-    if settings.redis_url.startswith("redis://"):
+    others (TLS, Unix socket, cluster, options in a query string)."""
+    try:
         return Multiplexed.from_url(settings.redis_url, settings.redis_timeout_s)
-    return AutoPipeline(redis, settings.redis_timeout_s)
+    except ValueError:
+        return AutoPipeline(redis, settings.redis_timeout_s)
 
 
 def create_app(

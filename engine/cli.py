@@ -47,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"guichet: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        from engine.serve import serve
+        from engine.serve import ListenError, serve
 
-        serve(settings)
+        try:
+            serve(settings)
+        except ListenError as exc:
+            print(f"guichet: {exc}", file=sys.stderr)
+            return 1
         return 0
     commands: dict[str, Callable[[Settings], Coroutine[Any, Any, int]]] = {
         "migrate": _migrate,

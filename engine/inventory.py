@@ -48,7 +48,18 @@ RECLAIM_LIMIT = 100
 RECOUNT_LIMIT = 1000
 # Error replies that mean "this Redis cannot serve now", not "this call is wrong".
 _UNAVAILABLE_REPLIES = frozenset(
-    {"OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN"}
+    {
+        "OOM",
+        "BUSY",
+        "LOADING",
+        "MASTERDOWN",
+        "READONLY",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "MISCONF",  # cannot persist, so refuses writes
+        "NOAUTH",  # a password is needed (a setting, or a Redis restarted with one)
+        "NOPERM",  # its ACL forbids a command
+    }
 )
 
 AnyRedis = Redis | RedisCluster

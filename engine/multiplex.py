@@ -10,11 +10,12 @@ callers in the order they were sent (Redis answers in order on a connection).
 
 Failure is all-or-nothing, as a connection's stream is: if a batch is not fully answered
 within ``timeout_s``, or the connection drops, every caller waiting on it fails
-(``TimeoutError`` or redis-py's ``ConnectionError``) and the connection is closed; the next
-call connects again (also bounded by ``timeout_s``). Error replies are not failures: a
-command's ``ResponseError`` is its reply, as in a redis-py pipeline with
+(``TimeoutError`` or redis-py's ``ConnectionError``) and the connection is closed. The next
+call connects again, also within ``timeout_s``, so a call that must connect first waits at
+most twice that; no call is sent before the new connection's AUTH and SELECT. Error replies
+are not failures: a command's ``ResponseError`` is its reply, as in a redis-py pipeline with
 ``raise_on_error=False``. Plain ``redis://`` URLs only; the engine uses
-``engine.autopipeline`` for TLS, Unix sockets and Redis Cluster.
+``engine.autopipeline`` for the others (TLS, Unix sockets, Redis Cluster, query options).
 """
 
 from __future__ import annotations
@@ -47,7 +48,28 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join([hiredis.pack_command(tuple(command)) for command in commands])  # type: ignore[arg-type]
 
 
-class Multiplexed(asyncio.Protocol):
+class _Link(asyncio.Protocol):
+    """One TCP connection. Its events reach the Multiplexed only while it is the current
+    connection: a connection aborted after a timeout may still report its loss later."""
+
+    def __init__(self, owner: Multiplexed) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader(replyError=ResponseError, protocolError=InvalidResponse)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.owner._link is self:
+            self.owner._received(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.owner._link is self:
+            self.owner._lost()
+
+
+class Multiplexed:
     def __init__(
         self,
         host: str,
@@ -65,9 +87,9 @@ class Multiplexed(asyncio.Protocol):
         if db:
             self._hello.append(("SELECT", db))
         self._timeout_s = timeout_s
-        self._transport: asyncio.Transport | None = None
+        self._link: _Link | None = None
         self._connecting: asyncio.Future[None] | None = None
-        self._reader = hiredis.Reader()
+        self._closed = False
         self._waiting: deque[_Caller] = deque()
         self._out: list[bytes] = []
         self._unsent: list[_Caller] = []
@@ -77,8 +99,10 @@ class Multiplexed(asyncio.Protocol):
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float) -> Multiplexed:
+        """From a plain ``redis://[[user]:password@]host[:port][/db]`` URL; ValueError for any
+        other (TLS, Unix socket, cluster, options in a query string)."""
         parts = urlsplit(url)
-        if parts.scheme != "redis" or not parts.hostname:
+        if parts.scheme != "redis" or not parts.hostname or parts.query:
             raise ValueError(f"not a plain redis:// URL: {url!r}")
         path = parts.path.strip("/")
         return cls(
@@ -94,8 +118,10 @@ class Multiplexed(asyncio.Protocol):
 
     async def run(self, commands: Sequence[Command]) -> list[Any]:
         """The replies to ``commands``, in order (a failed command's reply is its
-        ``ResponseError``). Raises TimeoutError or ConnectionError if Redis does not answer."""
-        if self._transport is None:
+        ``ResponseError``). Raises TimeoutError or ConnectionError if Redis does not answer:
+        within ``timeout_s``, or twice that when the call must connect first."""
+        if self._link is None or self._connecting is not None:
+            # Nobody sends before the connection has run its AUTH and SELECT.
             await self._connect()
         return await self._send(commands)
 
@@ -116,14 +142,15 @@ class Multiplexed(asyncio.Protocol):
             return
         callers, self._unsent = self._unsent, []
         data, self._out = b"".join(self._out), []
-        if self._transport is None or self._transport.is_closing():
+        link = self._link
+        if link is None or link.transport is None or link.transport.is_closing():
             _fail(callers, RedisConnectionError("Redis connection lost"))
             return
         self.batches += 1
         for caller in callers:
             caller.batch = self.batches
         self._waiting.extend(callers)
-        self._transport.write(data)
+        link.transport.write(data)
         asyncio.get_running_loop().call_later(self._timeout_s, self._expire, self.batches)
 
     def _expire(self, batch: int) -> None:
@@ -133,6 +160,8 @@ class Multiplexed(asyncio.Protocol):
     # Connection -------------------------------------------------------------------------
 
     async def _connect(self) -> None:
+        if self._closed:
+            raise RedisConnectionError("closed")
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
             self._connecting.add_done_callback(self._connected)
@@ -147,7 +176,10 @@ class Multiplexed(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._timeout_s):
-                await loop.create_connection(lambda: self, *self._address)
+                _transport, link = await loop.create_connection(lambda: _Link(self), *self._address)
+                self._link = link
+                if self._closed:
+                    raise RedisConnectionError("closed")
                 if self._hello:
                     for reply in await self._send(self._hello):
                         if isinstance(reply, Exception):
@@ -158,16 +190,15 @@ class Multiplexed(asyncio.Protocol):
         except ResponseError as exc:  # AUTH or SELECT refused: a setting is wrong
             self._close(RedisConnectionError("Redis refused the connection"))
             raise RedisConnectionError(f"Redis refused the connection: {exc}") from exc
+        except RedisConnectionError:
+            self._close(RedisConnectionError("closed"))
+            raise
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._reader = hiredis.Reader(replyError=ResponseError, protocolError=InvalidResponse)
-
-    def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
+    def _received(self, link: _Link, data: bytes) -> None:
+        link.reader.feed(data)
         waiting = self._waiting
         try:
-            reply = self._reader.gets()
+            reply = link.reader.gets()
             while reply is not False:
                 caller = waiting[0]
                 caller.replies.append(reply)
@@ -175,18 +206,18 @@ class Multiplexed(asyncio.Protocol):
                     waiting.popleft()
                     if not caller.future.done():  # the caller may have been cancelled
                         caller.future.set_result(caller.replies)
-                reply = self._reader.gets()
+                reply = link.reader.gets()
         except (InvalidResponse, IndexError) as exc:  # garbage, or a reply nobody asked for
             self._close(RedisConnectionError(f"Redis protocol error: {exc!r}"))
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
+    def _lost(self) -> None:
+        self._link = None
         self._fail_all(RedisConnectionError("Redis connection lost"))
 
     def _close(self, error: Exception) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.abort()
+        link, self._link = self._link, None
+        if link is not None and link.transport is not None:
+            link.transport.abort()
         self._fail_all(error)
 
     def _fail_all(self, error: Exception) -> None:
@@ -194,6 +225,7 @@ class Multiplexed(asyncio.Protocol):
         _fail(waiting, error)
 
     async def aclose(self) -> None:
+        self._closed = True
         self._flush()
         self._close(RedisConnectionError("closed"))
 

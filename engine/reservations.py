@@ -148,6 +148,7 @@ class Reservations:
         self.limiter = Limiter(settings, inventory, metrics, bucket_clock)
         self._releases: dict[str, tuple[float, Release | None]] = {}
         self._release_refills: dict[str, asyncio.Future[tuple[float, Release | None]]] = {}
+        self._forgotten = 0  # counts forget() calls: a refill that spans one is not kept
         self._known: frozenset[str] = frozenset()
         self._known_at = float("-inf")
 
@@ -181,10 +182,12 @@ class Reservations:
         return cached[1]
 
     async def _load_release(self, release_id: str, now: float) -> tuple[float, Release | None]:
+        forgotten = self._forgotten
         if release_id not in await self._release_ids(now):
             return (now, None)  # not cached: a release published meanwhile is found next time
         cached = (now + self.settings.release_cache_s, await self.store.release(release_id))
-        self._releases[release_id] = cached
+        if self._forgotten == forgotten:
+            self._releases[release_id] = cached
         return cached
 
     async def _release_ids(self, now: float) -> frozenset[str]:
@@ -206,8 +209,11 @@ class Reservations:
 
     def forget(self, release_id: str) -> None:
         """Drop what this worker cached of a release (others see changes within
-        ``release_cache_s``)."""
+        ``release_cache_s``). A refill already under way is dropped too: it may have read
+        the release before the change."""
         self._releases.pop(release_id, None)
+        self._release_refills.pop(release_id, None)
+        self._forgotten += 1
 
     async def slot_counts(self, release_id: str) -> dict[str, SlotCounts]:
         """Per-slot counts for the slot listing, expired holds reclaimed first."""

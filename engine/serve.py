@@ -38,9 +38,13 @@ def _bind(host: str, port: int, *, reuseport: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuseport:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -81,12 +85,27 @@ async def _freeze_gc(app: object) -> None:
     gc.freeze()
 
 
-def serve(settings: Settings) -> None:
+def _socket(settings: Settings) -> socket.socket:
     if settings.workers > 1 and _REUSEPORT:
-        # Not listening: it only holds the port (and resolves port 0) for the workers.
-        sock = _bind(settings.host, settings.port, reuseport=True)
-    else:
-        sock = _listen(settings.host, settings.port)
+        # First a plain bind: it fails if anything holds the port, even another engine
+        # with SO_REUSEPORT, which would otherwise silently share our connections.
+        probe = _bind(settings.host, settings.port, reuseport=False)
+        port = probe.getsockname()[1]
+        probe.close()
+        # Not listening: it only holds the port for the workers.
+        return _bind(settings.host, port, reuseport=True)
+    return _listen(settings.host, settings.port)
+
+
+class ListenError(Exception):
+    """The engine's address is taken, or not ours to bind."""
+
+
+def serve(settings: Settings) -> None:
+    try:
+        sock = _socket(settings)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
     print(
         f"guichet: serving on http://{settings.host}:{sock.getsockname()[1]} "
         f"with {settings.workers} worker(s)",

@@ -149,6 +149,7 @@ def client_address(request: web.Request, trusted: frozenset[Network]) -> str:
 
 
 _XFF = "X-Forwarded-For"
+_CACHED_HEADER_MAX = 256  # bounds the cache at about 16 384 x 300 bytes
 
 
 @functools.lru_cache(maxsize=4)
@@ -166,10 +167,7 @@ def _resolver(trusted: frozenset[Network]) -> Callable[[str, str], str]:
             return False
         return any(ip in net for net in trusted)
 
-    @functools.lru_cache(maxsize=16384)
-    def resolve(peer: str, forwarded: str) -> str:
-        if not is_trusted(peer):
-            return peer
+    def walk(peer: str, forwarded: str) -> str:
         for hop in reversed(forwarded.split(",")):
             hop = hop.strip()
             if not hop:
@@ -181,6 +179,15 @@ def _resolver(trusted: frozenset[Network]) -> Callable[[str, str], str]:
             if not any(ip in net for net in trusted):
                 return hop
         return peer
+
+    cached_walk = functools.lru_cache(maxsize=16384)(walk)
+
+    def resolve(peer: str, forwarded: str) -> str:
+        if not is_trusted(peer):
+            return peer  # an untrusted peer's header is never read, nor cached
+        if len(forwarded) > _CACHED_HEADER_MAX:
+            return walk(peer, forwarded)  # a client can lengthen the header: not cached
+        return cached_walk(peer, forwarded)
 
     return resolve
 

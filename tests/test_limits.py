@@ -260,6 +260,9 @@ def test_client_address_from_headers() -> None:
     assert addr("198.51.100.7", "10.0.0.1") == "198.51.100.7"  # untrusted peer: ignored
     assert addr("192.0.2.1", "10.0.0.1") == "10.0.0.1"
     assert addr("192.0.2.1", "6.6.6.6, 10.0.0.1, 192.0.2.2") == "10.0.0.1"  # last untrusted hop
+    long = ", ".join(f"10.0.{i}.1" for i in range(40)) + ", 10.9.9.9"  # past the cached length
+    assert addr("192.0.2.1", long) == "10.9.9.9"
+    assert addr("198.51.100.7", long) == "198.51.100.7"
     assert addr("192.0.2.1", "garbage") == "192.0.2.1"
     assert addr("192.0.2.1", None) == "192.0.2.1"
 

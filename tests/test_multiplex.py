@@ -181,7 +181,46 @@ def test_password_and_database_from_the_url(run: Run, tmp_path: Path) -> None:
     run(_password_and_database_from_the_url(tmp_path))
 
 
+async def _calls_made_while_connecting_wait_for_the_select() -> None:
+    """A caller arriving after the TCP connection is up but before SELECT is answered must
+    not run in database 0."""
+    db = int(REDIS_URL.rsplit("/", 1)[1]) or 15
+    redis = Multiplexed.from_url(REDIS_URL.rsplit("/", 1)[0] + f"/{db}", timeout_s=5.0)
+    try:
+        tasks = []
+        for _ in range(40):  # one new caller per event-loop turn, across the connect
+            tasks.append(asyncio.ensure_future(redis.run([("CLIENT", "INFO")])))
+            await asyncio.sleep(0)
+        for (info,) in await asyncio.gather(*tasks):
+            assert f" db={db} ".encode() in info, info
+    finally:
+        await redis.aclose()
+
+
+@LOOPS
+def test_calls_made_while_connecting_wait_for_the_select(run: Run) -> None:
+    run(_calls_made_while_connecting_wait_for_the_select())
+
+
+async def _a_closed_client_refuses_calls() -> None:
+    redis = Multiplexed.from_url(REDIS_URL, timeout_s=1.0)
+    assert await redis.run([("PING",)]) == [b"PONG"]
+    await redis.aclose()
+    with pytest.raises(RedisConnectionError):
+        await redis.run([("PING",)])
+
+
+@LOOPS
+def test_a_closed_client_refuses_calls(run: Run) -> None:
+    run(_a_closed_client_refuses_calls())
+
+
 def test_only_plain_redis_urls() -> None:
-    for url in ("rediss://h:6379/0", "unix:///tmp/redis.sock", "redis+cluster://h:7000"):
+    for url in (
+        "rediss://h:6379/0",
+        "unix:///tmp/redis.sock",
+        "redis+cluster://h:7000",
+        "redis://h:6379?db=3",  # options redis-py reads from the query: not here
+    ):
         with pytest.raises(ValueError):
             Multiplexed.from_url(url, timeout_s=1.0)

@@ -335,3 +335,22 @@ async def _cancel_sweepers_until(closing: asyncio.Future[None]) -> None:
         if closing.done():
             return
     raise AssertionError("the sweeper survived 100 cancellations")
+
+
+async def test_a_second_engine_cannot_take_the_port(
+    clean: None, start_engine: StartEngine, tmp_path: Path
+) -> None:
+    """Workers bind with SO_REUSEPORT, which would let a second engine on the same port
+    silently share the connections: the supervisor checks the port is free first."""
+    first = await start_engine("first", engine_env(workers=2))
+    for workers in (1, 2):
+        second = Engine(tmp_path, f"second-{workers}", engine_env(workers=workers))
+        second._env["GUICHET_PORT"] = str(first.port)
+        second.start()
+        try:
+            assert second.wait() == 1, second.describe()
+        finally:
+            second.stop()
+        assert "cannot listen on" in second.describe()
+    async with aiohttp.ClientSession() as session:
+        assert (await call(session, "GET", f"{first.base_url}/healthz"))[0] == 200
