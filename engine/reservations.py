@@ -298,8 +298,13 @@ class Reservations:
         release = await self.release(release_id)
         slot = self._open_slot(release, slot_id)
         if idem_key is None:
-            token = derived_token(self.settings.secret, "hold-random", new_id("", 24))
-            idem_field = ""
+            # Without an Idempotency-Key the challenge serves as one: a retry of the same
+            # request (after a 503 whose hold was granted but never answered) gets that hold
+            # back instead of 410 for the spent challenge, then 429 for a hold it never saw.
+            # The challenge is single-use and bound to this client, and the token needs the
+            # secret, so only that retry can get the hold.
+            token = derived_token(self.settings.secret, "hold-challenge", client, paid.id, slot_id)
+            idem_field = token_hash(f"challenge\x00{client}\x00{paid.id}\x00{slot_id}").hex()
         else:
             token = derived_token(self.settings.secret, "hold", client, idem_key, slot_id)
             idem_field = token_hash(f"{client}\x00{idem_key}\x00{slot_id}").hex()

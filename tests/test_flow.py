@@ -36,3 +36,26 @@ async def test_hold_confirm_read_cancel(api: Api) -> None:
     read = await api.call("GET", f"/v1/bookings/{booking['reference']}", headers=cancel)
     assert read.body["booking"]["status"] == "cancelled"
     assert await api.free(release["id"]) == {slot: 2}
+
+
+async def test_a_hold_retried_with_its_challenge_gets_the_same_hold(api: Api) -> None:
+    """A client whose hold was granted but whose reply was lost (a 503 after Redis ran the
+    hold) retries the same request: it gets that hold back, not 410 for the spent challenge
+    and then 429 for a hold it never saw."""
+    await api.site()
+    release = await api.publish([3, 3])
+    first, second = (s["id"] for s in release["slots"])
+    paid = await api.solved(release["id"], "10.0.0.7")
+    one = await api.hold(first, "10.0.0.7", paid=paid)
+    again = await api.hold(first, "10.0.0.7", paid=paid)
+    assert one.status == again.status == 201, (one.body, again.body)
+    assert again.body["hold_id"] == one.body["hold_id"]
+    assert again.body["hold_token"] == one.body["hold_token"]
+    assert again.body["expires_at"] == one.body["expires_at"]
+    assert await api.free(release["id"]) == {first: 2, second: 3}
+    # The challenge still buys nothing else: not another slot, nor from another address.
+    assert (await api.hold(second, "10.0.0.7", paid=paid)).status == 410
+    assert (await api.hold(first, "10.0.0.8", paid=paid)).status in (403, 410)
+    # Once the hold is confirmed, the challenge is simply spent.
+    assert (await api.confirm(one.body, applicant())).status == 201
+    assert (await api.hold(first, "10.0.0.7", paid=paid)).status == 410
