@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from engine.settings import ConfigError, Settings
+from engine.settings import ConfigError, Settings, unknown_variables
 
 if TYPE_CHECKING:
     from engine.reservations import Reservations
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"guichet: {exc}", file=sys.stderr)
         return 2
+    for name in unknown_variables(os.environ):
+        print(f"guichet: warning: {name} is not a setting; it is ignored", file=sys.stderr)
     if args.command == "serve":
         from engine.serve import ListenError, serve
 

@@ -166,6 +166,48 @@ class Settings:
         )
 
 
+# Every variable from_env reads. Names under GUICHET_TEST_ belong to the test suite.
+KNOWN_VARIABLES = frozenset(
+    {
+        "GUICHET_ENV",
+        "GUICHET_DATA_DIR",
+        "GUICHET_SECRET",
+        "GUICHET_DATABASE_URL",
+        "GUICHET_REDIS_URL",
+        "GUICHET_ADMIN_TOKEN",
+        "GUICHET_HOST",
+        "GUICHET_PORT",
+        "GUICHET_WORKERS",
+        "GUICHET_PG_POOL_SIZE",
+        "GUICHET_HOLD_TTL",
+        "GUICHET_TRUSTED_PROXIES",
+        "GUICHET_POW_DIFFICULTY",
+        "GUICHET_POW_PUZZLES",
+        "GUICHET_ACCESS_LOG",
+        "GUICHET_POW_MAX_EXTRA_BITS",
+        "GUICHET_MAX_UNSPENT_CHALLENGES",
+        "GUICHET_MAX_LIVE_HOLDS",
+        "GUICHET_IDENTITY_PERIOD_DAYS",
+        "GUICHET_MAX_BOOKINGS_PER_IDENTITY",
+        "GUICHET_MAX_CANCELLATIONS_PER_IDENTITY",
+        "GUICHET_MAX_ACTIVE_PER_EMAIL",
+        *(name for name, _default in LIMITS.values()),
+    }
+)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """``GUICHET_*`` names that no setting reads: a misspelt one is otherwise silently
+    ignored, and its setting keeps its default."""
+    return sorted(
+        name
+        for name in env
+        if name.startswith("GUICHET_")
+        and not name.startswith("GUICHET_TEST_")
+        and name not in KNOWN_VARIABLES
+    )
+
+
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":

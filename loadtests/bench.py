@@ -2010,6 +2010,11 @@ def main() -> None:
     if args.hello_server:
         hello_server(args.port)
         return
+    from engine.settings import unknown_variables
+
+    unknown = [n for n, _ in args.set if not n.startswith("GUICHET_") or unknown_variables({n: ""})]
+    if unknown:
+        parser.error(f"--set names what is not an engine setting: {', '.join(unknown)}")
     import uvloop
 
     try:

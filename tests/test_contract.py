@@ -3,10 +3,17 @@ ops endpoints answer; configuration errors name the variable."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from openapi_spec_validator import validate
 
-from engine.settings import ConfigError, Settings
+import engine.settings
+from engine.settings import KNOWN_VARIABLES, ConfigError, Settings, unknown_variables
 from tests.api import Api
 
 API_MD_ROUTES = {
@@ -89,3 +96,33 @@ def test_the_pool_size_is_a_setting(tmp_path: object) -> None:
     base = {"GUICHET_DATA_DIR": str(tmp_path), "GUICHET_SECRET": "x" * 40}
     assert Settings.from_env(base).pg_pool_size == 10
     assert Settings.from_env({**base, "GUICHET_PG_POOL_SIZE": "32"}).pg_pool_size == 32
+
+
+def test_misspelt_settings_are_named() -> None:
+    env = {"GUICHET_WORKRES": "2", "GUICHET_PORT": "80", "GUICHET_TEST_REDIS_URL": "x", "HOME": "/"}
+    assert unknown_variables(env) == ["GUICHET_WORKRES"]
+
+
+def test_every_variable_read_is_known() -> None:
+    """KNOWN_VARIABLES cannot drift from what from_env reads."""
+    source = (Path(engine.settings.__file__)).read_text()
+    read = set(re.findall(r'"(GUICHET_[A-Z0-9_]*[A-Z0-9])"', source))
+    assert read and read <= KNOWN_VARIABLES, read - KNOWN_VARIABLES
+
+
+def test_the_engine_warns_of_unknown_settings(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
+        "GUICHET_DATA_DIR": str(tmp_path),
+        "GUICHET_SECRET": "x" * 40,
+        "GUICHET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "GUICHET_POOL_SIZE": "32",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "GUICHET_POOL_SIZE is not a setting" in done.stderr, done.stderr
