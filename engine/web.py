@@ -48,11 +48,11 @@ def problem_response(error: GuichetError, rid: str) -> web.Response:
 
 def _problem_json(body: dict[str, Any]) -> bytes:
     # Refusals under attack repeat the same few bodies (the retry_after changes each
-    # second): serialising each afresh was a tenth of a refusal's cost.
-    try:
+    # second): serialising each afresh was a tenth of a refusal's cost. Only bodies of
+    # strings and integers are cached (True == 1 as a key; lists are not hashable).
+    if all(type(value) in (str, int) for value in body.values()):
         return _cached_problem_json(tuple(body.items()))
-    except TypeError:  # a list inside (validation errors): not hashable, not repeated
-        return json.dumps(body).encode()
+    return json.dumps(body).encode()
 
 
 @functools.lru_cache(maxsize=1024)
