@@ -55,13 +55,15 @@ def redis_client(settings: Settings) -> AnyRedis:
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
-def pipelining(settings: Settings, redis: AnyRedis) -> Pipelining:
+def pipelining(settings: Settings, redis: AnyRedis, metrics: Metrics) -> Pipelining:
     """One multiplexed connection for a plain ``redis://`` URL; redis-py pipelines for the
     others (TLS, Unix socket, cluster, options in a query string)."""
     try:
-        return Multiplexed.from_url(settings.redis_url, settings.redis_timeout_s)
+        return Multiplexed.from_url(
+            settings.redis_url, settings.redis_timeout_s, on_write=metrics.redis_write
+        )
     except ValueError:
-        return AutoPipeline(redis, settings.redis_timeout_s)
+        return AutoPipeline(redis, settings.redis_timeout_s, on_write=metrics.redis_write)
 
 
 def create_app(
@@ -96,7 +98,7 @@ def create_app(
             redis,
             settings.redis_timeout_s,
             settings.retry_after_s,
-            pipelining(settings, redis),
+            pipelining(settings, redis, metrics),
         )
         store = Store(
             pool, settings.pg_timeout_s, settings.retry_after_s, IdentityRules.of(settings)

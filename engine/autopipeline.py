@@ -15,7 +15,7 @@ if each had sent its own pipeline at that moment.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -33,11 +33,16 @@ class AutoPipeline:
     """
 
     def __init__(
-        self, redis: Redis | RedisCluster, timeout_s: float, max_commands: int = 512
+        self,
+        redis: Redis | RedisCluster,
+        timeout_s: float,
+        max_commands: int = 512,
+        on_write: Callable[[int], None] | None = None,
     ) -> None:
         self._redis = redis
         self._timeout_s = timeout_s
         self._max_commands = max_commands
+        self._on_write = on_write  # told the number of commands of each pipeline
         self._queue: list[_Waiter] = []
         self._queued_commands = 0
         self._scheduled = False
@@ -77,6 +82,8 @@ class AutoPipeline:
                     for command in commands:
                         pipe.execute_command(*command)
                 self.commands += len(pipe)
+                if self._on_write is not None:
+                    self._on_write(len(pipe))
                 async with asyncio.timeout(self._timeout_s):
                     replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # every caller must hear of it, even of a cancellation

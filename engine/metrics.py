@@ -118,6 +118,21 @@ class Metrics:
         self.store_errors = Counter(
             "guichet_store_unavailable", "Calls to a store that did not answer in time.", registry=r
         )
+        self.redis_writes = Counter(
+            "guichet_redis_writes",
+            "Writes to Redis: each carries every call queued in one event-loop turn.",
+            registry=r,
+        )
+        self.redis_commands = Counter(
+            "guichet_redis_commands",
+            "Redis commands sent (divided by guichet_redis_writes: the pipelining factor).",
+            registry=r,
+        )
+
+    def redis_write(self, commands: int) -> None:
+        """One write to Redis carrying ``commands`` commands."""
+        self.redis_writes.inc()
+        self.redis_commands.inc(commands)
 
     def rejected(self, name: str, level: str) -> None:
         """Count one refusal (children kept, as in ``answered``)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -79,8 +79,10 @@ class Multiplexed:
         username: str | None = None,
         password: str | None = None,
         timeout_s: float,
+        on_write: Callable[[int], None] | None = None,
     ) -> None:
         self._address = (host, port)
+        self._on_write = on_write  # told the number of commands of each write
         self._hello: list[Command] = []
         if password is not None:
             self._hello.append(("AUTH", username, password) if username else ("AUTH", password))
@@ -98,7 +100,9 @@ class Multiplexed:
         self.commands = 0
 
     @classmethod
-    def from_url(cls, url: str, timeout_s: float) -> Multiplexed:
+    def from_url(
+        cls, url: str, timeout_s: float, on_write: Callable[[int], None] | None = None
+    ) -> Multiplexed:
         """From a plain ``redis://[[user]:password@]host[:port][/db]`` URL; ValueError for any
         other (TLS, Unix socket, cluster, options in a query string)."""
         parts = urlsplit(url)
@@ -112,6 +116,7 @@ class Multiplexed:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password is not None else None,
             timeout_s=timeout_s,
+            on_write=on_write,
         )
 
     # Calls ------------------------------------------------------------------------------
@@ -151,6 +156,8 @@ class Multiplexed:
             caller.batch = self.batches
         self._waiting.extend(callers)
         link.transport.write(data)
+        if self._on_write is not None:
+            self._on_write(sum(caller.expected for caller in callers))
         asyncio.get_running_loop().call_later(self._timeout_s, self._expire, self.batches)
 
     def _expire(self, batch: int) -> None:

@@ -60,6 +60,11 @@ async def test_ops_endpoints(api: Api) -> None:
     text = metrics.body
     assert 'guichet_holds_total{outcome="granted"} 1.0' in text
     assert 'guichet_confirms_total{outcome="confirmed"} 1.0' in text
+    # The Redis pipelining factor can be read off: commands sent per write.
+    writes = re.search(r"^guichet_redis_writes_total (\S+)$", text, re.M)
+    commands = re.search(r"^guichet_redis_commands_total (\S+)$", text, re.M)
+    assert writes and commands, text
+    assert 0 < float(writes[1]) <= float(commands[1])
     assert 'guichet_http_requests_total{method="POST",route="/v1/holds",status="201"} 1.0' in text
     assert "guichet_reconcile_corrections_total 0.0" in text
 
