@@ -95,6 +95,7 @@ class Multiplexed:
         self._waiting: deque[_Caller] = deque()
         self._out: list[bytes] = []
         self._unsent: list[_Caller] = []
+        self._unsent_commands = 0
         self._scheduled = False
         self.batches = 0  # writes, for tests and the benchmark's profile
         self.commands = 0
@@ -135,6 +136,7 @@ class Multiplexed:
         caller = _Caller(len(commands), loop.create_future(), self.batches + 1)
         self._out.append(pack(commands))
         self._unsent.append(caller)
+        self._unsent_commands += len(commands)
         self.commands += len(commands)
         if not self._scheduled:
             self._scheduled = True
@@ -147,6 +149,7 @@ class Multiplexed:
             return
         callers, self._unsent = self._unsent, []
         data, self._out = b"".join(self._out), []
+        commands, self._unsent_commands = self._unsent_commands, 0
         link = self._link
         if link is None or link.transport is None or link.transport.is_closing():
             _fail(callers, RedisConnectionError("Redis connection lost"))
@@ -157,7 +160,7 @@ class Multiplexed:
         self._waiting.extend(callers)
         link.transport.write(data)
         if self._on_write is not None:
-            self._on_write(sum(caller.expected for caller in callers))
+            self._on_write(commands)
         asyncio.get_running_loop().call_later(self._timeout_s, self._expire, self.batches)
 
     def _expire(self, batch: int) -> None:

@@ -491,6 +491,25 @@ def gc_summary(directory: Path, names: dict[int, str]) -> dict[str, dict[str, fl
     return out
 
 
+async def run_bounded(
+    argv: Sequence[str],
+    timeout_s: float,
+    stdout: int = asyncio.subprocess.PIPE,
+    stderr: int = asyncio.subprocess.PIPE,
+) -> tuple[int | None, bytes, bytes]:
+    """Run a tool (wrk, py-spy) to its end, or kill it after ``timeout_s``: its exit code
+    and what it printed."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=stdout, stderr=stderr)
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, out or b"", err or b""
+
+
 def engine_env(
     dsn: str, redis: str, secret: str, admin: str, workdir: Path, workers: int, **extra: str
 ) -> dict[str, str]:
@@ -854,16 +873,7 @@ class Wrk:
         ]
         if requests is not None:
             argv += ["--", str(self._write(requests)), "1"]
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-        try:
-            async with asyncio.timeout(secs + 30):
-                out, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        _code, out, _ = await run_bounded(argv, secs + 30, stderr=asyncio.subprocess.STDOUT)
         text = out.decode(errors="replace")
         m = re.search(r"^BENCHJSON (.*)$", text, re.M)
         if m is None:
@@ -1895,17 +1905,10 @@ async def profile(args: argparse.Namespace) -> None:
 
         async def record() -> None:
             await asyncio.sleep(1.5)
-            proc = await asyncio.create_subprocess_exec(
-                *spy_argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            code, _out, err = await run_bounded(
+                spy_argv, secs + 30, stdout=asyncio.subprocess.DEVNULL
             )
-            try:
-                async with asyncio.timeout(secs + 30):
-                    _out, err = await proc.communicate()
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            if proc.returncode != 0:
+            if code != 0:
                 print(err.decode(errors="replace"), file=sys.stderr)
 
         if args.profile == "open":
