@@ -30,7 +30,7 @@ from engine.reservations import Reservations
 from engine.routes import ROUTES
 from engine.settings import Settings
 from engine.store import IdentityRules, Store, create_pool
-from engine.web import guard
+from engine.web import UNMATCHED, guard, unmatched
 
 
 def redis_client(settings: Settings) -> AnyRedis:
@@ -76,18 +76,17 @@ def create_app(
     """A wired app. Tests inject ``clock`` (the engine's time) and ``bucket_clock`` (the
     token buckets', Redis's own clock otherwise), and may leave the sweeper off."""
     metrics = Metrics()
-    app = web.Application(
-        middlewares=[guard(metrics, settings.max_in_flight)],
-        client_max_size=settings.max_body_bytes,
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[CLOCK] = clock
     app[OPENAPI] = json.dumps(document(ROUTES)).encode()
     app[BODIES] = {}
     app[REFILLS] = {}
+    guarded = guard(metrics, settings.max_in_flight)
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)
+        app.router.add_route(route.method, route.path, guarded(route.handler, route.path))
+    app.router.add_route("*", "/{path:.*}", guarded(unmatched, UNMATCHED))
 
     async def stores(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client(settings)
@@ -129,6 +128,7 @@ def create_app(
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    app.cleanup_ctx.append(metrics.flushing)
     app.cleanup_ctx.append(stores)
     app.cleanup_ctx.append(background)
     return app

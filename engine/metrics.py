@@ -8,8 +8,11 @@ worker aggregates all of them (prometheus-client's multiprocess mode).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from typing import Any
+from bisect import bisect_left
+from collections.abc import AsyncIterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,14 +25,17 @@ from prometheus_client import (
 )
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_DIFFICULTY_BUCKETS = tuple(range(0, 33, 2))
+FLUSH_EVERY_S = 1.0
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self._answered: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._rejected: dict[tuple[str, str], Any] = {}
+        # Counts of the hot paths, kept here and added to prometheus-client by ``flush``.
+        self._counts: dict[tuple[Counter, tuple[str, ...]], int] = {}
+        self._observed: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -66,9 +72,10 @@ class Metrics:
         self.pow_difficulty = Histogram(
             "guichet_pow_difficulty_bits",
             "Difficulty of the challenges issued (bits per puzzle).",
-            buckets=tuple(range(0, 33, 2)),
+            buckets=_DIFFICULTY_BUCKETS,
             registry=r,
         )
+        self._bounds = {self.latency: _LATENCY_BUCKETS, self.pow_difficulty: _DIFFICULTY_BUCKETS}
         self.rebuilds = Counter(
             "guichet_inventory_rebuilds", "Release inventories rebuilt from PostgreSQL.", registry=r
         )
@@ -134,28 +141,66 @@ class Metrics:
         self.redis_writes.inc()
         self.redis_commands.inc(commands)
 
+    def count(self, counter: Counter, *labels: str) -> None:
+        """Count one event of a hot path: added to ``counter`` at the next ``flush``."""
+        key = (counter, labels)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def observe(self, histogram: Histogram, value: float, *labels: str) -> None:
+        """Observe one value of a hot path: added to ``histogram`` at the next ``flush``."""
+        key = (histogram, labels)
+        pending = self._observed.get(key)
+        if pending is None:
+            # One count per bucket (the last for values past the top bound), then the sum.
+            bounds = self._bounds[histogram]
+            pending = self._observed[key] = [0.0] * (len(bounds) + 2)
+        pending[bisect_left(self._bounds[histogram], value)] += 1
+        pending[-1] += value
+
     def rejected(self, name: str, level: str) -> None:
-        """Count one refusal (children kept, as in ``answered``)."""
-        child = self._rejected.get((name, level))
-        if child is None:
-            child = self._rejected[(name, level)] = self.rejections.labels(name, level)
-        child.inc()
+        self.count(self.rejections, name, level)
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Count one HTTP answer. The labelled children are kept: ``labels()`` costs more
-        than the increment, and it ran on every request (BENCHMARKS.md)."""
-        key = (route, method, status)
-        children = self._answered.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(route, method, str(status)),
-                self.latency.labels(route),
-            )
-            self._answered[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.count(self.requests, route, method, str(status))
+        self.observe(self.latency, seconds, route)
+
+    def flush(self) -> None:
+        """Add what the hot paths counted since the last flush to prometheus-client.
+
+        Each of its updates takes a lock, and in multiprocess mode writes a file: counting
+        every request that way was 5 % of a listing (BENCHMARKS.md). prometheus-client has
+        no call to add many observations at once, so ``flush`` adds to a histogram's bucket
+        and sum values itself (its own ``observe`` adds 1 to one bucket, and to the sum)."""
+        counts, self._counts = self._counts, {}
+        observed, self._observed = self._observed, {}
+        for (counter, labels), n in counts.items():
+            (counter.labels(*labels) if labels else counter).inc(n)
+        for (histogram, labels), pending in observed.items():
+            child = histogram.labels(*labels) if labels else histogram
+            for value, added in zip(child._buckets, pending[:-1], strict=True):
+                if added:
+                    value.inc(added)
+            child._sum.inc(pending[-1])
+
+    async def flushing(self, _app: object) -> AsyncIterator[None]:
+        """The app's ``cleanup_ctx`` step: flush every second, and once at the end."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(FLUSH_EVERY_S)
+                self.flush()
+
+        task = asyncio.create_task(loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.flush()
 
     def render(self) -> bytes:
+        self.flush()  # this worker's counts are exact; another worker's lag up to a second
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -273,7 +273,7 @@ class Reservations:
         challenge_id = pow.new_challenge_id()
         expires_ms = now_ms + s.challenge_ttl_s * 1000
         difficulty = await self.limiter.challenge(Client.of(client, sid), challenge_id, expires_ms)
-        self.metrics.pow_difficulty.observe(difficulty)
+        self.metrics.observe(self.metrics.pow_difficulty, difficulty)
         issued = pow.issue(
             s.secret, release_id, client, difficulty, s.pow_puzzles, expires_ms, challenge_id
         )
@@ -327,7 +327,7 @@ class Reservations:
                 forget=(unspent_challenges(client), paid.id),
             ),
         )
-        self.metrics.holds.labels(result.outcome).inc()
+        self.metrics.count(self.metrics.holds, result.outcome)
         if result.outcome == "full":
             raise SlotFull("No free place left on this slot; the challenge is spent")
         if result.outcome == "spent":
@@ -394,17 +394,17 @@ class Reservations:
         confirmation = await self._book(
             release, slot_id, hold_id, token, applicant, client_net=Client.of(client).net
         )
-        self.metrics.confirms.labels("confirmed").inc()
+        self.metrics.count(self.metrics.confirms, "confirmed")
         return confirmation
 
     async def _confirmed_before(self, hold_id: str, token: str) -> Confirmation:
         booking = await self.store.booking_by_hold(hold_id)
         if booking is None:
-            self.metrics.confirms.labels("hold-expired").inc()
+            self.metrics.count(self.metrics.confirms, "hold-expired")
             raise HoldExpired("This hold expired or was released")
         if booking.hold_token_hash is None or not matches(token, booking.hold_token_hash):
             raise Unauthorized("Wrong hold token")
-        self.metrics.confirms.labels("replayed").inc()
+        self.metrics.count(self.metrics.confirms, "replayed")
         return Confirmation(booking, self._cancel_token(token))
 
     async def _book(
@@ -443,7 +443,7 @@ class Reservations:
         except Exception as exc:
             # PostgreSQL refused (identity already booked, slot full): nothing was booked.
             await self.inventory.confirm_abort(release.id, hold_id)
-            self.metrics.confirms.labels(getattr(exc, "name", "error")).inc()
+            self.metrics.count(self.metrics.confirms, getattr(exc, "name", "error"))
             raise
         try:
             if booking.status == "confirmed":

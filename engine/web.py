@@ -89,47 +89,68 @@ def _from_http(exc: web.HTTPException) -> GuichetError:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def guard(metrics: Metrics, max_in_flight: int) -> Any:
+def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str], Handler]:
+    """``wrap(handler, route)`` puts one route's handler behind the guard.
+
+    A wrapper per route rather than an aiohttp middleware: a middleware adds two coroutine
+    layers and a route lookup to every request, about 5 % of a listing (BENCHMARKS.md).
+    Requests no route matches reach ``unmatched``, wrapped like the others."""
     in_flight = 0
     # Request ids: random per process, then counted (unique, and no system call each).
     prefix, counter = secrets.token_hex(5) + "-", itertools.count(1)
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        nonlocal in_flight
-        rid = request.headers.get("X-Request-Id", "")
-        if not (0 < len(rid) <= 64 and rid.isascii() and rid.isprintable()):
-            rid = f"{prefix}{next(counter):x}"
-        request_id.set(rid)
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        started = time.perf_counter()
-        in_flight += 1
-        try:
-            if in_flight > max_in_flight:
-                raise Overloaded(1, "Too many requests in progress; try again shortly")
-            response = await handler(request)
-            response.headers["X-Request-Id"] = rid
-        except GuichetError as exc:
-            response = _refusal(metrics, exc, rid)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = _refusal(metrics, _from_http(exc), rid)
-            if "Allow" in exc.headers:
-                response.headers["Allow"] = exc.headers["Allow"]
-        except Exception:
-            log.exception("request_failed", route=route, method=request.method)
-            response = problem_response(
-                GuichetError(f"Unexpected error; quote request id {rid}"), rid
-            )
-        finally:
-            in_flight -= 1
-        method = request.method if request.method in _METHODS else "other"
-        metrics.answered(route, method, response.status, time.perf_counter() - started)
-        return response
+    def wrap(handler: Handler, route: str) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            nonlocal in_flight
+            rid = request.headers.get("X-Request-Id", "")
+            if not (0 < len(rid) <= 64 and rid.isascii() and rid.isprintable()):
+                rid = f"{prefix}{next(counter):x}"
+            request_id.set(rid)
+            started = time.perf_counter()
+            in_flight += 1
+            try:
+                if in_flight > max_in_flight:
+                    raise Overloaded(1, "Too many requests in progress; try again shortly")
+                response = await handler(request)
+                response.headers["X-Request-Id"] = rid
+            except GuichetError as exc:
+                response = _refusal(metrics, exc, rid)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = _refusal(metrics, _from_http(exc), rid)
+                if "Allow" in exc.headers:
+                    response.headers["Allow"] = exc.headers["Allow"]
+            except Exception:
+                log.exception("request_failed", route=route, method=request.method)
+                response = problem_response(
+                    GuichetError(f"Unexpected error; quote request id {rid}"), rid
+                )
+            finally:
+                in_flight -= 1
+            method = request.method if request.method in _METHODS else "other"
+            metrics.answered(route, method, response.status, time.perf_counter() - started)
+            return response
 
-    return middleware
+        return guarded
+
+    return wrap
+
+
+UNMATCHED = "unmatched"  # the route label of requests no route matches
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """The catch-all route, last: 405 with Allow where another route has this path, else
+    404 (what aiohttp's router answers, raised here so that the guard renders it)."""
+    allowed: set[str] = set()
+    this = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not this:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def _refusal(metrics: Metrics, exc: GuichetError, rid: str) -> web.Response:
