@@ -36,6 +36,7 @@ class Metrics:
         # Counts of the hot paths, kept here and added to prometheus-client by ``flush``.
         self._counts: dict[tuple[Counter, tuple[str, ...]], int] = {}
         self._observed: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}
+        self._answers: dict[tuple[str, str, int], list[float]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -161,26 +162,31 @@ class Metrics:
         self.count(self.rejections, name, level)
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.count(self.requests, route, method, str(status))
-        self.observe(self.latency, seconds, route)
+        """Count one HTTP answer: every request calls this, so it is one dictionary lookup."""
+        key = (route, method, status)
+        pending = self._answers.get(key)
+        if pending is None:
+            # Answers, then latency as in ``observe``.
+            pending = self._answers[key] = [0.0] * (len(_LATENCY_BUCKETS) + 3)
+        pending[0] += 1
+        pending[1 + bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        pending[-1] += seconds
 
     def flush(self) -> None:
         """Add what the hot paths counted since the last flush to prometheus-client.
 
         Each of its updates takes a lock, and in multiprocess mode writes a file: counting
-        every request that way was 5 % of a listing (BENCHMARKS.md). prometheus-client has
-        no call to add many observations at once, so ``flush`` adds to a histogram's bucket
-        and sum values itself (its own ``observe`` adds 1 to one bucket, and to the sum)."""
+        every request that way was 5 % of a listing (BENCHMARKS.md)."""
         counts, self._counts = self._counts, {}
         observed, self._observed = self._observed, {}
+        answers, self._answers = self._answers, {}
         for (counter, labels), n in counts.items():
             (counter.labels(*labels) if labels else counter).inc(n)
         for (histogram, labels), pending in observed.items():
-            child = histogram.labels(*labels) if labels else histogram
-            for value, added in zip(child._buckets, pending[:-1], strict=True):
-                if added:
-                    value.inc(added)
-            child._sum.inc(pending[-1])
+            _add(histogram.labels(*labels) if labels else histogram, pending)
+        for (route, method, status), pending in answers.items():
+            self.requests.labels(route, method, str(status)).inc(pending[0])
+            _add(self.latency.labels(route), pending[1:])
 
     async def flushing(self, _app: object) -> AsyncIterator[None]:
         """The app's ``cleanup_ctx`` step: flush every second, and once at the end."""
@@ -206,3 +212,13 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _add(child: Histogram, pending: list[float]) -> None:
+    """Add observations to a histogram's values: ``pending`` holds a count per bucket, then
+    the sum of the values. prometheus-client has no call for it: its ``observe`` adds 1 to
+    one bucket value (they are not cumulative) and the value to the sum."""
+    for value, added in zip(child._buckets, pending[:-1], strict=True):
+        if added:
+            value.inc(added)
+    child._sum.inc(pending[-1])
