@@ -1,0 +1,227 @@
+"""CPU instructions per request of one engine worker, counted by valgrind's callgrind.
+
+``bench.py`` measures rates, and on a shared 2-core VM they move 20 to 50 % from one run to
+the next: more than most single changes. An instruction count does not move: the same
+requests against the same code count the same to within a fraction of a percent, whatever
+else the machine does. So this script is what to run before and after a change to the
+request path; ``bench.py`` is what to run for the rates the goals are stated in.
+
+It starts, each under ``valgrind --tool=callgrind``, the hello world of ``bench.py`` (the
+ceiling) and one engine worker, sends each path ``--requests`` requests over 8 kept-alive
+connections after a warm-up, and divides the instructions the process ran meanwhile (zeroed
+before, dumped after, with ``callgrind_control``) by the requests. The engine runs with its
+sweeper, reconcile and caches on hour-long periods, so that what is counted is the request
+path (the listing: a cache hit). Counts are user-space instructions: the kernel's socket
+work, the same for every path, is not in them. Needs valgrind, and the stores of ``bench.py``.
+
+    python loadtests/instructions.py [--requests 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import bench
+from bench import (
+    BLOCKED_ADDRESS,
+    Bench,
+    Server,
+    block_address,
+    closed_loop,
+    flush_redis,
+    raw_request,
+    reset_database,
+    run_bounded,
+    seed,
+    write_report,
+)
+
+HOUR = 3600.0
+CONNECTIONS = 8
+WARMUP = 300
+DUMP_S = 120.0  # the longest a dump may take to appear
+SCRIPT = Path(__file__).resolve()
+
+
+def engine_server() -> None:
+    """One engine worker as ``guichet serve`` runs it, its periodic work an hour apart."""
+    from engine.serve import serve
+    from engine.settings import Settings
+
+    settings = dataclasses.replace(
+        Settings.from_env(),
+        sweep_interval_s=HOUR,
+        reconcile_interval_s=HOUR,
+        listing_cache_s=HOUR,
+        release_cache_s=HOUR,
+    )
+    serve(settings)
+
+
+def under_callgrind(workdir: Path, name: str, argv: list[str]) -> list[str]:
+    out = workdir / f"cg-{name}.%p"
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+
+
+async def control(option: str, pid: int) -> None:
+    code, _out, err = await run_bounded(["callgrind_control", option, str(pid)], DUMP_S)
+    if code != 0:
+        raise SystemExit(f"instructions: callgrind_control {option} failed: {err.decode()}")
+
+
+def dumps(workdir: Path, name: str, pid: int) -> set[Path]:
+    return set(workdir.glob(f"cg-{name}.{pid}.*"))
+
+
+def total_of(path: Path) -> int | None:
+    """A dump's instruction total; None while callgrind is still writing it."""
+    match = re.search(r"^totals: (\d+)", path.read_text(errors="replace"), re.M)
+    return int(match[1]) if match else None
+
+
+async def dumped_total(workdir: Path, name: str, pid: int, before: set[Path]) -> int:
+    """The instruction total of the dump that appeared since ``before`` was listed."""
+    deadline = time.monotonic() + DUMP_S
+    while time.monotonic() < deadline:
+        for path in dumps(workdir, name, pid) - before:
+            if (total := total_of(path)) is not None:
+                return total
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"instructions: no callgrind dump of {name} after {DUMP_S} s")
+
+
+async def count(
+    workdir: Path, server: Server, name: str, requests: list[bytes], expect: int
+) -> float:
+    """Instructions per request of ``requests[WARMUP:]``, after ``requests[:WARMUP]``."""
+
+    async def send(batch: list[bytes]) -> None:
+        measured = await closed_loop(
+            server.port,
+            batch,
+            connections=CONNECTIONS,
+            duration_s=HOUR,
+            warmup_s=0,
+            cycle=False,
+        )
+        if set(measured.statuses) != {str(expect)}:
+            raise SystemExit(f"instructions: {name}: {measured.statuses}, not all {expect}")
+
+    await send(requests[:WARMUP])
+    await control("-z", server.pid)
+    await send(requests[WARMUP:])
+    before = dumps(workdir, server.name, server.pid)
+    await control("-d", server.pid)
+    total = await dumped_total(workdir, server.name, server.pid, before)
+    return total / (len(requests) - WARMUP)
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"instructions: needs {tool} (apt-get install valgrind)")
+    b = Bench(bench_args())
+    bench.READY_S = 600.0  # a Python start-up under valgrind takes tens of seconds
+    n = WARMUP + args.requests
+    rows: dict[str, float] = {}
+    try:
+        await reset_database(b.maintenance, b.dsn)
+        await flush_redis(b.redis)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")}
+        argv = [sys.executable, str(bench.SCRIPT), "--hello-server", "--port", "{port}"]
+        hello = Server("hello", under_callgrind(b.workdir, "hello", argv), env, b.workdir, None)
+        b.servers.append(hello)
+        hello.start()
+        await hello.wait_ready()
+        print("hello world ...", flush=True)
+        rows["hello"] = await count(
+            b.workdir, hello, "hello", [raw_request("GET", "/", hello.port)] * n, 200
+        )
+        hello.stop()
+
+        engine_env = bench.engine_env(
+            b.dsn, b.redis, b.secret, b.admin, b.workdir, 1, GUICHET_LIMIT_ADDRESS="2/1h"
+        )
+        argv = [sys.executable, str(SCRIPT), "--engine-server"]
+        engine = Server(
+            "engine", under_callgrind(b.workdir, "engine", argv), engine_env, b.workdir, None
+        )
+        b.servers.append(engine)
+        engine.start()
+        await engine.wait_ready()
+        port = engine.port
+        rel = (await seed(port, b.admin, {"r": (120, 10_000)}))["r"]
+        paths: dict[str, tuple[list[bytes], int]] = {
+            "healthz": ([raw_request("GET", "/healthz", port)] * n, 200),
+            "listing": ([raw_request("GET", f"/v1/releases/{rel['id']}/slots", port)] * n, 200),
+            "hold": (b.minter.holds(port, rel["id"], rel["slots"], n)[0], 201),
+            "forged": (b.minter.forged(port, rel["id"], rel["slots"], n), 403),
+        }
+        await block_address(port, rel["id"], BLOCKED_ADDRESS)
+        body = json.dumps({"release": rel["id"]}).encode()
+        blocked = raw_request(
+            "POST", "/v1/challenges", port, body, {"X-Forwarded-For": BLOCKED_ADDRESS}
+        )
+        paths["blocked"] = ([blocked] * n, 429)
+        for name, (requests, expect) in paths.items():
+            print(f"{name} ...", flush=True)
+            rows[name] = await count(b.workdir, engine, name, requests, expect)
+    finally:
+        b.stop_all()
+        with contextlib.suppress(Exception):
+            await flush_redis(b.redis)
+        shutil.rmtree(b.workdir, ignore_errors=True)
+    return {
+        "requests": args.requests,
+        "connections": CONNECTIONS,
+        "commit": bench.engine_commit(),
+        "instructions_per_request": rows,
+    }
+
+
+def bench_args() -> argparse.Namespace:
+    return argparse.Namespace(no_wrk=True, set=[], gc_log=False)
+
+
+LABELS = {
+    "hello": "ceiling: hello world, GET /",
+    "healthz": "GET /healthz (the engine's floor)",
+    "listing": "slot listing, 120 slots (cached)",
+    "hold": "hold, POST /v1/holds (201)",
+    "forged": "refusal: forged challenge (403)",
+    "blocked": "refusal: blocked client, POST /v1/challenges",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="counted requests per path")
+    parser.add_argument("--engine-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.engine_server:
+        engine_server()
+        return
+    import uvloop
+
+    report = uvloop.run(run(args))
+    rows = report["instructions_per_request"]
+    assert isinstance(rows, dict)
+    print(f"\ninstructions per request, engine at commit {report['commit']}")
+    print(f"{'path':<48} {'instructions':>12} {'hello / path':>13}")
+    for key, value in rows.items():
+        print(f"{LABELS[key]:<48} {value:>12,.0f} {rows['hello'] / value:>13.2f}")
+    print(f"\nreport: {write_report(report, 'instructions')}")
+
+
+if __name__ == "__main__":
+    main()
