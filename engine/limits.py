@@ -23,12 +23,12 @@ the base difficulty during a flood.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from engine.addresses import networks
 from engine.errors import Overloaded, RateLimited
 from engine.inventory import Inventory, Take, Taken
 from engine.keys import bucket, unspent_challenges
@@ -56,20 +56,10 @@ class Client:
 
 @functools.lru_cache(maxsize=16384)
 def _networks(address: str) -> tuple[str, str | None]:
-    """An address's network for the limits: its /24, or its /64 and /48. Cached as a tuple of
-    strings, which the garbage collector stops tracking (a cache of Client objects made its
-    full collections scan every cached client)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address, None
-    if ip.version == 4:
-        # The /24 by string: ``ip`` is canonical, and ip_network would parse it again.
-        return f"{str(ip).rpartition('.')[0]}.0/24", None
-    return (
-        str(ipaddress.ip_network(f"{ip}/64", strict=False)),
-        str(ipaddress.ip_network(f"{ip}/48", strict=False)),
-    )
+    """``addresses.networks``, cached as a tuple of strings, which the garbage collector
+    stops tracking (a cache of Client objects made its full collections scan every cached
+    client)."""
+    return networks(address)
 
 
 class Limiter:

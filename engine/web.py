@@ -9,7 +9,6 @@ load past ``max_in_flight`` requests, binds a request id to the logs, and counts
 from __future__ import annotations
 
 import functools
-import ipaddress
 import itertools
 import json
 import secrets
@@ -21,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from engine import schemas
+from engine.addresses import membership
 from engine.errors import (
     GuichetError,
     NotFound,
@@ -180,24 +180,21 @@ def _resolver(trusted: frozenset[Network]) -> Callable[[str, str], str]:
     (BENCHMARKS.md). Keys and values are strings only, which the garbage collector stops
     tracking: a cache of objects it must scan made its full collections take 200 ms."""
 
+    within = membership(trusted)
+
     @functools.lru_cache(maxsize=16384)
     def is_trusted(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in trusted)
+        return within(address) is True
 
     def walk(peer: str, forwarded: str) -> str:
         for hop in reversed(forwarded.split(",")):
             hop = hop.strip()
             if not hop:
                 continue
-            try:
-                ip = ipaddress.ip_address(hop)
-            except ValueError:
-                return peer
-            if not any(ip in net for net in trusted):
+            inside = within(hop)
+            if inside is None:
+                return peer  # not an address: the header cannot be trusted past here
+            if not inside:
                 return hop
         return peer
 

@@ -174,6 +174,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         )
         paths["blocked"] = ([blocked] * n, 429)
         for name, (requests, expect) in paths.items():
+            if args.only and name not in args.only:
+                continue
             print(f"{name} ...", flush=True)
             rows[name] = await count(b.workdir, engine, name, requests, expect)
     finally:
@@ -206,6 +208,12 @@ LABELS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="counted requests per path")
+    parser.add_argument(
+        "--only",
+        type=lambda text: set(text.split(",")),
+        default=set(),
+        help="comma-separated subset of: " + ", ".join(k for k in LABELS if k != "hello"),
+    )
     parser.add_argument("--engine-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_server:
