@@ -14,7 +14,6 @@ from engine import render, schemas, sessions
 from engine.appkeys import BODIES, LOTTERY, REFILLS, RESERVATIONS, SETTINGS
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
-from engine.limits import Client
 from engine.pow import ALGORITHM
 from engine.web import bearer, client_address, json_response, parse_body
 
@@ -27,7 +26,7 @@ def _client(request: web.Request) -> str:
 
 def _refuse_known(request: web.Request) -> None:
     """A client already found over a limit is refused before its body is even read."""
-    request.app[RESERVATIONS].limiter.refuse_known(Client.of(_client(request)))
+    request.app[RESERVATIONS].limiter.refuse_address(_client(request))
 
 
 def applicant(a: schemas.Applicant) -> Applicant:
@@ -145,7 +144,7 @@ async def create_challenge(request: web.Request) -> web.Response:
 
 async def create_hold(request: web.Request) -> web.Response:
     client = _client(request)
-    request.app[RESERVATIONS].limiter.refuse_known(Client.of(client))
+    request.app[RESERVATIONS].limiter.refuse_address(client)
     body = await parse_body(request, schemas.HoldRequest)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= _IDEMPOTENCY_KEY_MAX and key.isascii()):

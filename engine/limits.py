@@ -62,6 +62,14 @@ def _networks(address: str) -> tuple[str, str | None]:
     return networks(address)
 
 
+@functools.lru_cache(maxsize=16384)
+def _address_keys(address: str) -> tuple[str, ...]:
+    """The bucket keys of an address and of its networks (strings, as in ``_networks``)."""
+    net, net48 = _networks(address)
+    keys = (bucket("address", address), bucket("net", net))
+    return (*keys, bucket("net48", net48)) if net48 else keys
+
+
 class Limiter:
     def __init__(
         self,
@@ -83,12 +91,15 @@ class Limiter:
 
     def refuse_known(self, client: Client) -> None:
         """Refuse, without any store call, a client whose bucket was found empty."""
-        keys = [bucket("address", client.address), bucket("net", client.net)]
-        if client.net48:
-            keys.append(bucket("net48", client.net48))
+        keys = _address_keys(client.address)
         if client.session:
-            keys.append(bucket("session", client.session))
+            keys += (bucket("session", client.session),)
         self._refuse_blocked(keys)
+
+    def refuse_address(self, address: str) -> None:
+        """``refuse_known`` for a client known by its address alone, as the handlers check
+        it before reading a body: the cheapest refusal there is."""
+        self._refuse_blocked(_address_keys(address))
 
     def _refuse_blocked(self, keys: Iterable[str]) -> None:
         now = self._monotonic()
