@@ -50,9 +50,12 @@ def _problem_json(body: dict[str, Any]) -> bytes:
     # Refusals under attack repeat the same few bodies (the retry_after changes each
     # second): serialising each afresh was a tenth of a refusal's cost. Only bodies of
     # strings and integers are cached (True == 1 as a key; lists are not hashable).
-    if all(type(value) in (str, int) for value in body.values()):
+    if _CACHEABLE.issuperset(map(type, body.values())):
         return _cached_problem_json(tuple(body.items()))
     return json.dumps(body).encode()
+
+
+_CACHEABLE = frozenset({str, int})
 
 
 @functools.lru_cache(maxsize=1024)
