@@ -56,3 +56,15 @@ async def test_upgrade_keeps_and_seeds_existing_draw_releases(scratch: str, tmp_
         assert len(seed) == 64 and draw.seed_commitment(seed) == commitment
     finally:
         await conn.close()
+
+
+async def test_book_hold_plans_each_call(scratch: str) -> None:
+    """A plan cached while `bookings` was empty scanned every confirmed booking at every
+    confirm once the table filled (sql/005_book_custom_plans.sql)."""
+    await migrate(scratch)
+    conn = await asyncpg.connect(scratch)
+    try:
+        config = await conn.fetchval("SELECT proconfig FROM pg_proc WHERE proname = 'book_hold'")
+    finally:
+        await conn.close()
+    assert config == ["plan_cache_mode=force_custom_plan"]
