@@ -66,6 +66,12 @@ async def create_pool(dsn: str, timeout_s: float, size: int) -> asyncpg.Pool:
             "statement_timeout": ms,
             "idle_in_transaction_session_timeout": ms,
             "application_name": "guichet",
+            # A statement asyncpg keeps prepared gets a generic plan after five runs. Made
+            # while bookings was empty, that plan scans every confirmed booking through
+            # whichever partial index on status = 'confirmed' came first (the cancel, the
+            # draw entry check...) until autovacuum analyses the table: planned afresh,
+            # each query sees the table as it is (sql/005_book_custom_plans.sql).
+            "plan_cache_mode": "force_custom_plan",
         },
     )
     return await pool

@@ -26,6 +26,9 @@ async def test_a_connection_comes_back_without_locks_or_transaction(database: st
         async with pool.acquire() as conn:  # size 1: the same connection each time
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SHOW statement_timeout") == "5s"
+            # Prepared statements are planned afresh at each run: a generic plan made on an
+            # empty bookings table scans every confirmed booking once it is full.
+            assert await conn.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
             held = await conn.fetchval(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
                 " AND objid IN (4242, 4243)"
