@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from itertools import count
 
 from engine.errors import ChallengeExpired, PowInvalid
-from engine.tokens import keyed_hash
+from engine.tokens import hmac_sha256, keyed_hash
 
 ALGORITHM = "sha256-leading-zero-bits"
 
@@ -37,7 +37,7 @@ def client_tag(secret: bytes, client: str) -> str:
 
 
 def _mac(secret: bytes, body: str) -> str:
-    digest = hmac.new(secret, b"pow\x00" + body.encode(), hashlib.sha256).digest()
+    digest = hmac_sha256(secret, b"pow\x00" + body.encode())
     return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
 
 

@@ -8,15 +8,16 @@ buckets limit it (docs/abuse.md).
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import secrets
+
+from engine.tokens import hmac_sha256
 
 HEADER = "Guichet-Session"
 
 
 def _mac(secret: bytes, body: str) -> str:
-    digest = hmac.new(secret, b"session\x00" + body.encode(), hashlib.sha256).digest()
+    digest = hmac_sha256(secret, b"session\x00" + body.encode())
     return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
 
 

@@ -9,6 +9,7 @@ client holds, so it is no more guessable than a random one and nothing in clear 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -16,6 +17,8 @@ import secrets
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+# Each random byte to one character of the alphabet, by its low 5 bits.
+_ID_TABLE = bytes(ord(_ID_ALPHABET[b & 31]) for b in range(256))
 
 
 def new_token() -> str:
@@ -30,9 +33,22 @@ def matches(token: str, stored_hash: bytes) -> bool:
     return hmac.compare_digest(token_hash(token), stored_hash)
 
 
+@functools.lru_cache(maxsize=8)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    return hmac.new(secret, digestmod=hashlib.sha256)
+
+
+def hmac_sha256(secret: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 of ``message``. The keyed state is made once per secret and copied: a
+    hold computes three, and keying took a third of each (BENCHMARKS.md)."""
+    h = _keyed(secret).copy()
+    h.update(message)
+    return h.digest()
+
+
 def keyed_hash(secret: bytes, purpose: str, value: str) -> bytes:
     """HMAC-SHA256 of ``value``: for identities, emails and clients, never reversible."""
-    return hmac.new(secret, f"{purpose}\x00{value}".encode(), hashlib.sha256).digest()
+    return hmac_sha256(secret, f"{purpose}\x00{value}".encode())
 
 
 def derived_token(secret: bytes, purpose: str, *parts: str) -> str:
@@ -45,8 +61,7 @@ def new_id(prefix: str, length: int = 12) -> str:
 
     One read of the system's randomness per id (secrets.choice per character made 40 reads
     per hold: 16 % of a worker's time on the hold path, BENCHMARKS.md)."""
-    raw = secrets.token_bytes(length)
-    return prefix + "".join(_ID_ALPHABET[b & 31] for b in raw)
+    return prefix + secrets.token_bytes(length).translate(_ID_TABLE).decode()
 
 
 REFERENCE = re.compile(r"^[0-9A-Z]{2}-[0-9A-Z]{4}-[0-9A-Z]{4}$")
