@@ -38,7 +38,7 @@ from engine.autopipeline import Command
 class _Caller:
     expected: int
     future: asyncio.Future[list[Any]]
-    batch: int
+    deadline: float = 0.0  # loop time by which its batch must be answered, once written
     replies: list[Any] = field(default_factory=list)
 
 
@@ -97,6 +97,7 @@ class Multiplexed:
         self._unsent: list[_Caller] = []
         self._unsent_commands = 0
         self._scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
         self.batches = 0  # writes, for tests and the benchmark's profile
         self.commands = 0
 
@@ -133,7 +134,7 @@ class Multiplexed:
 
     async def _send(self, commands: Sequence[Command]) -> list[Any]:
         loop = asyncio.get_running_loop()
-        caller = _Caller(len(commands), loop.create_future(), self.batches + 1)
+        caller = _Caller(len(commands), loop.create_future())
         self._out.append(pack(commands))
         self._unsent.append(caller)
         self._unsent_commands += len(commands)
@@ -155,17 +156,30 @@ class Multiplexed:
             _fail(callers, RedisConnectionError("Redis connection lost"))
             return
         self.batches += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
         for caller in callers:
-            caller.batch = self.batches
+            caller.deadline = deadline
         self._waiting.extend(callers)
         link.transport.write(data)
         if self._on_write is not None:
             self._on_write(commands)
-        asyncio.get_running_loop().call_later(self._timeout_s, self._expire, self.batches)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._watch)
 
-    def _expire(self, batch: int) -> None:
-        if self._waiting and self._waiting[0].batch <= batch:
+    def _watch(self) -> None:
+        """At the oldest waiting batch's deadline: fail everything if it is still waiting,
+        else come back at the next one's. One timer for the connection, not one per write
+        (a thousand of them alive at a thousand writes a second, each firing for nothing)."""
+        self._watchdog = None
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self._waiting[0].deadline
+        if deadline <= loop.time():
             self._close(TimeoutError(f"Redis did not answer within {self._timeout_s} s"))
+        else:
+            self._watchdog = loop.call_at(deadline, self._watch)
 
     # Connection -------------------------------------------------------------------------
 
