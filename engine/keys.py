@@ -6,6 +6,7 @@ release's inventory, holds and spent challenges; each rate-limit bucket has its 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 PREFIX = "g:"
@@ -25,6 +26,7 @@ class ReleaseKeys:
     rebuild_lock: str
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)  # per hold: nine strings and a frozen dataclass
     def of(cls, release_id: str) -> ReleaseKeys:
         tag = f"{PREFIX}{{r:{release_id}}}:"
         return cls(

@@ -286,7 +286,7 @@ class Reservations:
     ) -> Hold:
         release_id = release_of(slot_id)
         # A client known to be over a limit, or a forged or wrong challenge, costs no store call.
-        self.limiter.refuse_known(Client.of(client))
+        self.limiter.refuse_address(client)
         paid = pow.verify(
             self.settings.secret,
             challenge,
