@@ -1972,7 +1972,7 @@ def main() -> None:
     parser.add_argument(
         "--hold-guess",
         type=float,
-        default=6000.0,
+        default=12000.0,
         help="most holds per second expected (sizes the unique requests)",
     )
     parser.add_argument(
