@@ -86,7 +86,8 @@ def create_app(
     guarded = guard(metrics, settings.max_in_flight)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, guarded(route.handler, route.path))
-    app.router.add_route("*", "/{path:.*}", guarded(unmatched, UNMATCHED))
+    catch_all = unmatched(route.path for route in ROUTES)
+    app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED))
 
     async def stores(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client(settings)

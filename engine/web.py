@@ -13,7 +13,7 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import date, datetime
 from typing import Any
 
@@ -143,17 +143,27 @@ def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str], Hand
 UNMATCHED = "unmatched"  # the route label of requests no route matches
 
 
-async def unmatched(request: web.Request) -> web.StreamResponse:
-    """The catch-all route, last: 405 with Allow where another route has this path, else
-    404 (what aiohttp's router answers, raised here so that the guard renders it)."""
-    allowed: set[str] = set()
-    this = request.match_info.route.resource
-    for resource in request.app.router.resources():
-        if resource is not this:
-            allowed |= (await resource.resolve(request))[1]
-    if allowed:
-        raise web.HTTPMethodNotAllowed(request.method, allowed)
-    raise web.HTTPNotFound()
+def unmatched(paths: Iterable[str]) -> Handler:
+    """The handler of the catch-all route of an app serving ``paths``, added last: 405 with
+    Allow where another route has this path, else 404 (what aiohttp's router answers,
+    raised here so that the guard renders it). A path whose first segment no route has is
+    a 404 at once: bots probing for other software must not cost a look at every route."""
+    firsts = frozenset(path.split("/", 2)[1] for path in paths)
+    if any(first.startswith("{") for first in firsts):
+        raise ValueError("a route's first segment is variable: every path needs a look")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.rel_url.path_safe.split("/", 2)[1] in firsts:
+            allowed: set[str] = set()
+            this = request.match_info.route.resource
+            for resource in request.app.router.resources():
+                if resource is not this:
+                    allowed |= (await resource.resolve(request))[1]
+            if allowed:
+                raise web.HTTPMethodNotAllowed(request.method, allowed)
+        raise web.HTTPNotFound()
+
+    return handler
 
 
 def _refusal(metrics: Metrics, exc: GuichetError, rid: str) -> web.Response:

@@ -15,6 +15,7 @@ from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.pow import leading_zero_bits_ok, solve
 from engine.settings import Rate
+from engine.web import unmatched
 from tests.api import ADMIN, Api, Reply, applicant
 from tests.conftest import FakeClock, make_settings
 
@@ -208,6 +209,8 @@ async def test_not_found(api: Api, pg: asyncpg.Connection, release: dict[str, An
         404,
     )
     problem(await api.call("GET", "/v1/no/such/route"), "not-found", 404)
+    problem(await api.call("GET", "/wp-admin/setup-config.php"), "not-found", 404)
+    problem(await api.call("POST", "/"), "not-found", 404)
     assert await state(api, pg, release["id"]) == before
 
 
@@ -478,3 +481,9 @@ async def test_unknown_release_ids_cost_no_postgresql_query(
     api.clock.advance(3)
     problem(await api.call("GET", "/v1/releases/rzzzzzzzzzzzz/slots"), "not-found", 404)
     assert calls == {"release": 0, "release_ids": 1}
+
+
+def test_the_catch_all_refuses_routes_it_could_not_shortcut() -> None:
+    # With a variable first segment, "no route starts like this" would not prove a 404.
+    with pytest.raises(ValueError, match="first segment"):
+        unmatched(["/v1/sites", "/{tenant}/sites"])
