@@ -24,6 +24,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from engine.logs import log
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _DIFFICULTY_BUCKETS = tuple(range(0, 33, 2))
 FLUSH_EVERY_S = 1.0
@@ -194,7 +196,10 @@ class Metrics:
         async def loop() -> None:
             while True:
                 await asyncio.sleep(FLUSH_EVERY_S)
-                self.flush()
+                try:
+                    self.flush()
+                except Exception:  # a failed flush must not stop the next ones
+                    log.exception("metrics_flush_failed")
 
         task = asyncio.create_task(loop())
         try:

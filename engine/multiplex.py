@@ -252,6 +252,9 @@ class Multiplexed:
         self._closed = True
         self._flush()
         self._close(RedisConnectionError("closed"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
 
 def _fail(callers: Sequence[_Caller], error: Exception) -> None:

@@ -1,5 +1,5 @@
-"""HTTP plumbing shared by the handlers: the guard middleware, problem+json, client address,
-bearer tokens, JSON bodies.
+"""HTTP plumbing shared by the handlers: the guard around each route, problem+json, client
+address, bearer tokens, JSON bodies.
 
 The guard turns every refusal into RFC 9457 problem+json (domain errors, aiohttp's own
 HTTP errors, and anything unexpected, which becomes a 500 showing only a request id), sheds
