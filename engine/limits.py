@@ -208,11 +208,14 @@ def _refuse(level: str, seconds: int) -> None:
     raise RateLimited(seconds, _detail(level), level=level)
 
 
+_DETAILS = {
+    "address": "Too many attempts from this address",
+    "net": "Too many attempts from this network",
+    "net48": "Too many attempts from this network",
+    "session": "Too many attempts in this session",
+    "identity": "Too many attempts for this person",
+}
+
+
 def _detail(level: str) -> str:
-    return {
-        "address": "Too many attempts from this address",
-        "net": "Too many attempts from this network",
-        "net48": "Too many attempts from this network",
-        "session": "Too many attempts in this session",
-        "identity": "Too many attempts for this person",
-    }.get(level, "Too many attempts")
+    return _DETAILS.get(level, "Too many attempts")
