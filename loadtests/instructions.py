@@ -3,8 +3,9 @@
 ``bench.py`` measures rates, and on a shared 2-core VM they move 20 to 50 % from one run to
 the next: more than most single changes. An instruction count hardly moves: the same
 requests against the same code count the same to within 1 to 3 % (how requests batch per
-event-loop turn varies), whatever else the machine does. So this script is what to run before and after a change to the
-request path; ``bench.py`` is what to run for the rates the goals are stated in.
+event-loop turn varies), whatever else the machine does. So this script is what to run
+before and after a change to the request path; ``bench.py`` is what to run for the rates
+the goals are stated in.
 
 It starts, each under ``valgrind --tool=callgrind``, the hello world of ``bench.py`` (the
 ceiling) and one engine worker, sends each path ``--requests`` requests over 8 kept-alive
