@@ -40,6 +40,7 @@ from bench import (
     block_address,
     closed_loop,
     flush_redis,
+    open_loop,
     raw_request,
     reset_database,
     run_bounded,
@@ -102,19 +103,28 @@ async def dumped_total(workdir: Path, name: str, pid: int, before: set[Path]) ->
 
 
 async def count(
-    workdir: Path, server: Server, name: str, requests: list[bytes], expect: int
+    workdir: Path,
+    server: Server,
+    name: str,
+    requests: list[bytes],
+    expect: int,
+    rate: float | None = None,
 ) -> float:
-    """Instructions per request of ``requests[WARMUP:]``, after ``requests[:WARMUP]``."""
+    """Instructions per request of ``requests[WARMUP:]``, after ``requests[:WARMUP]``; sent
+    open loop at ``rate`` a second if given, else by 8 clients as fast as answered."""
 
     async def send(batch: list[bytes]) -> None:
-        measured = await closed_loop(
-            server.port,
-            batch,
-            connections=CONNECTIONS,
-            duration_s=HOUR,
-            warmup_s=0,
-            cycle=False,
-        )
+        if rate:
+            measured = await open_loop(server.port, batch, rate=rate, duration_s=len(batch) / rate)
+        else:
+            measured = await closed_loop(
+                server.port,
+                batch,
+                connections=CONNECTIONS,
+                duration_s=HOUR,
+                warmup_s=0,
+                cycle=False,
+            )
         if set(measured.statuses) != {str(expect)}:
             raise SystemExit(f"instructions: {name}: {measured.statuses}, not all {expect}")
 
@@ -174,11 +184,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "POST", "/v1/challenges", port, body, {"X-Forwarded-For": BLOCKED_ADDRESS}
         )
         paths["blocked"] = ([blocked] * n, 429)
+        if args.hold_rate:
+            paths["hold_paced"] = (b.minter.holds(port, rel["id"], rel["slots"], n)[0], 201)
         for name, (requests, expect) in paths.items():
-            if args.only and name not in args.only:
+            if args.only and name not in args.only and name != "hold_paced":
                 continue
             print(f"{name} ...", flush=True)
-            rows[name] = await count(b.workdir, engine, name, requests, expect)
+            rate = args.hold_rate if name == "hold_paced" else None
+            rows[name] = await count(b.workdir, engine, name, requests, expect, rate)
     finally:
         b.stop_all()
         with contextlib.suppress(Exception):
@@ -203,6 +216,7 @@ LABELS = {
     "hold": "hold, POST /v1/holds (201)",
     "forged": "refusal: forged challenge (403)",
     "blocked": "refusal: blocked client, POST /v1/challenges",
+    "hold_paced": "hold, open loop at --hold-rate",
 }
 
 
@@ -213,7 +227,14 @@ def main() -> None:
         "--only",
         type=lambda text: set(text.split(",")),
         default=set(),
-        help="comma-separated subset of: " + ", ".join(k for k in LABELS if k != "hello"),
+        help="comma-separated subset of: "
+        + ", ".join(k for k in LABELS if k not in ("hello", "hold_paced")),
+    )
+    parser.add_argument(
+        "--hold-rate",
+        type=float,
+        help="also count holds sent open loop at this many a second (the worker runs some 50 "
+        "times slower under callgrind: 20 to 80 here leave it idle between small batches)",
     )
     parser.add_argument("--engine-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
