@@ -259,8 +259,7 @@ class Reservations:
         """A challenge for one attempt in ``release_id``, and the client's session token
         (``session`` if it is valid, else a new one). Its difficulty adapts to the client."""
         s = self.settings
-        who = Client.of(client)
-        self.limiter.refuse_known(who)
+        self.limiter.refuse_address(client)
         release = await self.release(release_id)
         if all(slot.starts_at <= self.now() for slot in release.slots):
             raise NotOpen("Every slot of this release has started")
@@ -383,16 +382,17 @@ class Reservations:
     ) -> Confirmation:
         """Book the hold's place for ``applicant``; the same hold always gives the same booking."""
         release, record = await self._hold_for(hold_id, token)
+        who = Client.of(client)
         slot_id = None
         if record is not None:
             identity = applicant.identity_hash(self.settings.secret).hex()
-            await self.limiter.confirm(Client.of(client), identity)
+            await self.limiter.confirm(who, identity)
             slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
         if slot_id is None:
             # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
             return await self._confirmed_before(hold_id, token)
         confirmation = await self._book(
-            release, slot_id, hold_id, token, applicant, client_net=Client.of(client).net
+            release, slot_id, hold_id, token, applicant, client_net=who.net
         )
         self.metrics.count(self.metrics.confirms, "confirmed")
         return confirmation

@@ -14,25 +14,30 @@ from engine.appkeys import RESERVATIONS
 from tests.api import Api
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, target: Any, name: str) -> list[int]:
+    """Wrap the coroutine method ``target.name`` to count its calls: ``[calls]``."""
+    calls = [0]
+    real = getattr(target, name)
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, counted)
+    return calls
+
+
 async def test_an_expired_release_is_read_once_for_all_waiting_requests(
     api: Api, client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await api.site()
     release = await api.publish([3, 3])
     domain = client.app[RESERVATIONS]
-    reads = 0
-    real = domain.store.release
-
-    async def counted(release_id: str) -> Any:
-        nonlocal reads
-        reads += 1
-        return await real(release_id)
-
-    monkeypatch.setattr(domain.store, "release", counted)
+    reads = count_calls(monkeypatch, domain.store, "release")
     api.clock.advance(domain.settings.release_cache_s + 1)
     found = await asyncio.gather(*(domain.release(release["id"]) for _ in range(50)))
     assert {r.id for r in found} == {release["id"]}
-    assert reads == 1
+    assert reads == [1]
 
 
 async def test_an_expired_listing_is_rebuilt_once_for_all_waiting_requests(
@@ -43,17 +48,9 @@ async def test_an_expired_listing_is_rebuilt_once_for_all_waiting_requests(
     domain = client.app[RESERVATIONS]
     path = f"/v1/releases/{release['id']}/slots"
     assert (await api.call("GET", path)).status == 200
-    counts = 0
-    real = domain.inventory.counts
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal counts
-        counts += 1
-        return await real(*args, **kwargs)
-
-    monkeypatch.setattr(domain.inventory, "counts", counted)
+    counts = count_calls(monkeypatch, domain.inventory, "counts")
     api.clock.advance(domain.settings.listing_cache_s + domain.settings.release_cache_s + 1)
     replies = await asyncio.gather(*(api.call("GET", path) for _ in range(30)))
     assert {r.status for r in replies} == {200}
     assert len({str(r.body) for r in replies}) == 1
-    assert counts == 1
+    assert counts == [1]

@@ -4,7 +4,8 @@ event loops (the engine serves on uvloop, the in-process tests run on asyncio's)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,17 @@ from redis.exceptions import ResponseError
 from engine.multiplex import Multiplexed, pack
 from tests.conftest import REDIS_URL
 from tests.procs import HOST, Blackhole, RedisServer
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str = REDIS_URL, timeout_s: float = 5.0) -> AsyncIterator[Multiplexed]:
+    """A multiplexed connection, closed at the end whatever the test did."""
+    redis = Multiplexed.from_url(url, timeout_s=timeout_s)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
 
 HANG = pytest.mark.timeout(30)
 
@@ -35,8 +47,7 @@ def test_commands_are_packed_as_resp_bulk_strings() -> None:
 
 
 async def _concurrent_calls_share_writes_and_get_their_own_replies() -> None:
-    redis = Multiplexed.from_url(REDIS_URL, timeout_s=5.0)
-    try:
+    async with connected() as redis:
         await redis.run([("DEL", "mx:n")])
         before = redis.batches
         replies = await asyncio.gather(
@@ -49,8 +60,6 @@ async def _concurrent_calls_share_writes_and_get_their_own_replies() -> None:
         await redis.run([("DEL", "mx:h"), ("HSET", "mx:h", "a", "1")])
         assert await redis.run([("HGET", "mx:h", "a"), ("HGET", "mx:h", "b")]) == [b"1", None]
         assert await redis.run([("HGETALL", "mx:h"), ("DEL", "mx:h", "mx:n")]) == [[b"a", b"1"], 2]
-    finally:
-        await redis.aclose()
 
 
 @LOOPS
@@ -59,8 +68,7 @@ def test_concurrent_calls_share_writes_and_get_their_own_replies(run: Run) -> No
 
 
 async def _a_failing_command_is_its_callers_alone() -> None:
-    redis = Multiplexed.from_url(REDIS_URL, timeout_s=5.0)
-    try:
+    async with connected() as redis:
         await redis.run([("SET", "mx:text", "not a number")])
         good, bad, also_good = await asyncio.gather(
             redis.run([("ECHO", "a")]),
@@ -71,8 +79,6 @@ async def _a_failing_command_is_its_callers_alone() -> None:
         assert bad[0] == b"b" and isinstance(bad[1], ResponseError)
         assert "not an integer" in str(bad[1])
         await redis.run([("DEL", "mx:text")])
-    finally:
-        await redis.aclose()
 
 
 @LOOPS
@@ -81,8 +87,7 @@ def test_a_failing_command_is_its_callers_alone(run: Run) -> None:
 
 
 async def _a_cancelled_caller_leaves_the_others_their_replies() -> None:
-    redis = Multiplexed.from_url(REDIS_URL, timeout_s=5.0)
-    try:
+    async with connected() as redis:
         await redis.run([("PING",)])
         gone = asyncio.ensure_future(redis.run([("ECHO", "gone")]))
         kept = asyncio.ensure_future(redis.run([("ECHO", "kept")]))
@@ -90,8 +95,6 @@ async def _a_cancelled_caller_leaves_the_others_their_replies() -> None:
         gone.cancel()
         assert await kept == [b"kept"]
         assert await redis.run([("ECHO", "after")]) == [b"after"]  # still in step
-    finally:
-        await redis.aclose()
 
 
 @LOOPS
@@ -132,8 +135,7 @@ async def _a_restarted_redis_is_reconnected(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     server.start()
     await server.wait_ready()
-    redis = Multiplexed.from_url(server.url, timeout_s=1.0)
-    try:
+    async with connected(server.url, 1.0) as redis:
         assert await redis.run([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
         server.kill()
         with pytest.raises((RedisConnectionError, TimeoutError)):
@@ -143,8 +145,6 @@ async def _a_restarted_redis_is_reconnected(tmp_path: Path) -> None:
         server.start()
         await server.wait_ready()
         assert await redis.run([("GET", "k")]) == [None]  # back, and empty
-    finally:
-        await redis.aclose()
         server.kill()
 
 
@@ -185,16 +185,13 @@ async def _calls_made_while_connecting_wait_for_the_select() -> None:
     """A caller arriving after the TCP connection is up but before SELECT is answered must
     not run in database 0."""
     db = int(REDIS_URL.rsplit("/", 1)[1]) or 15
-    redis = Multiplexed.from_url(REDIS_URL.rsplit("/", 1)[0] + f"/{db}", timeout_s=5.0)
-    try:
+    async with connected(REDIS_URL.rsplit("/", 1)[0] + f"/{db}", 5.0) as redis:
         tasks = []
         for _ in range(40):  # one new caller per event-loop turn, across the connect
             tasks.append(asyncio.ensure_future(redis.run([("CLIENT", "INFO")])))
             await asyncio.sleep(0)
         for (info,) in await asyncio.gather(*tasks):
             assert f" db={db} ".encode() in info, info
-    finally:
-        await redis.aclose()
 
 
 @LOOPS
