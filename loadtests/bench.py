@@ -15,8 +15,13 @@ One run measures, each against the same bare aiohttp + uvloop ceiling measured m
   5. the refusal of a forged challenge, POST /v1/holds with a tampered signature (403);
   6. confirms, POST /v1/holds/{id}/confirm, of holds taken beforehand, one applicant each;
   7. holds again, open loop at 80 % of their measured peak (latency from the intended send
-     time, so a stalled engine cannot hide its queue);
-  8. scaling: slot listing and holds with GUICHET_WORKERS=1, 2 and 4.
+     time, so a stalled engine cannot hide its queue), and the ceiling's hello world the same
+     way, at the same fractions of its own peak;
+  8. the floor of a hold: an aiohttp app that reads the hold's JSON body, makes one Redis
+     script call through the engine's multiplexed connection and answers JSON, and nothing
+     else (no proof of work, limits or tokens), closed loop and open loop: how far the hold
+     goals are from what any hold on this stack can do here;
+  9. scaling: slot listing and holds with GUICHET_WORKERS=1, 2 and 4.
 
 Where the CPUs go: the engine (or the hello app) is pinned to core 1, the load generator and
 this script to core 0 (sched_setaffinity). Redis and PostgreSQL are the machine's shared
@@ -108,7 +113,7 @@ GOALS = {
 }
 HOLD_P99_GOAL_MS = 50.0
 PROFILE_TARGETS = ("hold", "open", "slots", "confirm", "blocked", "forged")
-SCENARIOS = ("slots", "hold", "forged", "confirm", "open", "blocked")
+SCENARIOS = ("slots", "hold", "forged", "confirm", "open", "floor", "blocked")
 BLOCKED_ADDRESS = "198.51.100.7"  # TEST-NET-2: the client the blocked measurements use
 
 
@@ -447,6 +452,55 @@ def hello_server(port: int) -> None:
 
     app = web.Application()
     app.router.add_get("/", hello)
+    app.router.add_get("/healthz", hello)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    sock.listen(1024)
+    logging.basicConfig(level=logging.WARNING)
+    web.run_app(app, sock=sock, print=None, access_log=None, loop=uvloop.new_event_loop())
+
+
+# The floor of a hold: what any hold server on this stack must do at least.
+FLOOR_SCRIPT = """
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', 60000)
+return 1
+"""
+
+
+def floor_server(port: int, redis_url: str) -> None:
+    """The least a hold server can do on this stack: the hello world's app, plus reading the
+    JSON body, one Redis script call (take a place, record the hold) through the engine's own
+    multiplexed connection, and a JSON answer. No proof of work, limits, tokens or checks:
+    its rate is the most any hold on aiohttp and Redis can reach on this machine."""
+    import logging
+
+    import uvloop
+    from aiohttp import web
+
+    from engine.multiplex import Multiplexed
+
+    redis = Multiplexed.from_url(redis_url, timeout_s=2.0)
+    script: list[str] = []
+
+    async def load_script(_app: web.Application) -> None:
+        script.extend(await redis.run([("SCRIPT", "LOAD", FLOOR_SCRIPT)]))
+
+    async def hold(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        hold_id = secrets.token_hex(8)
+        keys = (f"floor:n:{body['slot_id']}", f"floor:h:{hold_id}")
+        [taken] = await redis.run([("EVALSHA", script[0], 2, *keys, 1 << 40, hold_id)])
+        return web.json_response({"hold_id": hold_id, "taken": taken}, status=201)
+
+    async def hello(_request: web.Request) -> web.Response:
+        return web.json_response({"hello": "world"})
+
+    app = web.Application()
+    app.on_startup.append(load_script)
+    app.router.add_post("/v1/holds", hold)
     app.router.add_get("/healthz", hello)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1181,6 +1235,21 @@ class Bench:
         await server.wait_ready()
         return server
 
+    async def start_floor(self) -> Server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")}
+        argv = [sys.executable, str(SCRIPT), "--floor-server", "--port", "{port}"]
+        server = Server(
+            "floor",
+            [*argv, "--redis-url", self.redis],
+            env,
+            self.workdir,
+            ENGINE_CPUS if self.pinning else None,
+        )
+        self.servers.append(server)
+        server.start()
+        await server.wait_ready()
+        return server
+
     def stop(self, server: Server) -> None:
         server.stop()
         with contextlib.suppress(ValueError):
@@ -1341,7 +1410,20 @@ class Bench:
     async def _pinned_runs(self) -> None:
         print("ceiling", flush=True)
         hello = await self.start_hello()
-        await self.measure(hello, "ceiling", "ceiling: hello world (first)", "GET /", 200)
+        ceiling = await self.measure(hello, "ceiling", "ceiling: hello world (first)", "GET /", 200)
+        if self._wanted("open"):
+            # The ceiling in open loop too: what 80 % of a closed-loop peak leaves any
+            # aiohttp server on this machine, before the engine's own cost.
+            get = raw_request("GET", "/", hello.port)
+            await self._open_runs(
+                hello,
+                "ceiling",
+                "ceiling: hello world",
+                "GET /",
+                200,
+                ceiling.measured.rps,
+                lambda n: [get] * n,
+            )
         self.stop(hello)
 
         engine = await self.start_engine("engine", 1, pinned=True)
@@ -1372,6 +1454,8 @@ class Bench:
         if self._wanted("open"):
             await self._open_run(engine)
         self.stop(engine)
+        if self._wanted("floor"):
+            await self._floor_runs()
         if self._wanted("blocked"):
             await self._blocked_runs()
 
@@ -1434,27 +1518,42 @@ class Bench:
             requests=forged,
         )
 
-    async def _open_run(self, engine: Server) -> None:
-        a, rel, port = self.args, self.releases, engine.port
+    async def _open_runs(
+        self,
+        server: Server,
+        key: str,
+        label: str,
+        request: str,
+        expect: int,
+        peak: float,
+        requests: Callable[[int], Sequence[bytes]],
+        route: str | None = None,
+        release: str | None = None,
+    ) -> None:
+        """Open-loop runs of one server at each of ``--open-fractions`` of its closed-loop
+        ``peak``; the holds of ``release`` are dropped after each."""
+        a = self.args
         # Lower fractions first: each run's holds are dropped, so none pays for another's.
         for fraction in sorted(a.open_fractions):
             percent = round(100 * fraction)
-            key = "hold_open80" if percent == 80 else f"hold_open{percent}"
-            label = f"hold, open loop at {percent} % of peak"
-            print(f"holds, open loop at {percent} % of peak", flush=True)
-            rate = fraction * self.hold_rps
-            reqs, _ = self.minter.holds(
-                port, rel["open"]["id"], rel["open"]["slots"], int(rate * a.open_duration) + 10
-            )
-            before = await engine_counts(port)
-            watch = CpuWatch(engine.pids(), self.redis_pid, load_is_child=False)
+            run_label = f"{label}, open loop at {percent} % of peak"
+            print(run_label, flush=True)
+            rate = fraction * peak
+            reqs = requests(int(rate * a.open_duration) + 10)
+            before = await engine_counts(server.port) if route else Counter()
+            watch = CpuWatch(server.pids(), self.redis_pid, load_is_child=False)
             watch.start()
-            measured = await open_loop(port, reqs, rate=rate, duration_s=a.open_duration)
-            await drop_holds(self.redis, rel["open"]["id"])
+            measured = await open_loop(server.port, reqs, rate=rate, duration_s=a.open_duration)
+            if release is not None:
+                await drop_holds(self.redis, release)
             cpu = watch.stop()
-            diff = await engine_counts(port) - before
-            statuses = {s: n for (r, _m, s), n in diff.items() if r == "/v1/holds"}
-            row = Row(key, label, "POST /v1/holds", 201, 1, True, measured, statuses, cpu)
+            statuses: dict[str, int] = {}
+            if route:
+                diff = await engine_counts(server.port) - before
+                statuses = {s: n for (r, _m, s), n in diff.items() if r == route}
+            row = Row(
+                f"{key}_open{percent}", run_label, request, expect, 1, True, measured, statuses, cpu
+            )
             self.rows.append(row)
             self._check(row)
             print(
@@ -1462,6 +1561,45 @@ class Bench:
                 f" (target {rate:,.0f}/s)",
                 flush=True,
             )
+
+    async def _open_run(self, engine: Server) -> None:
+        rel, port = self.releases["open"], engine.port
+        await self._open_runs(
+            engine,
+            "hold",
+            "hold",
+            "POST /v1/holds",
+            201,
+            self.hold_rps,
+            lambda n: self.minter.holds(port, rel["id"], rel["slots"], n)[0],
+            route="/v1/holds",
+            release=rel["id"],
+        )
+
+    async def _floor_runs(self) -> None:
+        """The floor of a hold (``floor_server``), closed loop, then open loop if wanted."""
+        a, rel = self.args, self.releases["open"]
+        print("floor of a hold: body, one Redis script call, JSON answer", flush=True)
+        floor = await self.start_floor()
+
+        def holds(n: int) -> Sequence[bytes]:
+            return self.minter.holds(floor.port, rel["id"], rel["slots"], n)[0]
+
+        row = await self.measure(
+            floor,
+            "floor",
+            "floor of a hold (aiohttp + 1 Redis call)",
+            "POST /v1/holds",
+            201,
+            requests=holds(self._unique_count(a.hold_guess * 2, a.duration)),
+            warmup_requests=holds(self._unique_count(a.hold_guess * 2, a.warmup)),
+            unique=True,
+        )
+        if self._wanted("open"):
+            await self._open_runs(
+                floor, "floor", "floor of a hold", "POST /v1/holds", 201, row.measured.rps, holds
+            )
+        self.stop(floor)
 
     async def _blocked_runs(self) -> None:
         rel = self.releases
@@ -1614,7 +1752,7 @@ class Bench:
                 f"mean, {ceiling:,.0f} (spread {100 * spread:.0f} %)"
             )
         for row in self.rows:
-            if row.pinned and not row.key.startswith(("ceiling", "hold_open")):
+            if row.pinned and not row.key.startswith("ceiling") and "_open" not in row.key:
                 row.ratio = round(row.measured.rps / ceiling, 3)
             goal = GOALS.get(row.key)
             if goal is None:
@@ -2016,10 +2154,15 @@ def main() -> None:
     parser.add_argument("--profile-rate", type=int, default=200)
     parser.add_argument("--native", action="store_true", help="py-spy --native")
     parser.add_argument("--hello-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hello_server:
         hello_server(args.port)
+        return
+    if args.floor_server:
+        floor_server(args.port, args.redis_url)
         return
     from engine.settings import unknown_variables
 
