@@ -8,12 +8,13 @@ before and after a change to the request path; ``bench.py`` is what to run for t
 the goals are stated in.
 
 It starts, each under ``valgrind --tool=callgrind``, the hello world of ``bench.py`` (the
-ceiling) and one engine worker, sends each path ``--requests`` requests over 8 kept-alive
-connections after a warm-up, and divides the instructions the process ran meanwhile (zeroed
-before, dumped after, with ``callgrind_control``) by the requests. The engine runs with its
-sweeper, reconcile and caches on hour-long periods, so that what is counted is the request
-path (the listing: a cache hit). Counts are user-space instructions: the kernel's socket
-work, the same for every path, is not in them. Needs valgrind, and the stores of ``bench.py``.
+ceiling), its floor of a hold (aiohttp and one Redis script call) and one engine worker,
+sends each path ``--requests`` requests over 8 kept-alive connections after a warm-up, and
+divides the instructions the process ran meanwhile (zeroed before, dumped after, with
+``callgrind_control``) by the requests. The engine runs with its sweeper, reconcile and
+caches on hour-long periods, so that what is counted is the request path (the listing: a
+cache hit). Counts are user-space instructions: the kernel's socket work, the same for every
+path, is not in them. Needs valgrind, and the stores of ``bench.py``.
 
     python loadtests/instructions.py [--requests 2000]
 """
@@ -160,6 +161,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         )
         hello.stop()
 
+        if not args.only or "floor" in args.only:
+            argv = [sys.executable, str(bench.SCRIPT), "--floor-server", "--port", "{port}"]
+            argv += ["--redis-url", b.redis]
+            floor = Server("floor", under_callgrind(b.workdir, "floor", argv), env, b.workdir, None)
+            b.servers.append(floor)
+            floor.start()
+            await floor.wait_ready()
+            print("floor of a hold ...", flush=True)
+            holds = b.minter.holds(floor.port, FLOOR_RELEASE, [f"{FLOOR_RELEASE}.000"], n)[0]
+            rows["floor"] = await count(b.workdir, floor, "floor", holds, 201)
+            floor.stop()
+
         engine_env = bench.engine_env(
             b.dsn, b.redis, b.secret, b.admin, b.workdir, 1, GUICHET_LIMIT_ADDRESS="2/1h"
         )
@@ -205,6 +218,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+FLOOR_RELEASE = "r0000000floor"  # any release id: the floor reads only the slot id
+
+
 def bench_args() -> argparse.Namespace:
     return argparse.Namespace(no_wrk=True, set=[], gc_log=False)
 
@@ -213,6 +229,7 @@ LABELS = {
     "hello": "ceiling: hello world, GET /",
     "healthz": "GET /healthz (the engine's floor)",
     "listing": "slot listing, 120 slots (cached)",
+    "floor": "floor of a hold: aiohttp + 1 Redis call (201)",
     "hold": "hold, POST /v1/holds (201)",
     "forged": "refusal: forged challenge (403)",
     "blocked": "refusal: blocked client, POST /v1/challenges",
