@@ -3,6 +3,7 @@ already holds data (a draw release published before draws had seeds)."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,13 +59,68 @@ async def test_upgrade_keeps_and_seeds_existing_draw_releases(scratch: str, tmp_
         await conn.close()
 
 
-async def test_book_hold_plans_each_call(scratch: str) -> None:
-    """A plan cached while `bookings` was empty scanned every confirmed booking at every
-    confirm once the table filled (sql/005_book_custom_plans.sql)."""
+BOOK = (
+    "SELECT outcome FROM book_hold($1, 'rplans000000f.000', 'rplans000000f', 'p', 'online', $2,"
+    " '\\x00', $3, $4, 'F', 'G', '1990-01-01', '\\x00', '10.0.0.0/24', '30 days', 3, 3, 3)"
+)
+FILL = """
+INSERT INTO bookings (reference, slot_id, release_id, procedure_id, channel, hold_id,
+                      hold_token_hash, identity_hash, email_hash, family_name, given_names,
+                      birth_date, cancel_token_hash, client_net)
+SELECT 'F' || n, 'rplans000000f.000', 'rplans000000f', 'p', 'online', 'fill' || n, '\\x00',
+       sha256(('fi' || n)::bytea), sha256(('fe' || n)::bytea), 'F', 'G', '1990-01-01', '\\x00',
+       '10.0.0.0/24'
+  FROM generate_series(1, $1) n
+"""
+
+
+async def test_book_hold_plans_made_on_an_empty_table_stay_good(scratch: str) -> None:
+    """book_hold's plans, made while `bookings` was empty and analysed empty, must not read
+    the table once it has filled: a plan that did scanned every confirmed booking at every
+    confirm (sql/006_book_generic_plans.sql). The connection asks for custom plans, as the
+    engine's pool does, and the function must keep its own plans all the same."""
     await migrate(scratch)
-    conn = await asyncpg.connect(scratch)
+    conn = await asyncpg.connect(scratch, server_settings={"plan_cache_mode": "force_custom_plan"})
+    other = await asyncpg.connect(scratch)
     try:
-        config = await conn.fetchval("SELECT proconfig FROM pg_proc WHERE proname = 'book_hold'")
+        await other.execute(
+            """ALTER TABLE bookings SET (autovacuum_enabled = false);
+               INSERT INTO sites VALUES ('s', 'S', 'UTC');
+               INSERT INTO procedures VALUES ('s', 'p', 'P');
+               INSERT INTO releases (id, site_id, procedure_id, mode, opens_at)
+               VALUES ('rplans000000f', 's', 'p', 'fcfs', now());
+               INSERT INTO slots (id, release_id, starts_at, duration_minutes, capacity)
+               VALUES ('rplans000000f.000', 'rplans000000f', now() + interval '1 day', 20,
+                       10000);
+               ANALYZE bookings"""
+        )
+
+        async def book(n: int) -> None:
+            identity = hashlib.sha256(b"i%d" % n).digest()
+            email = hashlib.sha256(b"e%d" % n).digest()
+            assert await conn.fetchval(BOOK, f"R{n}", f"h{n}", identity, email) == "booked"
+
+        for n in range(10):  # PL/pgSQL keeps a generic plan after five calls
+            await book(n)
+        await other.execute(FILL, 5000)  # from another session: conn keeps its plans
+
+        async def reads() -> tuple[int, int]:
+            # conn's counts reach the shared statistics when it is next idle.
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+            await conn.execute("SELECT 1")
+            await other.execute("SELECT pg_stat_clear_snapshot()")
+            row = await other.fetchrow(
+                "SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_user_tables"
+                " WHERE relname = 'bookings'"
+            )
+            return row["seq_tup_read"], row["idx_tup_fetch"]
+
+        seq_before, idx_before = await reads()
+        for n in range(10, 30):
+            await book(n)
+        seq_after, idx_after = await reads()
     finally:
         await conn.close()
-    assert config == ["plan_cache_mode=force_custom_plan"]
+        await other.close()
+    assert seq_after - seq_before == 0
+    assert (idx_after - idx_before) / 20 < 10  # a handful per confirm, not 5 000
