@@ -10,7 +10,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.tokens import hmac_sha256, keyed_hash, new_id
+from engine.tokens import REFERENCE, hmac_sha256, keyed_hash, new_id, new_reference
 
 
 @given(st.binary(min_size=1, max_size=80), st.binary(max_size=200), st.binary(max_size=200))
@@ -32,3 +32,10 @@ def test_ids_use_the_alphabet_and_the_length() -> None:
     assert all(re.fullmatch(r"h[0-9a-hjkmnp-tv-z]{16}", i) for i in ids)
     # Every character of the alphabet shows up: the mapping is not stuck on a few.
     assert set("".join(i[1:] for i in ids)) == set("0123456789abcdefghjkmnpqrstvwxyz")
+
+
+def test_references_use_crockford_base32() -> None:
+    refs = {new_reference() for _ in range(2000)}
+    assert len(refs) == 2000
+    assert all(REFERENCE.match(r) for r in refs)
+    assert set("".join(r.replace("-", "") for r in refs)) == set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
