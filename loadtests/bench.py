@@ -439,12 +439,8 @@ class Server:
             await asyncio.sleep(0.05)
 
 
-def hello_server(port: int) -> None:
-    """The ceiling: the smallest JSON aiohttp app, one process, uvloop, no access log,
-    started the way ``engine.serve`` starts a worker."""
-    import logging
-
-    import uvloop
+def hello_app() -> Any:
+    """The ceiling's app: the smallest JSON aiohttp app (``/`` and ``/healthz``)."""
     from aiohttp import web
 
     async def hello(_request: web.Request) -> web.Response:
@@ -453,6 +449,17 @@ def hello_server(port: int) -> None:
     app = web.Application()
     app.router.add_get("/", hello)
     app.router.add_get("/healthz", hello)
+    return app
+
+
+def serve_app(app: Any, port: int) -> None:
+    """Serve ``app`` in this process the way ``engine.serve`` starts a worker: uvloop, no
+    access log."""
+    import logging
+
+    import uvloop
+    from aiohttp import web
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((HOST, port))
@@ -470,14 +477,11 @@ return 1
 """
 
 
-def floor_server(port: int, redis_url: str) -> None:
-    """The least a hold server can do on this stack: the hello world's app, plus reading the
-    JSON body, one Redis script call (take a place, record the hold) through the engine's own
-    multiplexed connection, and a JSON answer. No proof of work, limits, tokens or checks:
-    its rate is the most any hold on aiohttp and Redis can reach on this machine."""
-    import logging
-
-    import uvloop
+def floor_app(redis_url: str) -> Any:
+    """The least a hold server can do on this stack: the hello world's app, plus a route that
+    reads the JSON body, makes one Redis script call (take a place, record the hold) through
+    the engine's own multiplexed connection, and answers JSON. No proof of work, limits,
+    tokens or checks: its rate is the most any hold on aiohttp and Redis can reach here."""
     from aiohttp import web
 
     from engine.multiplex import Multiplexed
@@ -495,19 +499,10 @@ def floor_server(port: int, redis_url: str) -> None:
         [taken] = await redis.run([("EVALSHA", script[0], 2, *keys, 1 << 40, hold_id)])
         return web.json_response({"hold_id": hold_id, "taken": taken}, status=201)
 
-    async def hello(_request: web.Request) -> web.Response:
-        return web.json_response({"hello": "world"})
-
-    app = web.Application()
+    app = hello_app()
     app.on_startup.append(load_script)
     app.router.add_post("/v1/holds", hold)
-    app.router.add_get("/healthz", hello)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, port))
-    sock.listen(1024)
-    logging.basicConfig(level=logging.WARNING)
-    web.run_app(app, sock=sock, print=None, access_log=None, loop=uvloop.new_event_loop())
+    return app
 
 
 # --gc-log: loaded into each engine process as sitecustomize, it appends one line per garbage
@@ -1577,7 +1572,7 @@ class Bench:
         )
 
     async def _floor_runs(self) -> None:
-        """The floor of a hold (``floor_server``), closed loop, then open loop if wanted."""
+        """The floor of a hold (``floor_app``), closed loop, then open loop if wanted."""
         a, rel = self.args, self.releases["open"]
         print("floor of a hold: body, one Redis script call, JSON answer", flush=True)
         floor = await self.start_floor()
@@ -2159,10 +2154,10 @@ def main() -> None:
     parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hello_server:
-        hello_server(args.port)
+        serve_app(hello_app(), args.port)
         return
     if args.floor_server:
-        floor_server(args.port, args.redis_url)
+        serve_app(floor_app(args.redis_url), args.port)
         return
     from engine.settings import unknown_variables
 
