@@ -1,0 +1,136 @@
+"""The engine against a Redis Cluster (``redis+cluster://``): three private primaries on
+loopback ports, the slots split between them, and the booking flow of API.md through HTTP.
+
+Every Redis function touches one hash tag (``engine/keys.py``), so each call lands on one
+node; the releases of a test are spread over the three nodes by their ids."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.appkeys import RESERVATIONS
+from engine.settings import Settings
+from engine.sweeper import sweep_once
+from tests.api import Api, applicant
+from tests.conftest import make_settings
+from tests.procs import RedisServer, free_port, poll
+
+SLOTS = 16384
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
+    buses = [free_port() for _ in range(3)]
+    nodes = [
+        RedisServer(
+            tmp_path,
+            options={
+                "cluster-enabled": "yes",
+                "cluster-config-file": f"nodes-{i}.conf",
+                "cluster-node-timeout": "2000",
+                # The bus defaults to the port + 10 000, past 65 535 for a high free port.
+                "cluster-port": str(buses[i]),
+            },
+        )
+        for i in range(3)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            await node.wait_ready()
+        clients = [aioredis.Redis(host="127.0.0.1", port=n.port) for n in nodes]
+        try:
+            step = SLOTS // len(nodes)
+            for i, client in enumerate(clients):
+                last = SLOTS - 1 if i == len(nodes) - 1 else (i + 1) * step - 1
+                await client.execute_command("CLUSTER ADDSLOTSRANGE", i * step, last)
+                if i:
+                    await client.execute_command(
+                        "CLUSTER MEET", "127.0.0.1", nodes[0].port, buses[0]
+                    )
+
+            async def formed() -> bool:
+                for client in clients:
+                    info = await client.execute_command("CLUSTER INFO")
+                    if info["cluster_state"] != "ok" or int(info["cluster_known_nodes"]) != 3:
+                        return False
+                return True
+
+            await poll(formed, lambda: "\n".join(n.describe() for n in nodes), within_s=20)
+        finally:
+            for client in clients:
+                await client.aclose()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+async def on_each(nodes: list[RedisServer], *command: str) -> list[Any]:
+    """``command``'s reply from each node, asked directly (not through the cluster)."""
+    replies = []
+    for node in nodes:
+        client = aioredis.Redis(host="127.0.0.1", port=node.port)
+        try:
+            replies.append(await client.execute_command(*command))
+        finally:
+            await client.aclose()
+    return replies
+
+
+@pytest.fixture
+def settings(cluster: list[RedisServer]) -> Settings:
+    return make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[0].port}")
+
+
+async def test_booking_flow_on_a_cluster(api: Api, cluster: list[RedisServer]) -> None:
+    await api.site()
+    releases = [await api.publish([2, 1]) for _ in range(6)]
+    # The releases' inventories are spread over the nodes.
+    assert sum(1 for size in await on_each(cluster, "DBSIZE") if size) >= 2
+
+    for n, release in enumerate(releases):
+        first, second = (s["id"] for s in release["slots"])
+        assert await api.free(release["id"]) == {first: 2, second: 1}
+        hold = await api.hold(second)
+        assert hold.status == 201, hold.body
+        assert (await api.hold(second)).status == 409  # full: one place, held
+        done = await api.confirm(hold.body, applicant(n))
+        assert done.status == 201, done.body
+        assert await api.free(release["id"]) == {first: 2, second: 0}
+
+        reference = done.body["booking"]["reference"]
+        cancel = {"Authorization": f"Bearer {done.body['cancel_token']}"}
+        gone = await api.call("DELETE", f"/v1/bookings/{reference}", headers=cancel)
+        assert gone.status == 204
+        assert await api.free(release["id"]) == {first: 2, second: 1}
+
+
+async def test_a_cluster_that_lost_everything_is_rebuilt(
+    api: Api, cluster: list[RedisServer]
+) -> None:
+    """Every node flushed, its Functions library included (a restart without persistence):
+    the inventories come back from PostgreSQL, the library is loaded on every node, and
+    the sweeper's pass finds nothing to correct."""
+    await api.site()
+    releases = [await api.publish([2]) for _ in range(6)]
+    for n, release in enumerate(releases):
+        await api.book(release["slots"][0]["id"], applicant(n))
+    await on_each(cluster, "FUNCTION", "FLUSH")
+    await on_each(cluster, "FLUSHALL")
+    for release in releases:
+        slot = release["slots"][0]["id"]
+        assert await api.free(release["id"]) == {slot: 1}
+        hold = await api.hold(slot)
+        assert hold.status == 201, hold.body
+        assert await api.free(release["id"]) == {slot: 0}
+    assert all(await on_each(cluster, "FUNCTION", "LIST"))  # loaded again on every node
+    # The sweeper's pass (its lock, settling, reconcile) finds every count right.
+    report = await sweep_once(api.client.app[RESERVATIONS], reconcile=True)
+    assert (report.releases, report.corrections) == (6, 0)
