@@ -1,6 +1,7 @@
 """Real processes and sockets for outage and multi-process tests, all on 127.0.0.1.
 
     free_port     a port nothing listens on right now
+    free_ports    several distinct ones
     dead_port     a port held bound but not listening: every connect is refused
     Blackhole     accepts connections and never answers (a store that hangs)
     TcpProxy      forwards to a real store; stop() cuts every connection and refuses new ones
@@ -38,6 +39,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports nothing listens on right now (held together while chosen, so
+    that none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET)) for _ in range(n)]
+        for s in socks:
+            s.bind((HOST, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 @contextlib.contextmanager

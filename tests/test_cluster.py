@@ -18,17 +18,19 @@ from engine.settings import Settings
 from engine.sweeper import sweep_once
 from tests.api import Api, applicant
 from tests.conftest import make_settings
-from tests.procs import RedisServer, free_port, poll
+from tests.procs import RedisServer, free_ports, poll
 
 SLOTS = 16384
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
-    buses = [free_port() for _ in range(3)]
+    ports = free_ports(6)  # three nodes and their cluster buses
+    buses = ports[3:]
     nodes = [
         RedisServer(
             tmp_path,
+            ports[i],
             options={
                 "cluster-enabled": "yes",
                 "cluster-config-file": f"nodes-{i}.conf",
