@@ -1,4 +1,4 @@
--- book_hold keeps its plans, and no plan of it can scan a table.
+-- book_hold keeps its plans, and they read bookings through its indexes only.
 --
 -- 005 made book_hold plan every query at every call, because a generic plan made while
 -- `bookings` was empty or analysed empty went on scanning the whole table once it filled.
