@@ -1217,25 +1217,17 @@ class Bench:
         return server
 
     async def start_hello(self) -> Server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")}
-        server = Server(
-            "hello",
-            [sys.executable, str(SCRIPT), "--hello-server", "--port", "{port}"],
-            env,
-            self.workdir,
-            ENGINE_CPUS if self.pinning else None,
-        )
-        self.servers.append(server)
-        server.start()
-        await server.wait_ready()
-        return server
+        return await self._start_reference("hello", "--hello-server")
 
     async def start_floor(self) -> Server:
+        return await self._start_reference("floor", "--floor-server", "--redis-url", self.redis)
+
+    async def _start_reference(self, name: str, *args: str) -> Server:
+        """One of this script's reference servers, pinned where the engine runs."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")}
-        argv = [sys.executable, str(SCRIPT), "--floor-server", "--port", "{port}"]
         server = Server(
-            "floor",
-            [*argv, "--redis-url", self.redis],
+            name,
+            [sys.executable, str(SCRIPT), *args, "--port", "{port}"],
             env,
             self.workdir,
             ENGINE_CPUS if self.pinning else None,
