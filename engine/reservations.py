@@ -47,9 +47,11 @@ from engine.store import Store
 from engine.tokens import (
     REFERENCE,
     derived_token,
+    is_signed,
     matches,
     new_id,
     new_reference,
+    signed_id,
     token_hash,
 )
 
@@ -307,7 +309,7 @@ class Reservations:
         else:
             token = derived_token(self.settings.secret, "hold", client, idem_key, slot_id)
             idem_field = token_hash(f"{client}\x00{idem_key}\x00{slot_id}").hex()
-        hold_id = f"{release_id}.{new_id('h', 16)}"
+        hold_id = signed_id(self.settings.secret, "hold-id", f"{release_id}.h", 15)
         now_ms = self.now_ms()
         result = await self.recovery.with_inventory(
             release_id,
@@ -364,15 +366,22 @@ class Reservations:
             raise Unauthorized("Wrong hold token")
         return release, record
 
+    def _gone(self, hold_id: str) -> HoldExpired | NotFound:
+        """The error for a hold Redis no longer has: expired or released if this service
+        issued its id (signed), else there never was such a hold."""
+        if is_signed(self.settings.secret, "hold-id", hold_id):
+            return HoldExpired("This hold expired or was released")
+        return NotFound(f"No hold {hold_id!r}")
+
     async def release_hold(self, hold_id: str, token: str) -> None:
         release, record = await self._hold_for(hold_id, token)
         if record is None:
-            raise HoldExpired("This hold expired or was released")
+            raise self._gone(hold_id)
         outcome = await self.inventory.release_hold(release.id, hold_id, self.now_ms())
         if outcome == "confirming":
             raise HoldConfirming("This hold is being confirmed and cannot be released now")
         if outcome == "gone":
-            raise HoldExpired("This hold expired or was released")
+            raise self._gone(hold_id)
         log.info("hold_released", hold=hold_id)
 
     # Confirm -----------------------------------------------------------------------------
@@ -400,8 +409,9 @@ class Reservations:
     async def _confirmed_before(self, hold_id: str, token: str) -> Confirmation:
         booking = await self.store.booking_by_hold(hold_id)
         if booking is None:
-            self.metrics.count(self.metrics.confirms, "hold-expired")
-            raise HoldExpired("This hold expired or was released")
+            gone = self._gone(hold_id)
+            self.metrics.count(self.metrics.confirms, gone.name)
+            raise gone
         if booking.hold_token_hash is None or not matches(token, booking.hold_token_hash):
             raise Unauthorized("Wrong hold token")
         self.metrics.count(self.metrics.confirms, "replayed")

@@ -190,8 +190,8 @@ async def test_not_found(api: Api, pg: asyncpg.Connection, release: dict[str, An
             {"applicant": applicant()},
             {"Authorization": "Bearer x"},
         ),
-        "hold-expired",
-        410,
+        "not-found",  # never issued (API.md); an expired hold is 410, test_hold_expired
+        404,
     )
     problem(
         await api.call(
@@ -301,6 +301,29 @@ async def test_hold_expired(
     )
     problem(await api.confirm(released), "hold-expired", 410)
     assert await state(api, pg, release["id"]) == before
+
+
+async def test_a_hold_never_issued_is_not_found(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    """404 for an id this service never issued, 410 for one whose hold is gone: the id is
+    signed, so they are told apart with nothing kept."""
+    slot = release["slots"][0]["id"]
+    hold = (await api.hold(slot)).body
+    suffix = hold["hold_id"].partition(".")[2]
+    other = "x" if suffix[-1] != "x" else "y"
+    forged = {**hold, "hold_id": hold["hold_id"][:-1] + other}  # its signature broken
+    made_up = {**hold, "hold_id": f"{release['id']}.h{'0' * 19}"}
+    before = await state(api, pg, release["id"])
+    for fake in (forged, made_up):
+        auth = {"Authorization": f"Bearer {fake['hold_token']}"}
+        problem(await api.confirm(fake), "not-found", 404)
+        problem(
+            await api.call("DELETE", f"/v1/holds/{fake['hold_id']}", headers=auth), "not-found", 404
+        )
+    assert await state(api, pg, release["id"]) == before
+    clock.advance(601)
+    problem(await api.confirm(hold), "hold-expired", 410)  # the real one, expired
 
 
 async def test_hold_confirming_cannot_be_released(api: Api, release: dict[str, Any]) -> None:

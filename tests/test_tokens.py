@@ -10,7 +10,15 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.tokens import REFERENCE, hmac_sha256, keyed_hash, new_id, new_reference
+from engine.tokens import (
+    REFERENCE,
+    hmac_sha256,
+    is_signed,
+    keyed_hash,
+    new_id,
+    new_reference,
+    signed_id,
+)
 
 
 @given(st.binary(min_size=1, max_size=80), st.binary(max_size=200), st.binary(max_size=200))
@@ -39,3 +47,17 @@ def test_references_use_crockford_base32() -> None:
     assert len(refs) == 2000
     assert all(REFERENCE.match(r) for r in refs)
     assert set("".join(r.replace("-", "") for r in refs)) == set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+
+
+def test_signed_ids_are_told_from_others() -> None:
+    secret = b"k" * 32
+    ids = [signed_id(secret, "hold-id", "r0000000000ab.h", 15) for _ in range(200)]
+    assert all(re.fullmatch(r"r0000000000ab\.h[0-9a-hjkmnp-tv-z]{19}", i) for i in ids)
+    assert all(is_signed(secret, "hold-id", i) for i in ids)
+    # A changed signature always fails; another secret or purpose fails but once in 2**20.
+    for i in ids:
+        last = "0" if i[-1] != "0" else "1"
+        assert not is_signed(secret, "hold-id", i[:-1] + last)
+    assert not any(is_signed(b"j" * 32, "hold-id", i) for i in ids[:20])
+    assert not any(is_signed(secret, "entry-id", i) for i in ids[:20])
+    assert not is_signed(secret, "hold-id", "abcd")
