@@ -78,7 +78,7 @@ _SIGNATURE = 4  # characters of a signed id's MAC: 20 bits
 def signed_id(secret: bytes, purpose: str, prefix: str, length: int) -> str:
     """``prefix``, ``length`` random characters, and 4 characters of a MAC of both: the
     service can tell an id it issued from any other without keeping it (a wrong one passes
-    once in a million guesses)."""
+    once in a million guesses). ``purpose``: 16 bytes at most."""
     body = new_id(prefix, length)
     return body + _signature(secret, purpose, body)
 
@@ -91,7 +91,17 @@ def is_signed(secret: bytes, purpose: str, identifier: str) -> bool:
 
 
 def _signature(secret: bytes, purpose: str, body: str) -> str:
-    return keyed_hash(secret, purpose, body)[:_SIGNATURE].translate(_ID_TABLE).decode()
+    # Keyed BLAKE2b is a MAC in one call: a third of an HMAC's time, on every hold.
+    mac = hashlib.blake2b(
+        body.encode(), digest_size=_SIGNATURE, key=_id_key(secret), person=purpose.encode()
+    )
+    return mac.digest().translate(_ID_TABLE).decode()
+
+
+@functools.lru_cache(maxsize=8)
+def _id_key(secret: bytes) -> bytes:
+    """BLAKE2b takes keys of 64 bytes at most: one derived from the secret."""
+    return hmac_sha256(secret, b"signed-id")
 
 
 REFERENCE = re.compile(r"^[0-9A-Z]{2}-[0-9A-Z]{4}-[0-9A-Z]{4}$")
