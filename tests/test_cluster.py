@@ -23,6 +23,11 @@ from tests.procs import RedisServer, free_ports, poll
 SLOTS = 16384
 
 
+def node_client(node: RedisServer) -> aioredis.Redis:
+    """A client of one node alone, whose every call is bounded in time."""
+    return aioredis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
+
+
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
     ports = free_ports(6)  # three nodes and their cluster buses
@@ -45,7 +50,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
             node.start()
         for node in nodes:
             await node.wait_ready()
-        clients = [aioredis.Redis(host="127.0.0.1", port=n.port) for n in nodes]
+        clients = [node_client(n) for n in nodes]
         try:
             step = SLOTS // len(nodes)
             for i, client in enumerate(clients):
@@ -77,7 +82,7 @@ async def on_each(nodes: list[RedisServer], *command: str) -> list[Any]:
     """``command``'s reply from each node, asked directly (not through the cluster)."""
     replies = []
     for node in nodes:
-        client = aioredis.Redis(host="127.0.0.1", port=node.port)
+        client = node_client(node)
         try:
             replies.append(await client.execute_command(*command))
         finally:
