@@ -152,12 +152,12 @@ class Metrics:
     def observe(self, histogram: Histogram, value: float, *labels: str) -> None:
         """Observe one value of a hot path: added to ``histogram`` at the next ``flush``."""
         key = (histogram, labels)
+        bounds = self._bounds[histogram]
         pending = self._observed.get(key)
         if pending is None:
             # One count per bucket (the last for values past the top bound), then the sum.
-            bounds = self._bounds[histogram]
             pending = self._observed[key] = [0.0] * (len(bounds) + 2)
-        pending[bisect_left(self._bounds[histogram], value)] += 1
+        pending[bisect_left(bounds, value)] += 1
         pending[-1] += value
 
     def rejected(self, name: str, level: str) -> None:

@@ -31,6 +31,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import bench
@@ -138,6 +139,64 @@ async def count(
     return total / (len(requests) - WARMUP)
 
 
+async def count_reference(
+    b: Bench, name: str, args: list[str], requests: Callable[[int], list[bytes]], expect: int
+) -> float:
+    """Instructions per request of one of ``bench.py``'s reference servers (``args`` pick
+    it); ``requests(port)`` are sent to it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")}
+    argv = [sys.executable, str(bench.SCRIPT), *args, "--port", "{port}"]
+    server = Server(name, under_callgrind(b.workdir, name, argv), env, b.workdir, None)
+    b.servers.append(server)
+    server.start()
+    await server.wait_ready()
+    print(f"{name} ...", flush=True)
+    try:
+        return await count(b.workdir, server, name, requests(server.port), expect)
+    finally:
+        server.stop()
+
+
+async def count_engine(b: Bench, args: argparse.Namespace, n: int) -> dict[str, float]:
+    """Instructions per request of one engine worker, for each of its paths ``--only``
+    keeps."""
+    engine_env = bench.engine_env(
+        b.dsn, b.redis, b.secret, b.admin, b.workdir, 1, GUICHET_LIMIT_ADDRESS="2/1h"
+    )
+    argv = [sys.executable, str(SCRIPT), "--engine-server"]
+    engine = Server(
+        "engine", under_callgrind(b.workdir, "engine", argv), engine_env, b.workdir, None
+    )
+    b.servers.append(engine)
+    engine.start()
+    await engine.wait_ready()
+    port = engine.port
+    rel = (await seed(port, b.admin, {"r": (120, 10_000)}))["r"]
+    paths: dict[str, tuple[list[bytes], int]] = {
+        "healthz": ([raw_request("GET", "/healthz", port)] * n, 200),
+        "listing": ([raw_request("GET", f"/v1/releases/{rel['id']}/slots", port)] * n, 200),
+        "hold": (b.minter.holds(port, rel["id"], rel["slots"], n)[0], 201),
+        "forged": (b.minter.forged(port, rel["id"], rel["slots"], n), 403),
+    }
+    await block_address(port, rel["id"], BLOCKED_ADDRESS)
+    body = json.dumps({"release": rel["id"]}).encode()
+    blocked = raw_request(
+        "POST", "/v1/challenges", port, body, {"X-Forwarded-For": BLOCKED_ADDRESS}
+    )
+    paths["blocked"] = ([blocked] * n, 429)
+    if args.hold_rate:
+        paths["hold_paced"] = (b.minter.holds(port, rel["id"], rel["slots"], n)[0], 201)
+    rows: dict[str, float] = {}
+    for name, (requests, expect) in paths.items():
+        if args.only and name not in args.only and name != "hold_paced":
+            continue
+        print(f"{name} ...", flush=True)
+        rate = args.hold_rate if name == "hold_paced" else None
+        rows[name] = await count(b.workdir, engine, name, requests, expect, rate)
+    engine.stop()
+    return rows
+
+
 async def run(args: argparse.Namespace) -> dict[str, object]:
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -149,62 +208,20 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         await reset_database(b.maintenance, b.dsn)
         await flush_redis(b.redis)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")}
-        argv = [sys.executable, str(bench.SCRIPT), "--hello-server", "--port", "{port}"]
-        hello = Server("hello", under_callgrind(b.workdir, "hello", argv), env, b.workdir, None)
-        b.servers.append(hello)
-        hello.start()
-        await hello.wait_ready()
-        print("hello world ...", flush=True)
-        rows["hello"] = await count(
-            b.workdir, hello, "hello", [raw_request("GET", "/", hello.port)] * n, 200
+        rows["hello"] = await count_reference(
+            b, "hello", ["--hello-server"], lambda port: [raw_request("GET", "/", port)] * n, 200
         )
-        hello.stop()
-
         if not args.only or "floor" in args.only:
-            argv = [sys.executable, str(bench.SCRIPT), "--floor-server", "--port", "{port}"]
-            argv += ["--redis-url", b.redis]
-            floor = Server("floor", under_callgrind(b.workdir, "floor", argv), env, b.workdir, None)
-            b.servers.append(floor)
-            floor.start()
-            await floor.wait_ready()
-            print("floor of a hold ...", flush=True)
-            holds = b.minter.holds(floor.port, FLOOR_RELEASE, [f"{FLOOR_RELEASE}.000"], n)[0]
-            rows["floor"] = await count(b.workdir, floor, "floor", holds, 201)
-            floor.stop()
-
-        engine_env = bench.engine_env(
-            b.dsn, b.redis, b.secret, b.admin, b.workdir, 1, GUICHET_LIMIT_ADDRESS="2/1h"
-        )
-        argv = [sys.executable, str(SCRIPT), "--engine-server"]
-        engine = Server(
-            "engine", under_callgrind(b.workdir, "engine", argv), engine_env, b.workdir, None
-        )
-        b.servers.append(engine)
-        engine.start()
-        await engine.wait_ready()
-        port = engine.port
-        rel = (await seed(port, b.admin, {"r": (120, 10_000)}))["r"]
-        paths: dict[str, tuple[list[bytes], int]] = {
-            "healthz": ([raw_request("GET", "/healthz", port)] * n, 200),
-            "listing": ([raw_request("GET", f"/v1/releases/{rel['id']}/slots", port)] * n, 200),
-            "hold": (b.minter.holds(port, rel["id"], rel["slots"], n)[0], 201),
-            "forged": (b.minter.forged(port, rel["id"], rel["slots"], n), 403),
-        }
-        await block_address(port, rel["id"], BLOCKED_ADDRESS)
-        body = json.dumps({"release": rel["id"]}).encode()
-        blocked = raw_request(
-            "POST", "/v1/challenges", port, body, {"X-Forwarded-For": BLOCKED_ADDRESS}
-        )
-        paths["blocked"] = ([blocked] * n, 429)
-        if args.hold_rate:
-            paths["hold_paced"] = (b.minter.holds(port, rel["id"], rel["slots"], n)[0], 201)
-        for name, (requests, expect) in paths.items():
-            if args.only and name not in args.only and name != "hold_paced":
-                continue
-            print(f"{name} ...", flush=True)
-            rate = args.hold_rate if name == "hold_paced" else None
-            rows[name] = await count(b.workdir, engine, name, requests, expect, rate)
+            slot = f"{FLOOR_RELEASE}.000"
+            rows["floor"] = await count_reference(
+                b,
+                "floor",
+                ["--floor-server", "--redis-url", b.redis],
+                lambda port: b.minter.holds(port, FLOOR_RELEASE, [slot], n)[0],
+                201,
+            )
+        if not args.only or args.only - {"floor"}:
+            rows.update(await count_engine(b, args, n))
     finally:
         b.stop_all()
         with contextlib.suppress(Exception):
