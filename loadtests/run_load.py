@@ -95,8 +95,7 @@ def main() -> int:
                 host,
                 "--scenario",
                 args.scenario,
-                "--admin-token",
-                token,
+                f"--admin-token={token}",  # a token may begin with "-"
                 "--places",
                 str(args.places),
                 "--database-url",
