@@ -38,6 +38,7 @@ OPERATIONS = (
     "cancel_done",
     "rebuild",
     "reconcile",
+    "lower_capacity",
     "take_token",
     "issue_challenge",
     "spend_challenge",
@@ -290,6 +291,24 @@ class Inventory:
             for name, value in fields.items()
             if name.startswith("c:")
         }
+
+    async def lower_capacities(
+        self, release_id: str, now_ms: int, changes: Sequence[tuple[str, int, int]]
+    ) -> dict[str, int]:
+        """Lower capacities, given as (slot id, new capacity, bookings PostgreSQL has),
+        atomically with the holds; a raise is left alone. Returns each slot whose capacity
+        would go below its booked and held places, with that floor; then nothing changed.
+        Raises InventoryMissing."""
+        k = ReleaseKeys.of(release_id)
+        args: list[str | int] = [now_ms, RECLAIM_LIMIT]
+        for slot_id, capacity, booked in changes:
+            args += [slot_id, capacity, booked]
+        reply = await self._call(
+            "lower_capacity", (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients), args
+        )
+        if _text(reply[0]) == "rebuild":
+            raise InventoryMissing(release_id)
+        return {_text(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
 
     async def spend_challenge(
         self,

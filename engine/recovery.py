@@ -65,10 +65,18 @@ class Recovery:
                     return
             return
         try:
-            capacities, bookings = await self.store.inventory_snapshot(release_id)
-            if await self.inventory.rebuild(release_id, capacities, bookings):
+
+            async def rebuild_from(
+                capacities: list[tuple[str, int]], bookings: list[tuple[str, str]]
+            ) -> int | None:
+                if await self.inventory.rebuild(release_id, capacities, bookings):
+                    return len(bookings)
+                return None
+
+            bookings = await self.store.with_snapshot(release_id, rebuild_from)
+            if bookings is not None:
                 self.metrics.rebuilds.inc()
-                log.warning("inventory_rebuilt", release=release_id, bookings=len(bookings))
+                log.warning("inventory_rebuilt", release=release_id, bookings=bookings)
         finally:
             await self.inventory.unlock(lock)
 
@@ -96,13 +104,16 @@ class Recovery:
         flight, the place is counted twice for a moment: a place shown taken, never one
         shown free that is not.
         """
-        try:
-            counted = await self.inventory.booked_refs(release_id)
-            capacities, active = await self.store.inventory_snapshot(release_id)
+
+        async def correct(capacities: list[tuple[str, int]], active: list[tuple[str, str]]) -> int:
             active_refs = {ref for ref, _ in active}
             add = [(ref, slot) for ref, slot in active if ref not in counted]
             remove = sorted(counted - active_refs)
-            corrections = await self.inventory.reconcile(release_id, capacities, add, remove)
+            return await self.inventory.reconcile(release_id, capacities, add, remove)
+
+        try:
+            counted = await self.inventory.booked_refs(release_id)
+            corrections = await self.store.with_snapshot(release_id, correct)
         except InventoryMissing:
             await self.rebuild(release_id)
             return 0

@@ -33,9 +33,10 @@ from engine.errors import (
     SlotFull,
     StoreUnavailable,
     Unauthorized,
+    ValidationFailed,
 )
 from engine.identity import Applicant
-from engine.inventory import HoldRecord, Inventory, SlotCounts
+from engine.inventory import HoldRecord, Inventory, InventoryMissing, SlotCounts
 from engine.keys import unspent_challenges
 from engine.limits import Client, Limiter
 from engine.logs import log
@@ -43,7 +44,7 @@ from engine.metrics import Metrics
 from engine.models import Booking, Mode, Release, Site, Slot
 from engine.recovery import Clock, Recovery
 from engine.settings import Settings
-from engine.store import Store
+from engine.store import Store, below_floor
 from engine.tokens import (
     REFERENCE,
     derived_token,
@@ -239,16 +240,26 @@ class Reservations:
         self, release_id: str, windows: dict[str, datetime], capacities: dict[str, int]
     ) -> None:
         """Staff change windows not yet started, and capacities (never below what is booked
-        or held). PostgreSQL first, then Redis takes the new capacities."""
-        counts = await self.recovery.with_inventory(
-            release_id, lambda: self.inventory.counts(release_id, self.now_ms())
-        )
-        held = {slot_id: c.held for slot_id, c in counts.items()}
-        await self.store.patch_release(release_id, windows, capacities, self.now(), held)
+        or held). A lower capacity is taken by Redis, atomically with its holds, while
+        PostgreSQL holds the slots' rows and before it commits; a higher one once committed."""
+
+        async def lower(booked: dict[str, int]) -> None:
+            changes = [(slot_id, capacities[slot_id], booked[slot_id]) for slot_id in booked]
+            try:
+                refused = await self.inventory.lower_capacities(release_id, self.now_ms(), changes)
+            except InventoryMissing:
+                return  # no hold lives; the rebuild reads the capacities PostgreSQL commits
+            if refused:
+                raise ValidationFailed([below_floor(s, floor) for s, floor in refused.items()])
+
+        await self.store.patch_release(release_id, windows, capacities, self.now(), lower)
         self.forget(release_id)
         try:
-            new_capacities, _ = await self.store.inventory_snapshot(release_id)
-            await self.inventory.reconcile(release_id, new_capacities, [], [])
+            await self.store.with_snapshot(
+                release_id, lambda caps, _: self.inventory.reconcile(release_id, caps, [], [])
+            )
+        except InventoryMissing:
+            pass  # the rebuild reads the capacities from PostgreSQL
         except StoreUnavailable:
             # The change is committed; the sweeper's reconcile gives Redis the capacities.
             log.warning("capacity_sync_deferred", release=release_id)

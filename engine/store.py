@@ -9,11 +9,11 @@ asyncpg's errors are mapped to domain errors in ``_connection`` and ``_map_integ
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 
@@ -31,6 +31,7 @@ from engine.models import Booking, DrawOutcome, Entry, Procedure, Release, Site,
 from engine.settings import Settings
 
 DRAW_TIMEOUT_S = 300.0
+T = TypeVar("T")
 
 _UNAVAILABLE = (
     OSError,
@@ -50,6 +51,22 @@ _BOOKING_COLUMNS = """
 """
 _BOOKING_FROM = """bookings b JOIN slots s ON s.id = b.slot_id
     JOIN releases r ON r.id = b.release_id JOIN sites st ON st.id = r.site_id"""
+
+
+# Staff's capacity change takes this lock, and every write of capacities to Redis from a
+# snapshot shares it (Store.patch_release, Store.with_snapshot).
+_CAPACITY_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $1, 0))"
+_CAPACITY_LOCK_SHARED = (
+    "SELECT pg_advisory_xact_lock_shared(hashtextextended('capacity:' || $1, 0))"
+)
+
+
+def below_floor(slot_id: str, floor: int) -> dict[str, str]:
+    """The validation error of a capacity below what is booked (and held) on its slot."""
+    return {
+        "field": f"slots.{slot_id}.capacity",
+        "message": f"cannot go below {floor} (booked and held places)",
+    }
 
 
 async def create_pool(dsn: str, timeout_s: float, size: int) -> asyncpg.Pool:
@@ -294,10 +311,18 @@ class Store:
         windows: dict[str, datetime],
         capacities: dict[str, int],
         now: datetime,
-        held: dict[str, int],
+        lower: Callable[[dict[str, int]], Awaitable[None]],
     ) -> None:
-        """Change windows not yet started, and capacities never below booked plus ``held``."""
+        """Change windows not yet started, and capacities never below what is booked.
+
+        ``lower`` is given the bookings of each slot whose capacity goes down, while the
+        slots' rows are locked and before anything commits, so that Redis can lower them
+        with its holds counted; it raises to refuse the change. The capacity lock orders
+        this change against every write of capacities to Redis from a snapshot
+        (``with_snapshot``)."""
         async with self._transaction() as conn:
+            if capacities:
+                await conn.execute(_CAPACITY_LOCK, release_id)
             row = await conn.fetchrow("SELECT * FROM releases WHERE id = $1 FOR UPDATE", release_id)
             if row is None:
                 raise NotFound(f"No release {release_id!r}")
@@ -336,24 +361,23 @@ class Store:
                         }
                     ]
                 ) from None
+            lowered: dict[str, int] = {}
             for slot_id, capacity in capacities.items():
                 current = await conn.fetchrow(
-                    "SELECT booked FROM slots WHERE id = $1 AND release_id = $2 FOR UPDATE",
+                    """SELECT booked, capacity FROM slots
+                       WHERE id = $1 AND release_id = $2 FOR UPDATE""",
                     slot_id,
                     release_id,
                 )
                 if current is None:
                     raise NotFound(f"No slot {slot_id!r} in release {release_id!r}")
-                floor = current["booked"] + held.get(slot_id, 0)
-                if capacity < floor:
-                    raise ValidationFailed(
-                        [
-                            {
-                                "field": f"slots.{slot_id}.capacity",
-                                "message": f"cannot go below {floor} (booked and held places)",
-                            }
-                        ]
-                    )
+                if capacity < current["booked"]:
+                    raise ValidationFailed([below_floor(slot_id, current["booked"])])
+                if capacity < current["capacity"]:
+                    lowered[slot_id] = current["booked"]
+            if lowered:
+                await lower(lowered)
+            for slot_id, capacity in capacities.items():
                 await conn.execute(
                     "UPDATE slots SET capacity = $2 WHERE id = $1", slot_id, capacity
                 )
@@ -368,24 +392,28 @@ class Store:
                 },
             )
 
-    async def inventory_snapshot(
-        self, release_id: str
-    ) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-        """Capacities and active bookings of a release, read in one snapshot."""
+    async def with_snapshot(
+        self,
+        release_id: str,
+        apply: Callable[[list[tuple[str, int]], list[tuple[str, str]]], Awaitable[T]],
+    ) -> T:
+        """Read a release's capacities and active bookings in one snapshot, and run ``apply``
+        on them (it writes them to Redis) before a capacity change can commit: the change
+        waits for the shared capacity lock, so an older capacity is never written over a
+        newer one. One statement, so one snapshot."""
         async with self._transaction() as conn:
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            slots = await conn.fetch(
-                "SELECT id, capacity FROM slots WHERE release_id = $1", release_id
-            )
-            bookings = await conn.fetch(
-                """SELECT reference, slot_id FROM bookings
+            await conn.execute(_CAPACITY_LOCK_SHARED, release_id)
+            rows = await conn.fetch(
+                """SELECT id AS slot_id, capacity, NULL AS reference FROM slots
+                   WHERE release_id = $1
+                   UNION ALL
+                   SELECT slot_id, NULL, reference FROM bookings
                    WHERE release_id = $1 AND status = 'confirmed'""",
                 release_id,
             )
-        return (
-            [(r["id"], r["capacity"]) for r in slots],
-            [(r["reference"], r["slot_id"]) for r in bookings],
-        )
+            capacities = [(r["slot_id"], r["capacity"]) for r in rows if r["reference"] is None]
+            bookings = [(r["reference"], r["slot_id"]) for r in rows if r["reference"] is not None]
+            return await apply(capacities, bookings)
 
     # Bookings ----------------------------------------------------------------------------
 

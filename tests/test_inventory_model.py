@@ -18,7 +18,8 @@ The invariant reads the raw keys rather than calling ``Inventory.counts``, becau
 reclaims expired holds: run after every step, it would reclaim whatever a tick expired before
 any rule saw it, and the lazy reclaim in ``hold``, the expired branch of ``confirm_begin`` and
 the "gone" answer of ``release_hold`` would never run. ``counts`` is called where the domain
-calls it (a listing, a capacity change) and compared with the model's own reclaim.
+calls it (a listing) and compared with the model's own reclaim, as is ``lower_capacities``
+(a capacity change), which reclaims too.
 
 Time is explicit (``now_ms``); nothing sleeps. The machine is synchronous: it owns an event loop
 and a Redis client made on it, and closes both in ``teardown``. The test Redis database is
@@ -221,6 +222,15 @@ class Model:
         if idem:
             self.idem[idem] = hold_id
         return HoldResult("granted", hold_id, deadline, token)
+
+    def lower_capacity(self, slot: str, capacity: int, pg_booked: int, now: int) -> dict[str, int]:
+        assert self.present
+        self._reclaim(now)
+        floor = max(self.booked_count(slot), pg_booked) + self.held_count(slot)
+        if capacity < floor:
+            return {slot: floor}
+        self.caps[slot] = min(self.caps[slot], capacity)
+        return {}
 
     def counts(self, now: int) -> dict[str, SlotCounts]:
         self._reclaim(now)
@@ -593,19 +603,41 @@ class InventoryMachine(RuleBasedStateMachine):
         self.run(self.inventory.cancel_done(RELEASE, ref))
         self.model.cancel_done(ref)
 
-    @rule(data=st.data(), capacity=st.integers(0, 3), crash=st.booleans())
-    def patch_capacity(self, data: st.DataObject, capacity: int, crash: bool) -> None:
-        """``Reservations.patch_release``: never below booked + held, PostgreSQL first."""
+    @rule(
+        data=st.data(),
+        capacity=st.integers(0, 3),
+        crash=st.sampled_from(["none", "before commit", "after commit"]),
+    )
+    def patch_capacity(self, data: st.DataObject, capacity: int, crash: str) -> None:
+        """``Reservations.patch_release``: a lower capacity is taken by Redis, with its holds
+        counted, before PostgreSQL commits; a higher one after."""
         slot = data.draw(st.sampled_from(self.slots), "slot")
-        counts = self.with_inventory(lambda: self.inventory.counts(RELEASE, self.now))
-        assert counts == self.model.counts(self.now)
-        if capacity < self.model.pg_count(slot) + counts[slot].held:
-            return  # ValidationFailed
+        pg_booked = self.model.pg_count(slot)
+        if capacity < pg_booked:
+            return  # PostgreSQL refuses before asking Redis
+        if capacity < self.model.pg_caps[slot]:
+            change = [(slot, capacity, pg_booked)]
+            try:
+                refused = self.run(self.inventory.lower_capacities(RELEASE, self.now, change))
+            except InventoryMissing:
+                assert not self.model.present, "Redis lost an inventory the model still has"
+                refused = {}
+            else:
+                assert refused == self.model.lower_capacity(slot, capacity, pg_booked, self.now)
+            event(f"lower capacity: {'refused' if refused else 'lowered'}")
+            if refused:
+                return  # ValidationFailed: nothing commits
+        if crash == "before commit":
+            return  # Redis may keep a lower capacity than PostgreSQL: fewer holds, never more
         self.model.pg_caps[slot] = capacity
-        if crash:
+        if crash == "after commit":
             return
         capacities, _ = self.model.pg_snapshot()
-        corrections = self.run(self.inventory.reconcile(RELEASE, capacities, [], []))
+        try:
+            corrections = self.run(self.inventory.reconcile(RELEASE, capacities, [], []))
+        except InventoryMissing:
+            assert not self.model.present, "Redis lost an inventory the model still has"
+            return  # the rebuild reads the capacities from PostgreSQL
         assert corrections == self.model.reconcile(capacities, [], [])
 
     @rule(ms=st.sampled_from(TICKS_MS))
@@ -690,6 +722,19 @@ class InventoryMachine(RuleBasedStateMachine):
                 assert ref in raw.booked or booking.hold_id in raw.confirming, f"{ref} uncounted"
         # And Redis counts no cancelled booking but the known stale ones.
         assert raw.booked.keys() - active.keys() <= self.model.stale_counts
+        # Liveness of a hold: Redis never offers more places than PostgreSQL has, so every
+        # live hold can still be confirmed (a lower capacity reaches Redis first).
+        confirmed_holds = {b.hold_id for b in self.model.pg.values()}
+        for slot in self.slots:
+            assert int(raw.inv[f"c:{slot}"]) <= self.model.pg_caps[slot]
+            pending = sum(
+                1
+                for hold_id, rec in raw.hold.items()
+                if rec.split("|")[0] == slot and hold_id not in confirmed_holds
+            )
+            assert self.model.pg_count(slot) + pending <= self.model.pg_caps[slot], (
+                f"{slot}: a live hold could not be confirmed"
+            )
 
 
 InventoryMachine.TestCase.settings = settings(

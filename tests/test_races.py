@@ -7,9 +7,10 @@ import asyncio
 from collections import Counter
 
 import asyncpg
+import pytest
 
 from engine.appkeys import RESERVATIONS
-from tests.api import ADMIN, Api, applicant, ip
+from tests.api import ADMIN, Api, Reply, applicant, ip
 
 
 async def pg_slot(pg: asyncpg.Connection, slot_id: str) -> tuple[int, int, int]:
@@ -112,3 +113,67 @@ async def test_same_person_racing_two_slots_gets_one(api: Api, pg: asyncpg.Conne
     confirms = await asyncio.gather(*(api.confirm(h, person, ip(i)) for i, h in enumerate(holds)))
     assert Counter(c.status for c in confirms) == {201: 1, 409: 7}
     assert await pg.fetchval("SELECT count(*) FROM bookings WHERE status = 'confirmed'") == 1
+
+
+@pytest.mark.parametrize("spacing_s", [0, 0.003])
+async def test_capacity_lowered_while_holds_arrive(
+    api: Api, pg: asyncpg.Connection, spacing_s: float
+) -> None:
+    """Staff lower a slot's capacity from 40 to 10 while 40 holds arrive, all at once (the
+    change is refused: more than 10 are held by then) or ``spacing_s`` apart (it lands early,
+    and the later holds find the slot full). Either way every hold granted can be confirmed:
+    a hold is a promise of a place, and the capacity never goes below what is held."""
+    await api.site()
+    release = await api.publish([40])
+    slot = release["slots"][0]["id"]
+    paid = [await api.solved(release["id"], ip(i)) for i in range(40)]
+    path = f"/v1/admin/releases/{release['id']}"
+
+    async def hold(i: int) -> Reply:
+        await asyncio.sleep(i * spacing_s)
+        return await api.hold(slot, ip(i), paid=paid[i])
+
+    patch, *replies = await asyncio.gather(
+        api.call("PATCH", path, {"slots": [{"id": slot, "capacity": 10}]}, ADMIN),
+        *(hold(i) for i in range(40)),
+    )
+    granted = [(i, r.body) for i, r in enumerate(replies) if r.status == 201]
+    assert {r.status for r in replies} <= {201, 409}
+    confirms = await asyncio.gather(*(api.confirm(h, applicant(), ip(i)) for i, h in granted))
+    assert [c.body.get("type") for c in confirms if c.status != 201] == []
+    capacity, counter, stored = await pg_slot(pg, slot)
+    assert counter == stored == len(granted) <= capacity
+    if patch.status == 200:
+        assert capacity == 10
+    else:
+        assert patch.status == 400 and capacity == 40, patch.body
+    assert await api.client.app[RESERVATIONS].recovery.reconcile(release["id"]) == 0
+
+
+async def test_capacity_change_waits_for_a_snapshot_being_written(api: Api) -> None:
+    """The sweeper read capacities (5) and is writing them to Redis when staff lower the slot
+    to 2: the change waits for that write, so the older capacity cannot land over the newer
+    one and leave Redis offering places PostgreSQL no longer has."""
+    await api.site()
+    release = await api.publish([5])
+    slot = release["slots"][0]["id"]
+    domain = api.client.app[RESERVATIONS]
+    read, write = asyncio.Event(), asyncio.Event()
+
+    async def late_write(capacities: list[tuple[str, int]], _: object) -> int:
+        read.set()
+        await write.wait()
+        return await domain.inventory.reconcile(release["id"], capacities, [], [])
+
+    sweeper = asyncio.create_task(domain.store.with_snapshot(release["id"], late_write))
+    await read.wait()
+    path = f"/v1/admin/releases/{release['id']}"
+    patch = asyncio.create_task(
+        api.call("PATCH", path, {"slots": [{"id": slot, "capacity": 2}]}, ADMIN)
+    )
+    await asyncio.wait([patch], timeout=0.5)  # without the lock, the change lands meanwhile
+    write.set()
+    assert await sweeper == 0
+    assert (await patch).status == 200
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert counts[slot].capacity == 2
