@@ -230,9 +230,12 @@ class Reservations:
         release, seed = with_seed(release)
         await self.store.create_release(release, seed)
         self._known = self._known | {release.id}
-        capacities = [(s.id, s.capacity) for s in release.slots]
         try:
-            await self.inventory.rebuild(release.id, capacities, [])
+            # From a snapshot, like any write of capacities to Redis: a capacity change
+            # committed meanwhile must not be written over (docs/consistency.md, section 8).
+            await self.store.with_snapshot(
+                release.id, lambda caps, books: self.inventory.rebuild(release.id, caps, books)
+            )
         except StoreUnavailable:
             log.warning("inventory_build_deferred", release=release.id)
 
@@ -250,7 +253,9 @@ class Reservations:
             except InventoryMissing:
                 return  # no hold lives; the rebuild reads the capacities PostgreSQL commits
             if refused:
-                raise ValidationFailed([below_floor(s, floor) for s, floor in refused.items()])
+                raise ValidationFailed(
+                    [below_floor(s, floor, "booked and held") for s, floor in refused.items()]
+                )
 
         await self.store.patch_release(release_id, windows, capacities, self.now(), lower)
         self.forget(release_id)

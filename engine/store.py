@@ -61,11 +61,12 @@ _CAPACITY_LOCK_SHARED = (
 )
 
 
-def below_floor(slot_id: str, floor: int) -> dict[str, str]:
-    """The validation error of a capacity below what is booked (and held) on its slot."""
+def below_floor(slot_id: str, floor: int, what: str) -> dict[str, str]:
+    """The validation error of a capacity below the places ``what`` (booked, or booked and
+    held) on its slot."""
     return {
         "field": f"slots.{slot_id}.capacity",
-        "message": f"cannot go below {floor} (booked and held places)",
+        "message": f"cannot go below {floor} ({what} places)",
     }
 
 
@@ -321,8 +322,6 @@ class Store:
         this change against every write of capacities to Redis from a snapshot
         (``with_snapshot``)."""
         async with self._transaction() as conn:
-            if capacities:
-                await conn.execute(_CAPACITY_LOCK, release_id)
             row = await conn.fetchrow("SELECT * FROM releases WHERE id = $1 FOR UPDATE", release_id)
             if row is None:
                 raise NotFound(f"No release {release_id!r}")
@@ -372,10 +371,11 @@ class Store:
                 if current is None:
                     raise NotFound(f"No slot {slot_id!r} in release {release_id!r}")
                 if capacity < current["booked"]:
-                    raise ValidationFailed([below_floor(slot_id, current["booked"])])
+                    raise ValidationFailed([below_floor(slot_id, current["booked"], "booked")])
                 if capacity < current["capacity"]:
                     lowered[slot_id] = current["booked"]
             if lowered:
+                await conn.execute(_CAPACITY_LOCK, release_id)
                 await lower(lowered)
             for slot_id, capacity in capacities.items():
                 await conn.execute(
@@ -400,7 +400,9 @@ class Store:
         """Read a release's capacities and active bookings in one snapshot, and run ``apply``
         on them (it writes them to Redis) before a capacity change can commit: the change
         waits for the shared capacity lock, so an older capacity is never written over a
-        newer one. One statement, so one snapshot."""
+        newer one. One statement, so one snapshot, taken once the lock is granted: under
+        REPEATABLE READ the snapshot would date from the lock statement's start, before its
+        wait, and miss the change it waited for."""
         async with self._transaction() as conn:
             await conn.execute(_CAPACITY_LOCK_SHARED, release_id)
             rows = await conn.fetch(

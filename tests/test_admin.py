@@ -117,6 +117,23 @@ async def test_capacity_never_below_booked_or_held(api: Api) -> None:
     assert await api.free(release["id"]) == {slot: 3}
 
 
+async def test_a_refused_capacity_change_changes_no_slot(api: Api, pg: asyncpg.Connection) -> None:
+    """Two slots lowered at once, one below its held place: 400 names that slot, and neither
+    capacity changed, in PostgreSQL or in Redis."""
+    await api.site()
+    release = await api.publish([3, 3])
+    first, second = (s["id"] for s in release["slots"])
+    await api.hold(second, ip(2))
+    path = f"/v1/admin/releases/{release['id']}"
+    lower = {"slots": [{"id": first, "capacity": 1}, {"id": second, "capacity": 0}]}
+    r = await api.call("PATCH", path, lower, ADMIN)
+    assert r.status == 400, r.body
+    assert [e["field"] for e in r.body["errors"]] == [f"slots.{second}.capacity"]
+    capacities = "SELECT capacity FROM slots WHERE release_id = $1 ORDER BY id"
+    assert [r["capacity"] for r in await pg.fetch(capacities, release["id"])] == [3, 3]
+    assert await api.free(release["id"]) == {first: 3, second: 2}
+
+
 async def test_windows_change_only_before_they_start(api: Api, clock: FakeClock) -> None:
     await api.site()
     opened = await api.publish([1])

@@ -122,7 +122,7 @@ class Model:
         return sum(1 for b in self.pg.values() if b.active and b.slot == slot)
 
     def pg_snapshot(self) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-        """What ``Store.inventory_snapshot`` returns."""
+        """What ``Store.with_snapshot`` reads."""
         return sorted(self.pg_caps.items()), sorted(self.pg_active().items())
 
     def pg_book(self, ref: str, slot: str, hold_id: str) -> bool:
@@ -723,7 +723,8 @@ class InventoryMachine(RuleBasedStateMachine):
         # And Redis counts no cancelled booking but the known stale ones.
         assert raw.booked.keys() - active.keys() <= self.model.stale_counts
         # Liveness of a hold: Redis never offers more places than PostgreSQL has, so every
-        # live hold can still be confirmed (a lower capacity reaches Redis first).
+        # live hold can still be confirmed (a lower capacity reaches Redis first). Expired
+        # holds not yet reclaimed count as pending: stricter than needed, and it holds.
         confirmed_holds = {b.hold_id for b in self.model.pg.values()}
         for slot in self.slots:
             assert int(raw.inv[f"c:{slot}"]) <= self.model.pg_caps[slot]

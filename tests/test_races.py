@@ -177,3 +177,32 @@ async def test_capacity_change_waits_for_a_snapshot_being_written(api: Api) -> N
     assert (await patch).status == 200
     counts = await domain.inventory.counts(release["id"], domain.now_ms())
     assert counts[slot].capacity == 2
+
+
+async def test_a_snapshot_waits_for_a_capacity_change_in_progress(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """A capacity change holds the lock (here, this test's own transaction, as
+    ``Store.patch_release`` does) when a reconcile comes to read: the reconcile waits, and
+    reads the committed capacity, not the one from before its wait."""
+    await api.site()
+    release = await api.publish([5])
+    slot = release["slots"][0]["id"]
+    domain = api.client.app[RESERVATIONS]
+    change = pg.transaction()
+    await change.start()
+    await pg.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $1, 0))", release["id"]
+    )
+    await pg.execute("UPDATE slots SET capacity = 2 WHERE id = $1", slot)
+
+    async def read(capacities: list[tuple[str, int]], _: object) -> list[tuple[str, int]]:
+        return capacities
+
+    reader = asyncio.create_task(domain.store.with_snapshot(release["id"], read))
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    while await pg.fetchval(waiting) == 0:
+        assert not reader.done()
+        await asyncio.sleep(0.01)
+    await change.commit()
+    assert await reader == [(slot, 2)]
