@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +14,7 @@ from engine.appkeys import BODIES, LOTTERY, REFILLS, RESERVATIONS, SETTINGS
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
 from engine.pow import ALGORITHM
-from engine.web import bearer, client_address, json_response, parse_body
+from engine.web import bearer, client_address, json_bytes, json_response, parse_body
 
 _IDEMPOTENCY_KEY_MAX = 200
 
@@ -71,7 +70,7 @@ async def _refill(
     cache = request.app[BODIES]
     if len(cache) > 10_000:
         cache.clear()
-    body = json.dumps(await build(), default=str).encode()
+    body = json_bytes(await build())
     hit = (now + request.app[SETTINGS].listing_cache_s, body)
     cache[key] = hit
     return hit
