@@ -376,28 +376,26 @@ class Reservations:
         return slot
 
     async def _hold_for(self, hold_id: str, token: str) -> tuple[Release, HoldRecord | None]:
+        """The hold's release and record (None once Redis no longer has it). An id this
+        service never issued (its signature does not verify) is refused before any store is
+        asked: bots can send made-up ids as fast as they like."""
+        if not is_signed(self.settings.secret, "hold-id", hold_id):
+            raise NotFound(f"No hold {hold_id!r}")
         release = await self.release(release_of(hold_id))
         record = await self.inventory.hold_record(release.id, hold_id)
         if record is not None and not matches(token, bytes.fromhex(record.token_hash)):
             raise Unauthorized("Wrong hold token")
         return release, record
 
-    def _gone(self, hold_id: str) -> HoldExpired | NotFound:
-        """The error for a hold Redis no longer has: expired or released if this service
-        issued its id (signed), else there never was such a hold."""
-        if is_signed(self.settings.secret, "hold-id", hold_id):
-            return HoldExpired("This hold expired or was released")
-        return NotFound(f"No hold {hold_id!r}")
-
     async def release_hold(self, hold_id: str, token: str) -> None:
         release, record = await self._hold_for(hold_id, token)
         if record is None:
-            raise self._gone(hold_id)
+            raise HoldExpired("This hold expired or was released")
         outcome = await self.inventory.release_hold(release.id, hold_id, self.now_ms())
         if outcome == "confirming":
             raise HoldConfirming("This hold is being confirmed and cannot be released now")
         if outcome == "gone":
-            raise self._gone(hold_id)
+            raise HoldExpired("This hold expired or was released")
         log.info("hold_released", hold=hold_id)
 
     # Confirm -----------------------------------------------------------------------------
@@ -406,7 +404,11 @@ class Reservations:
         self, hold_id: str, token: str, applicant: Applicant, client: str
     ) -> Confirmation:
         """Book the hold's place for ``applicant``; the same hold always gives the same booking."""
-        release, record = await self._hold_for(hold_id, token)
+        try:
+            release, record = await self._hold_for(hold_id, token)
+        except NotFound:
+            self.metrics.count(self.metrics.confirms, "not-found")
+            raise
         who = Client.of(client)
         slot_id = None
         if record is not None:
@@ -425,9 +427,8 @@ class Reservations:
     async def _confirmed_before(self, hold_id: str, token: str) -> Confirmation:
         booking = await self.store.booking_by_hold(hold_id)
         if booking is None:
-            gone = self._gone(hold_id)
-            self.metrics.count(self.metrics.confirms, gone.name)
-            raise gone
+            self.metrics.count(self.metrics.confirms, "hold-expired")
+            raise HoldExpired("This hold expired or was released")
         if booking.hold_token_hash is None or not matches(token, booking.hold_token_hash):
             raise Unauthorized("Wrong hold token")
         self.metrics.count(self.metrics.confirms, "replayed")

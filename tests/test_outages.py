@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine.app import create_app
-from tests.api import Api, Reply
+from engine.tokens import signed_id
+from tests.api import Api, Reply, applicant
 from tests.conftest import DATABASE_URL, FakeClock, make_settings
 from tests.procs import HOST, Blackhole, RedisServer, TcpProxy, dead_port, poll
 
@@ -119,6 +120,30 @@ async def test_postgresql_refused_answers_503(api: Api, clock: FakeClock) -> Non
             )
             assert_overloaded(await down.call("GET", "/readyz"))
             assert (await down.call("GET", "/healthz")).status == 200
+
+
+async def test_a_made_up_hold_id_asks_no_store(api: Api, clock: FakeClock) -> None:
+    """Bots can send confirms and releases of made-up hold ids as fast as they like: an id
+    without this service's signature is refused (404) before either store is asked, so it
+    answers even with both down. A signed id needs the stores: 503."""
+    settings = make_settings()
+    made_up = "r0000000000ab.h" + "0" * 19
+    signed = signed_id(settings.secret, "hold-id", "r0000000000ab.h", 15)
+    auth = {"Authorization": "Bearer x", "X-Forwarded-For": "10.0.0.1"}
+    confirm = {"applicant": applicant()}
+    with dead_port() as redis_port, dead_port() as pg_port:
+        async with engine(
+            clock,
+            redis_url=f"redis://{HOST}:{redis_port}/0",
+            database_url=_with_port(DATABASE_URL, pg_port),
+        ) as down:
+            for hold_id in (made_up, signed[:-1] + ("x" if signed[-1] != "x" else "y")):
+                r = await down.call("POST", f"/v1/holds/{hold_id}/confirm", confirm, auth)
+                assert r.status == 404 and r.body["type"] == "/problems/not-found", r.body
+                r = await down.call("DELETE", f"/v1/holds/{hold_id}", headers=auth)
+                assert r.status == 404 and r.body["type"] == "/problems/not-found", r.body
+            assert_overloaded(await down.call("POST", f"/v1/holds/{signed}/confirm", confirm, auth))
+            assert_overloaded(await down.call("DELETE", f"/v1/holds/{signed}", headers=auth))
 
 
 # Hanging: the store accepts the connection and never replies -------------------------------
