@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -149,7 +150,11 @@ async def test_windows_change_only_before_they_start(api: Api, clock: FakeClock)
 
 async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> None:
     await api.site()
-    release = await api.publish([2, 1])
+    # Both slots on one day in Paris, whatever the time of the run (slots 15 minutes apart
+    # starting after 23:45 fall on two days, and the agenda is a day's).
+    now = datetime.fromtimestamp(api.clock.now, ZoneInfo("Europe/Paris"))
+    noon = (now + timedelta(days=2)).replace(hour=12, minute=0, second=0, microsecond=0)
+    release = await api.publish([2, 1], starts_in_days=(noon - now) / timedelta(days=1))
     first, second = (s["id"] for s in release["slots"])
     person = applicant(family_name='=HYPERLINK("x")')
     r = await api.call("POST", "/v1/admin/bookings", {"slot_id": first, "applicant": person}, ADMIN)
