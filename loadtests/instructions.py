@@ -13,7 +13,9 @@ sends each path ``--requests`` requests over 8 kept-alive connections after a wa
 divides the instructions the process ran meanwhile (zeroed before, dumped after, with
 ``callgrind_control``) by the requests. The engine runs with its sweeper, reconcile and
 caches on hour-long periods, so that what is counted is the request path (the listing: a
-cache hit). Counts are user-space instructions: the kernel's socket work, the same for every
+cache hit; the confirms: of holds taken before counting starts, one person each, so that a
+confirm's PostgreSQL transaction is in the count only as the worker's side of it). Counts
+are user-space instructions: the kernel's socket work, the same for every
 path, is not in them. Needs valgrind, and the stores of ``bench.py``.
 
     python loadtests/instructions.py [--requests 2000]
@@ -33,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import bench
 from bench import (
@@ -171,7 +174,8 @@ async def count_engine(b: Bench, args: argparse.Namespace, n: int) -> dict[str, 
     engine.start()
     await engine.wait_ready()
     port = engine.port
-    rel = (await seed(port, b.admin, {"r": (120, 10_000)}))["r"]
+    releases = await seed(port, b.admin, {"r": (120, 10_000), "c": (120, 1_000)})
+    rel = releases["r"]
     paths: dict[str, tuple[list[bytes], int]] = {
         "healthz": ([raw_request("GET", "/healthz", port)] * n, 200),
         "listing": ([raw_request("GET", f"/v1/releases/{rel['id']}/slots", port)] * n, 200),
@@ -184,6 +188,8 @@ async def count_engine(b: Bench, args: argparse.Namespace, n: int) -> dict[str, 
         "POST", "/v1/challenges", port, body, {"X-Forwarded-For": BLOCKED_ADDRESS}
     )
     paths["blocked"] = ([blocked] * n, 429)
+    if not args.only or "confirm" in args.only:
+        paths["confirm"] = (await confirms(port, b, releases["c"], n), 201)
     if args.hold_rate:
         paths["hold_paced"] = (b.minter.holds(port, rel["id"], rel["slots"], n)[0], 201)
     rows: dict[str, float] = {}
@@ -195,6 +201,28 @@ async def count_engine(b: Bench, args: argparse.Namespace, n: int) -> dict[str, 
         rows[name] = await count(b.workdir, engine, name, requests, expect, rate)
     engine.stop()
     return rows
+
+
+async def confirms(port: int, b: Bench, release: dict[str, Any], n: int) -> list[bytes]:
+    """``n`` confirms of holds taken now (not counted), each by its own address and person."""
+    holds, addresses = b.minter.holds(port, release["id"], release["slots"], n)
+    replies: dict[int, tuple[int, bytes]] = {}
+    await closed_loop(
+        port,
+        holds,
+        connections=CONNECTIONS,
+        duration_s=HOUR,
+        warmup_s=0,
+        cycle=False,
+        replies=replies,
+    )
+    taken = []
+    for i, (status, body) in sorted(replies.items()):
+        if status != 201:
+            raise SystemExit(f"instructions: a hold for the confirms answered {status}")
+        hold = json.loads(body)
+        taken.append((hold["hold_id"], hold["hold_token"], addresses[i]))
+    return bench.confirm_requests(port, taken, b.tag)
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -250,6 +278,7 @@ LABELS = {
     "hold": "hold, POST /v1/holds (201)",
     "forged": "refusal: forged challenge (403)",
     "blocked": "refusal: blocked client, POST /v1/challenges",
+    "confirm": "confirm, POST /v1/holds/{id}/confirm (201)",
     "hold_paced": "hold, open loop at --hold-rate",
 }
 
