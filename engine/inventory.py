@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.autopipeline import AutoPipeline, Command
-from engine.errors import StoreUnavailable, Unauthorized
+from engine.errors import StoreUnavailable
 from engine.keys import ReleaseKeys
 
 OPERATIONS = (
@@ -117,15 +117,6 @@ class HoldResult:
     hold_id: str = ""
     deadline_ms: int = 0
     token_hash: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Begun:
-    """A confirm begun: the hold's slot, and whether this call began it (False: a confirm
-    of the same hold had begun already, and is under way or crashed)."""
-
-    slot_id: str
-    first: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,21 +345,15 @@ class Inventory:
         slot, state, deadline, _idem, token, _client = _text(raw).split("|")
         return HoldRecord(slot, "held" if state == "h" else "confirming", int(deadline), token)
 
-    async def confirm_begin(
-        self, release_id: str, hold_id: str, now_ms: int, token_hash: str
-    ) -> Begun | None:
-        """Mark the hold confirming if ``token_hash`` (hex) is its token's; None if it is
-        gone or expired. Raises Unauthorized for another token."""
+    async def confirm_begin(self, release_id: str, hold_id: str, now_ms: int) -> str | None:
+        """Mark the hold confirming; return its slot, or None if it is gone or expired."""
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
             "confirm_begin",
             (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients),
-            (hold_id, now_ms, token_hash),
+            (hold_id, now_ms),
         )
-        outcome = _text(reply[0])
-        if outcome == "unauthorized":
-            raise Unauthorized("Wrong hold token")
-        return Begun(_text(reply[1]), reply[2] == 1) if outcome == "confirming" else None
+        return _text(reply[1]) if _text(reply[0]) == "confirming" else None
 
     async def confirm_done(self, release_id: str, hold_id: str, slot_id: str, ref: str) -> bool:
         """Count a committed booking. False if the inventory is missing: the rebuild, or

@@ -14,7 +14,6 @@ docs/consistency.md walks through every crash window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import re
 import secrets
@@ -26,7 +25,6 @@ from typing import Literal
 from engine import draw, pow, sessions
 from engine.errors import (
     ChallengeExpired,
-    GuichetError,
     HoldConfirming,
     HoldExpired,
     NotFound,
@@ -406,29 +404,22 @@ class Reservations:
         self, hold_id: str, token: str, applicant: Applicant, client: str
     ) -> Confirmation:
         """Book the hold's place for ``applicant``; the same hold always gives the same booking."""
-        if not is_signed(self.settings.secret, "hold-id", hold_id):
+        try:
+            release, record = await self._hold_for(hold_id, token)
+        except NotFound:
             self.metrics.count(self.metrics.confirms, "not-found")
-            raise NotFound(f"No hold {hold_id!r}")
-        release = await self.release(release_of(hold_id))
-        # One round trip checks the token and begins; the limits are taken after it, so a
-        # wrong token never costs the applicant's identity bucket.
-        begun = await self.inventory.confirm_begin(
-            release.id, hold_id, self.now_ms(), token_hash(token).hex()
-        )
-        if begun is None:
+            raise
+        who = Client.of(client)
+        slot_id = None
+        if record is not None:
+            identity = applicant.identity_hash(self.settings.secret).hex()
+            await self.limiter.confirm(who, identity)
+            slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
+        if slot_id is None:
             # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
             return await self._confirmed_before(hold_id, token)
-        who = Client.of(client)
-        try:
-            await self.limiter.confirm(who, applicant.identity_hash(self.settings.secret).hex())
-        except GuichetError:
-            if begun.first:
-                # Held again; if Redis does not answer, the sweeper settles it (dropped).
-                with contextlib.suppress(StoreUnavailable):
-                    await self.inventory.confirm_abort(release.id, hold_id)
-            raise
         confirmation = await self._book(
-            release, begun.slot_id, hold_id, token, applicant, client_net=who.net
+            release, slot_id, hold_id, token, applicant, client_net=who.net
         )
         self.metrics.count(self.metrics.confirms, "confirmed")
         return confirmation
@@ -531,10 +522,7 @@ class Reservations:
             raise SlotFull("No free place left on this slot")
         if result.outcome != "granted":
             raise NotFound(f"No slot {slot_id!r}")
-        begun = await self.inventory.confirm_begin(
-            release.id, hold_id, self.now_ms(), token_hash(token).hex()
-        )
-        if begun is None:
+        if await self.inventory.confirm_begin(release.id, hold_id, self.now_ms()) is None:
             raise HoldExpired("The counter's hold expired before it was confirmed")
         try:
             return await self._book(release, slot_id, hold_id, token, applicant, "staff")

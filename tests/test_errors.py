@@ -15,7 +15,6 @@ from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.pow import leading_zero_bits_ok, solve
 from engine.settings import Rate
-from engine.tokens import token_hash
 from engine.web import unmatched
 from tests.api import ADMIN, Api, Reply, applicant
 from tests.conftest import FakeClock, make_settings
@@ -330,9 +329,7 @@ async def test_a_hold_never_issued_is_not_found(
 async def test_hold_confirming_cannot_be_released(api: Api, release: dict[str, Any]) -> None:
     hold = (await api.hold(release["slots"][0]["id"])).body
     domain = api.client.app[RESERVATIONS]
-    await domain.inventory.confirm_begin(
-        release["id"], hold["hold_id"], domain.now_ms(), token_hash(hold["hold_token"]).hex()
-    )
+    await domain.inventory.confirm_begin(release["id"], hold["hold_id"], domain.now_ms())
     r = await api.call(
         "DELETE",
         f"/v1/holds/{hold['hold_id']}",

@@ -45,7 +45,6 @@ from hypothesis.stateful import (
     rule,
 )
 
-from engine.errors import Unauthorized
 from engine.inventory import HoldResult, Inventory, InventoryMissing, SlotCounts
 from engine.keys import ReleaseKeys
 from tests.conftest import REDIS_URL
@@ -67,7 +66,6 @@ CONFIRM_ENDINGS = (  # hypothesis leans to the first: the ending that leaves the
     "refused",  # begin, PostgreSQL refuses (identity already booked), confirm_abort
     "crash-before-commit",  # begin, then the process dies
     "redis-lost-before-done",  # begin, COMMIT, FLUSHDB, confirm_done finds no inventory
-    "limited",  # begin, a limit refuses, confirm_abort if this call began it
 )
 
 
@@ -241,22 +239,17 @@ class Model:
             for slot, cap in self.caps.items()
         }
 
-    def confirm_begin(self, hold_id: str, now: int, token: str) -> tuple[str, bool] | None:
-        """(slot, whether this call began the confirm), or None; Unauthorized for another
-        token, checked before anything else."""
+    def confirm_begin(self, hold_id: str, now: int) -> str | None:
         h = self.holds.get(hold_id)
         if h is None:
             return None
-        if h.token != token:
-            raise Unauthorized("Wrong hold token")
-        first = h.state == "h"
-        if first:
+        if h.state == "h":
             if h.deadline <= now:
                 self._drop(hold_id)
                 return None
             h.state = "c"
         h.started = now  # a retried confirm restarts the grace period
-        return h.slot, first
+        return h.slot
 
     def confirm_done(self, hold_id: str, slot: str, ref: str) -> bool:
         if not self.present:
@@ -432,19 +425,11 @@ class InventoryMachine(RuleBasedStateMachine):
 
     def confirm_hold(self, hold_id: str, ending: str) -> None:
         """``Reservations.confirm``, cut short as ``ending`` says (see CONFIRM_ENDINGS)."""
-        token = self.model.holds[hold_id].token
-        begun = self.run(self.inventory.confirm_begin(RELEASE, hold_id, self.now, token))
-        expected = self.model.confirm_begin(hold_id, self.now, token)
-        assert (None if begun is None else (begun.slot_id, begun.first)) == expected
-        event(f"confirm: {ending if begun else 'gone'}")
-        if begun is None or ending == "crash-before-commit":
+        slot = self.run(self.inventory.confirm_begin(RELEASE, hold_id, self.now))
+        assert slot == self.model.confirm_begin(hold_id, self.now)
+        event(f"confirm: {ending if slot else 'gone'}")
+        if slot is None or ending == "crash-before-commit":
             return
-        if ending == "limited":
-            if begun.first:
-                self.run(self.inventory.confirm_abort(RELEASE, hold_id))
-                self.model.confirm_abort(hold_id)
-            return
-        slot = begun.slot_id
         # The booking transaction. A retry finds the hold's first booking (whatever its
         # status) through ON CONFLICT (hold_id); otherwise the CHECK or the identity index may
         # refuse, and the domain aborts the confirm.
@@ -596,19 +581,6 @@ class InventoryMachine(RuleBasedStateMachine):
         firsts = newest_first(i for i, h in holds.items() if h.state == "h")
         hold_id = data.draw(st.sampled_from(retries + firsts), "hold")
         self.confirm_hold(hold_id, ending)
-
-    @precondition(lambda self: self.hold_ids)
-    @rule(data=st.data())
-    def confirm_with_wrong_token(self, data: st.DataObject) -> None:
-        """A confirm whose token is not the hold's changes nothing, even if the hold expired."""
-        hold_id = data.draw(st.sampled_from(newest_first(self.hold_ids)), "hold")
-        try:
-            begun = self.run(self.inventory.confirm_begin(RELEASE, hold_id, self.now, "wrong"))
-        except Unauthorized:
-            assert hold_id in self.model.holds
-            event("confirm: wrong token")
-            return
-        assert begun is None and hold_id not in self.model.holds
 
     @precondition(lambda self: self.hold_ids)
     @rule(data=st.data())

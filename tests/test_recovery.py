@@ -47,9 +47,7 @@ async def _crash_after_commit(api: Api, slot: str, person: dict[str, str]) -> di
     domain = domain_of(api)
     hold = (await api.hold(slot, ip(7))).body
     release = await domain.release(slot.split(".")[0])
-    assert await domain.inventory.confirm_begin(
-        release.id, hold["hold_id"], domain.now_ms(), token_hash(hold["hold_token"]).hex()
-    )
+    assert await domain.inventory.confirm_begin(release.id, hold["hold_id"], domain.now_ms())
     a = Applicant(
         person["family_name"],
         person["given_names"],
@@ -113,9 +111,7 @@ async def test_confirm_begun_but_never_committed_frees_the_place(
     slot = release["slots"][0]["id"]
     hold = (await api.hold(slot)).body
     domain = domain_of(api)
-    await domain.inventory.confirm_begin(
-        release["id"], hold["hold_id"], domain.now_ms(), token_hash(hold["hold_token"]).hex()
-    )
+    await domain.inventory.confirm_begin(release["id"], hold["hold_id"], domain.now_ms())
     clock.advance(domain.settings.confirm_grace_s + 1)
     assert (await sweep_once(domain, reconcile=False)).settled == 1
     assert await api.free(release["id"]) == {slot: 1}

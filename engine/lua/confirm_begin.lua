@@ -2,27 +2,18 @@
 -- A confirming hold still counts as taken, is never reclaimed by its deadline, and is settled
 -- by confirm_done, confirm_abort, or the sweeper (from PostgreSQL's answer).
 -- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 clients (see lib.lua)
--- ARGV: 1 hold id, 2 now_ms, 3 the hash of the token presented (hex)
--- Returns: {'confirming', slot, first}  the caller may now run the booking transaction;
---                                     first is 1 if this call moved the hold from held
---                                     (0: a confirm of it had begun already)
+-- ARGV: 1 hold id, 2 now_ms
+-- Returns: {'confirming', slot}  the caller may now run the booking transaction
 --          {'gone'}              no such hold, or it expired (an expired one is reclaimed now)
---          {'unauthorized'}      the token is not the hold's; nothing changed
 local function confirm_begin(keys, argv)
   local inv, holds, confirming, hold, idem, clients = unpack(keys)
-  local hold_id, now, token = argv[1], tonumber(argv[2]), argv[3]
+  local hold_id, now = argv[1], tonumber(argv[2])
   local rec = redis.call('HGET', hold, hold_id)
   if not rec then
     return { 'gone' }
   end
   local h = split_hold(rec)
-  -- Hashes of random tokens are compared: how long a prefix matches tells nothing useful.
-  if h.token ~= token then
-    return { 'unauthorized' }
-  end
-  local first = 0
   if h.state == 'h' then
-    first = 1
     if h.deadline <= now then
       drop_hold(inv, holds, confirming, hold, idem, clients, hold_id, h)
       return { 'gone' }
@@ -33,5 +24,5 @@ local function confirm_begin(keys, argv)
   end
   -- A second confirm (a retry after a crash or a timeout) restarts the grace period.
   redis.call('ZADD', confirming, now, hold_id)
-  return { 'confirming', h.slot, first }
+  return { 'confirming', h.slot }
 end
