@@ -37,7 +37,7 @@ def _fresh(request: web.Request, key: tuple[str | None, ...]) -> web.Response | 
     hit = request.app[BODIES].get(key)
     if hit is None or hit[0] <= request.app[RESERVATIONS].clock():
         return None
-    return web.Response(body=hit[1], content_type="application/json")
+    return web.Response(body=hit[1], content_type="application/json", charset="utf-8")
 
 
 async def _cached_json(
@@ -58,7 +58,7 @@ async def _cached_json(
             refills[key] = pending
             pending.add_done_callback(lambda _: refills.pop(key, None))
         hit = await asyncio.shield(pending)
-    return web.Response(body=hit[1], content_type="application/json")
+    return web.Response(body=hit[1], content_type="application/json", charset="utf-8")
 
 
 async def _refill(
@@ -217,6 +217,8 @@ async def get_entry(request: web.Request) -> web.Response:
         request.match_info["release"], request.match_info["entry_id"], token
     )
     out: dict[str, object] = {"status": view.status}
+    if view.excluded:
+        out["excluded"] = True  # withdrawn by the draw: this person had booked otherwise
     if view.booking is not None:
         out["booking"] = render.booking(view.booking)
         out["cancel_token"] = view.cancel_token
