@@ -40,6 +40,7 @@ class EntryView:
     status: str
     booking: Booking | None
     cancel_token: str | None
+    excluded: bool = False
 
 
 class Lottery:
@@ -137,7 +138,7 @@ class Lottery:
     async def view(self, release_id: str, entry_id: str, token: str) -> EntryView:
         _, entry = await self._entry(release_id, entry_id, token)
         if entry.status != "won" or entry.booking_reference is None:
-            return EntryView(entry.status, None, None)
+            return EntryView(entry.status, None, None, entry.excluded)
         booking = await self.store.booking(entry.booking_reference)
         return EntryView(entry.status, booking, self._cancel_token(entry.id))
 

@@ -80,6 +80,8 @@ class Entry:
     status: Literal["registered", "won", "not-drawn", "withdrawn"]
     token_hash: bytes
     booking_reference: str | None
+    # Withdrawn by the draw, not by its person: they had booked the procedure otherwise.
+    excluded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

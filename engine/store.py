@@ -618,7 +618,7 @@ class Store:
     async def entry(self, entry_id: str) -> Entry | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                """SELECT id, release_id, status, token_hash, booking_reference
+                """SELECT id, release_id, status, token_hash, booking_reference, excluded
                    FROM entries WHERE id = $1""",
                 entry_id,
             )
@@ -795,7 +795,8 @@ class Store:
             )
             await conn.execute(
                 """UPDATE entries SET status = CASE WHEN digest = ANY($2::text[])
-                       THEN 'withdrawn' ELSE 'not-drawn' END
+                       THEN 'withdrawn' ELSE 'not-drawn' END,
+                       excluded = digest = ANY($2::text[])
                    WHERE release_id = $1 AND status = 'registered'""",
                 release_id,
                 excluded,

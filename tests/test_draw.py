@@ -256,6 +256,37 @@ async def test_the_draw_books_the_winners(
     assert proc.returncode == 0, err.decode()
 
 
+async def test_an_entry_excluded_by_the_draw_says_so(api: Api, clock: FakeClock) -> None:
+    """A person who entered, then booked the procedure at the counter before the draw, is
+    excluded by it: their entry reads ``withdrawn`` (API.md's statuses) with
+    ``"excluded": true``, so they can tell it from a withdrawal they never made. An entry
+    withdrawn by its person has no such field."""
+    await api.site()
+    counter_slot = (await api.publish([1]))["slots"][0]["id"]
+    booked_otherwise = applicant(987_654)
+    release = (await api.publish_draw([3]))["id"]
+    entered = await api.enter(release, booked_otherwise, ip(50))
+    assert entered.status == 201, entered.body
+    staff = {"slot_id": counter_slot, "applicant": booked_otherwise}
+    assert (await api.call("POST", "/v1/admin/bookings", staff, ADMIN)).status == 201
+    entries = [(await api.enter(release, applicant(), ip(60 + i))).body for i in range(3)]
+    withdrawn = (await api.enter(release, applicant(), ip(70))).body
+    path = f"/v1/releases/{release}/entries/{withdrawn['entry_id']}"
+    auth = {"Authorization": f"Bearer {withdrawn['entry_token']}"}
+    assert (await api.call("DELETE", path, headers=auth)).status == 204
+    clock.advance(90001)
+    domain = api.client.app[RESERVATIONS]
+    assert (await sweep_once(domain, reconcile=False, lottery=api.client.app[LOTTERY])).draws == 1
+    rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
+    assert rec["excluded"] == [draw.entry_digest(entered.body["entry_id"])]
+    assert await entry_status(api, release, entered.body) == {
+        "status": "withdrawn",
+        "excluded": True,
+    }
+    assert await entry_status(api, release, withdrawn) == {"status": "withdrawn"}
+    assert {(await entry_status(api, release, e))["status"] for e in entries} == {"won"}
+
+
 async def test_the_draw_runs_once_with_workers_racing(
     api: Api, clock: FakeClock, settings: Any, pg: asyncpg.Connection
 ) -> None:

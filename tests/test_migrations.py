@@ -59,6 +59,44 @@ async def test_upgrade_keeps_and_seeds_existing_draw_releases(scratch: str, tmp_
         await conn.close()
 
 
+async def test_upgrade_flags_the_entries_earlier_draws_excluded(
+    scratch: str, tmp_path: Path
+) -> None:
+    """sql/007 reads each draw record already written once: its excluded entries get the
+    flag, and a withdrawal by the entry's person does not."""
+    versions = [v for v, _ in migrations()]
+    upto = versions.index(7)
+    for _, path in migrations()[:upto]:
+        shutil.copy(path, tmp_path / path.name)
+    assert await migrate(scratch, sql_dir=tmp_path) == versions[:upto]
+    conn = await asyncpg.connect(scratch)
+    try:
+        await conn.execute(
+            """INSERT INTO sites VALUES ('s', 'S', 'UTC');
+               INSERT INTO procedures VALUES ('s', 'p', 'P');
+               INSERT INTO releases (id, site_id, procedure_id, mode, registration_opens_at,
+                   registration_closes_at, draw_at, seed, seed_commitment)
+               VALUES ('rold00000000d', 's', 'p', 'draw', now() - interval '2 days',
+                   now() - interval '1 day', now(), 'x', 'y');
+               INSERT INTO entries (id, release_id, procedure_id, digest, token_hash,
+                   identity_hash, email_hash, family_name, given_names, birth_date, status)
+               SELECT 'e' || n, 'rold00000000d', 'p', 'd' || n, '\\x00', sha256(n::text::bytea),
+                   '\\x00', 'F', 'G', '1990-01-01', s
+               FROM (VALUES (1, 'withdrawn'), (2, 'withdrawn'), (3, 'not-drawn')) v(n, s);
+               INSERT INTO draws (release_id, record, places, allocated, carried)
+               VALUES ('rold00000000d', '{"excluded": ["d1"]}', 0, 0, 0)"""
+        )
+        assert await migrate(scratch, sql_dir=SQL_DIR) == versions[upto:]
+        flags = await conn.fetch("SELECT id, excluded FROM entries ORDER BY id")
+        assert [(r["id"], r["excluded"]) for r in flags] == [
+            ("e1", True),
+            ("e2", False),
+            ("e3", False),
+        ]
+    finally:
+        await conn.close()
+
+
 BOOK = (
     "SELECT outcome FROM book_hold($1, 'rplans000000f.000', 'rplans000000f', 'p', 'online', $2,"
     " '\\x00', $3, $4, 'F', 'G', '1990-01-01', '\\x00', '10.0.0.0/24', '30 days', 3, 3, 3)"
