@@ -18,7 +18,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.maint_notifications import MaintNotificationsConfig
 
 from engine import sweeper
-from engine.appkeys import BODIES, CLOCK, LOTTERY, METRICS, OPENAPI, REFILLS, RESERVATIONS, SETTINGS
+from engine.appkeys import (
+    BODIES,
+    CLOCK,
+    DRAW_RECORDS,
+    LOTTERY,
+    METRICS,
+    OPENAPI,
+    REFILLS,
+    RESERVATIONS,
+    SETTINGS,
+)
 from engine.autopipeline import AutoPipeline
 from engine.inventory import AnyRedis, Inventory, Pipelining
 from engine.lottery import Lottery
@@ -83,6 +93,7 @@ def create_app(
     app[OPENAPI] = json.dumps(document(ROUTES)).encode()
     app[BODIES] = {}
     app[REFILLS] = {}
+    app[DRAW_RECORDS] = {}
     guarded = guard(metrics, settings.max_in_flight)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, guarded(route.handler, route.path))

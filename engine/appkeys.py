@@ -20,7 +20,9 @@ LOTTERY = web.AppKey("lottery", Lottery)
 OPENAPI = web.AppKey("openapi", bytes)
 # Rendered listing bodies: key -> (expires at, by the engine's clock; JSON bytes).
 BODIES: web.AppKey[dict[tuple[str | None, ...], tuple[float, bytes]]] = web.AppKey("bodies")
-# Listing refills under way, so that concurrent misses share one.
+# Draw records as served (JSON bytes), the last few: a record never changes once written.
+DRAW_RECORDS: web.AppKey[dict[str, bytes]] = web.AppKey("draw_records")
+# Listing refills (and draw record reads) under way, so that concurrent misses share one.
 REFILLS: web.AppKey[dict[tuple[str | None, ...], asyncio.Future[tuple[float, bytes]]]] = web.AppKey(
     "refills"
 )

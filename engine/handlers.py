@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from engine import render, schemas, sessions
-from engine.appkeys import BODIES, LOTTERY, REFILLS, RESERVATIONS, SETTINGS
+from engine.appkeys import BODIES, DRAW_RECORDS, LOTTERY, REFILLS, RESERVATIONS, SETTINGS
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
 from engine.pow import ALGORITHM
@@ -49,16 +50,24 @@ async def _cached_json(
     now = request.app[RESERVATIONS].clock()
     hit = cache.get(key)
     if hit is None or hit[0] <= now:
-        # Single flight: when an entry expires, one request rebuilds it and the others
-        # in flight wait for that body instead of each asking the stores again.
-        refills = request.app[REFILLS]
-        pending = refills.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(_refill(request, key, build, now))
-            refills[key] = pending
-            pending.add_done_callback(lambda _: refills.pop(key, None))
-        hit = await asyncio.shield(pending)
+        hit = await _single_flight(request, key, lambda: _refill(request, key, build, now))
     return web.Response(body=hit[1], content_type="application/json", charset="utf-8")
+
+
+async def _single_flight(
+    request: web.Request,
+    key: tuple[str | None, ...],
+    make: Callable[[], Awaitable[tuple[float, bytes]]],
+) -> tuple[float, bytes]:
+    """One request makes the body for ``key``; the others in flight wait for it instead of
+    each asking the stores again."""
+    refills = request.app[REFILLS]
+    pending = refills.get(key)
+    if pending is None:
+        pending = asyncio.ensure_future(make())
+        refills[key] = pending
+        pending.add_done_callback(lambda _: refills.pop(key, None))
+    return await asyncio.shield(pending)
 
 
 async def _refill(
@@ -233,5 +242,24 @@ async def delete_entry(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+_DRAW_RECORDS_KEPT = 4
+
+
 async def get_draw(request: web.Request) -> web.Response:
-    return json_response(await request.app[LOTTERY].record(request.match_info["release"]))
+    """The draw's public record. It never changes once written, and everyone looks at once
+    when it is published, while it lists every entry (megabytes for a large draw): each
+    worker keeps the last few it served, and reads each once."""
+    release_id = request.match_info["release"]
+    kept = request.app[DRAW_RECORDS]
+    body = kept.get(release_id)
+    if body is None:
+
+        async def read() -> tuple[float, bytes]:
+            record = json_bytes(await request.app[LOTTERY].record(release_id))
+            kept[release_id] = record
+            while len(kept) > _DRAW_RECORDS_KEPT:
+                del kept[next(iter(kept))]  # the oldest
+            return math.inf, record
+
+        _, body = await _single_flight(request, ("draw", release_id), read)
+    return web.Response(body=body, content_type="application/json", charset="utf-8")

@@ -287,6 +287,37 @@ async def test_an_entry_excluded_by_the_draw_says_so(api: Api, clock: FakeClock)
     assert {(await entry_status(api, release, e))["status"] for e in entries} == {"won"}
 
 
+async def test_a_draw_record_is_read_once_and_kept(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """Everyone looks at a draw's record when it is published, and a record lists every
+    entry: twenty requests at once read it once, and later requests are answered from the
+    worker's copy (a record never changes once written: here the stored one is altered
+    behind the worker's back, and it still answers the record it read)."""
+    await api.site()
+    release, _, _ = await run_draw_flow(api, clock, 4, [2])
+    lottery = api.client.app[LOTTERY]
+    assert (await api.call("GET", f"/v1/releases/{release}/draw")).status == 409  # not yet
+    assert (await sweep_once(api.client.app[RESERVATIONS], reconcile=False, lottery=lottery)).draws
+    reads = []
+    record = lottery.record
+
+    async def counted(release_id: str) -> dict[str, Any]:
+        reads.append(release_id)
+        return await record(release_id)
+
+    lottery.record = counted  # type: ignore[method-assign]
+    path = f"/v1/releases/{release}/draw"
+    replies = await asyncio.gather(*(api.call("GET", path) for _ in range(20)))
+    assert reads == [release]
+    assert {r.status for r in replies} == {200}
+    assert all(r.body == replies[0].body for r in replies)
+    assert draw.verify(replies[0].body) == []
+    await pg.execute("UPDATE draws SET record = '{}' WHERE release_id = $1", release)
+    assert (await api.call("GET", path)).body == replies[0].body
+    assert reads == [release]
+
+
 async def test_the_draw_runs_once_with_workers_racing(
     api: Api, clock: FakeClock, settings: Any, pg: asyncpg.Connection
 ) -> None:
