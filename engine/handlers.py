@@ -248,7 +248,7 @@ _DRAW_RECORDS_KEPT = 4
 async def get_draw(request: web.Request) -> web.Response:
     """The draw's public record. It never changes once written, and everyone looks at once
     when it is published, while it lists every entry (megabytes for a large draw): each
-    worker keeps the last few it served, and reads each once."""
+    worker reads each once and keeps the last few it read."""
     release_id = request.match_info["release"]
     kept = request.app[DRAW_RECORDS]
     body = kept.get(release_id)
