@@ -15,7 +15,14 @@ from engine.appkeys import BODIES, DRAW_RECORDS, LOTTERY, REFILLS, RESERVATIONS,
 from engine.errors import ValidationFailed
 from engine.identity import Applicant
 from engine.pow import ALGORITHM
-from engine.web import bearer, client_address, json_bytes, json_response, parse_body
+from engine.web import (
+    bearer,
+    client_address,
+    json_body_response,
+    json_bytes,
+    json_response,
+    parse_body,
+)
 
 _IDEMPOTENCY_KEY_MAX = 200
 
@@ -38,7 +45,7 @@ def _fresh(request: web.Request, key: tuple[str | None, ...]) -> web.Response | 
     hit = request.app[BODIES].get(key)
     if hit is None or hit[0] <= request.app[RESERVATIONS].clock():
         return None
-    return web.Response(body=hit[1], content_type="application/json", charset="utf-8")
+    return json_body_response(hit[1])
 
 
 async def _cached_json(
@@ -51,7 +58,7 @@ async def _cached_json(
     hit = cache.get(key)
     if hit is None or hit[0] <= now:
         hit = await _single_flight(request, key, lambda: _refill(request, key, build, now))
-    return web.Response(body=hit[1], content_type="application/json", charset="utf-8")
+    return json_body_response(hit[1])
 
 
 async def _single_flight(
@@ -262,4 +269,4 @@ async def get_draw(request: web.Request) -> web.Response:
             return math.inf, record
 
         _, body = await _single_flight(request, ("draw", release_id), read)
-    return web.Response(body=body, content_type="application/json", charset="utf-8")
+    return json_body_response(body)

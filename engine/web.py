@@ -243,9 +243,12 @@ def json_bytes(data: Any) -> bytes:
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status, body=json_bytes(data), content_type="application/json", charset="utf-8"
-    )
+    return json_body_response(json_bytes(data), status)
+
+
+def json_body_response(body: bytes, status: int = 200) -> web.Response:
+    """A reply of JSON already serialised (``json_bytes``), as cached bodies are."""
+    return web.Response(status=status, body=body, content_type="application/json", charset="utf-8")
 
 
 async def read_body(request: web.Request) -> bytes:
