@@ -366,9 +366,14 @@ class Inventory:
         )
         return _text(reply[0]) == "done"
 
-    async def confirm_abort(self, release_id: str, hold_id: str) -> None:
+    async def confirm_abort(
+        self, release_id: str, hold_id: str
+    ) -> Literal["held", "confirming", "gone"]:
+        """PostgreSQL refused this confirm: the hold is held again, unless another confirm
+        of it is still under way ("confirming": that one settles it)."""
         k = ReleaseKeys.of(release_id)
-        await self._call("confirm_abort", (k.holds, k.confirming, k.hold), (hold_id,))
+        reply = await self._call("confirm_abort", (k.holds, k.confirming, k.hold), (hold_id,))
+        return _text(reply[0])  # type: ignore[return-value]
 
     async def release_hold(
         self, release_id: str, hold_id: str, now_ms: int

@@ -66,18 +66,29 @@ CONFIRM_ENDINGS = (  # hypothesis leans to the first: the ending that leaves the
     "refused",  # begin, PostgreSQL refuses (identity already booked), confirm_abort
     "crash-before-commit",  # begin, then the process dies
     "redis-lost-before-done",  # begin, COMMIT, FLUSHDB, confirm_done finds no inventory
+    "overtaken",  # begin, a second confirm begins, PostgreSQL refuses the first, abort, the
+    # second commits, confirm_done
 )
 
 
 @dataclass
 class ModelHold:
     slot: str
-    state: str  # "h" held, "c" confirming (lib.lua's letters)
+    state: str  # "h" held, "c" or "c<n>" confirming (lib.lua's letters)
     deadline: int
     idem: str
     token: str
     client: str
-    started: int = 0  # when its latest confirm began; meaningful in state "c"
+    started: int = 0  # when its latest confirm began; meaningful while confirming
+
+    @property
+    def confirms(self) -> int:
+        """How many confirms of it are under way (lib.lua's ``confirms_of``)."""
+        return 0 if self.state == "h" else int(self.state[1:] or 1)
+
+    @confirms.setter
+    def confirms(self, n: int) -> None:
+        self.state = "h" if n <= 0 else "c" if n == 1 else f"c{n}"
 
     def record(self) -> str:
         return f"{self.slot}|{self.state}|{self.deadline}|{self.idem}|{self.token}|{self.client}"
@@ -243,11 +254,10 @@ class Model:
         h = self.holds.get(hold_id)
         if h is None:
             return None
-        if h.state == "h":
-            if h.deadline <= now:
-                self._drop(hold_id)
-                return None
-            h.state = "c"
+        if h.state == "h" and h.deadline <= now:
+            self._drop(hold_id)
+            return None
+        h.confirms += 1
         h.started = now  # a retried confirm restarts the grace period
         return h.slot
 
@@ -259,28 +269,33 @@ class Model:
         self.booked[ref] = slot
         return True
 
-    def confirm_abort(self, hold_id: str) -> None:
+    def confirm_abort(self, hold_id: str) -> str:
         h = self.holds.get(hold_id)
-        if h is not None:
-            h.state, h.started = "h", 0
+        if h is None:
+            return "gone"
+        h.confirms -= 1  # another confirm still under way keeps it confirming
+        if h.state != "h":
+            return "confirming"
+        h.started = 0
+        return "held"
 
     def release_hold(self, hold_id: str, now: int) -> str:
         h = self.holds.get(hold_id)
         if h is None:
             return "gone"
-        if h.state == "c":
+        if h.state != "h":
             return "confirming"
         self._drop(hold_id)
         return "gone" if h.deadline <= now else "released"
 
     def stale_confirms(self, cutoff: int) -> list[str]:
         return sorted(
-            hold_id for hold_id, h in self.holds.items() if h.state == "c" and h.started <= cutoff
+            hold_id for hold_id, h in self.holds.items() if h.state != "h" and h.started <= cutoff
         )
 
     def settle_confirm(self, hold_id: str, ref: str | None, cutoff: int) -> str:
         h = self.holds.get(hold_id)
-        if h is None or h.state != "c" or h.started > cutoff:
+        if h is None or h.state == "h" or h.started > cutoff:
             return "skipped"
         self._drop(hold_id)
         if ref is None:
@@ -434,12 +449,18 @@ class InventoryMachine(RuleBasedStateMachine):
         # status) through ON CONFLICT (hold_id); otherwise the CHECK or the identity index may
         # refuse, and the domain aborts the confirm.
         ref = self.model.pg_booking_of_hold(hold_id)
+        if ref is None and ending == "overtaken":
+            # A second submission of the hold begins before PostgreSQL refuses this one: the
+            # abort must leave the hold to it. It then books, as a "done" confirm.
+            again = self.run(self.inventory.confirm_begin(RELEASE, hold_id, self.now))
+            assert again == self.model.confirm_begin(hold_id, self.now) == slot
+            self.abort(hold_id)
+            ending = "done"
         if ref is None:
             ref = self.fresh("B")
             if ending == "refused" or not self.model.pg_book(ref, slot, hold_id):
                 event(f"confirm: PostgreSQL refused ({ending})")
-                self.run(self.inventory.confirm_abort(RELEASE, hold_id))
-                self.model.confirm_abort(hold_id)
+                self.abort(hold_id)
                 return
         if ending == "crash-after-commit":
             return
@@ -453,6 +474,10 @@ class InventoryMachine(RuleBasedStateMachine):
             return
         counted = self.run(self.inventory.confirm_done(RELEASE, hold_id, slot, ref))
         assert counted == self.model.confirm_done(hold_id, slot, ref)
+
+    def abort(self, hold_id: str) -> None:
+        outcome = self.run(self.inventory.confirm_abort(RELEASE, hold_id))
+        assert outcome == self.model.confirm_abort(hold_id)
 
     def flush_redis(self) -> None:
         self.run(self.redis.flushdb())
@@ -577,7 +602,7 @@ class InventoryMachine(RuleBasedStateMachine):
         confirming (those come first: a retry after a crash is where counting twice would
         hide). For a hold without a record the domain asks PostgreSQL only."""
         holds = self.model.holds
-        retries = newest_first(i for i, h in holds.items() if h.state == "c")
+        retries = newest_first(i for i, h in holds.items() if h.state != "h")
         firsts = newest_first(i for i, h in holds.items() if h.state == "h")
         hold_id = data.draw(st.sampled_from(retries + firsts), "hold")
         self.confirm_hold(hold_id, ending)
@@ -698,7 +723,7 @@ class InventoryMachine(RuleBasedStateMachine):
         assert raw.booked == model.booked
         assert raw.hold == {hold_id: h.record() for hold_id, h in model.holds.items()}
         assert raw.holds == {i: h.deadline for i, h in model.holds.items() if h.state == "h"}
-        assert raw.confirming == {i: h.started for i, h in model.holds.items() if h.state == "c"}
+        assert raw.confirming == {i: h.started for i, h in model.holds.items() if h.state != "h"}
         assert raw.idem == model.idem
         # Spent challenges may be pruned once expired, never before.
         assert raw.spent.items() <= model.spent.items()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import date
 
 import asyncpg
 import pytest
 
 from engine.appkeys import RESERVATIONS
+from engine.identity import Applicant
 from tests.api import ADMIN, Api, Reply, applicant, ip
 
 
@@ -113,6 +115,54 @@ async def test_same_person_racing_two_slots_gets_one(api: Api, pg: asyncpg.Conne
     confirms = await asyncio.gather(*(api.confirm(h, person, ip(i)) for i, h in enumerate(holds)))
     assert Counter(c.status for c in confirms) == {201: 1, 409: 7}
     assert await pg.fetchval("SELECT count(*) FROM bookings WHERE status = 'confirmed'") == 1
+
+
+async def test_a_refused_confirm_leaves_a_concurrent_one_confirming(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """Two confirms of one hold at once, with two people's details: PostgreSQL refuses the
+    later one (its person already booked) while the earlier one is still booking. The
+    refusal must not hand the hold back as merely held: its deadline could then reclaim the
+    place while the earlier booking commits, and promise it to a third person."""
+    await api.site()
+    release = await api.publish([1, 1])
+    first, second = (s["id"] for s in release["slots"])
+    already = applicant()
+    await api.book(first, already, ip(1))
+    held = await api.hold(second, ip(2))
+    assert held.status == 201
+    domain = api.client.app[RESERVATIONS]
+    person = applicant()
+    identity = Applicant(
+        person["family_name"],
+        person["given_names"],
+        date.fromisoformat(person["birth_date"]),
+        person["id_number"],
+        person["email"],
+    ).identity_hash(domain.settings.secret)
+    # This test takes the person's identity lock (book_hold's first), as a confirm of theirs
+    # elsewhere would: their booking waits inside PostgreSQL, its hold confirming.
+    lock = pg.transaction()
+    await lock.start()
+    await pg.execute(
+        "SELECT pg_advisory_xact_lock(('x' || substr(encode($1::bytea, 'hex'), 1, 15))"
+        "::bit(60)::bigint)",
+        identity,
+    )
+    earlier = asyncio.create_task(api.confirm(held.body, person, ip(2)))
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    while await pg.fetchval(waiting) == 0:
+        assert not earlier.done()
+        await asyncio.sleep(0.01)
+    later = await api.confirm(held.body, already, ip(2))
+    assert (later.status, later.body["type"]) == (409, "/problems/identity-already-booked")
+    record = await domain.inventory.hold_record(release["id"], held.body["hold_id"])
+    assert record is not None and record.state == "confirming"
+    await lock.commit()
+    assert (await earlier).status == 201
+    assert await pg_slot(pg, second) == (1, 1, 1)
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert (counts[second].booked, counts[second].held) == (1, 0)
 
 
 @pytest.mark.parametrize("spacing_s", [0, 0.003])

@@ -18,10 +18,12 @@ local function confirm_begin(keys, argv)
       drop_hold(inv, holds, confirming, hold, idem, clients, hold_id, h)
       return { 'gone' }
     end
-    h.state = 'c'
-    redis.call('HSET', hold, hold_id, join_hold(h))
     redis.call('ZREM', holds, hold_id)
   end
+  -- Counted, so that a refusal of one of two concurrent confirms does not hand the hold back
+  -- while the other is still booking (confirm_abort).
+  h.state = state_with(confirms_of(h) + 1)
+  redis.call('HSET', hold, hold_id, join_hold(h))
   -- A second confirm (a retry after a crash or a timeout) restarts the grace period.
   redis.call('ZADD', confirming, now, hold_id)
   return { 'confirming', h.slot }
