@@ -2105,7 +2105,7 @@ def main() -> None:
     parser.add_argument(
         "--confirm-guess",
         type=float,
-        default=1200.0,
+        default=4000.0,
         help="most confirms per second expected (sizes the holds taken)",
     )
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio client")
