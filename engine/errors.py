@@ -51,8 +51,20 @@ class ValidationFailed(GuichetError):
     name, status, title = "validation-error", 400, "The request is not valid"
 
     def __init__(self, errors: list[dict[str, str]], detail: str = "") -> None:
-        super().__init__(detail or "; ".join(f"{e['field']}: {e['message']}" for e in errors))
+        super().__init__(detail or _summary(errors))
         self.extra = {"errors": errors}
+
+
+_DETAILED = 3  # errors spelled out in a validation error's detail; all are in ``errors``
+
+
+def _summary(errors: list[dict[str, str]]) -> str:
+    """The first few errors, for a person reading the detail: a release of 120 slots with
+    one mistake repeated made a detail of 120 sentences."""
+    text = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:_DETAILED])
+    if len(errors) > _DETAILED:
+        text += f"; and {len(errors) - _DETAILED} more (see errors)"
+    return text
 
 
 class Unauthorized(GuichetError):

@@ -76,6 +76,14 @@ async def test_release_validation(api: Api, clock: FakeClock) -> None:
     for body in cases:
         r = await api.call("POST", "/v1/admin/releases", body, ADMIN)
         assert r.status == 400, (body, r.body)
+    # One mistake on every one of 120 slots: each is listed, the detail names the first few.
+    many = {**cases[0], "opens_at": now.isoformat(), "slots": [{**slot, "capacity": 10_001}] * 120}
+    r = await api.call("POST", "/v1/admin/releases", many, ADMIN)
+    assert r.status == 400, r.body
+    assert [e["field"] for e in r.body["errors"]] == [f"slots.{i}.capacity" for i in range(120)]
+    assert r.body["detail"].startswith("slots.0.capacity: ")
+    assert r.body["detail"].endswith("; and 117 more (see errors)")
+    assert r.body["detail"].count("slots.") == 3
     r = await api.call(
         "POST",
         "/v1/admin/releases",
