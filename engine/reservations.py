@@ -410,10 +410,11 @@ class Reservations:
             self.metrics.count(self.metrics.confirms, "not-found")
             raise
         who = Client.of(client)
+        # Taken for a replay too: its lookup in PostgreSQL costs about what a confirm does,
+        # and any hold id once issued can be replayed for ever.
+        await self.limiter.confirm(who, applicant.identity_hash(self.settings.secret).hex())
         slot_id = None
         if record is not None:
-            identity = applicant.identity_hash(self.settings.secret).hex()
-            await self.limiter.confirm(who, identity)
             slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
         if slot_id is None:
             # Gone from Redis: confirmed already (a retry), or expired, released, or lost.

@@ -120,6 +120,20 @@ async def test_identity_bucket_on_confirm(clean: None) -> None:
         assert (await api.confirm(holds[2], applicant(), "10.0.1.2")).status == 201
 
 
+async def test_replayed_confirms_take_the_same_tokens(clean: None) -> None:
+    """A confirm of a hold already booked is answered from PostgreSQL; that costs about what
+    a confirm does, so replays are limited like confirms."""
+    async with engine(limit_identity=Rate(2, 7200)) as api:
+        release = await api.publish([1])
+        person = applicant()
+        hold = (await api.hold(release["slots"][0]["id"], "10.0.1.1")).body
+        booked = await api.confirm(hold, person, "10.0.1.1")
+        replay = await api.confirm(hold, person, "10.0.1.1")
+        assert (booked.status, replay.status) == (201, 201)
+        assert replay.body["booking"] == booked.body["booking"]
+        limited(await api.confirm(hold, person, "10.0.1.1"), "identity", 3600)
+
+
 async def test_global_buckets_shed_load(clean: None) -> None:
     async with engine(limit_global_challenge=Rate(3, 3)) as api:
         release = (await api.publish([1]))["id"]
