@@ -40,7 +40,7 @@ from engine.reservations import Reservations
 from engine.routes import ROUTES
 from engine.settings import Settings
 from engine.store import IdentityRules, Store, create_pool
-from engine.web import UNMATCHED, guard, unmatched
+from engine.web import UNMATCHED, Body, guard, unmatched
 
 
 def redis_client(settings: Settings) -> AnyRedis:
@@ -90,7 +90,7 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[CLOCK] = clock
-    app[OPENAPI] = json.dumps(document(ROUTES)).encode()
+    app[OPENAPI] = Body.of(json.dumps(document(ROUTES)).encode())
     app[BODIES] = {}
     app[REFILLS] = {}
     app[DRAW_RECORDS] = {}

@@ -11,18 +11,19 @@ from engine.metrics import Metrics
 from engine.recovery import Clock
 from engine.reservations import Reservations
 from engine.settings import Settings
+from engine.web import Body
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 RESERVATIONS = web.AppKey("reservations", Reservations)
 LOTTERY = web.AppKey("lottery", Lottery)
-OPENAPI = web.AppKey("openapi", bytes)
-# Rendered listing bodies: key -> (expires at, by the engine's clock; JSON bytes).
-BODIES: web.AppKey[dict[tuple[str | None, ...], tuple[float, bytes]]] = web.AppKey("bodies")
-# Draw records as served (JSON bytes), the last few: a record never changes once written.
-DRAW_RECORDS: web.AppKey[dict[str, bytes]] = web.AppKey("draw_records")
+OPENAPI = web.AppKey("openapi", Body)
+# Rendered listing bodies: key -> (expires at, by the engine's clock; the body).
+BODIES: web.AppKey[dict[tuple[str | None, ...], tuple[float, Body]]] = web.AppKey("bodies")
+# Draw records as served, the last few: a record never changes once written.
+DRAW_RECORDS: web.AppKey[dict[str, Body]] = web.AppKey("draw_records")
 # Listing refills (and draw record reads) under way, so that concurrent misses share one.
-REFILLS: web.AppKey[dict[tuple[str | None, ...], asyncio.Future[tuple[float, bytes]]]] = web.AppKey(
+REFILLS: web.AppKey[dict[tuple[str | None, ...], asyncio.Future[tuple[float, Body]]]] = web.AppKey(
     "refills"
 )

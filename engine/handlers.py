@@ -16,9 +16,11 @@ from engine.errors import ValidationFailed
 from engine.identity import Applicant
 from engine.pow import ALGORITHM
 from engine.web import (
+    Body,
     bearer,
+    body_of,
+    cached_json_response,
     client_address,
-    json_body_response,
     json_bytes,
     json_response,
     parse_body,
@@ -45,7 +47,7 @@ def _fresh(request: web.Request, key: tuple[str | None, ...]) -> web.Response | 
     hit = request.app[BODIES].get(key)
     if hit is None or hit[0] <= request.app[RESERVATIONS].clock():
         return None
-    return json_body_response(hit[1])
+    return cached_json_response(request, hit[1])
 
 
 async def _cached_json(
@@ -58,14 +60,14 @@ async def _cached_json(
     hit = cache.get(key)
     if hit is None or hit[0] <= now:
         hit = await _single_flight(request, key, lambda: _refill(request, key, build, now))
-    return json_body_response(hit[1])
+    return cached_json_response(request, hit[1])
 
 
 async def _single_flight(
     request: web.Request,
     key: tuple[str | None, ...],
-    make: Callable[[], Awaitable[tuple[float, bytes]]],
-) -> tuple[float, bytes]:
+    make: Callable[[], Awaitable[tuple[float, Body]]],
+) -> tuple[float, Body]:
     """One request makes the body for ``key``; the others in flight wait for it instead of
     each asking the stores again."""
     refills = request.app[REFILLS]
@@ -82,11 +84,11 @@ async def _refill(
     key: tuple[str | None, ...],
     build: Callable[[], Awaitable[Any]],
     now: float,
-) -> tuple[float, bytes]:
+) -> tuple[float, Body]:
     cache = request.app[BODIES]
     if len(cache) > 10_000:
         cache.clear()
-    body = json_bytes(await build())
+    body = await body_of(json_bytes(await build()))
     hit = (now + request.app[SETTINGS].listing_cache_s, body)
     cache[key] = hit
     return hit
@@ -261,12 +263,12 @@ async def get_draw(request: web.Request) -> web.Response:
     body = kept.get(release_id)
     if body is None:
 
-        async def read() -> tuple[float, bytes]:
-            record = json_bytes(await request.app[LOTTERY].record(release_id))
+        async def read() -> tuple[float, Body]:
+            record = await body_of(json_bytes(await request.app[LOTTERY].record(release_id)))
             kept[release_id] = record
             while len(kept) > _DRAW_RECORDS_KEPT:
                 del kept[next(iter(kept))]  # the oldest
             return math.inf, record
 
         _, body = await _single_flight(request, ("draw", release_id), read)
-    return json_body_response(body)
+    return cached_json_response(request, body)

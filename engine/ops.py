@@ -8,7 +8,7 @@ from aiohttp import web
 
 from engine.appkeys import METRICS, OPENAPI, RESERVATIONS
 from engine.errors import StoreUnavailable
-from engine.web import json_response
+from engine.web import cached_json_response, json_response
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -41,4 +41,4 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+    return cached_json_response(request, request.app[OPENAPI])

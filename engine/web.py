@@ -8,12 +8,15 @@ load past ``max_in_flight`` requests, binds a request id to the logs, and counts
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gzip
 import itertools
 import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -247,8 +250,78 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def json_body_response(body: bytes, status: int = 200) -> web.Response:
-    """A reply of JSON already serialised (``json_bytes``), as cached bodies are."""
+    """A reply of JSON already serialised (``json_bytes``)."""
     return web.Response(status=status, body=body, content_type="application/json", charset="utf-8")
+
+
+_GZIP_MIN = 1024  # smaller bodies are sent as they are: gzip saves little on them
+_GZIP_LEVEL = 6  # 120 slots: 14 171 bytes to 793, in about 0.1 ms (once per refill)
+_GZIP_INLINE_MAX = 64 * 1024  # larger bodies (a draw record) are compressed in a thread
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A cached JSON reply (a listing, a draw record): its bytes, and their gzip form when
+    they are large enough to be worth it. Compressed once per refill rather than per reply:
+    the demo's 120-slot listing is 14 kB, 0.8 kB gzipped, for a phone on a slow network."""
+
+    plain: bytes
+    gzipped: bytes | None
+
+    @classmethod
+    def of(cls, plain: bytes) -> Body:
+        if len(plain) < _GZIP_MIN:
+            return cls(plain, None)
+        return cls(plain, gzip.compress(plain, _GZIP_LEVEL, mtime=0))
+
+
+async def body_of(plain: bytes) -> Body:
+    """``Body.of``, in a thread for a large body (a draw record: 7 MB for 100 000 entries).
+    zlib lets go of the GIL, so the event loop keeps serving meanwhile."""
+    if len(plain) <= _GZIP_INLINE_MAX:
+        return Body.of(plain)
+    return await asyncio.get_running_loop().run_in_executor(None, Body.of, plain)
+
+
+_GZIP_HEADERS = {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+_VARY = {"Vary": "Accept-Encoding"}
+
+
+def cached_json_response(request: web.Request, body: Body) -> web.Response:
+    """``body`` gzipped if the client accepts it, else as it is."""
+    if body.gzipped is None:
+        return json_body_response(body.plain)
+    gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    return web.Response(
+        body=body.gzipped if gzipped else body.plain,
+        content_type="application/json",
+        charset="utf-8",
+        headers=_GZIP_HEADERS if gzipped else _VARY,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def accepts_gzip(header: str) -> bool:
+    """Whether an ``Accept-Encoding`` header admits gzip (RFC 9110, section 12.5.3): named
+    (or as x-gzip), or covered by ``*``, with a weight above 0. Cached: browsers send the
+    same few headers."""
+    star = False
+    for item in header.split(","):
+        coding, *params = item.split(";")
+        coding = coding.strip().lower()
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return weight > 0
+        if coding == "*":
+            star = weight > 0
+    return star
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -5,12 +5,16 @@ stampedes this prevents). The stores are real; the test counts the calls that re
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from engine.appkeys import RESERVATIONS
+from engine.web import accepts_gzip, body_of
 from tests.api import Api
 
 
@@ -54,3 +58,56 @@ async def test_an_expired_listing_is_rebuilt_once_for_all_waiting_requests(
     assert {r.status for r in replies} == {200}
     assert len({str(r.body) for r in replies}) == 1
     assert counts == [1]
+
+
+async def test_listings_are_gzipped_for_clients_that_accept_it(
+    api: Api, client: TestClient
+) -> None:
+    """Compressed once per refill, sent to whoever asks: 120 slots are 14 kB as JSON."""
+    await api.site()
+    release = await api.publish([2] * 120)
+    url = client.make_url(f"/v1/releases/{release['id']}/slots")
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:
+        async with raw.get(url, headers={"Accept-Encoding": "gzip, deflate, br"}) as r:
+            assert r.status == 200, await r.text()
+            assert (r.headers["Content-Encoding"], r.headers["Vary"]) == ("gzip", "Accept-Encoding")
+            assert r.headers["Content-Type"] == "application/json; charset=utf-8"
+            zipped = await r.read()
+        async with raw.get(url, headers={"Accept-Encoding": "identity"}) as r:
+            assert "Content-Encoding" not in r.headers
+            assert r.headers["Vary"] == "Accept-Encoding"
+            plain = await r.read()
+    assert gzip.decompress(zipped) == plain
+    assert len(json.loads(plain)["slots"]) == 120
+    assert len(zipped) * 5 < len(plain)
+
+
+@pytest.mark.parametrize(
+    ("header", "gzipped"),
+    [
+        ("gzip, deflate, br", True),
+        ("br;q=1.0, gzip;q=0.8, *;q=0.1", True),
+        ("GZIP", True),
+        ("x-gzip", True),
+        ("*", True),
+        ("deflate, *;q=0.5", True),
+        ("", False),
+        ("identity", False),
+        ("deflate, br", False),
+        ("gzip;q=0", False),
+        ("gzip;q=0.0, *", False),  # gzip named with weight 0: refused, whatever * says
+        ("*;q=0", False),
+        ("gzip;q=oops", False),
+    ],
+)
+def test_accept_encoding(header: str, gzipped: bool) -> None:
+    assert accepts_gzip(header) is gzipped
+
+
+async def test_bodies_are_compressed_once_large_enough() -> None:
+    small = await body_of(b'{"slots":[]}')
+    assert small.gzipped is None
+    record = json.dumps({"entries": [{"n": i, "status": "lost"} for i in range(5000)]}).encode()
+    assert len(record) > 64 * 1024  # compressed in a thread
+    large = await body_of(record)
+    assert large.gzipped is not None and gzip.decompress(large.gzipped) == record
