@@ -7,7 +7,8 @@
 One run measures, each against the same bare aiohttp + uvloop ceiling measured minutes before:
   1. the ceiling: a JSON hello-world aiohttp app, one uvloop process, started like the engine;
   2. slot listing, GET /v1/releases/{id}/slots (a 120-slot release, the demo's shape, and a
-     12-slot one);
+     12-slot one), asked for as a phone's browser does (Accept-Encoding: gzip), and the
+     120-slot one again by a client that does not accept gzip;
   3. holds, POST /v1/holds, each with its own pre-solved challenge (1 bit x 1 puzzle) and its
      own client address (X-Forwarded-For from a trusted 127.0.0.1);
   4. the refusal of a blocked client (its address bucket found empty), on POST /v1/challenges
@@ -115,6 +116,8 @@ HOLD_P99_GOAL_MS = 50.0
 PROFILE_TARGETS = ("hold", "open", "slots", "confirm", "blocked", "forged")
 SCENARIOS = ("slots", "hold", "forged", "confirm", "open", "floor", "blocked")
 BLOCKED_ADDRESS = "198.51.100.7"  # TEST-NET-2: the client the blocked measurements use
+# What a phone's browser asks for: listings are measured as they are sent to it (gzipped).
+BROWSER = {"Accept-Encoding": "gzip, deflate, br"}
 
 
 # Configuration --------------------------------------------------------------------------------
@@ -907,7 +910,13 @@ class Wrk:
         return path
 
     async def _run(
-        self, port: int, path: str, requests: Sequence[bytes] | None, conns: int, secs: int
+        self,
+        port: int,
+        path: str,
+        requests: Sequence[bytes] | None,
+        conns: int,
+        secs: int,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         argv = [
             self.binary,
@@ -918,6 +927,7 @@ class Wrk:
             f"{REQUEST_TIMEOUT_S:.0f}s",
             "-s",
             str(self.static if requests is None else self.listed),
+            *(f"-H{k}: {v}" for k, v in (headers or {}).items()),
             f"http://{HOST}:{port}{path}",
         ]
         if requests is not None:
@@ -937,18 +947,20 @@ class Wrk:
         duration_s: int,
         warmup_s: int,
         path: str = "/",
+        headers: dict[str, str] | None = None,
         requests: Sequence[bytes] | None = None,
         warmup_requests: Sequence[bytes] | None = None,
         on_start: Callable[[], None] | None = None,
         unique: bool = False,
     ) -> Measured:
         """One wrk run (after a warm-up run, whose numbers are dropped). ``requests`` None:
-        GET ``path``; else the raw requests, in order, wrapping around (reported)."""
+        GET ``path`` with ``headers``; else the raw requests, in order, wrapping around
+        (reported)."""
         if warmup_s > 0:
-            await self._run(port, path, warmup_requests or requests, connections, warmup_s)
+            await self._run(port, path, warmup_requests or requests, connections, warmup_s, headers)
         if on_start is not None:
             on_start()
-        r = await self._run(port, path, requests, connections, duration_s)
+        r = await self._run(port, path, requests, connections, duration_s, headers)
         secs = r["duration_us"] / 1e6
         return Measured(
             "wrk",
@@ -1260,6 +1272,7 @@ class Bench:
         pinned: bool = True,
         route: str | None = None,
         path: str = "/",
+        headers: dict[str, str] | None = None,
         requests: Sequence[bytes] | None = None,
         warmup_requests: Sequence[bytes] | None = None,
         unique: bool = False,
@@ -1274,6 +1287,7 @@ class Bench:
                 duration_s=a.duration,
                 warmup_s=a.warmup,
                 path=path,
+                headers=headers,
                 requests=requests,
                 warmup_requests=warmup_requests,
                 on_start=watch.start,
@@ -1281,7 +1295,9 @@ class Bench:
             )
         else:
             reqs = (
-                list(requests) if requests is not None else [raw_request("GET", path, server.port)]
+                list(requests)
+                if requests is not None
+                else [raw_request("GET", path, server.port, headers=headers)]
             )
             if warmup_requests is not None:
                 await closed_loop(
@@ -1461,13 +1477,21 @@ class Bench:
         rel = self.releases
         slots_route = "/v1/releases/{release}/slots"
         print("slot listing", flush=True)
-        for key, label, name in (
-            ("slots", "slot listing, 120 slots", "list120"),
-            ("slots12", "slot listing, 12 slots", "list12"),
+        for key, label, name, headers in (
+            ("slots", "slot listing, 120 slots", "list120", BROWSER),
+            ("slots12", "slot listing, 12 slots", "list12", BROWSER),
+            ("slots_plain", "slot listing, 120 slots, not gzipped", "list120", None),
         ):
             path = f"/v1/releases/{rel[name]['id']}/slots"
             await self.measure(
-                engine, key, label, f"GET {slots_route}", 200, route=slots_route, path=path
+                engine,
+                key,
+                label,
+                f"GET {slots_route}",
+                200,
+                route=slots_route,
+                path=path,
+                headers=headers,
             )
 
     async def _hold_run(self, engine: Server) -> None:
@@ -1702,6 +1726,7 @@ class Bench:
                 pinned=False,
                 route=slots_route,
                 path=path,
+                headers=BROWSER,
             )
             guess = max(a.hold_guess, self.hold_rps * 2.5)
             r = rel[f"hold_w{workers}"]
@@ -2056,6 +2081,7 @@ async def profile(args: argparse.Namespace) -> None:
                 duration_s=secs + 3,
                 warmup_s=0,
                 path=path,
+                headers=BROWSER if args.profile == "slots" else None,
                 requests=requests,
             )
         load, _ = await asyncio.gather(driver, record())

@@ -40,6 +40,7 @@ from typing import Any
 import bench
 from bench import (
     BLOCKED_ADDRESS,
+    BROWSER,
     Bench,
     Server,
     block_address,
@@ -178,7 +179,10 @@ async def count_engine(b: Bench, args: argparse.Namespace, n: int) -> dict[str, 
     rel = releases["r"]
     paths: dict[str, tuple[list[bytes], int]] = {
         "healthz": ([raw_request("GET", "/healthz", port)] * n, 200),
-        "listing": ([raw_request("GET", f"/v1/releases/{rel['id']}/slots", port)] * n, 200),
+        "listing": (
+            [raw_request("GET", f"/v1/releases/{rel['id']}/slots", port, headers=BROWSER)] * n,
+            200,
+        ),
         "hold": (b.minter.holds(port, rel["id"], rel["slots"], n)[0], 201),
         "forged": (b.minter.forged(port, rel["id"], rel["slots"], n), 403),
     }
@@ -273,7 +277,7 @@ def bench_args() -> argparse.Namespace:
 LABELS = {
     "hello": "ceiling: hello world, GET /",
     "healthz": "GET /healthz (the engine's floor)",
-    "listing": "slot listing, 120 slots (cached)",
+    "listing": "slot listing, 120 slots (cached, gzipped)",
     "floor": "floor of a hold: aiohttp + 1 Redis call (201)",
     "hold": "hold, POST /v1/holds (201)",
     "forged": "refusal: forged challenge (403)",
