@@ -350,7 +350,7 @@ class Inventory:
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
             "confirm_begin",
-            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients),
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients, k.confirms),
             (hold_id, now_ms),
         )
         return _text(reply[1]) if _text(reply[0]) == "confirming" else None
@@ -361,7 +361,7 @@ class Inventory:
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
             "confirm_done",
-            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients),
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients, k.confirms),
             (hold_id, slot_id, ref),
         )
         return _text(reply[0]) == "done"
@@ -372,7 +372,9 @@ class Inventory:
         """PostgreSQL refused this confirm: the hold is held again, unless another confirm
         of it is still under way ("confirming": that one settles it)."""
         k = ReleaseKeys.of(release_id)
-        reply = await self._call("confirm_abort", (k.holds, k.confirming, k.hold), (hold_id,))
+        reply = await self._call(
+            "confirm_abort", (k.holds, k.confirming, k.hold, k.confirms), (hold_id,)
+        )
         return _text(reply[0])  # type: ignore[return-value]
 
     async def release_hold(
@@ -398,7 +400,7 @@ class Inventory:
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
             "settle_confirm",
-            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients),
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients, k.confirms),
             (hold_id, ref or "", cutoff_ms),
         )
         return _text(reply[0])
@@ -425,7 +427,9 @@ class Inventory:
         for ref, slot_id in bookings:
             args += [ref, slot_id]
         reply = await self._call(
-            "rebuild", (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients), args
+            "rebuild",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients, k.confirms),
+            args,
         )
         return _text(reply[0]) == "rebuilt"
 

@@ -18,6 +18,7 @@ class ReleaseKeys:
     inv: str
     holds: str
     confirming: str
+    confirms: str
     hold: str
     idem: str
     booked: str
@@ -26,13 +27,14 @@ class ReleaseKeys:
     rebuild_lock: str
 
     @classmethod
-    @functools.lru_cache(maxsize=1024)  # per hold: nine strings and a frozen dataclass
+    @functools.lru_cache(maxsize=1024)  # per hold: ten strings and a frozen dataclass
     def of(cls, release_id: str) -> ReleaseKeys:
         tag = f"{PREFIX}{{r:{release_id}}}:"
         return cls(
             inv=tag + "inv",
             holds=tag + "holds",
             confirming=tag + "confirming",
+            confirms=tag + "confirms",
             hold=tag + "hold",
             idem=tag + "idem",
             booked=tag + "booked",

@@ -200,7 +200,9 @@ async def drop_holds(url: str, release_id: str) -> None:
     client = Redis.from_url(url, socket_timeout=5)
     try:
         # UNLINK frees in the background: a DEL of 20 000 holds blocks the shared Redis ~20 ms.
-        await client.unlink(k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.spent)
+        await client.unlink(
+            k.inv, k.holds, k.confirming, k.confirms, k.hold, k.idem, k.booked, k.spent
+        )
     finally:
         await client.aclose()
 

@@ -74,21 +74,13 @@ CONFIRM_ENDINGS = (  # hypothesis leans to the first: the ending that leaves the
 @dataclass
 class ModelHold:
     slot: str
-    state: str  # "h" held, "c" or "c<n>" confirming (lib.lua's letters)
+    state: str  # "h" held, "c" confirming (lib.lua's letters)
     deadline: int
     idem: str
     token: str
     client: str
-    started: int = 0  # when its latest confirm began; meaningful while confirming
-
-    @property
-    def confirms(self) -> int:
-        """How many confirms of it are under way (lib.lua's ``confirms_of``)."""
-        return 0 if self.state == "h" else int(self.state[1:] or 1)
-
-    @confirms.setter
-    def confirms(self, n: int) -> None:
-        self.state = "h" if n <= 0 else "c" if n == 1 else f"c{n}"
+    started: int = 0  # when its latest confirm began; meaningful in state "c"
+    others: int = 0  # confirms of it under way besides one (lib.lua's ``confirms`` hash)
 
     def record(self) -> str:
         return f"{self.slot}|{self.state}|{self.deadline}|{self.idem}|{self.token}|{self.client}"
@@ -254,10 +246,13 @@ class Model:
         h = self.holds.get(hold_id)
         if h is None:
             return None
-        if h.state == "h" and h.deadline <= now:
-            self._drop(hold_id)
-            return None
-        h.confirms += 1
+        if h.state == "h":
+            if h.deadline <= now:
+                self._drop(hold_id)
+                return None
+            h.state = "c"
+        else:
+            h.others += 1
         h.started = now  # a retried confirm restarts the grace period
         return h.slot
 
@@ -273,29 +268,29 @@ class Model:
         h = self.holds.get(hold_id)
         if h is None:
             return "gone"
-        h.confirms -= 1  # another confirm still under way keeps it confirming
-        if h.state != "h":
+        if h.others:  # another confirm still under way keeps it confirming
+            h.others -= 1
             return "confirming"
-        h.started = 0
+        h.state, h.started = "h", 0
         return "held"
 
     def release_hold(self, hold_id: str, now: int) -> str:
         h = self.holds.get(hold_id)
         if h is None:
             return "gone"
-        if h.state != "h":
+        if h.state == "c":
             return "confirming"
         self._drop(hold_id)
         return "gone" if h.deadline <= now else "released"
 
     def stale_confirms(self, cutoff: int) -> list[str]:
         return sorted(
-            hold_id for hold_id, h in self.holds.items() if h.state != "h" and h.started <= cutoff
+            hold_id for hold_id, h in self.holds.items() if h.state == "c" and h.started <= cutoff
         )
 
     def settle_confirm(self, hold_id: str, ref: str | None, cutoff: int) -> str:
         h = self.holds.get(hold_id)
-        if h is None or h.state == "h" or h.started > cutoff:
+        if h is None or h.state != "c" or h.started > cutoff:
             return "skipped"
         self._drop(hold_id)
         if ref is None:
@@ -350,6 +345,7 @@ class RawRedis:
     hold: dict[str, str]
     holds: dict[str, int]
     confirming: dict[str, int]
+    confirms: dict[str, str]
     idem: dict[str, str]
     spent: dict[str, int]
     clients: dict[str, str]
@@ -532,16 +528,19 @@ class InventoryMachine(RuleBasedStateMachine):
             pipe.hgetall(KEYS.hold)
             pipe.zrange(KEYS.holds, 0, -1, withscores=True)
             pipe.zrange(KEYS.confirming, 0, -1, withscores=True)
+            pipe.hgetall(KEYS.confirms)
             pipe.hgetall(KEYS.idem)
             pipe.zrange(KEYS.spent, 0, -1, withscores=True)
             pipe.hgetall(KEYS.clients)
-            inv, booked, hold, holds, confirming, idem, spent, clients = await pipe.execute()
+            replies = await pipe.execute()
+        inv, booked, hold, holds, confirming, confirms, idem, spent, clients = replies
         return RawRedis(
             _hash(inv),
             _hash(booked),
             _hash(hold),
             _zset(holds),
             _zset(confirming),
+            _hash(confirms),
             _hash(idem),
             _zset(spent),
             _hash(clients),
@@ -602,7 +601,7 @@ class InventoryMachine(RuleBasedStateMachine):
         confirming (those come first: a retry after a crash is where counting twice would
         hide). For a hold without a record the domain asks PostgreSQL only."""
         holds = self.model.holds
-        retries = newest_first(i for i, h in holds.items() if h.state != "h")
+        retries = newest_first(i for i, h in holds.items() if h.state == "c")
         firsts = newest_first(i for i, h in holds.items() if h.state == "h")
         hold_id = data.draw(st.sampled_from(retries + firsts), "hold")
         self.confirm_hold(hold_id, ending)
@@ -723,7 +722,8 @@ class InventoryMachine(RuleBasedStateMachine):
         assert raw.booked == model.booked
         assert raw.hold == {hold_id: h.record() for hold_id, h in model.holds.items()}
         assert raw.holds == {i: h.deadline for i, h in model.holds.items() if h.state == "h"}
-        assert raw.confirming == {i: h.started for i, h in model.holds.items() if h.state != "h"}
+        assert raw.confirming == {i: h.started for i, h in model.holds.items() if h.state == "c"}
+        assert raw.confirms == {i: str(h.others) for i, h in model.holds.items() if h.others}
         assert raw.idem == model.idem
         # Spent challenges may be pruned once expired, never before.
         assert raw.spent.items() <= model.spent.items()

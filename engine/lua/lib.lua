@@ -7,10 +7,10 @@
 --                    inv so that reading the inventory does not grow with live holds
 --   holds      zset  hold id -> deadline (ms since epoch); only holds in state "held"
 --   confirming zset  hold id -> time its confirm began (ms)
+--   confirms   hash  hold id -> confirms of it under way besides one (absent for one): a
+--                    second submission of a hold begun before the first ended
 --   hold       hash  hold id -> "slot|state|deadline_ms|idem_field|token_hash|client",
---                    state h (held), or c (confirming: one confirm under way) or c<n> (n
---                    confirms of the hold under way at once), client an opaque tag of the
---                    client
+--                    state h (held) or c (confirming), client an opaque tag of the client
 --   idem       hash  idempotency field -> hold id
 --   booked     hash  booking reference -> slot: the confirmed bookings Redis counts
 --   spent      zset  challenge id -> its expiry (ms); spent challenges
@@ -25,24 +25,6 @@ end
 
 local function join_hold(h)
   return table.concat({ h.slot, h.state, tostring(h.deadline), h.idem, h.token, h.client }, '|')
-end
-
--- How many confirms of the hold are under way: 0 when it is held, else what its state says.
-local function confirms_of(h)
-  if h.state == 'h' then
-    return 0
-  end
-  return tonumber(string.sub(h.state, 2)) or 1
-end
-
--- The state of a hold with `n` confirms under way.
-local function state_with(n)
-  if n <= 0 then
-    return 'h'
-  elseif n == 1 then
-    return 'c'
-  end
-  return 'c' .. n
 end
 
 -- One client's live holds in this release (the field is absent when 0).

@@ -1,16 +1,17 @@
 -- rebuild: recreate a lost release inventory from PostgreSQL's snapshot.
 -- Runs only if the inventory is still missing (another worker may have rebuilt it first).
 -- Holds are soft state: whatever is left of them is dropped; spent challenges are kept.
--- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 booked, 7 clients (see lib.lua)
+-- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 booked, 7 clients, 8 confirms
+--       (see lib.lua)
 -- ARGV: 1 number of slots n, then n times (slot id, capacity), then pairs (reference, slot id)
 --       of the active bookings
 -- Returns: {'rebuilt'} or {'present'}
 local function rebuild(keys, argv)
-  local inv, holds, confirming, hold, idem, booked, clients = unpack(keys)
+  local inv, holds, confirming, hold, idem, booked, clients, confirms = unpack(keys)
   if redis.call('EXISTS', inv) == 1 then
     return { 'present' }
   end
-  redis.call('DEL', holds, confirming, hold, idem, booked, clients)
+  redis.call('DEL', holds, confirming, hold, idem, booked, clients, confirms)
   local n = tonumber(argv[1])
   redis.call('HSET', inv, 'ready', 1)
   for i = 0, n - 1 do

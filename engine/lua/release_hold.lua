@@ -11,7 +11,7 @@ local function release_hold(keys, argv)
     return { 'gone' }
   end
   local h = split_hold(rec)
-  if h.state ~= 'h' then
+  if h.state == 'c' then
     return { 'confirming' }
   end
   drop_hold(inv, holds, confirming, hold, idem, clients, hold_id, h)
