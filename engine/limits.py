@@ -164,6 +164,23 @@ class Limiter:
         }
         self._enforce(dict(zip(takes, await self._take(list(takes.values())), strict=True)))
 
+    async def replay(self, client: Client, identity: str) -> None:
+        """Take the tokens a confirm of a hold Redis no longer has costs: the retry of a
+        booked hold, or a replay of an old hold id, each a PostgreSQL lookup. The identity's,
+        and the address's and its networks' as for a challenge; not the global confirm
+        bucket: a hold id once issued costs nothing to replay, and replays must not shed
+        people's confirms."""
+        s = self.settings
+        self.refuse_known(client)
+        takes = {
+            "identity": _take(bucket("identity", identity), s.limit_identity),
+            "address": _take(bucket("address", client.address), s.limit_address),
+            "net": _take(bucket("net", client.net), s.limit_net),
+        }
+        if client.net48:
+            takes["net48"] = _take(bucket("net48", client.net48), s.limit_net48)
+        self._enforce(dict(zip(takes, await self._take(list(takes.values())), strict=True)))
+
     async def _take(self, takes: list[Take]) -> list[Taken]:
         now_us = None if self._bucket_clock is None else int(self._bucket_clock() * 1_000_000)
         return await self.inventory.take_tokens(takes, now_us)

@@ -410,14 +410,16 @@ class Reservations:
             self.metrics.count(self.metrics.confirms, "not-found")
             raise
         who = Client.of(client)
-        # Taken for a replay too: its lookup in PostgreSQL costs about what a confirm does,
-        # and any hold id once issued can be replayed for ever.
-        await self.limiter.confirm(who, applicant.identity_hash(self.settings.secret).hex())
+        identity = applicant.identity_hash(self.settings.secret).hex()
         slot_id = None
         if record is not None:
+            await self.limiter.confirm(who, identity)
             slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
         if slot_id is None:
             # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
+            # A PostgreSQL lookup, and any hold id once issued can be replayed: limited.
+            if record is None:
+                await self.limiter.replay(who, identity)
             return await self._confirmed_before(hold_id, token)
         confirmation = await self._book(
             release, slot_id, hold_id, token, applicant, client_net=who.net

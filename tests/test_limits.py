@@ -120,9 +120,10 @@ async def test_identity_bucket_on_confirm(clean: None) -> None:
         assert (await api.confirm(holds[2], applicant(), "10.0.1.2")).status == 201
 
 
-async def test_replayed_confirms_take_the_same_tokens(clean: None) -> None:
-    """A confirm of a hold already booked is answered from PostgreSQL; that costs about what
-    a confirm does, so replays are limited like confirms."""
+async def test_replayed_confirms_are_limited(clean: None) -> None:
+    """A confirm of a hold Redis no longer has is a PostgreSQL lookup, and any hold id once
+    issued can be replayed: it takes the identity's tokens, and the address's as a challenge
+    does, but not the global confirm bucket, which replays must not drain."""
     async with engine(limit_identity=Rate(2, 7200)) as api:
         release = await api.publish([1])
         person = applicant()
@@ -132,6 +133,19 @@ async def test_replayed_confirms_take_the_same_tokens(clean: None) -> None:
         assert (booked.status, replay.status) == (201, 201)
         assert replay.body["booking"] == booked.body["booking"]
         limited(await api.confirm(hold, person, "10.0.1.1"), "identity", 3600)
+    async with engine(limit_address=Rate(3, 30)) as api:  # a challenge took one
+        release = await api.publish([1])
+        hold = (await api.hold(release["slots"][0]["id"], "10.0.2.1")).body
+        assert (await api.confirm(hold, applicant(), "10.0.2.1")).status == 201
+        for _ in range(2):
+            assert (await api.confirm(hold, applicant(), "10.0.2.1")).status == 201
+        limited(await api.confirm(hold, applicant(), "10.0.2.1"), "address", 10)
+    async with engine(limit_global_confirm=Rate(1, 5)) as api:
+        release = await api.publish([1])
+        hold = (await api.hold(release["slots"][0]["id"], "10.0.3.1")).body
+        person = applicant()
+        assert (await api.confirm(hold, person, "10.0.3.1")).status == 201
+        assert (await api.confirm(hold, person, "10.0.3.1")).status == 201
 
 
 async def test_global_buckets_shed_load(clean: None) -> None:
