@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import threading
 from typing import Any
 
 import aiohttp
@@ -98,16 +99,28 @@ async def test_listings_are_gzipped_for_clients_that_accept_it(
         ("gzip;q=0.0, *", False),  # gzip named with weight 0: refused, whatever * says
         ("*;q=0", False),
         ("gzip;q=oops", False),
+        ("gzip, " + "x" * 300, False),  # longer than any browser's: not read, plain JSON
     ],
 )
 def test_accept_encoding(header: str, gzipped: bool) -> None:
     assert accepts_gzip(header) is gzipped
 
 
-async def test_bodies_are_compressed_once_large_enough() -> None:
-    small = await body_of(b'{"slots":[]}')
-    assert small.gzipped is None
+async def test_bodies_are_compressed_once_large_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not under 1 kB; on the event loop's thread up to 64 kB; a draw record in a thread."""
+    threads: list[int] = []
+    compress = gzip.compress
+
+    def spied(data: bytes, *args: Any, **kwargs: Any) -> bytes:
+        threads.append(threading.get_ident())
+        return compress(data, *args, **kwargs)
+
+    monkeypatch.setattr(gzip, "compress", spied)
+    assert (await body_of(b'{"slots":[]}')).gzipped is None
+    assert threads == []
+    listing = json.dumps({"slots": [{"n": i, "free": 3} for i in range(200)]}).encode()
+    assert gzip.decompress((await body_of(listing)).gzipped or b"") == listing
     record = json.dumps({"entries": [{"n": i, "status": "lost"} for i in range(5000)]}).encode()
-    assert len(record) > 64 * 1024  # compressed in a thread
-    large = await body_of(record)
-    assert large.gzipped is not None and gzip.decompress(large.gzipped) == record
+    assert len(record) > 64 * 1024
+    assert gzip.decompress((await body_of(record)).gzipped or b"") == record
+    assert threads[0] == threading.get_ident() != threads[1]
