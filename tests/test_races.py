@@ -150,7 +150,8 @@ async def test_a_refused_confirm_leaves_a_concurrent_one_confirming(
         identity,
     )
     earlier = asyncio.create_task(api.confirm(held.body, person, ip(2)))
-    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    waiting = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
     while await pg.fetchval(waiting) == 0:
         assert not earlier.done()
         await asyncio.sleep(0.01)
@@ -250,7 +251,8 @@ async def test_a_snapshot_waits_for_a_capacity_change_in_progress(
         return capacities
 
     reader = asyncio.create_task(domain.store.with_snapshot(release["id"], read))
-    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    waiting = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
     while await pg.fetchval(waiting) == 0:
         assert not reader.done()
         await asyncio.sleep(0.01)
