@@ -140,7 +140,7 @@ class Limiter:
             takes["net48"] = _take(bucket("net48", client.net48), s.limit_net48)
         if client.session:
             takes["session"] = _take(bucket("session", client.session), s.limit_session)
-        taken = dict(zip(takes, await self._take(list(takes.values())), strict=True))
+        taken = await self._take_all(takes)
         try:
             self._enforce(taken)
         except (RateLimited, Overloaded):
@@ -162,7 +162,7 @@ class Limiter:
             "identity": _take(bucket("identity", identity), s.limit_identity),
             "global": _take(bucket("global", endpoint), s.limit_global_confirm),
         }
-        self._enforce(dict(zip(takes, await self._take(list(takes.values())), strict=True)))
+        self._enforce(await self._take_all(takes))
 
     async def replay(self, client: Client, identity: str) -> None:
         """Take the tokens a confirm of a hold Redis no longer has costs: the retry of a
@@ -179,11 +179,13 @@ class Limiter:
         }
         if client.net48:
             takes["net48"] = _take(bucket("net48", client.net48), s.limit_net48)
-        self._enforce(dict(zip(takes, await self._take(list(takes.values())), strict=True)))
+        self._enforce(await self._take_all(takes))
 
-    async def _take(self, takes: list[Take]) -> list[Taken]:
+    async def _take_all(self, takes: dict[str, Take]) -> dict[str, Taken]:
+        """Take every bucket of ``takes`` in one round trip; each result under its level."""
         now_us = None if self._bucket_clock is None else int(self._bucket_clock() * 1_000_000)
-        return await self.inventory.take_tokens(takes, now_us)
+        taken = await self.inventory.take_tokens(list(takes.values()), now_us)
+        return dict(zip(takes, taken, strict=True))
 
     def _enforce(self, taken: dict[str, Taken]) -> None:
         """Raise for the first empty bucket, remembering it so the next request is refused

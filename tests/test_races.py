@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from datetime import date
+from typing import Any
 
 import asyncpg
 import pytest
@@ -26,6 +27,16 @@ async def pg_slot(pg: asyncpg.Connection, slot_id: str) -> tuple[int, int, int]:
     )
     assert row is not None
     return row["capacity"], row["booked"], row["stored"]
+
+
+async def waiting_for_a_lock(pg: asyncpg.Connection, task: asyncio.Task[Any]) -> None:
+    """Return once a session of this database waits for an advisory lock (``task``'s, as it
+    has not ended: pg_locks is cluster-wide, and other suites may share the server)."""
+    waiting = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+    while await pg.fetchval(waiting) == 0:
+        assert not task.done()
+        await asyncio.sleep(0.01)
 
 
 async def test_200_concurrent_holds_on_capacity_5(api: Api, pg: asyncpg.Connection) -> None:
@@ -150,11 +161,7 @@ async def test_a_refused_confirm_leaves_a_concurrent_one_confirming(
         identity,
     )
     earlier = asyncio.create_task(api.confirm(held.body, person, ip(2)))
-    waiting = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
-    while await pg.fetchval(waiting) == 0:
-        assert not earlier.done()
-        await asyncio.sleep(0.01)
+    await waiting_for_a_lock(pg, earlier)
     later = await api.confirm(held.body, already, ip(2))
     assert (later.status, later.body["type"]) == (409, "/problems/identity-already-booked")
     record = await domain.inventory.hold_record(release["id"], held.body["hold_id"])
@@ -251,10 +258,6 @@ async def test_a_snapshot_waits_for_a_capacity_change_in_progress(
         return capacities
 
     reader = asyncio.create_task(domain.store.with_snapshot(release["id"], read))
-    waiting = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
-    while await pg.fetchval(waiting) == 0:
-        assert not reader.done()
-        await asyncio.sleep(0.01)
+    await waiting_for_a_lock(pg, reader)
     await change.commit()
     assert await reader == [(slot, 2)]
