@@ -1,9 +1,12 @@
-"""The OpenAPI 3.1 document of the API, generated from the route table and request models."""
+"""The OpenAPI 3.1 document of the API, generated from the route table and its request and reply
+models."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+from pydantic import BaseModel
 
 from engine import __version__
 from engine.errors import GuichetError
@@ -101,17 +104,15 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
     if params:
         op["parameters"] = params
     if route.body is not None:
-        schema = route.body.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[route.body.__name__] = schema
         op["requestBody"] = {
             "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {"$ref": f"#/components/schemas/{route.body.__name__}"}
-                }
-            },
+            "content": {"application/json": {"schema": _component(route.body, schemas)}},
         }
+    if route.reply is not None:
+        content: dict[str, Any] = {"application/json": {"schema": _component(route.reply, schemas)}}
+        if route.path == "/v1/admin/agenda":
+            content["text/csv"] = {"schema": {"type": "string"}}
+        op["responses"][str(route.ok)]["content"] = content
     if route.auth:
         op["security"] = [{"bearer": []}]
     for name in route.errors:
@@ -137,6 +138,15 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
             },
         )
     return op
+
+
+def _component(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, str]:
+    """A reference to ``model``'s schema, added with the models it uses to ``schemas``."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in [*schema.pop("$defs", {}).items(), (model.__name__, schema)]:
+        if schemas.setdefault(name, sub) != sub:
+            raise ValueError(f"two different schemas are named {name!r}")
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
 def document(routes: tuple[Route, ...]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydantic import BaseModel
 
-from engine import admin, handlers, ops, schemas
+from engine import admin, handlers, ops, replies, schemas
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -23,19 +23,28 @@ class Route:
     body: type[BaseModel] | None = None
     errors: tuple[str, ...] = ()
     auth: str | None = None  # "admin", "hold", "cancel"
+    reply: type[BaseModel] | None = None  # the JSON body of ``ok`` (engine/replies.py)
 
 
 _STORE = ("overloaded",)
 _ATTEMPT = ("validation-error", "rate-limited", "overloaded")
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/sites", handlers.list_sites, "Sites and their procedures", errors=_STORE),
+    Route(
+        "GET",
+        "/v1/sites",
+        handlers.list_sites,
+        "Sites and their procedures",
+        errors=_STORE,
+        reply=replies.Sites,
+    ),
     Route(
         "GET",
         "/v1/releases",
         handlers.list_releases,
         "Releases whose slots have not all started",
         errors=("validation-error", *_STORE),
+        reply=replies.Releases,
     ),
     Route(
         "GET",
@@ -43,6 +52,7 @@ ROUTES: tuple[Route, ...] = (
         handlers.list_slots,
         "Slots of a release with their free places",
         errors=("not-found", *_STORE),
+        reply=replies.Slots,
     ),
     Route(
         "POST",
@@ -52,6 +62,7 @@ ROUTES: tuple[Route, ...] = (
         201,
         schemas.ChallengeRequest,
         ("not-found", "not-open", *_ATTEMPT),
+        reply=replies.Challenge,
     ),
     Route(
         "POST",
@@ -61,6 +72,7 @@ ROUTES: tuple[Route, ...] = (
         201,
         schemas.HoldRequest,
         ("pow-invalid", "not-found", "slot-full", "not-open", "challenge-expired", *_ATTEMPT),
+        reply=replies.Hold,
     ),
     Route(
         "POST",
@@ -71,6 +83,7 @@ ROUTES: tuple[Route, ...] = (
         schemas.ConfirmRequest,
         ("unauthorized", "not-found", "hold-expired", "identity-already-booked", *_ATTEMPT),
         auth="hold",
+        reply=replies.Confirmed,
     ),
     Route(
         "DELETE",
@@ -88,6 +101,7 @@ ROUTES: tuple[Route, ...] = (
         "Read a booking",
         errors=("unauthorized", "not-found", *_STORE),
         auth="cancel",
+        reply=replies.BookingOnly,
     ),
     Route(
         "DELETE",
@@ -106,6 +120,7 @@ ROUTES: tuple[Route, ...] = (
         body=schemas.SiteIn,
         errors=("unauthorized", "validation-error", *_STORE),
         auth="admin",
+        reply=replies.SiteSaved,
     ),
     Route(
         "POST",
@@ -116,6 +131,7 @@ ROUTES: tuple[Route, ...] = (
         schemas.ReleaseIn,
         ("unauthorized", "validation-error", "not-found", *_STORE),
         auth="admin",
+        reply=replies.ReleaseSaved,
     ),
     Route(
         "PATCH",
@@ -125,6 +141,7 @@ ROUTES: tuple[Route, ...] = (
         body=schemas.ReleasePatch,
         errors=("unauthorized", "validation-error", "not-found", *_STORE),
         auth="admin",
+        reply=replies.ReleaseSaved,
     ),
     Route(
         "POST",
@@ -143,6 +160,7 @@ ROUTES: tuple[Route, ...] = (
             *_STORE,
         ),
         auth="admin",
+        reply=replies.Confirmed,
     ),
     Route(
         "GET",
@@ -151,6 +169,7 @@ ROUTES: tuple[Route, ...] = (
         "A site's confirmed bookings of one day",
         errors=("unauthorized", "validation-error", "not-found", "not-acceptable", *_STORE),
         auth="admin",
+        reply=replies.Agenda,
     ),
     Route(
         "POST",
@@ -167,6 +186,7 @@ ROUTES: tuple[Route, ...] = (
             "challenge-expired",
             *_ATTEMPT,
         ),
+        reply=replies.Entry,
     ),
     Route(
         "GET",
@@ -175,6 +195,7 @@ ROUTES: tuple[Route, ...] = (
         "An entry's status, and its booking once won",
         errors=("unauthorized", "not-found", *_STORE),
         auth="entry",
+        reply=replies.EntryStatus,
     ),
     Route(
         "DELETE",
@@ -191,6 +212,7 @@ ROUTES: tuple[Route, ...] = (
         handlers.get_draw,
         "The public record of a draw, to re-check it",
         errors=("not-found", "not-open", *_STORE),
+        reply=replies.DrawRecord,
     ),
     Route(
         "PUT",
@@ -200,6 +222,7 @@ ROUTES: tuple[Route, ...] = (
         body=schemas.BeaconIn,
         errors=("unauthorized", "validation-error", "not-found", "not-open", *_STORE),
         auth="admin",
+        reply=replies.Beacon,
     ),
     Route(
         "GET",
@@ -208,9 +231,17 @@ ROUTES: tuple[Route, ...] = (
         "How online bookings spread over client networks",
         errors=("unauthorized", "not-found", *_STORE),
         auth="admin",
+        reply=replies.Fairness,
     ),
-    Route("GET", "/healthz", ops.healthz, "The process runs"),
-    Route("GET", "/readyz", ops.readyz, "PostgreSQL and Redis answer", errors=_STORE),
+    Route("GET", "/healthz", ops.healthz, "The process runs", reply=replies.Health),
+    Route(
+        "GET",
+        "/readyz",
+        ops.readyz,
+        "PostgreSQL and Redis answer",
+        errors=_STORE,
+        reply=replies.Ready,
+    ),
     Route("GET", "/metrics", ops.metrics, "Prometheus metrics of the whole engine"),
     Route("GET", "/openapi.json", ops.openapi, "This contract as OpenAPI 3.1"),
 )

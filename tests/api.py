@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from aiohttp.test_utils import TestClient
 
 from engine.pow import solve
+from tests.contract import check_reply
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -69,6 +70,7 @@ class Api:
             body: Any = text
             if "json" in ctype and text:
                 body = await r.json(content_type=None)
+            check_reply(method, path, r.status, ctype, body)
             return Reply(r.status, body, r.headers)
 
     # Staff --------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ import pytest
 from openapi_spec_validator import validate
 
 import engine.settings
+from engine.openapi import document
+from engine.routes import ROUTES
 from engine.settings import KNOWN_VARIABLES, ConfigError, Settings, unknown_variables
 from tests.api import Api
+from tests.contract import check_reply
 
 API_MD_ROUTES = {
     ("get", "/v1/sites"),
@@ -46,6 +49,44 @@ async def test_openapi_document(api: Api) -> None:
     assert served >= API_MD_ROUTES
     hold = r.body["paths"]["/v1/holds"]["post"]
     assert {"201", "403", "404", "409", "410", "429", "503", "413"} <= set(hold["responses"])
+
+
+def test_every_json_reply_has_its_schema() -> None:
+    """Each operation's success is documented with the schema of its body (engine/replies.py),
+    except the ones whose body is not one of ours to describe."""
+    doc = document(ROUTES)
+    undescribed = {("get", "/metrics"), ("get", "/openapi.json")}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            [ok] = [status for status in op["responses"] if status.startswith("2")]
+            content = op["responses"][ok].get("content")
+            if ok == "204" or (method, path) in undescribed:
+                assert content is None, (method, path)
+            else:
+                assert "$ref" in content["application/json"]["schema"], (method, path)
+
+
+async def test_a_reply_unlike_its_schema_fails_the_tests(api: Api) -> None:
+    """``Api.call`` checks every 2xx reply against the document: a reply with a missing
+    field, an extra field, a wrong type or a status other than the documented one fails."""
+    await api.site()
+    release = await api.publish([1])
+    slot = release["slots"][0]["id"]
+    hold = (await api.hold(slot)).body
+    check_reply("POST", "/v1/holds", 201, "application/json", hold)
+    wrong = [
+        {k: v for k, v in hold.items() if k != "hold_token"},
+        {**hold, "debug": "x"},
+        {**hold, "slot": {**hold["slot"], "duration_minutes": "15"}},
+        {**hold, "expires_at": "tomorrow"},
+    ]
+    for body in wrong:
+        with pytest.raises(AssertionError, match="not as documented"):
+            check_reply("POST", "/v1/holds", 201, "application/json", body)
+    with pytest.raises(AssertionError, match="not a documented status"):
+        check_reply("POST", "/v1/holds", 200, "application/json", hold)
+    with pytest.raises(AssertionError, match=r"not in /openapi\.json"):
+        check_reply("GET", "/v1/holds", 200, "application/json", hold)
 
 
 async def test_ops_endpoints(api: Api) -> None:

@@ -1,0 +1,213 @@
+"""The JSON shapes of successful replies, as API.md states them, for ``/openapi.json``.
+
+The handlers build their replies as plain dictionaries (``engine.render``) and serialise them
+with orjson: validating each reply against a model would cost every request. These models
+exist for the document only, so that the public site's developers can generate their
+clients from it, and so that the tests check every reply against it (``tests/contract.py``
+for every reply of every test, ``tests/test_fuzz.py`` through schemathesis).
+
+The document leaves each object open to other fields, as API.md allows new ones (a client
+must ignore what it does not know). The tests close them: a field the handlers add must be
+named here first, or every test that receives it fails.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Reply(BaseModel):
+    pass
+
+
+# A time in the site's time zone, with its offset (RFC 3339), as ``render.local`` writes it.
+Moment = datetime
+
+
+class Procedure(Reply):
+    id: str
+    name: str
+
+
+class Site(Reply):
+    id: str
+    name: str
+    timezone: str
+    procedures: list[Procedure]
+
+
+class Sites(Reply):
+    sites: list[Site]
+
+
+class Release(Reply):
+    """An ``fcfs`` release has ``opens_at``; a ``draw`` release its three windows and its
+    seed commitment, and, once registration closed, the digest of its entries."""
+
+    id: str
+    site: str
+    procedure: str
+    mode: Literal["fcfs", "draw"]
+    opens_at: Moment | None = None
+    registration_opens_at: Moment | None = None
+    registration_closes_at: Moment | None = None
+    draw_at: Moment | None = None
+    seed_commitment: str | None = None
+    entries_digest: str | None = None
+    slots_total: int = Field(ge=0)
+
+
+class Releases(Reply):
+    releases: list[Release]
+
+
+class Slot(Reply):
+    id: str
+    starts_at: Moment
+    duration_minutes: int
+
+
+class FreeSlot(Slot):
+    free: int = Field(ge=0)
+
+
+class Slots(Reply):
+    slots: list[FreeSlot]
+
+
+class Challenge(Reply):
+    challenge: str
+    algorithm: Literal["sha256-leading-zero-bits"]
+    difficulty: int = Field(ge=0)
+    puzzles: int = Field(ge=1)
+    expires_at: Moment
+    session: str
+
+
+class Hold(Reply):
+    hold_id: str
+    hold_token: str
+    expires_at: Moment
+    slot: Slot
+
+
+class Person(Reply):
+    family_name: str
+    given_names: str
+
+
+class Booking(Reply):
+    reference: str
+    status: Literal["confirmed", "cancelled"]
+    slot: Slot
+    applicant: Person
+
+
+class BookingOnly(Reply):
+    booking: Booking
+
+
+class Confirmed(Reply):
+    booking: Booking
+    cancel_token: str
+
+
+class Entry(Reply):
+    entry_id: str
+    entry_token: str
+    status: Literal["registered"]
+
+
+class EntryStatus(Reply):
+    """``excluded``: withdrawn by the draw, this person having booked otherwise."""
+
+    status: Literal["registered", "won", "not-drawn", "withdrawn"]
+    excluded: bool | None = None
+    booking: Booking | None = None
+    cancel_token: str | None = None
+
+
+class DrawPlaces(Reply):
+    slot: str
+    starts_at: str
+    count: int
+
+
+class DrawRecord(Reply):
+    """The public record of a draw (docs/draw.md)."""
+
+    version: str
+    release: str
+    seed_commitment: str
+    seed: str
+    beacon: str
+    entries: list[str]
+    entries_digest: str
+    places: list[DrawPlaces]
+    excluded: list[str] = []  # entry digests the draw withdrew (their person had booked)
+    allocation: dict[str, str]
+    drawn_at: str
+
+
+class SiteSaved(Reply):
+    site: Site
+
+
+class StaffSlot(Slot):
+    capacity: int = Field(ge=0)
+
+
+class StaffRelease(Release):
+    slots: list[StaffSlot]
+
+
+class ReleaseSaved(Reply):
+    release: StaffRelease
+
+
+class Beacon(Reply):
+    beacon: str
+
+
+class Network(Reply):
+    network: str
+    bookings: int
+    share: float
+
+
+class Fairness(Reply):
+    bookings: int
+    networks: int
+    busiest_share: float
+    busiest: list[Network]
+
+
+class AgendaRow(Reply):
+    starts_at: Moment
+    duration_minutes: int
+    reference: str
+    family_name: str
+    given_names: str
+    birth_date: date
+    procedure: str
+    channel: Literal["online", "staff", "draw"]
+    slot_id: str
+
+
+class Agenda(Reply):
+    site: str
+    date: date
+    bookings: list[AgendaRow]
+
+
+class Health(Reply):
+    status: Literal["ok"]
+
+
+class Ready(Reply):
+    status: Literal["ready"]
+    postgresql: Literal["ok"]
+    redis: Literal["ok"]
