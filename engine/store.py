@@ -55,6 +55,12 @@ _BOOKING_FROM = """bookings b JOIN slots s ON s.id = b.slot_id
 
 # Staff's capacity change takes this lock, and every write of capacities to Redis from a
 # snapshot shares it (Store.patch_release, Store.with_snapshot).
+# A booking b is a person's active one while confirmed and its appointment is not over, by
+# PostgreSQL's clock, as in book_hold (sql/009_past_appointments.sql).
+_ENDS = """(SELECT s.starts_at + make_interval(mins => s.duration_minutes)
+             FROM slots s WHERE s.id = b.slot_id)"""
+_OVER = f"{_ENDS} <= now()"
+_ACTIVE = f"b.status = 'confirmed' AND {_ENDS} > now()"
 _CAPACITY_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $1, 0))"
 _CAPACITY_LOCK_SHARED = (
     "SELECT pg_advisory_xact_lock_shared(hashtextextended('capacity:' || $1, 0))"
@@ -581,8 +587,8 @@ class Store:
         async with self._transaction() as conn:
             await _require_unfrozen(conn, release.id)
             booked = await conn.fetchval(
-                """SELECT 1 FROM bookings WHERE procedure_id = $1 AND identity_hash = $2
-                   AND status = 'confirmed'""",
+                f"""SELECT 1 FROM bookings b
+                    WHERE b.procedure_id = $1 AND b.identity_hash = $2 AND {_ACTIVE}""",  # noqa: S608 (constants)
                 release.procedure_id,
                 identity_hash,
             )
@@ -717,10 +723,10 @@ class Store:
                 timeout=DRAW_TIMEOUT_S,
             )
             entries = await conn.fetch(
-                """SELECT e.*, EXISTS (SELECT 1 FROM bookings b
-                       WHERE b.procedure_id = e.procedure_id AND b.identity_hash = e.identity_hash
-                         AND b.status = 'confirmed') AS booked
-                   FROM entries e WHERE e.release_id = $1 AND e.status = 'registered'""",
+                f"""SELECT e.*, EXISTS (SELECT 1 FROM bookings b
+                        WHERE b.procedure_id = e.procedure_id
+                          AND b.identity_hash = e.identity_hash AND {_ACTIVE}) AS booked
+                    FROM entries e WHERE e.release_id = $1 AND e.status = 'registered'""",  # noqa: S608 (constants)
                 release_id,
                 timeout=DRAW_TIMEOUT_S,
             )
@@ -761,6 +767,16 @@ class Store:
             slot_release = {p["id"]: p["release_id"] for p in places_rows}
             winners = [(by_digest[d], slot) for d, slot in record["allocation"].items()]
             refs = [new_ref() for _ in winners]
+            # The winners' appointments of the procedure that are over leave the unique index
+            # of active bookings, as book_hold does (sql/009_past_appointments.sql).
+            await conn.execute(
+                f"""UPDATE bookings b SET retired_at = now()
+                    WHERE b.procedure_id = $1 AND b.identity_hash = ANY($2::bytea[])
+                      AND b.status = 'confirmed' AND b.retired_at IS NULL AND {_OVER}""",  # noqa: S608 (constants)
+                rel["procedure_id"],
+                [e["identity_hash"] for e, _ in winners],
+                timeout=DRAW_TIMEOUT_S,
+            )
             await conn.execute(
                 """INSERT INTO bookings (reference, slot_id, release_id, procedure_id, channel,
                        entry_id, identity_hash, email_hash, family_name, given_names,

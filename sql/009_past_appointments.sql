@@ -1,0 +1,124 @@
+-- An appointment that is over no longer counts as the person's active booking.
+--
+-- DESIGN.md: "one active booking per person per procedure". Until now a confirmed booking
+-- counted as active for ever: its row stayed in the unique index on (procedure, identity)
+-- and in the email cap, so a person who had been to the prefecture once could never book
+-- the same procedure again (a residence permit is renewed every one to four years), and a
+-- household sharing an email was capped for life. A booking's status stays 'confirmed'
+-- (the API and the agenda show it so); what changes is what "active" means: confirmed, and
+-- its appointment not yet over (the slot's start plus its duration, by PostgreSQL's clock).
+--
+-- The unique index cannot read the clock, so it covers confirmed bookings not yet
+-- `retired_at`. book_hold retires the person's appointments of the procedure that are over
+-- under their identity lock, just before it books (a draw does the same for its winners,
+-- engine/store.py), so the index refuses exactly a second *active* booking. Nothing else
+-- reads retired_at: the email cap and the draw's checks ask the slot's end directly.
+-- The rest of book_hold is 008's (CREATE OR REPLACE restates it whole).
+-- The new index is built before the old one is dropped, as in 008: writes to bookings wait
+-- for the build, reads do not, and a lock not granted within 2 s fails the migration.
+SET LOCAL lock_timeout = '2s';
+ALTER TABLE bookings ADD COLUMN retired_at timestamptz;
+CREATE UNIQUE INDEX bookings_one_active_per_identity_new
+    ON bookings (procedure_id, identity_hash) WHERE status = 'confirmed' AND retired_at IS NULL;
+DROP INDEX bookings_one_active_per_identity;
+ALTER INDEX bookings_one_active_per_identity_new RENAME TO bookings_one_active_per_identity;
+
+CREATE OR REPLACE FUNCTION book_hold(
+    p_reference text, p_slot_id text, p_release_id text, p_procedure_id text,
+    p_channel text, p_hold_id text, p_hold_token_hash bytea, p_identity_hash bytea,
+    p_email_hash bytea, p_family_name text, p_given_names text, p_birth_date date,
+    p_cancel_token_hash bytea, p_client_net text,
+    p_period interval, p_max_bookings integer, p_max_cancellations integer,
+    p_max_active_per_email integer,
+    OUT reference text, OUT status text, OUT release_id text, OUT slot_id text,
+    OUT starts_at timestamptz, OUT duration_minutes integer, OUT family_name text,
+    OUT given_names text, OUT birth_date date, OUT channel text, OUT hold_token_hash bytea,
+    OUT cancel_token_hash bytea, OUT mode text, OUT timezone text,
+    OUT outcome text, OUT limit_count bigint, OUT wait_s double precision
+) LANGUAGE plpgsql
+SET plan_cache_mode = auto
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_reference text;
+    v_first timestamptz;
+    v_first_cancelled timestamptz;
+    v_booked bigint;
+    v_cancelled bigint;
+BEGIN
+    SELECT b.reference INTO v_reference FROM bookings b WHERE b.hold_id = p_hold_id;
+    IF v_reference IS NULL THEN
+        -- The locks serialise the confirms of one identity, and of one email, so that two
+        -- concurrent ones cannot both pass the caps.
+        PERFORM pg_advisory_xact_lock(
+            ('x' || substr(encode(p_identity_hash, 'hex'), 1, 15))::bit(60)::bigint);
+        PERFORM pg_advisory_xact_lock(
+            ('x' || substr(encode(p_email_hash, 'hex'), 1, 15))::bit(60)::bigint);
+        -- This person's appointments of the procedure that are over no longer count as
+        -- their active booking: out of the unique index, so that they can book again.
+        -- (Each booking's slot is read by a subquery, not a join: a plan kept from an empty
+        -- table could start from the slot and read every booking of it.)
+        UPDATE bookings b SET retired_at = now()
+         WHERE b.procedure_id = p_procedure_id AND b.identity_hash = p_identity_hash
+           AND b.status = 'confirmed' AND b.retired_at IS NULL
+           AND (SELECT s.starts_at + make_interval(mins => s.duration_minutes)
+                  FROM slots s WHERE s.id = b.slot_id) <= now();
+        SELECT count(*) FILTER (WHERE b.created_at > now() - p_period),
+               min(b.created_at) FILTER (WHERE b.created_at > now() - p_period),
+               count(*) FILTER (WHERE b.cancelled_at > now() - p_period),
+               min(b.cancelled_at) FILTER (WHERE b.cancelled_at > now() - p_period)
+          INTO v_booked, v_first, v_cancelled, v_first_cancelled
+          FROM bookings b WHERE b.identity_hash = p_identity_hash;
+        IF v_booked >= p_max_bookings THEN
+            outcome := 'identity-bookings';
+            limit_count := v_booked;
+            wait_s := extract(epoch FROM v_first + p_period - now());
+            RETURN;
+        END IF;
+        IF v_cancelled >= p_max_cancellations THEN
+            outcome := 'identity-cancellations';
+            limit_count := v_cancelled;
+            wait_s := extract(epoch FROM v_first_cancelled + p_period - now());
+            RETURN;
+        END IF;
+        -- Through bookings_active_by_email, by the plan kept (008's header); appointments
+        -- that are over do not count.
+        SELECT count(*) INTO limit_count FROM bookings b
+         WHERE b.email_hash = p_email_hash AND b.cancelled_at IS NULL
+           AND (SELECT s.starts_at + make_interval(mins => s.duration_minutes)
+                  FROM slots s WHERE s.id = b.slot_id) > now();
+        IF limit_count >= p_max_active_per_email THEN
+            outcome := 'email';
+            RETURN;
+        END IF;
+        limit_count := NULL;
+        INSERT INTO bookings (reference, slot_id, release_id, procedure_id, channel, hold_id,
+                              hold_token_hash, identity_hash, email_hash, family_name,
+                              given_names, birth_date, cancel_token_hash, client_net)
+        VALUES (p_reference, p_slot_id, p_release_id, p_procedure_id, p_channel, p_hold_id,
+                p_hold_token_hash, p_identity_hash, p_email_hash, p_family_name,
+                p_given_names, p_birth_date, p_cancel_token_hash, p_client_net)
+        ON CONFLICT (hold_id) DO NOTHING
+        RETURNING bookings.reference INTO v_reference;
+        IF v_reference IS NOT NULL THEN
+            outcome := 'booked';
+            INSERT INTO audit_log (actor, action, subject, detail)
+            VALUES (p_channel, 'booking.confirm', v_reference,
+                    jsonb_build_object('slot', p_slot_id, 'hold', p_hold_id));
+        ELSE
+            -- A concurrent retry of this confirm inserted first.
+            SELECT b.reference INTO v_reference FROM bookings b WHERE b.hold_id = p_hold_id;
+        END IF;
+    END IF;
+    outcome := coalesce(outcome, 'existing');
+    SELECT b.reference, b.status, b.release_id, b.slot_id, s.starts_at, s.duration_minutes,
+           b.family_name, b.given_names, b.birth_date, b.channel, b.hold_token_hash,
+           b.cancel_token_hash, r.mode, st.timezone
+      INTO reference, status, release_id, slot_id, starts_at, duration_minutes, family_name,
+           given_names, birth_date, channel, hold_token_hash, cancel_token_hash, mode,
+           timezone
+      FROM bookings b JOIN slots s ON s.id = b.slot_id
+      JOIN releases r ON r.id = b.release_id JOIN sites st ON st.id = r.site_id
+     WHERE b.reference = v_reference;
+END $$;
