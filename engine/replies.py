@@ -132,7 +132,7 @@ class EntryStatus(Reply):
 
 class DrawPlaces(Reply):
     slot: str
-    starts_at: str
+    starts_at: Moment
     count: int
 
 
@@ -147,9 +147,11 @@ class DrawRecord(Reply):
     entries: list[str]
     entries_digest: str
     places: list[DrawPlaces]
-    excluded: list[str] = []  # entry digests the draw withdrew (their person had booked)
+    # Entry digests the draw withdrew, their person having booked otherwise; absent from
+    # the records of draws run before it was (sql/007_entry_excluded.sql).
+    excluded: list[str] = []
     allocation: dict[str, str]
-    drawn_at: str
+    drawn_at: Moment
 
 
 class SiteSaved(Reply):

@@ -53,14 +53,17 @@ _BOOKING_FROM = """bookings b JOIN slots s ON s.id = b.slot_id
     JOIN releases r ON r.id = b.release_id JOIN sites st ON st.id = r.site_id"""
 
 
-# Staff's capacity change takes this lock, and every write of capacities to Redis from a
-# snapshot shares it (Store.patch_release, Store.with_snapshot).
 # A booking b is a person's active one while confirmed and its appointment is not over, by
-# PostgreSQL's clock, as in book_hold (sql/009_past_appointments.sql).
+# PostgreSQL's clock, as in book_hold (sql/010_past_appointments.sql). A booking is retired
+# only once it is over, so "not retired" is part of "active": it lets a query use the unique
+# index of active bookings.
 _ENDS = """(SELECT s.starts_at + make_interval(mins => s.duration_minutes)
              FROM slots s WHERE s.id = b.slot_id)"""
 _OVER = f"{_ENDS} <= now()"
-_ACTIVE = f"b.status = 'confirmed' AND {_ENDS} > now()"
+_ACTIVE = f"b.status = 'confirmed' AND b.retired_at IS NULL AND {_ENDS} > now()"
+
+# Staff's capacity change takes this lock, and every write of capacities to Redis from a
+# snapshot shares it (Store.patch_release, Store.with_snapshot).
 _CAPACITY_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $1, 0))"
 _CAPACITY_LOCK_SHARED = (
     "SELECT pg_advisory_xact_lock_shared(hashtextextended('capacity:' || $1, 0))"
@@ -768,7 +771,7 @@ class Store:
             winners = [(by_digest[d], slot) for d, slot in record["allocation"].items()]
             refs = [new_ref() for _ in winners]
             # The winners' appointments of the procedure that are over leave the unique index
-            # of active bookings, as book_hold does (sql/009_past_appointments.sql).
+            # of active bookings, as book_hold does (sql/010_past_appointments.sql).
             await conn.execute(
                 f"""UPDATE bookings b SET retired_at = now()
                     WHERE b.procedure_id = $1 AND b.identity_hash = ANY($2::bytea[])

@@ -76,8 +76,19 @@ def check_reply(method: str, path: str, status: int, content_type: str, body: An
         f"{method} {op.template} answered {status}, not a documented status "
         f"({', '.join(op.responses)})"
     )
+    if status == 204:
+        assert body in ("", None), f"{method} {op.template} answered 204 with a body"
+        return
+    documented = op.responses[str(status)].get("content")
+    if documented is None:
+        return  # /metrics, /openapi.json: bodies not ours to describe
+    media_type = content_type.partition(";")[0].strip()
+    assert media_type in documented, (
+        f"{method} {op.template} answered {status} as {media_type!r}, not as "
+        f"{' or '.join(documented)}"
+    )
     validator = _validator(op.template, method, str(status))
-    if validator is None or "json" not in content_type:
+    if validator is None or media_type != "application/json":
         return
     errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
     assert not errors, f"{method} {op.template} {status}: the reply is not as documented: " + (

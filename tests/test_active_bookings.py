@@ -1,4 +1,5 @@
-"""A booking is a person's active one until its appointment is over (sql/009).
+"""A booking is a person's active one until its appointment is over
+(sql/009_retired_at.sql, sql/010_past_appointments.sql).
 
 DESIGN.md allows one active booking per person per procedure. A residence permit is renewed
 every one to four years, and a person told to come back with a missing paper must book

@@ -8,20 +8,33 @@
 -- (the API and the agenda show it so); what changes is what "active" means: confirmed, and
 -- its appointment not yet over (the slot's start plus its duration, by PostgreSQL's clock).
 --
--- The unique index cannot read the clock, so it covers confirmed bookings not yet
--- `retired_at`. book_hold retires the person's appointments of the procedure that are over
--- under their identity lock, just before it books (a draw does the same for its winners,
--- engine/store.py), so the index refuses exactly a second *active* booking. Nothing else
--- reads retired_at: the email cap and the draw's checks ask the slot's end directly.
+-- The indexes cannot read the clock, so they leave out the bookings `retired_at` (009):
+-- the unique index on (procedure, identity) covers confirmed bookings not retired, and the
+-- email cap's index bookings not cancelled and not retired. book_hold, under the person's
+-- identity and email locks and before it books, retires their appointments of the
+-- procedure that are over when they have one not retired, and those of their email address
+-- when it reaches the cap (a draw retires its winners' before it books them,
+-- engine/store.py). So the unique index refuses exactly a second *active* booking, the
+-- email cap counts exactly the active ones, and a booking costs no more statements than
+-- before unless the person has booked the procedure before or the address is at its cap.
+-- The email index then holds at most the cap's number of bookings of one address.
+-- A booking is retired only once it is over, so "not retired" is part of every check of
+-- "active" (engine/store.py), which also asks the slot's end: an appointment over but not
+-- yet retired is not active either.
+-- Each booking's slot is read by a subquery, not a join: a plan kept from an empty table
+-- could start from the slot and read every booking of it.
 -- The rest of book_hold is 008's (CREATE OR REPLACE restates it whole).
--- The new index is built before the old one is dropped, as in 008: writes to bookings wait
--- for the build, reads do not, and a lock not granted within 2 s fails the migration.
+-- The new indexes are built before the old ones are dropped, as in 008: writes to
+-- bookings wait for the builds, reads do not (the drops lock the table, at the end, for an
+-- instant), and a lock not granted within 2 s fails the migration.
 SET LOCAL lock_timeout = '2s';
-ALTER TABLE bookings ADD COLUMN retired_at timestamptz;
 CREATE UNIQUE INDEX bookings_one_active_per_identity_new
     ON bookings (procedure_id, identity_hash) WHERE status = 'confirmed' AND retired_at IS NULL;
-DROP INDEX bookings_one_active_per_identity;
+CREATE INDEX bookings_active_by_email_new
+    ON bookings (email_hash) WHERE cancelled_at IS NULL AND retired_at IS NULL;
+DROP INDEX bookings_one_active_per_identity, bookings_active_by_email;
 ALTER INDEX bookings_one_active_per_identity_new RENAME TO bookings_one_active_per_identity;
+ALTER INDEX bookings_active_by_email_new RENAME TO bookings_active_by_email;
 
 CREATE OR REPLACE FUNCTION book_hold(
     p_reference text, p_slot_id text, p_release_id text, p_procedure_id text,
@@ -46,6 +59,7 @@ DECLARE
     v_first_cancelled timestamptz;
     v_booked bigint;
     v_cancelled bigint;
+    v_unretired bigint;
 BEGIN
     SELECT b.reference INTO v_reference FROM bookings b WHERE b.hold_id = p_hold_id;
     IF v_reference IS NULL THEN
@@ -55,21 +69,23 @@ BEGIN
             ('x' || substr(encode(p_identity_hash, 'hex'), 1, 15))::bit(60)::bigint);
         PERFORM pg_advisory_xact_lock(
             ('x' || substr(encode(p_email_hash, 'hex'), 1, 15))::bit(60)::bigint);
-        -- This person's appointments of the procedure that are over no longer count as
-        -- their active booking: out of the unique index, so that they can book again.
-        -- (Each booking's slot is read by a subquery, not a join: a plan kept from an empty
-        -- table could start from the slot and read every booking of it.)
-        UPDATE bookings b SET retired_at = now()
-         WHERE b.procedure_id = p_procedure_id AND b.identity_hash = p_identity_hash
-           AND b.status = 'confirmed' AND b.retired_at IS NULL
-           AND (SELECT s.starts_at + make_interval(mins => s.duration_minutes)
-                  FROM slots s WHERE s.id = b.slot_id) <= now();
         SELECT count(*) FILTER (WHERE b.created_at > now() - p_period),
                min(b.created_at) FILTER (WHERE b.created_at > now() - p_period),
                count(*) FILTER (WHERE b.cancelled_at > now() - p_period),
-               min(b.cancelled_at) FILTER (WHERE b.cancelled_at > now() - p_period)
-          INTO v_booked, v_first, v_cancelled, v_first_cancelled
+               min(b.cancelled_at) FILTER (WHERE b.cancelled_at > now() - p_period),
+               count(*) FILTER (WHERE b.procedure_id = p_procedure_id
+                                  AND b.status = 'confirmed' AND b.retired_at IS NULL)
+          INTO v_booked, v_first, v_cancelled, v_first_cancelled, v_unretired
           FROM bookings b WHERE b.identity_hash = p_identity_hash;
+        IF v_unretired > 0 THEN
+            -- This person's appointments of the procedure that are over no longer count
+            -- (header). Only asked when they have one not retired: most people have none.
+            UPDATE bookings b SET retired_at = now()
+             WHERE b.procedure_id = p_procedure_id AND b.identity_hash = p_identity_hash
+               AND b.status = 'confirmed' AND b.retired_at IS NULL
+               AND (SELECT s.starts_at + make_interval(mins => s.duration_minutes)
+                      FROM slots s WHERE s.id = b.slot_id) <= now();
+        END IF;
         IF v_booked >= p_max_bookings THEN
             outcome := 'identity-bookings';
             limit_count := v_booked;
@@ -82,12 +98,21 @@ BEGIN
             wait_s := extract(epoch FROM v_first_cancelled + p_period - now());
             RETURN;
         END IF;
-        -- Through bookings_active_by_email, by the plan kept (008's header); appointments
-        -- that are over do not count.
+        -- Through bookings_active_by_email alone, by the plan kept (008's header): this
+        -- address's bookings not retired. At the cap, those over are retired (header) and
+        -- the rest counted again: only then is it worth the statements.
         SELECT count(*) INTO limit_count FROM bookings b
-         WHERE b.email_hash = p_email_hash AND b.cancelled_at IS NULL
-           AND (SELECT s.starts_at + make_interval(mins => s.duration_minutes)
-                  FROM slots s WHERE s.id = b.slot_id) > now();
+         WHERE b.email_hash = p_email_hash AND b.cancelled_at IS NULL AND b.retired_at IS NULL;
+        IF limit_count >= p_max_active_per_email THEN
+            UPDATE bookings b SET retired_at = now()
+             WHERE b.email_hash = p_email_hash AND b.cancelled_at IS NULL
+               AND b.retired_at IS NULL
+               AND (SELECT s.starts_at + make_interval(mins => s.duration_minutes)
+                      FROM slots s WHERE s.id = b.slot_id) <= now();
+            SELECT count(*) INTO limit_count FROM bookings b
+             WHERE b.email_hash = p_email_hash AND b.cancelled_at IS NULL
+               AND b.retired_at IS NULL;
+        END IF;
         IF limit_count >= p_max_active_per_email THEN
             outcome := 'email';
             RETURN;
