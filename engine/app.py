@@ -30,7 +30,9 @@ from engine.appkeys import (
     SETTINGS,
 )
 from engine.autopipeline import AutoPipeline
+from engine.errors import SchemaBehind, StoreUnavailable
 from engine.inventory import AnyRedis, Inventory, Pipelining
+from engine.logs import log
 from engine.lottery import Lottery
 from engine.metrics import Metrics
 from engine.multiplex import Multiplexed
@@ -119,6 +121,13 @@ def create_app(
         with contextlib.suppress(Exception):
             # Functions are also loaded on first use, so a Redis that is down now is fine.
             await inventory.load()
+        try:
+            await store.ping()
+        except SchemaBehind as exc:
+            # Served all the same (an older schema may be on its way up), but not ready.
+            log.error("schema_behind", applied=exc.applied, needed=exc.needed)
+        except StoreUnavailable:
+            pass  # /readyz says so until PostgreSQL answers
         yield
         await pool.close()
         await inventory.pipelining.aclose()

@@ -16,6 +16,7 @@
     ├── RateLimited                429 rate-limited (carries retry_after)
     └── Overloaded                 503 overloaded (carries retry_after)
         └── StoreUnavailable       a backing store did not answer in time
+            └── SchemaBehind       PostgreSQL lacks a migration this engine needs
 
 Lower layers (redis-py, asyncpg) never leak past ``engine.inventory`` and ``engine.store``:
 their errors are mapped there, in one place each, to StoreUnavailable or to one of the above.
@@ -139,3 +140,16 @@ class StoreUnavailable(Overloaded):
 
     def __init__(self, retry_after: int, detail: str = "") -> None:
         super().__init__(retry_after, detail, level="store")
+
+
+class SchemaBehind(StoreUnavailable):
+    """PostgreSQL answers, but lacks migrations this engine needs: ``guichet migrate``."""
+
+    def __init__(self, retry_after: int, applied: int, needed: int) -> None:
+        super().__init__(
+            retry_after,
+            f"PostgreSQL's schema is at migration {applied}, this engine needs {needed}: "
+            "run `guichet migrate`",
+        )
+        self.applied = applied
+        self.needed = needed

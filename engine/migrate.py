@@ -6,6 +6,7 @@ and each migration commits with its version in ``schema_migrations``.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
         if m:
             found.append((int(m.group(1)), path))
     return found
+
+
+@functools.cache
+def latest_migration(sql_dir: Path = SQL_DIR) -> int:
+    """The version of the last migration this engine ships: the schema it needs."""
+    return max(version for version, _ in migrations(sql_dir))
 
 
 async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) -> list[int]:

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from engine.appkeys import METRICS, OPENAPI, RESERVATIONS
-from engine.errors import StoreUnavailable
+from engine.errors import SchemaBehind, StoreUnavailable
 from engine.web import cached_json_response, json_response
 
 
@@ -21,18 +21,24 @@ async def readyz(request: web.Request) -> web.Response:
         domain.store.ping(), domain.inventory.ping(), return_exceptions=True
     )
     status = {
-        name: "ok" if result is None else "unavailable"
-        for name, result in zip(("postgresql", "redis"), checks, strict=True)
+        name: _state(result) for name, result in zip(("postgresql", "redis"), checks, strict=True)
     }
     for result in checks:
         if isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
             raise result
     if any(result is not None for result in checks):
-        down = ", ".join(name for name, value in status.items() if value != "ok")
-        error = StoreUnavailable(domain.settings.retry_after_s, f"Not ready: {down} unavailable")
+        detail = "Not ready: " + ", ".join(f"{n} {v}" for n, v in status.items() if v != "ok")
+        detail += "".join(f" ({r.detail})" for r in checks if isinstance(r, SchemaBehind))
+        error = StoreUnavailable(domain.settings.retry_after_s, detail)
         error.extra.update(status)
         raise error
     return json_response({"status": "ready", **status})
+
+
+def _state(result: BaseException | None) -> str:
+    if result is None:
+        return "ok"
+    return "schema-behind" if isinstance(result, SchemaBehind) else "unavailable"
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -23,10 +23,12 @@ from engine.errors import (
     NotFound,
     NotOpen,
     RateLimited,
+    SchemaBehind,
     SlotFull,
     StoreUnavailable,
     ValidationFailed,
 )
+from engine.migrate import latest_migration
 from engine.models import Booking, DrawOutcome, Entry, Procedure, Release, Site, Slot
 from engine.settings import Settings
 
@@ -160,8 +162,17 @@ class Store:
             yield conn
 
     async def ping(self) -> None:
+        """PostgreSQL answers and has every migration of this engine's ``sql/``: a worker
+        started before ``guichet migrate`` ran (or without it) is not ready, rather than
+        failing requests on a column or function it does not find."""
         async with self._connection() as conn:
-            await conn.fetchval("SELECT 1")
+            try:
+                applied = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+            except asyncpg.UndefinedTableError:
+                applied = None  # never migrated
+        needed = latest_migration()
+        if (applied or 0) < needed:
+            raise SchemaBehind(self._retry_after_s, applied or 0, needed)
 
     # Sites -------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Migrations apply on an empty database, again with no effect, and upgrade a database that
-already holds data (a draw release published before draws had seeds)."""
+already holds data (a draw release published before draws had seeds); an engine on a schema
+behind its own is not ready."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from engine import draw
+from engine.app import create_app
 from engine.migrate import SQL_DIR, migrate, migrations
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, make_settings
 
 SCRATCH = "guichet_migrations_test"
 
@@ -34,6 +37,28 @@ async def test_fresh_then_idempotent(scratch: str) -> None:
     applied = await migrate(scratch)
     assert applied == [v for v, _ in migrations()]
     assert await migrate(scratch) == []
+
+
+async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
+    scratch: str, tmp_path: Path
+) -> None:
+    """A worker started before `guichet migrate` (or against a database it never ran on)
+    answers /readyz 503 and says which migration is missing, so that no traffic is sent
+    to it; once migrated it is ready."""
+    for _, path in migrations()[:-1]:
+        shutil.copy(path, tmp_path / path.name)
+    await migrate(scratch, sql_dir=tmp_path)
+    latest = migrations()[-1][0]
+    app = create_app(make_settings(database_url=scratch), sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/readyz")
+        body = await r.json()
+        assert r.status == 503 and r.headers["Retry-After"]
+        assert (body["postgresql"], body["redis"]) == ("schema-behind", "ok")
+        assert f"at migration {latest - 1}, this engine needs {latest}" in body["detail"]
+        await migrate(scratch)
+        r = await client.get("/readyz")
+        assert r.status == 200, await r.text()
 
 
 async def test_upgrade_keeps_and_seeds_existing_draw_releases(scratch: str, tmp_path: Path) -> None:
