@@ -147,9 +147,7 @@ class DrawRecord(Reply):
     entries: list[str]
     entries_digest: str
     places: list[DrawPlaces]
-    # Entry digests the draw withdrew, their person having booked otherwise; absent from
-    # the records of draws run before it was (sql/007_entry_excluded.sql).
-    excluded: list[str] = []
+    excluded: list[str]  # entry digests withdrawn by the draw: their person had booked
     allocation: dict[str, str]
     drawn_at: Moment
 

@@ -15,6 +15,7 @@ days later, that is yesterday by PostgreSQL's clock, then sets the clock right a
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from engine.appkeys import LOTTERY
 from tests.api import ADMIN, Api, applicant, ip
@@ -24,7 +25,9 @@ from tests.test_limits import engine
 DAY = 86400.0
 
 
-async def book_yesterday(api: Api, clock: FakeClock, person: dict[str, str], n: int) -> dict:
+async def book_yesterday(
+    api: Api, clock: FakeClock, person: dict[str, str], n: int
+) -> dict[str, Any]:
     """Book ``person`` on a slot that started yesterday (by PostgreSQL's clock); return the
     booking. The engine's clock is three days back meanwhile."""
     clock.now -= 3 * DAY
