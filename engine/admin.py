@@ -140,7 +140,7 @@ async def agenda(request: web.Request) -> web.Response:
             "reference": row["reference"],
             "family_name": row["family_name"],
             "given_names": row["given_names"],
-            "birth_date": row["birth_date"].isoformat(),
+            "birth_date": row["birth_date"] and row["birth_date"].isoformat(),  # None: purged
             "procedure": row["procedure_id"],
             "channel": row["channel"],
             "slot_id": row["slot_id"],

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="serve the HTTP API")
     sub.add_parser("migrate", help="apply pending SQL migrations")
     sub.add_parser("demo", help="seed demo sites and releases")
-    sub.add_parser("sweep", help="run one sweeper pass, with a reconcile and due draws")
+    sub.add_parser("sweep", help="run one sweeper pass, with a reconcile, due draws and the purge")
     verify = sub.add_parser("verify-draw", help="recompute a draw from its public record")
     verify.add_argument("record", help="a file, or an http(s) URL of GET /v1/releases/ID/draw")
     args = parser.parse_args(argv)
@@ -88,10 +88,12 @@ async def _sweep(settings: Settings) -> int:
     from engine.sweeper import sweep_once
 
     async with _domain(settings) as domain:
-        report = await sweep_once(domain, reconcile=True, lottery=Lottery(domain))
+        report = await sweep_once(domain, reconcile=True, lottery=Lottery(domain), purge=True)
+    bookings, entries = report.purged or (0, 0)
     print(
         f"guichet: swept {report.releases} release(s), settled {report.settled} confirm(s), "
-        f"{report.corrections} correction(s), ran {report.draws} draw(s)"
+        f"{report.corrections} correction(s), ran {report.draws} draw(s), purged the personal "
+        f"data of {bookings} booking(s) and {entries} entry(ies)"
     )
     return 0
 

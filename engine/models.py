@@ -65,7 +65,7 @@ class Booking:
     duration_minutes: int
     family_name: str
     given_names: str
-    birth_date: date
+    birth_date: date | None  # None once purged (sql/011_personal_data_purge.sql)
     channel: Literal["online", "staff", "draw"]
     hold_token_hash: bytes | None
     cancel_token_hash: bytes

@@ -191,7 +191,7 @@ class AgendaRow(Reply):
     reference: str
     family_name: str
     given_names: str
-    birth_date: date
+    birth_date: date | None  # None (and empty names) once purged, past its retention
     procedure: str
     channel: Literal["online", "staff", "draw"]
     slot_id: str

@@ -106,6 +106,8 @@ class Settings:
     max_bookings_per_identity: int = 3
     max_cancellations_per_identity: int = 2
     max_active_per_email: int = 4
+    # Personal data of an appointment is erased this many days after it (0: never).
+    retention_days: int = 90
     # A confirm whose PostgreSQL step did not report back after this long is settled by the
     # sweeper from PostgreSQL's answer. It must outlive any booking transaction: that is at
     # most ~12 statements (locks and trigger included), each bounded by pg_timeout_s, with
@@ -156,6 +158,7 @@ class Settings:
                 env, "GUICHET_MAX_CANCELLATIONS_PER_IDENTITY", 2, 0, 1000
             ),
             max_active_per_email=_int(env, "GUICHET_MAX_ACTIVE_PER_EMAIL", 4, 1, 1000),
+            retention_days=_retention(env),
             limit_address=_rate(env, "limit_address"),
             limit_net=_rate(env, "limit_net"),
             limit_net48=_rate(env, "limit_net48"),
@@ -191,6 +194,7 @@ KNOWN_VARIABLES = frozenset(
         "GUICHET_MAX_BOOKINGS_PER_IDENTITY",
         "GUICHET_MAX_CANCELLATIONS_PER_IDENTITY",
         "GUICHET_MAX_ACTIVE_PER_EMAIL",
+        "GUICHET_RETENTION_DAYS",
         *(name for name, _default in LIMITS.values()),
     }
 )
@@ -206,6 +210,19 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
         and not name.startswith("GUICHET_TEST_")
         and name not in KNOWN_VARIABLES
     )
+
+
+def _retention(env: Mapping[str, str]) -> int:
+    """GUICHET_RETENTION_DAYS: 0 (keep for ever), or at least the identity period, whose
+    caps read the hashes of the bookings made within it."""
+    days = _int(env, "GUICHET_RETENTION_DAYS", 90, 0, 36500)
+    period = _int(env, "GUICHET_IDENTITY_PERIOD_DAYS", 30, 1, 3650)
+    if 0 < days < period:
+        raise ConfigError(
+            f"GUICHET_RETENTION_DAYS must be 0 or at least GUICHET_IDENTITY_PERIOD_DAYS "
+            f"({period}), not {days}"
+        )
+    return days
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

@@ -64,6 +64,33 @@ _ENDS = """(SELECT s.starts_at + make_interval(mins => s.duration_minutes)
 _OVER = f"{_ENDS} <= now()"
 _ACTIVE = f"b.status = 'confirmed' AND b.retired_at IS NULL AND {_ENDS} > now()"
 
+# What Store.purge erases: names, birth date, client network, and the keyed hashes, replaced
+# by hashes of the row's own key (unique, as the indexes on them need, and linked to no one).
+_PURGE_BOOKINGS = f"""
+WITH batch AS (
+    SELECT b.reference FROM bookings b
+     WHERE b.purged_at IS NULL AND {_ENDS} < now() - make_interval(days => $1)
+     LIMIT $2 FOR UPDATE SKIP LOCKED)
+UPDATE bookings b
+   SET family_name = '', given_names = '', birth_date = NULL, client_net = NULL,
+       identity_hash = sha256(convert_to('purged identity ' || b.reference, 'UTF8')),
+       email_hash = sha256(convert_to('purged email ' || b.reference, 'UTF8')),
+       retired_at = coalesce(b.retired_at, now()), purged_at = now()
+  FROM batch WHERE b.reference = batch.reference"""  # noqa: S608 (constants)
+_PURGE_ENTRIES = """
+WITH batch AS (
+    SELECT e.id FROM entries e
+     WHERE e.purged_at IS NULL
+       AND (SELECT max(s.starts_at + make_interval(mins => s.duration_minutes))
+              FROM slots s WHERE s.release_id = e.release_id) < now() - make_interval(days => $1)
+     LIMIT $2 FOR UPDATE SKIP LOCKED)
+UPDATE entries e
+   SET family_name = '', given_names = '', birth_date = NULL, client_net = NULL,
+       identity_hash = sha256(convert_to('purged identity ' || e.id, 'UTF8')),
+       email_hash = sha256(convert_to('purged email ' || e.id, 'UTF8')),
+       purged_at = now()
+  FROM batch WHERE e.id = batch.id"""
+
 # Staff's capacity change takes this lock, and every write of capacities to Redis from a
 # snapshot shares it (Store.patch_release, Store.with_snapshot).
 _CAPACITY_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $1, 0))"
@@ -173,6 +200,25 @@ class Store:
         needed = latest_migration()
         if (applied or 0) < needed:
             raise SchemaBehind(self._retry_after_s, applied or 0, needed)
+
+    # Personal data -------------------------------------------------------------------
+
+    async def purge(self, days: int, batch: int = 1000) -> tuple[int, int]:
+        """Erase the personal data of bookings whose appointment ended more than ``days``
+        days ago, and of the draw entries of releases whose last appointment did, by
+        PostgreSQL's clock (sql/011_personal_data_purge.sql). In batches of ``batch`` rows,
+        each its own short transaction; rows another transaction holds are left for the next
+        run. Returns how many bookings and entries it purged."""
+        purged = [0, 0]
+        for i, statement in enumerate((_PURGE_BOOKINGS, _PURGE_ENTRIES)):
+            while True:
+                async with self._connection() as conn:
+                    status = await conn.execute(statement, days, batch)
+                n = int(status.split()[-1])  # "UPDATE <n>"
+                purged[i] += n
+                if n < batch:
+                    break
+        return purged[0], purged[1]
 
     # Sites -------------------------------------------------------------------------------
 

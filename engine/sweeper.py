@@ -1,5 +1,6 @@
 """The sweeper: reclaims expired holds, settles confirms that never reported back,
-reconciles Redis toward PostgreSQL, and runs the draws that are due. Every worker runs one;
+reconciles Redis toward PostgreSQL, runs the draws that are due, and, once an hour, erases
+personal data past its retention. Every worker runs one;
 a short Redis lock lets one of them work at a time (each step is idempotent, so an overlap
 would only waste work, and a draw runs once whoever runs it).
 """
@@ -26,12 +27,14 @@ class SweepReport:
     settled: int = 0
     corrections: int = 0
     draws: int = 0
+    purged: tuple[int, int] | None = None  # bookings and entries, when the purge ran
 
 
 async def sweep_once(
-    domain: Reservations, *, reconcile: bool, lottery: Lottery | None = None
+    domain: Reservations, *, reconcile: bool, lottery: Lottery | None = None, purge: bool = False
 ) -> SweepReport:
-    """One pass over the active releases, and the due draws when ``lottery`` is given.
+    """One pass over the active releases, the due draws when ``lottery`` is given, and the
+    purge of personal data past its retention when ``purge`` is (and a retention is set).
     Visits none if another worker holds the lock (a draw runs once whoever runs it)."""
     lock_ms = int(max(domain.settings.sweep_interval_s * 5, 5) * 1000)
     if not await domain.inventory.try_lock(SWEEPER_LOCK, lock_ms):
@@ -50,9 +53,17 @@ async def sweep_once(
         draws = len(await lottery.run_due()) if lottery is not None else 0
         if reconcile:
             fairness.publish(domain.metrics, await fairness.measure(domain.store, domain.now()))
-        return SweepReport(len(releases), settled, corrections, draws)
+        purged = None
+        if purge and domain.settings.retention_days:
+            purged = await domain.store.purge(domain.settings.retention_days)
+            if any(purged):
+                log.info("personal_data_purged", bookings=purged[0], entries=purged[1])
+        return SweepReport(len(releases), settled, corrections, draws, purged)
     finally:
         await domain.inventory.unlock(SWEEPER_LOCK)
+
+
+_PURGE_INTERVAL_S = 3600.0  # personal data is kept for days: an hour late is nothing
 
 
 async def run(lottery: Lottery, stop: asyncio.Event) -> None:
@@ -60,12 +71,16 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
     ``reconcile_interval_s``."""
     domain = lottery.domain
     settings = domain.settings
-    next_reconcile = time.monotonic()
+    next_reconcile = next_purge = time.monotonic()
     while not stop.is_set():
         try:
             due = time.monotonic() >= next_reconcile
-            if (await sweep_once(domain, reconcile=due, lottery=lottery)).releases and due:
+            purge = time.monotonic() >= next_purge
+            report = await sweep_once(domain, reconcile=due, lottery=lottery, purge=purge)
+            if report.releases and due:
                 next_reconcile = time.monotonic() + settings.reconcile_interval_s
+            if report.purged is not None:
+                next_purge = time.monotonic() + _PURGE_INTERVAL_S
         except StoreUnavailable as exc:
             log.warning("sweep_skipped", detail=exc.detail)
         except Exception:

@@ -119,6 +119,7 @@ async def test_ops_endpoints(api: Api) -> None:
         ({"GUICHET_ENV": "production"}, "GUICHET_SECRET"),
         ({"GUICHET_SECRET": "short"}, "GUICHET_SECRET"),
         ({"GUICHET_TRUSTED_PROXIES": "10.0.0.0/8 nonsense"}, "nonsense"),
+        ({"GUICHET_RETENTION_DAYS": "10"}, "GUICHET_IDENTITY_PERIOD_DAYS"),
         ({"GUICHET_REDIS_URL": "http://x"}, "GUICHET_REDIS_URL"),
     ],
 )

@@ -1,0 +1,114 @@
+"""Personal data is erased GUICHET_RETENTION_DAYS after the appointment (sql/011).
+
+As in test_active_bookings.py, an appointment in the past (by PostgreSQL's clock, which the
+purge reads) is booked with the engine's clock set back, then the clock is set right.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+
+from engine.appkeys import LOTTERY, RESERVATIONS
+from engine.identity import Applicant
+from engine.settings import Settings
+from engine.sweeper import sweep_once
+from tests.api import ADMIN, Api, applicant, ip
+from tests.conftest import FakeClock
+from tests.test_limits import engine
+
+DAY = 86400.0
+
+
+def identity_hash(person: dict[str, str], secret: bytes) -> bytes:
+    a = Applicant(
+        person["family_name"],
+        person["given_names"],
+        datetime.fromisoformat(person["birth_date"]).date(),
+        person["id_number"],
+        person["email"],
+    )
+    return a.identity_hash(secret)
+
+
+async def test_a_booking_keeps_no_personal_data_past_its_retention(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection, settings: Settings
+) -> None:
+    await api.site()
+    person, other = applicant(), applicant()
+    clock.now -= 3 * DAY
+    past = await api.publish([1], starts_in_days=2)  # yesterday, by PostgreSQL's clock
+    booked = await api.book(past["slots"][0]["id"], person, ip(1))
+    clock.now += 3 * DAY
+    future = await api.publish([1])
+    await api.book(future["slots"][0]["id"], other, ip(2))
+    store = api.client.app[RESERVATIONS].store
+    assert await store.purge(2) == (0, 0)  # over for a day only
+    assert await store.purge(0) == (1, 0)
+    assert await store.purge(0) == (0, 0)
+    reference = booked["booking"]["reference"]
+    row = await pg.fetchrow("SELECT * FROM bookings WHERE reference = $1", reference)
+    assert (row["family_name"], row["given_names"], row["birth_date"]) == ("", "", None)
+    assert row["client_net"] is None and row["purged_at"] is not None
+    assert row["identity_hash"] != identity_hash(person, settings.secret)
+    kept = await pg.fetchrow("SELECT * FROM bookings WHERE reference <> $1", reference)
+    assert kept["family_name"] == other["family_name"] and kept["purged_at"] is None
+    assert kept["identity_hash"] == identity_hash(other, settings.secret)
+    # The booking itself stays: it reads, counts in its slot, and shows on its day's agenda.
+    read = await api.call(
+        "GET",
+        f"/v1/bookings/{reference}",
+        headers={"Authorization": f"Bearer {booked['cancel_token']}"},
+    )
+    assert read.body["booking"]["status"] == "confirmed"
+    assert read.body["booking"]["applicant"] == {"family_name": "", "given_names": ""}
+    assert await pg.fetchval("SELECT booked FROM slots WHERE id = $1", past["slots"][0]["id"]) == 1
+    day = datetime.fromisoformat(booked["booking"]["slot"]["starts_at"]).astimezone(UTC).date()
+    agenda = await api.call("GET", f"/v1/admin/agenda?site=bobigny&date={day}", headers=ADMIN)
+    [line] = agenda.body["bookings"]
+    assert (line["reference"], line["family_name"], line["birth_date"]) == (reference, "", None)
+    csv = await api.call(
+        "GET",
+        f"/v1/admin/agenda?site=bobigny&date={day}",
+        headers={**ADMIN, "Accept": "text/csv"},
+    )
+    assert reference in csv.body
+
+
+async def test_draw_entries_keep_no_personal_data_past_their_retention(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    await api.site()
+    clock.now -= 10 * DAY
+    release = (await api.publish_draw([1]))["id"]  # slots three days on: a week ago
+    entry = await api.enter(release, applicant(), ip(1))
+    assert entry.status == 201, entry.body
+    clock.advance(90001)
+    await api.client.app[LOTTERY].run_due()
+    clock.now += 10 * DAY - 90001
+    store = api.client.app[RESERVATIONS].store
+    assert await store.purge(8) == (0, 0)
+    assert await store.purge(6) == (1, 1)  # the entry, and the booking it won
+    row = await pg.fetchrow("SELECT * FROM entries WHERE id = $1", entry.body["entry_id"])
+    assert (row["family_name"], row["birth_date"], row["status"]) == ("", None, "won")
+    record = await api.call("GET", f"/v1/releases/{release}/draw")
+    assert record.status == 200 and len(record.body["entries"]) == 1
+
+
+async def test_the_sweeper_purges_past_the_retention_it_is_set_to(clean: None) -> None:
+    async with engine(retention_days=30) as api:
+        clock = api.clock
+        assert isinstance(clock, FakeClock)
+        clock.now -= 40 * DAY
+        old = await api.publish([1], starts_in_days=2)  # 38 days ago
+        await api.book(old["slots"][0]["id"], applicant(), ip(1))
+        clock.now += 40 * DAY
+        recent = await api.publish([1], starts_in_days=1)
+        await api.book(recent["slots"][0]["id"], applicant(), ip(2))
+        domain = api.client.app[RESERVATIONS]
+        assert (await sweep_once(domain, reconcile=False)).purged is None
+        assert (await sweep_once(domain, reconcile=False, purge=True)).purged == (1, 0)
+    async with engine(retention_days=0) as api:
+        domain = api.client.app[RESERVATIONS]
+        assert (await sweep_once(domain, reconcile=False, purge=True)).purged is None
