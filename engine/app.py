@@ -30,7 +30,7 @@ from engine.appkeys import (
     SETTINGS,
 )
 from engine.autopipeline import AutoPipeline
-from engine.errors import SchemaBehind, StoreUnavailable
+from engine.errors import SchemaBehind
 from engine.inventory import AnyRedis, Inventory, Pipelining
 from engine.logs import log
 from engine.lottery import Lottery
@@ -125,9 +125,9 @@ def create_app(
             await store.ping()
         except SchemaBehind as exc:
             # Served all the same (an older schema may be on its way up), but not ready.
-            log.error("schema_behind", applied=exc.applied, needed=exc.needed)
-        except StoreUnavailable:
-            pass  # /readyz says so until PostgreSQL answers
+            log.error("schema_behind", missing=exc.missing)
+        except Exception:  # noqa: S110
+            pass  # PostgreSQL unreachable or refusing: /readyz says so until it answers
         yield
         await pool.close()
         await inventory.pipelining.aclose()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -89,7 +90,12 @@ async def _sweep(settings: Settings) -> int:
 
     async with _domain(settings) as domain:
         report = await sweep_once(domain, reconcile=True, lottery=Lottery(domain), purge=True)
-    bookings, entries = report.purged or (0, 0)
+        bookings = report.purged.bookings if report.purged else 0
+        entries = report.purged.entries if report.purged else 0
+        while report.purged and report.purged.more:  # by hand, the whole backlog
+            more = await domain.store.purge(settings.retention_days)
+            bookings, entries = bookings + more.bookings, entries + more.entries
+            report = dataclasses.replace(report, purged=more)
     print(
         f"guichet: swept {report.releases} release(s), settled {report.settled} confirm(s), "
         f"{report.corrections} correction(s), ran {report.draws} draw(s), purged the personal "

@@ -145,11 +145,10 @@ class StoreUnavailable(Overloaded):
 class SchemaBehind(StoreUnavailable):
     """PostgreSQL answers, but lacks migrations this engine needs: ``guichet migrate``."""
 
-    def __init__(self, retry_after: int, applied: int, needed: int) -> None:
+    def __init__(self, retry_after: int, missing: list[int]) -> None:
         super().__init__(
             retry_after,
-            f"PostgreSQL's schema is at migration {applied}, this engine needs {needed}: "
+            f"PostgreSQL lacks migration(s) {', '.join(map(str, missing))} of this engine: "
             "run `guichet migrate`",
         )
-        self.applied = applied
-        self.needed = needed
+        self.missing = missing

@@ -29,9 +29,9 @@ def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
 
 
 @functools.cache
-def latest_migration(sql_dir: Path = SQL_DIR) -> int:
-    """The version of the last migration this engine ships: the schema it needs."""
-    return max(version for version, _ in migrations(sql_dir))
+def shipped_migrations(sql_dir: Path = SQL_DIR) -> frozenset[int]:
+    """The versions of the migrations this engine ships: the schema it needs."""
+    return frozenset(version for version, _ in migrations(sql_dir))
 
 
 async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) -> list[int]:

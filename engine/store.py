@@ -28,7 +28,7 @@ from engine.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
-from engine.migrate import latest_migration
+from engine.migrate import shipped_migrations
 from engine.models import Booking, DrawOutcome, Entry, Procedure, Release, Site, Slot
 from engine.settings import Settings
 
@@ -44,6 +44,10 @@ _UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.QueryCanceledError,
     asyncpg.AdminShutdownError,
+    # A database that does not exist, or refuses our role: unavailable too, so that the
+    # engine starts and /readyz answers 503 until it is there.
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
 
 _BOOKING_COLUMNS = """
@@ -66,10 +70,14 @@ _ACTIVE = f"b.status = 'confirmed' AND b.retired_at IS NULL AND {_ENDS} > now()"
 
 # What Store.purge erases: names, birth date, client network, and the keyed hashes, replaced
 # by hashes of the row's own key (unique, as the indexes on them need, and linked to no one).
+# It finds its rows through bookings_unpurged and entries_unpurged (sql/012): created before
+# the cutoff and not purged. An entry is purged once its draw has dealt with it and its
+# release's last appointment started a day (the longest slot) before the cutoff.
 _PURGE_BOOKINGS = f"""
 WITH batch AS (
     SELECT b.reference FROM bookings b
-     WHERE b.purged_at IS NULL AND {_ENDS} < now() - make_interval(days => $1)
+     WHERE b.purged_at IS NULL AND b.created_at < now() - make_interval(days => $1)
+       AND {_ENDS} < now() - make_interval(days => $1)
      LIMIT $2 FOR UPDATE SKIP LOCKED)
 UPDATE bookings b
    SET family_name = '', given_names = '', birth_date = NULL, client_net = NULL,
@@ -80,9 +88,10 @@ UPDATE bookings b
 _PURGE_ENTRIES = """
 WITH batch AS (
     SELECT e.id FROM entries e
-     WHERE e.purged_at IS NULL
-       AND (SELECT max(s.starts_at + make_interval(mins => s.duration_minutes))
-              FROM slots s WHERE s.release_id = e.release_id) < now() - make_interval(days => $1)
+     WHERE e.purged_at IS NULL AND e.created_at < now() - make_interval(days => $1)
+       AND e.status <> 'registered'
+       AND (SELECT max(s.starts_at) FROM slots s WHERE s.release_id = e.release_id)
+           < now() - make_interval(days => $1) - interval '1 day'
      LIMIT $2 FOR UPDATE SKIP LOCKED)
 UPDATE entries e
    SET family_name = '', given_names = '', birth_date = NULL, client_net = NULL,
@@ -97,6 +106,15 @@ _CAPACITY_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $
 _CAPACITY_LOCK_SHARED = (
     "SELECT pg_advisory_xact_lock_shared(hashtextextended('capacity:' || $1, 0))"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What one call of Store.purge erased; ``more``: it stopped at its batch limit."""
+
+    bookings: int
+    entries: int
+    more: bool
 
 
 def below_floor(slot_id: str, floor: int, what: str) -> dict[str, str]:
@@ -194,31 +212,35 @@ class Store:
         failing requests on a column or function it does not find."""
         async with self._connection() as conn:
             try:
-                applied = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+                rows = await conn.fetch("SELECT version FROM schema_migrations")
             except asyncpg.UndefinedTableError:
-                applied = None  # never migrated
-        needed = latest_migration()
-        if (applied or 0) < needed:
-            raise SchemaBehind(self._retry_after_s, applied or 0, needed)
+                rows = []  # never migrated
+        missing = sorted(shipped_migrations() - {row["version"] for row in rows})
+        if missing:
+            raise SchemaBehind(self._retry_after_s, missing)
 
     # Personal data -------------------------------------------------------------------
 
-    async def purge(self, days: int, batch: int = 1000) -> tuple[int, int]:
+    async def purge(self, days: int, batch: int = 1000, batches: int = 5) -> Purged:
         """Erase the personal data of bookings whose appointment ended more than ``days``
         days ago, and of the draw entries of releases whose last appointment did, by
-        PostgreSQL's clock (sql/011_personal_data_purge.sql). In batches of ``batch`` rows,
-        each its own short transaction; rows another transaction holds are left for the next
-        run. Returns how many bookings and entries it purged."""
-        purged = [0, 0]
+        PostgreSQL's clock (sql/011_personal_data_purge.sql). At most ``batches`` batches of
+        ``batch`` rows of each, each batch its own short statement, so that a backlog (the
+        first run, say) is worked through over several calls; rows another transaction holds
+        are left for the next call."""
+        counts = [0, 0]
+        more = False
         for i, statement in enumerate((_PURGE_BOOKINGS, _PURGE_ENTRIES)):
-            while True:
+            for _ in range(batches):
                 async with self._connection() as conn:
                     status = await conn.execute(statement, days, batch)
                 n = int(status.split()[-1])  # "UPDATE <n>"
-                purged[i] += n
+                counts[i] += n
                 if n < batch:
                     break
-        return purged[0], purged[1]
+            else:
+                more = True
+        return Purged(counts[0], counts[1], more)
 
     # Sites -------------------------------------------------------------------------------
 

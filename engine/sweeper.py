@@ -19,6 +19,7 @@ from engine.keys import SWEEPER_LOCK
 from engine.logs import log
 from engine.lottery import Lottery
 from engine.reservations import Reservations
+from engine.store import Purged
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,7 @@ class SweepReport:
     settled: int = 0
     corrections: int = 0
     draws: int = 0
-    purged: tuple[int, int] | None = None  # bookings and entries, when the purge ran
+    purged: Purged | None = None  # when the purge ran
 
 
 async def sweep_once(
@@ -55,15 +56,26 @@ async def sweep_once(
             fairness.publish(domain.metrics, await fairness.measure(domain.store, domain.now()))
         purged = None
         if purge and domain.settings.retention_days:
-            purged = await domain.store.purge(domain.settings.retention_days)
-            if any(purged):
-                log.info("personal_data_purged", bookings=purged[0], entries=purged[1])
+            purged = await _purge(domain)
         return SweepReport(len(releases), settled, corrections, draws, purged)
     finally:
         await domain.inventory.unlock(SWEEPER_LOCK)
 
 
 _PURGE_INTERVAL_S = 3600.0  # personal data is kept for days: an hour late is nothing
+
+
+async def _purge(domain: Reservations) -> Purged:
+    """One bounded purge; a failure is logged and waits for the next hour, like a success
+    (the sweeper's other work must not be held up, nor a failing purge retried each pass)."""
+    try:
+        purged = await domain.store.purge(domain.settings.retention_days)
+    except Exception:
+        log.exception("purge_failed")
+        return Purged(0, 0, more=False)
+    if purged.bookings or purged.entries:
+        log.info("personal_data_purged", bookings=purged.bookings, entries=purged.entries)
+    return purged
 
 
 async def run(lottery: Lottery, stop: asyncio.Event) -> None:
@@ -80,7 +92,9 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
             if report.releases and due:
                 next_reconcile = time.monotonic() + settings.reconcile_interval_s
             if report.purged is not None:
-                next_purge = time.monotonic() + _PURGE_INTERVAL_S
+                # A backlog is worked through at each pass, a bounded part at a time.
+                wait = 0.0 if report.purged.more else _PURGE_INTERVAL_S
+                next_purge = time.monotonic() + wait
         except StoreUnavailable as exc:
             log.warning("sweep_skipped", detail=exc.detail)
         except Exception:

@@ -55,10 +55,20 @@ async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
         body = await r.json()
         assert r.status == 503 and r.headers["Retry-After"]
         assert (body["postgresql"], body["redis"]) == ("schema-behind", "ok")
-        assert f"at migration {latest - 1}, this engine needs {latest}" in body["detail"]
+        assert f"lacks migration(s) {latest} of this engine" in body["detail"]
         await migrate(scratch)
         r = await client.get("/readyz")
         assert r.status == 200, await r.text()
+
+
+async def test_an_engine_starts_and_is_not_ready_without_its_database(scratch: str) -> None:
+    missing = scratch + "_missing"
+    app = create_app(make_settings(database_url=missing), sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        r = await client.get("/readyz")
+        body = await r.json()
+        assert r.status == 503 and r.headers["Retry-After"]
+        assert (body["postgresql"], body["redis"]) == ("unavailable", "ok")
 
 
 async def test_upgrade_keeps_and_seeds_existing_draw_releases(scratch: str, tmp_path: Path) -> None:

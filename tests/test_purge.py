@@ -13,12 +13,23 @@ import asyncpg
 from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.identity import Applicant
 from engine.settings import Settings
+from engine.store import Purged
 from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, applicant, ip
 from tests.conftest import FakeClock
 from tests.test_limits import engine
 
 DAY = 86400.0
+
+
+async def backdate(pg: asyncpg.Connection, days: float) -> None:
+    """Move the rows' creation times back as the engine's clock was: PostgreSQL stamps them
+    with its own, and the purge reads them (an appointment ends after it was booked)."""
+    for table in ("bookings", "entries"):
+        await pg.execute(
+            f"UPDATE {table} SET created_at = created_at - make_interval(secs => $1)",
+            days * DAY,
+        )
 
 
 def identity_hash(person: dict[str, str], secret: bytes) -> bytes:
@@ -40,13 +51,14 @@ async def test_a_booking_keeps_no_personal_data_past_its_retention(
     clock.now -= 3 * DAY
     past = await api.publish([1], starts_in_days=2)  # yesterday, by PostgreSQL's clock
     booked = await api.book(past["slots"][0]["id"], person, ip(1))
+    await backdate(pg, 3)
     clock.now += 3 * DAY
     future = await api.publish([1])
     await api.book(future["slots"][0]["id"], other, ip(2))
     store = api.client.app[RESERVATIONS].store
-    assert await store.purge(2) == (0, 0)  # over for a day only
-    assert await store.purge(0) == (1, 0)
-    assert await store.purge(0) == (0, 0)
+    assert await store.purge(2) == Purged(0, 0, more=False)  # over for a day only
+    assert await store.purge(0) == Purged(1, 0, more=False)
+    assert await store.purge(0) == Purged(0, 0, more=False)
     reference = booked["booking"]["reference"]
     row = await pg.fetchrow("SELECT * FROM bookings WHERE reference = $1", reference)
     assert (row["family_name"], row["given_names"], row["birth_date"]) == ("", "", None)
@@ -87,28 +99,65 @@ async def test_draw_entries_keep_no_personal_data_past_their_retention(
     clock.advance(90001)
     await api.client.app[LOTTERY].run_due()
     clock.now += 10 * DAY - 90001
+    await backdate(pg, 10)
     store = api.client.app[RESERVATIONS].store
-    assert await store.purge(8) == (0, 0)
-    assert await store.purge(6) == (1, 1)  # the entry, and the booking it won
+    assert await store.purge(9) == Purged(0, 0, more=False)
+    assert await store.purge(5) == Purged(1, 1, more=False)  # the entry, and the booking it won
     row = await pg.fetchrow("SELECT * FROM entries WHERE id = $1", entry.body["entry_id"])
     assert (row["family_name"], row["birth_date"], row["status"]) == ("", None, "won")
     record = await api.call("GET", f"/v1/releases/{release}/draw")
     assert record.status == 200 and len(record.body["entries"]) == 1
 
 
-async def test_the_sweeper_purges_past_the_retention_it_is_set_to(clean: None) -> None:
+async def test_the_sweeper_purges_past_the_retention_it_is_set_to(
+    clean: None, pg: asyncpg.Connection
+) -> None:
     async with engine(retention_days=30) as api:
         clock = api.clock
         assert isinstance(clock, FakeClock)
         clock.now -= 40 * DAY
         old = await api.publish([1], starts_in_days=2)  # 38 days ago
         await api.book(old["slots"][0]["id"], applicant(), ip(1))
+        await backdate(pg, 40)
         clock.now += 40 * DAY
         recent = await api.publish([1], starts_in_days=1)
         await api.book(recent["slots"][0]["id"], applicant(), ip(2))
         domain = api.client.app[RESERVATIONS]
         assert (await sweep_once(domain, reconcile=False)).purged is None
-        assert (await sweep_once(domain, reconcile=False, purge=True)).purged == (1, 0)
+        assert (await sweep_once(domain, reconcile=False, purge=True)).purged == Purged(1, 0, False)
     async with engine(retention_days=0) as api:
         domain = api.client.app[RESERVATIONS]
         assert (await sweep_once(domain, reconcile=False, purge=True)).purged is None
+
+
+async def test_a_backlog_is_purged_a_bounded_part_at_a_time(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """The first run after an upgrade finds every old booking at once: each call erases at
+    most its batches, says there is more, and the sweeper comes back at its next pass."""
+    await api.site()
+    clock.now -= 3 * DAY
+    past = await api.publish([5], starts_in_days=2)
+    for n in range(5):
+        await api.book(past["slots"][0]["id"], applicant(), ip(n + 1))
+    clock.now += 3 * DAY
+    store = api.client.app[RESERVATIONS].store
+    assert await store.purge(0, batch=2, batches=2) == Purged(4, 0, more=True)
+    assert await store.purge(0, batch=2, batches=2) == Purged(1, 0, more=False)
+    assert await pg.fetchval("SELECT count(*) FROM bookings WHERE purged_at IS NULL") == 0
+
+
+async def test_a_registered_entry_is_kept_until_its_draw(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A draw whose own slots are long past (its places may come from other releases) keeps
+    its entries' data until the draw has dealt with them."""
+    await api.site()
+    clock.now -= 10 * DAY
+    release = (await api.publish_draw([1], draw_in_s=30 * DAY))["id"]
+    assert (await api.enter(release, applicant(), ip(1))).status == 201
+    await backdate(pg, 10)
+    clock.now += 10 * DAY
+    store = api.client.app[RESERVATIONS].store
+    assert await store.purge(0) == Purged(0, 0, more=False)
+    assert await pg.fetchval("SELECT count(*) FROM entries WHERE purged_at IS NULL") == 1
