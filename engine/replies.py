@@ -14,7 +14,7 @@ named here first, or every test that receives it fails.
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -43,21 +43,31 @@ class Sites(Reply):
     sites: list[Site]
 
 
-class Release(Reply):
-    """An ``fcfs`` release has ``opens_at``; a ``draw`` release its three windows and its
-    seed commitment, and, once registration closed, the digest of its entries."""
-
+class _Release(Reply):
     id: str
     site: str
     procedure: str
-    mode: Literal["fcfs", "draw"]
-    opens_at: Moment | None = None
-    registration_opens_at: Moment | None = None
-    registration_closes_at: Moment | None = None
-    draw_at: Moment | None = None
-    seed_commitment: str | None = None
-    entries_digest: str | None = None
     slots_total: int = Field(ge=0)
+
+
+class FcfsRelease(_Release):
+    mode: Literal["fcfs"]
+    opens_at: Moment
+
+
+class DrawRelease(_Release):
+    """``entries_digest``: once registration has closed."""
+
+    mode: Literal["draw"]
+    registration_opens_at: Moment
+    registration_closes_at: Moment
+    draw_at: Moment
+    seed_commitment: str
+    entries_digest: str | None = None
+
+
+# A release by its mode: each mode's fields are then required in the document.
+Release = Annotated[FcfsRelease | DrawRelease, Field(discriminator="mode")]
 
 
 class Releases(Reply):
@@ -160,12 +170,16 @@ class StaffSlot(Slot):
     capacity: int = Field(ge=0)
 
 
-class StaffRelease(Release):
+class StaffFcfsRelease(FcfsRelease):
+    slots: list[StaffSlot]
+
+
+class StaffDrawRelease(DrawRelease):
     slots: list[StaffSlot]
 
 
 class ReleaseSaved(Reply):
-    release: StaffRelease
+    release: Annotated[StaffFcfsRelease | StaffDrawRelease, Field(discriminator="mode")]
 
 
 class Beacon(Reply):
