@@ -126,8 +126,9 @@ def create_app(
         except SchemaBehind as exc:
             # Served all the same (an older schema may be on its way up), but not ready.
             log.error("schema_behind", missing=exc.missing)
-        except Exception:  # noqa: S110
-            pass  # PostgreSQL unreachable or refusing: /readyz says so until it answers
+        except Exception as exc:
+            # PostgreSQL unreachable or refusing: /readyz says so until it answers.
+            log.warning("postgresql_not_ready", error=repr(exc))
         yield
         await pool.close()
         await inventory.pipelining.aclose()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -89,13 +88,14 @@ async def _sweep(settings: Settings) -> int:
     from engine.sweeper import sweep_once
 
     async with _domain(settings) as domain:
-        report = await sweep_once(domain, reconcile=True, lottery=Lottery(domain), purge=True)
-        bookings = report.purged.bookings if report.purged else 0
-        entries = report.purged.entries if report.purged else 0
-        while report.purged and report.purged.more:  # by hand, the whole backlog
-            more = await domain.store.purge(settings.retention_days)
-            bookings, entries = bookings + more.bookings, entries + more.entries
-            report = dataclasses.replace(report, purged=more)
+        report = await sweep_once(domain, reconcile=True, lottery=Lottery(domain))
+        bookings = entries = 0
+        # The purge by hand: the whole backlog, and a failure fails the command.
+        while settings.retention_days:
+            purged = await domain.store.purge(settings.retention_days)
+            bookings, entries = bookings + purged.bookings, entries + purged.entries
+            if not purged.more:
+                break
     print(
         f"guichet: swept {report.releases} release(s), settled {report.settled} confirm(s), "
         f"{report.corrections} correction(s), ran {report.draws} draw(s), purged the personal "

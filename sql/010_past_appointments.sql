@@ -60,7 +60,6 @@ DECLARE
     v_booked bigint;
     v_cancelled bigint;
     v_unretired bigint;
-    v_retired bigint;
 BEGIN
     SELECT b.reference INTO v_reference FROM bookings b WHERE b.hold_id = p_hold_id;
     IF v_reference IS NULL THEN
@@ -101,7 +100,8 @@ BEGIN
         END IF;
         -- Through bookings_active_by_email alone, by the plan kept (008's header): this
         -- address's bookings not retired. At the cap, those over are retired (header) and
-        -- no longer counted: only then is it worth the statement.
+        -- the rest counted again: only then is it worth the statements. (Again, rather than
+        -- less the rows retired: the purge may have taken one of them meanwhile, sql/011.)
         SELECT count(*) INTO limit_count FROM bookings b
          WHERE b.email_hash = p_email_hash AND b.cancelled_at IS NULL AND b.retired_at IS NULL;
         IF limit_count >= p_max_active_per_email THEN
@@ -110,8 +110,9 @@ BEGIN
                AND b.retired_at IS NULL
                AND (SELECT s.starts_at + make_interval(mins => s.duration_minutes)
                       FROM slots s WHERE s.id = b.slot_id) <= now();
-            GET DIAGNOSTICS v_retired = ROW_COUNT;
-            limit_count := limit_count - v_retired;
+            SELECT count(*) INTO limit_count FROM bookings b
+             WHERE b.email_hash = p_email_hash AND b.cancelled_at IS NULL
+               AND b.retired_at IS NULL;
         END IF;
         IF limit_count >= p_max_active_per_email THEN
             outcome := 'email';
