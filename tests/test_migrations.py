@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -39,6 +41,20 @@ async def test_fresh_then_idempotent(scratch: str) -> None:
     assert await migrate(scratch) == []
 
 
+@asynccontextmanager
+async def engine_on(database_url: str) -> AsyncIterator[TestClient]:
+    app = create_app(make_settings(database_url=database_url), sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def not_ready(client: TestClient) -> dict[str, Any]:
+    """/readyz's 503 problem, which says what each store is."""
+    r = await client.get("/readyz")
+    assert r.status == 503 and r.headers["Retry-After"], await r.text()
+    return await r.json()  # type: ignore[no-any-return]
+
+
 async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
     scratch: str, tmp_path: Path
 ) -> None:
@@ -49,11 +65,8 @@ async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
         shutil.copy(path, tmp_path / path.name)
     await migrate(scratch, sql_dir=tmp_path)
     latest = migrations()[-1][0]
-    app = create_app(make_settings(database_url=scratch), sweep=False)
-    async with TestClient(TestServer(app)) as client:
-        r = await client.get("/readyz")
-        body = await r.json()
-        assert r.status == 503 and r.headers["Retry-After"]
+    async with engine_on(scratch) as client:
+        body = await not_ready(client)
         assert (body["postgresql"], body["redis"]) == ("schema-behind", "ok")
         assert f"lacks migration(s) {latest} of this engine" in body["detail"]
         await migrate(scratch)
@@ -62,12 +75,8 @@ async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
 
 
 async def test_an_engine_starts_and_is_not_ready_without_its_database(scratch: str) -> None:
-    missing = scratch + "_missing"
-    app = create_app(make_settings(database_url=missing), sweep=False)
-    async with TestClient(TestServer(app)) as client:
-        r = await client.get("/readyz")
-        body = await r.json()
-        assert r.status == 503 and r.headers["Retry-After"]
+    async with engine_on(scratch + "_missing") as client:
+        body = await not_ready(client)
         assert (body["postgresql"], body["redis"]) == ("unavailable", "ok")
 
 
