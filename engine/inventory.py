@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.resources
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, Protocol
@@ -482,11 +483,20 @@ class Inventory:
                 results.append(Taken(take, outcome, wait_ms=int(reply[1])))  # type: ignore[arg-type]
         return results
 
-    async def try_lock(self, key: str, ttl_ms: int) -> bool:
-        return (await self._command("SET", key, "1", "NX", "PX", ttl_ms)) is not None
+    async def try_lock(self, key: str, ttl_ms: int) -> str | None:
+        """A lock that expires after ``ttl_ms``: its owner's token, or None if taken."""
+        token = secrets.token_hex(8)
+        taken = await self._command("SET", key, token, "NX", "PX", ttl_ms)
+        return token if taken is not None else None
 
-    async def unlock(self, key: str) -> None:
-        await self._command("DEL", key)
+    async def unlock(self, key: str, token: str) -> None:
+        """Release the lock if ``token`` still owns it: once it expired, another worker
+        may hold it, and must keep it."""
+        await self._command("EVAL", _UNLOCK, 1, key, token)
+
+
+_UNLOCK = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0"""
 
 
 def _text(value: bytes | str) -> str:

@@ -57,7 +57,8 @@ class Recovery:
     async def rebuild(self, release_id: str) -> None:
         """Rebuild a release's inventory from PostgreSQL, or wait for the worker doing it."""
         lock = ReleaseKeys.of(release_id).rebuild_lock
-        if not await self.inventory.try_lock(lock, _REBUILD_LOCK_MS):
+        token = await self.inventory.try_lock(lock, _REBUILD_LOCK_MS)
+        if token is None:
             # Another worker is rebuilding: wait (bounded) until the inventory is back.
             for _ in range(_REBUILD_WAITS):
                 await asyncio.sleep(_REBUILD_WAIT_S)
@@ -78,7 +79,7 @@ class Recovery:
                 self.metrics.rebuilds.inc()
                 log.warning("inventory_rebuilt", release=release_id, bookings=bookings)
         finally:
-            await self.inventory.unlock(lock)
+            await self.inventory.unlock(lock, token)
 
     async def settle_stale_confirms(self, release_id: str) -> int:
         """Settle confirms that began more than ``confirm_grace_s`` ago and never reported."""

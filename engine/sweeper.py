@@ -38,7 +38,8 @@ async def sweep_once(
     purge of personal data past its retention when ``purge`` is (and a retention is set).
     Visits none if another worker holds the lock (a draw runs once whoever runs it)."""
     lock_ms = int(max(domain.settings.sweep_interval_s * 5, 5) * 1000)
-    if not await domain.inventory.try_lock(SWEEPER_LOCK, lock_ms):
+    lock = await domain.inventory.try_lock(SWEEPER_LOCK, lock_ms)
+    if lock is None:
         return SweepReport()
     settled = corrections = 0
     try:
@@ -59,7 +60,7 @@ async def sweep_once(
             purged = await _purge(domain)
         return SweepReport(len(releases), settled, corrections, draws, purged)
     finally:
-        await domain.inventory.unlock(SWEEPER_LOCK)
+        await domain.inventory.unlock(SWEEPER_LOCK, lock)
 
 
 _PURGE_INTERVAL_S = 3600.0  # personal data is kept for days: an hour late is nothing

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import redis.asyncio as aioredis
 
 from engine.appkeys import RESERVATIONS
 from engine.identity import Applicant
+from engine.inventory import Inventory
 from engine.keys import ReleaseKeys
 from engine.reservations import Reservations
 from engine.settings import Settings
@@ -220,3 +223,19 @@ def test_the_default_timeouts_keep_the_order_the_recovery_relies_on() -> None:
     statements = 12  # a booking transaction: the advisory locks and the trigger included
     assert s.confirm_grace_s > statements * s.pg_timeout_s
     assert 3 * s.redis_timeout_s < s.pg_timeout_s
+
+
+async def test_a_lock_is_released_only_by_its_owner(redis: aioredis.Redis, clean: None) -> None:
+    """The sweeper's and the rebuild's locks expire: a worker that outlived its lock must
+    not release the one another worker has taken since."""
+    inventory = Inventory(redis, timeout_s=1.0, retry_after_s=1)
+    first = await inventory.try_lock("test:lock", 50)
+    assert first is not None
+    assert await inventory.try_lock("test:lock", 50) is None
+    await asyncio.sleep(0.1)  # expired: another worker takes it
+    second = await inventory.try_lock("test:lock", 10_000)
+    assert second is not None
+    await inventory.unlock("test:lock", first)  # the first worker, late
+    assert await inventory.try_lock("test:lock", 10_000) is None
+    await inventory.unlock("test:lock", second)
+    assert await inventory.try_lock("test:lock", 10_000) is not None
