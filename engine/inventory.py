@@ -43,6 +43,7 @@ OPERATIONS = (
     "take_token",
     "issue_challenge",
     "spend_challenge",
+    "unlock",
 )
 RECLAIM_LIMIT = 100
 # The reconcile recounts live-hold counters from the records only below this many live holds
@@ -492,11 +493,7 @@ class Inventory:
     async def unlock(self, key: str, token: str) -> None:
         """Release the lock if ``token`` still owns it: once it expired, another worker
         may hold it, and must keep it."""
-        await self._command("EVAL", _UNLOCK, 1, key, token)
-
-
-_UNLOCK = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0"""
+        await self._call("unlock", (key,), (token,))
 
 
 def _text(value: bytes | str) -> str:

@@ -73,32 +73,39 @@ _ACTIVE = f"b.status = 'confirmed' AND b.retired_at IS NULL AND {_ENDS} > now()"
 # It finds its rows through bookings_unpurged and entries_unpurged (sql/012): created before
 # the cutoff and not purged. An entry is purged once its draw has dealt with it and its
 # release's last appointment started a day (the longest slot) before the cutoff.
-_PURGE_BOOKINGS = f"""
+
+
+def _purge_statement(table: str, key: str, due: str, also: str = "") -> str:
+    """Erase one batch ($2 rows) of ``table``'s rows not purged, made before the cutoff
+    ($1 days ago), and ``due``; each keyed by ``key``."""
+    a = table[0]
+    return f"""
 WITH batch AS (
-    SELECT b.reference FROM bookings b
-     WHERE b.purged_at IS NULL AND b.created_at < now() - make_interval(days => $1)
-       AND {_ENDS} < now() - make_interval(days => $1)
+    SELECT {a}.{key} FROM {table} {a}
+     WHERE {a}.purged_at IS NULL AND {a}.created_at < now() - make_interval(days => $1)
+       AND {due}
      LIMIT $2 FOR UPDATE SKIP LOCKED)
-UPDATE bookings b
+UPDATE {table} {a}
    SET family_name = '', given_names = '', birth_date = NULL, client_net = NULL,
-       identity_hash = sha256(convert_to('purged identity ' || b.reference, 'UTF8')),
-       email_hash = sha256(convert_to('purged email ' || b.reference, 'UTF8')),
-       retired_at = coalesce(b.retired_at, now()), purged_at = now()
-  FROM batch WHERE b.reference = batch.reference"""  # noqa: S608 (constants)
-_PURGE_ENTRIES = """
-WITH batch AS (
-    SELECT e.id FROM entries e
-     WHERE e.purged_at IS NULL AND e.created_at < now() - make_interval(days => $1)
-       AND e.status <> 'registered'
+       identity_hash = sha256(convert_to('purged identity ' || {a}.{key}, 'UTF8')),
+       email_hash = sha256(convert_to('purged email ' || {a}.{key}, 'UTF8')),
+       {also}purged_at = now()
+  FROM batch WHERE {a}.{key} = batch.{key}"""  # noqa: S608 (constants)
+
+
+_PURGE_BOOKINGS = _purge_statement(
+    "bookings",
+    "reference",
+    f"{_ENDS} < now() - make_interval(days => $1)",
+    "retired_at = coalesce(b.retired_at, now()), ",
+)
+_PURGE_ENTRIES = _purge_statement(
+    "entries",
+    "id",
+    """e.status <> 'registered'
        AND (SELECT max(s.starts_at) FROM slots s WHERE s.release_id = e.release_id)
-           < now() - make_interval(days => $1) - interval '1 day'
-     LIMIT $2 FOR UPDATE SKIP LOCKED)
-UPDATE entries e
-   SET family_name = '', given_names = '', birth_date = NULL, client_net = NULL,
-       identity_hash = sha256(convert_to('purged identity ' || e.id, 'UTF8')),
-       email_hash = sha256(convert_to('purged email ' || e.id, 'UTF8')),
-       purged_at = now()
-  FROM batch WHERE e.id = batch.id"""
+           < now() - make_interval(days => $1) - interval '1 day'""",
+)
 
 # Staff's capacity change takes this lock, and every write of capacities to Redis from a
 # snapshot shares it (Store.patch_release, Store.with_snapshot).
