@@ -462,6 +462,14 @@ def hello_app() -> Any:
     return app
 
 
+def listening_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    sock.listen(1024)
+    return sock
+
+
 def serve_app(app: Any, port: int) -> None:
     """Serve ``app`` in this process the way ``engine.serve`` starts a worker: uvloop, no
     access log."""
@@ -470,10 +478,7 @@ def serve_app(app: Any, port: int) -> None:
     import uvloop
     from aiohttp import web
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, port))
-    sock.listen(1024)
+    sock = listening_socket(port)
     logging.basicConfig(level=logging.WARNING)
     web.run_app(app, sock=sock, print=None, access_log=None, loop=uvloop.new_event_loop())
 

@@ -76,6 +76,44 @@ def engine_server() -> None:
     serve(settings)
 
 
+def reference_server(kind: str, port: int) -> None:
+    """What the stack's layers cost, below the hello world of ``bench.py`` (the same JSON
+    reply, to any request): ``lowlevel`` serves it with aiohttp's low-level server
+    (``web.Server``: no application, router or route), ``protocol`` with a bare asyncio
+    protocol on uvloop that parses nothing (it answers each GET it finds the end of): what the
+    event loop and the sockets cost a Python server at the least."""
+    import uvloop
+    from aiohttp import web
+
+    sock = bench.listening_socket(port)
+
+    class Hello(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.buffer = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while b"\r\n\r\n" in self.buffer:
+                _request, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+                body = json.dumps({"hello": "world"}).encode()
+                self.transport.write(  # type: ignore[attr-defined]
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+
+    async def hello(_request: web.BaseRequest) -> web.Response:
+        return web.json_response({"hello": "world"})
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        factory = web.Server(hello, access_log=None) if kind == "lowlevel" else Hello
+        await loop.create_server(factory, sock=sock)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 def under_callgrind(workdir: Path, name: str, argv: list[str]) -> list[str]:
     out = workdir / f"cg-{name}.%p"
     return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
@@ -144,12 +182,17 @@ async def count(
 
 
 async def count_reference(
-    b: Bench, name: str, args: list[str], requests: Callable[[int], list[bytes]], expect: int
+    b: Bench,
+    name: str,
+    args: list[str],
+    requests: Callable[[int], list[bytes]],
+    expect: int,
+    script: Path = bench.SCRIPT,
 ) -> float:
-    """Instructions per request of one of ``bench.py``'s reference servers (``args`` pick
-    it); ``requests(port)`` are sent to it."""
+    """Instructions per request of a reference server (``bench.py``'s, or this script's,
+    ``args`` pick it); ``requests(port)`` are sent to it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")}
-    argv = [sys.executable, str(bench.SCRIPT), *args, "--port", "{port}"]
+    argv = [sys.executable, str(script), *args, "--port", "{port}"]
     server = Server(name, under_callgrind(b.workdir, name, argv), env, b.workdir, None)
     b.servers.append(server)
     server.start()
@@ -243,6 +286,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         rows["hello"] = await count_reference(
             b, "hello", ["--hello-server"], lambda port: [raw_request("GET", "/", port)] * n, 200
         )
+        for kind in ("lowlevel", "protocol"):
+            if not args.only or kind in args.only:
+                rows[kind] = await count_reference(
+                    b,
+                    kind,
+                    ["--reference-server", kind],
+                    lambda port: [raw_request("GET", "/", port)] * n,
+                    200,
+                    script=SCRIPT,
+                )
         if not args.only or "floor" in args.only:
             slot = f"{FLOOR_RELEASE}.000"
             rows["floor"] = await count_reference(
@@ -252,7 +305,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 lambda port: b.minter.holds(port, FLOOR_RELEASE, [slot], n)[0],
                 201,
             )
-        if not args.only or args.only - {"floor"}:
+        if not args.only or args.only - {"floor", "lowlevel", "protocol"}:
             rows.update(await count_engine(b, args, n))
     finally:
         b.stop_all()
@@ -276,6 +329,8 @@ def bench_args() -> argparse.Namespace:
 
 LABELS = {
     "hello": "ceiling: hello world, GET /",
+    "lowlevel": "the same on aiohttp's low-level server",
+    "protocol": "the same from a bare uvloop protocol",
     "healthz": "GET /healthz (the engine's floor)",
     "listing": "slot listing, 120 slots (cached, gzipped)",
     "floor": "floor of a hold: aiohttp + 1 Redis call (201)",
@@ -304,9 +359,16 @@ def main() -> None:
         "times slower under callgrind: 20 to 80 here leave it idle between small batches)",
     )
     parser.add_argument("--engine-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reference-server", choices=("lowlevel", "protocol"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_server:
         engine_server()
+        return
+    if args.reference_server:
+        reference_server(args.reference_server, args.port)
         return
     import uvloop
 
