@@ -140,6 +140,12 @@ class SlotCounts:
         return max(0, self.capacity - self.booked - self.held)
 
 
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    corrections: int
+    stale: bool  # a capacity was lowered since the snapshot: its capacities were not set
+
+
 class InventoryMissing(Exception):
     """The release's inventory is not in Redis (flushed, restarted): rebuild it."""
 
@@ -306,7 +312,9 @@ class Inventory:
         for slot_id, capacity, booked in changes:
             args += [slot_id, capacity, booked]
         reply = await self._call(
-            "lower_capacity", (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients), args
+            "lower_capacity",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients, k.fence),
+            args,
         )
         if _text(reply[0]) == "rebuild":
             raise InventoryMissing(release_id)
@@ -415,48 +423,67 @@ class Inventory:
         refs = await self._command("HKEYS", ReleaseKeys.of(release_id).booked)
         return {_text(r) for r in refs}
 
+    async def fence(self, release_id: str) -> str:
+        """Where the release's capacity fence stands: read with a PostgreSQL snapshot, and
+        given back with its write of capacities (``rebuild``, ``reconcile``), which sets
+        none if a capacity was lowered in between."""
+        return _text(await self._command("GET", ReleaseKeys.of(release_id).fence) or b"0")
+
     async def rebuild(
         self,
         release_id: str,
+        fence: str,
         capacities: Sequence[tuple[str, int]],
         bookings: Sequence[tuple[str, str]],
-    ) -> bool:
-        """Recreate the inventory if still missing. True if this call built it."""
+    ) -> Literal["rebuilt", "present", "stale"]:
+        """Recreate the inventory if still missing and the fence still where it was."""
         k = ReleaseKeys.of(release_id)
-        args: list[str | int] = [len(capacities)]
+        args: list[str | int] = [fence, len(capacities)]
         for slot_id, capacity in capacities:
             args += [slot_id, capacity]
         for ref, slot_id in bookings:
             args += [ref, slot_id]
         reply = await self._call(
             "rebuild",
-            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.booked, k.clients, k.confirms),
+            (
+                k.inv,
+                k.holds,
+                k.confirming,
+                k.hold,
+                k.idem,
+                k.booked,
+                k.clients,
+                k.confirms,
+                k.fence,
+            ),
             args,
         )
-        return _text(reply[0]) == "rebuilt"
+        return _text(reply[0])  # type: ignore[return-value]
 
     async def reconcile(
         self,
         release_id: str,
+        fence: str,
         capacities: Sequence[tuple[str, int]],
         add: Sequence[tuple[str, str]],
         remove: Sequence[str],
         recount_limit: int = RECOUNT_LIMIT,
-    ) -> int:
-        """Correct the inventory toward PostgreSQL; return how many corrections were made.
-        Live-hold counters are recounted only while at most ``recount_limit`` holds live."""
+    ) -> Reconciled:
+        """Correct the inventory toward PostgreSQL: the capacities only if the fence is still
+        where it was. Live-hold counters are recounted only while at most ``recount_limit``
+        holds live."""
         k = ReleaseKeys.of(release_id)
-        args: list[str | int] = [recount_limit, len(capacities)]
+        args: list[str | int] = [recount_limit, fence, len(capacities)]
         for slot_id, capacity in capacities:
             args += [slot_id, capacity]
         args.append(len(add))
         for ref, slot_id in add:
             args += [ref, slot_id]
         args += list(remove)
-        reply = await self._call("reconcile", (k.inv, k.hold, k.booked, k.clients), args)
+        reply = await self._call("reconcile", (k.inv, k.hold, k.booked, k.clients, k.fence), args)
         if _text(reply[0]) == "rebuild":
             raise InventoryMissing(release_id)
-        return int(reply[1])
+        return Reconciled(int(reply[1]), reply[2] == 1)
 
     async def take_tokens(self, takes: Sequence[Take], now_us: int | None) -> list[Taken]:
         """Take from several buckets in one round trip. ``now_us`` None means Redis's own

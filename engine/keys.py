@@ -25,6 +25,7 @@ class ReleaseKeys:
     spent: str
     clients: str
     rebuild_lock: str
+    fence: str
 
     @classmethod
     @functools.lru_cache(maxsize=1024)  # per hold: ten strings and a frozen dataclass
@@ -41,6 +42,7 @@ class ReleaseKeys:
             spent=tag + "spent",
             clients=tag + "clients",
             rebuild_lock=tag + "rebuild",
+            fence=tag + "fence",
         )
 
 

@@ -4,6 +4,8 @@
                              it from PostgreSQL (under a short lock) and retry once
     settle_stale_confirms    settle confirms that never reported back, from PostgreSQL
     reconcile                correct counts and capacities, and count each correction
+    from_snapshot            write PostgreSQL's capacities to Redis, fenced against a
+                             capacity lowered meanwhile (every such write goes through it)
 
 Every step is idempotent, so workers and the sweeper may run them concurrently.
 docs/consistency.md explains each crash window these close.
@@ -16,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from engine.errors import Overloaded
-from engine.inventory import Inventory, InventoryMissing
+from engine.inventory import Inventory, InventoryMissing, Reconciled
 from engine.keys import ReleaseKeys
 from engine.logs import log
 from engine.metrics import Metrics
@@ -25,6 +27,8 @@ from engine.store import Store
 
 T = TypeVar("T")
 Clock = Callable[[], float]
+Capacities = list[tuple[str, int]]
+Bookings = list[tuple[str, str]]
 
 _REBUILD_LOCK_MS = 5000
 _REBUILD_WAIT_S = 0.05
@@ -67,19 +71,37 @@ class Recovery:
             return
         try:
 
-            async def rebuild_from(
-                capacities: list[tuple[str, int]], bookings: list[tuple[str, str]]
-            ) -> int | None:
-                if await self.inventory.rebuild(release_id, capacities, bookings):
-                    return len(bookings)
-                return None
+            async def rebuild_from(fence: str, capacities: Capacities, bookings: Bookings) -> str:
+                outcome = await self.inventory.rebuild(release_id, fence, capacities, bookings)
+                if outcome == "rebuilt":
+                    self.metrics.rebuilds.inc()
+                    log.warning("inventory_rebuilt", release=release_id, bookings=len(bookings))
+                return outcome
 
-            bookings = await self.store.with_snapshot(release_id, rebuild_from)
-            if bookings is not None:
-                self.metrics.rebuilds.inc()
-                log.warning("inventory_rebuilt", release=release_id, bookings=bookings)
+            if await self.from_snapshot(release_id, rebuild_from) == "stale":
+                # A capacity was lowered while this read: the next call reads again.
+                log.warning("inventory_rebuild_stale", release=release_id)
         finally:
             await self.inventory.unlock(lock, token)
+
+    async def from_snapshot(
+        self, release_id: str, write: Callable[[str, Capacities, Bookings], Awaitable[T]]
+    ) -> T:
+        """Run ``write`` (a write of capacities and bookings to Redis) on PostgreSQL's
+        snapshot of the release, and the capacity fence read with it.
+
+        The snapshot is read under the shared capacity lock, so no capacity change commits
+        while ``write`` runs (``Store.with_snapshot``). But a Redis call this worker gave up on
+        (its timeout) may still reach Redis after the lock is gone, and after a capacity was
+        lowered: the fence has moved by then, and Redis sets none of this snapshot's
+        capacities (docs/consistency.md, section 8). The fence is read under the lock, so
+        a lowering that moved it before had committed before the snapshot was read."""
+
+        async def fenced(capacities: Capacities, bookings: Bookings) -> T:
+            fence = await self.inventory.fence(release_id)
+            return await write(fence, capacities, bookings)
+
+        return await self.store.with_snapshot(release_id, fenced)
 
     async def settle_stale_confirms(self, release_id: str) -> int:
         """Settle confirms that began more than ``confirm_grace_s`` ago and never reported."""
@@ -106,18 +128,21 @@ class Recovery:
         shown free that is not.
         """
 
-        async def correct(capacities: list[tuple[str, int]], active: list[tuple[str, str]]) -> int:
+        async def correct(fence: str, capacities: Capacities, active: Bookings) -> Reconciled:
             active_refs = {ref for ref, _ in active}
             add = [(ref, slot) for ref, slot in active if ref not in counted]
             remove = sorted(counted - active_refs)
-            return await self.inventory.reconcile(release_id, capacities, add, remove)
+            return await self.inventory.reconcile(release_id, fence, capacities, add, remove)
 
         try:
             counted = await self.inventory.booked_refs(release_id)
-            corrections = await self.store.with_snapshot(release_id, correct)
+            done = await self.from_snapshot(release_id, correct)
         except InventoryMissing:
             await self.rebuild(release_id)
             return 0
+        if done.stale:
+            log.warning("capacities_stale", release=release_id)
+        corrections = done.corrections
         if corrections and correction:
             self.metrics.reconcile_corrections.inc(corrections)
             log.warning("inventory_reconciled", release=release_id, corrections=corrections)

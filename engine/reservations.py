@@ -233,8 +233,9 @@ class Reservations:
         try:
             # From a snapshot, like any write of capacities to Redis: a capacity change
             # committed meanwhile must not be written over (docs/consistency.md, section 8).
-            await self.store.with_snapshot(
-                release.id, lambda caps, books: self.inventory.rebuild(release.id, caps, books)
+            await self.recovery.from_snapshot(
+                release.id,
+                lambda fence, caps, books: self.inventory.rebuild(release.id, fence, caps, books),
             )
         except StoreUnavailable:
             log.warning("inventory_build_deferred", release=release.id)
@@ -260,8 +261,9 @@ class Reservations:
         await self.store.patch_release(release_id, windows, capacities, self.now(), lower)
         self.forget(release_id)
         try:
-            await self.store.with_snapshot(
-                release_id, lambda caps, _: self.inventory.reconcile(release_id, caps, [], [])
+            await self.recovery.from_snapshot(
+                release_id,
+                lambda fence, caps, _: self.inventory.reconcile(release_id, fence, caps, [], []),
             )
         except InventoryMissing:
             pass  # the rebuild reads the capacities from PostgreSQL

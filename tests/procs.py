@@ -4,7 +4,8 @@
     free_ports    several distinct ones
     dead_port     a port held bound but not listening: every connect is refused
     Blackhole     accepts connections and never answers (a store that hangs)
-    TcpProxy      forwards to a real store; stop() cuts every connection and refuses new ones
+    TcpProxy      forwards to a real store; stop() cuts every connection and refuses new ones;
+                  hold_back() keeps a client's calls from reaching the store
     RedisServer   a private ``redis-server`` without persistence, restartable on its port
     Engine        a ``python -m engine serve`` subprocess
 
@@ -117,14 +118,27 @@ class Blackhole:
 class TcpProxy:
     """Forwards 127.0.0.1:port to an upstream store. ``stop()`` aborts every forwarded
     connection and closes the listener (connects are refused); ``start()`` listens again on
-    the same port."""
+    the same port. ``hold_back(needle)``: from then on, what a client sends in a read that
+    contains ``needle`` is kept in ``held`` instead of forwarded, so that the test can make the
+    call reach the store when it chooses, as a call the client gave up on may."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self._upstream = (upstream_host, upstream_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._needle: bytes | None = None
+        self.held: list[bytes] = []
         self.port = 0
+
+    def hold_back(self, needle: bytes) -> None:
+        self._needle = needle
+
+    def _keep(self, data: bytes) -> bool:
+        if self._needle is not None and self._needle in data:
+            self.held.append(data)
+            return True
+        return False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, HOST, self.port)
@@ -155,12 +169,18 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
-        await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        await asyncio.gather(_pump(reader, up_writer, self._keep), _pump(up_reader, writer))
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    keep: Callable[[bytes], bool] = lambda _data: False,
+) -> None:
     try:
         while data := await reader.read(65536):
+            if keep(data):
+                continue
             writer.write(data)
             await writer.drain()
     except OSError:

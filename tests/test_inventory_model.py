@@ -45,7 +45,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from engine.inventory import HoldResult, Inventory, InventoryMissing, SlotCounts
+from engine.inventory import HoldResult, Inventory, InventoryMissing, Reconciled, SlotCounts
 from engine.keys import ReleaseKeys
 from tests.conftest import REDIS_URL
 
@@ -115,6 +115,8 @@ class Model:
         # Cancelled bookings Redis may go on counting until a reconcile: their cancel_done never
         # ran. Any other cancelled one counted is a bug.
         self.stale_counts: set[str] = set()
+        # How many changes lower_capacity took, or found the inventory missing for.
+        self.fence = 0
 
     # PostgreSQL --------------------------------------------------------------------------
 
@@ -166,16 +168,22 @@ class Model:
         self.present = False
         self.caps, self.holds, self.idem, self.booked, self.spent = {}, {}, {}, {}, {}
         self.stale_counts = set()
+        self.fence = 0
 
-    def rebuild(self) -> bool:
+    def rebuild(
+        self, fence: str, caps: list[tuple[str, int]], bookings: list[tuple[str, str]]
+    ) -> str:
+        """From a snapshot (the model's PostgreSQL may have moved on since)."""
         if self.present:
-            return False
+            return "present"
+        if fence != str(self.fence):
+            return "stale"
         self.present = True
-        self.caps = dict(self.pg_caps)
+        self.caps = dict(caps)
         self.holds, self.idem = {}, {}
-        self.booked = self.pg_active()
+        self.booked = dict(bookings)
         self.stale_counts = set()
-        return True
+        return "rebuilt"
 
     def _drop(self, hold_id: str) -> ModelHold:
         h = self.holds.pop(hold_id)
@@ -233,6 +241,7 @@ class Model:
         if capacity < floor:
             return {slot: floor}
         self.caps[slot] = min(self.caps[slot], capacity)
+        self.fence += 1
         return {}
 
     def counts(self, now: int) -> dict[str, SlotCounts]:
@@ -303,13 +312,18 @@ class Model:
         self.stale_counts.discard(ref)
 
     def reconcile(
-        self, caps: list[tuple[str, int]], add: list[tuple[str, str]], remove: list[str]
-    ) -> int:
+        self,
+        fence: str,
+        caps: list[tuple[str, int]],
+        add: list[tuple[str, str]],
+        remove: list[str],
+    ) -> Reconciled:
         """Corrections as reconcile.lua counts them. ``h`` never needs one here: a drifted
         Redis counter shows up as a correction the model did not expect."""
         corrections = 0
+        stale = fence != str(self.fence)
         for slot, cap in caps:
-            if self.caps.get(slot) != cap:
+            if not stale and self.caps.get(slot) != cap:
                 self.caps[slot] = cap
                 corrections += 1
         for ref, slot in add:
@@ -320,7 +334,7 @@ class Model:
             if self.booked.pop(ref, None) is not None:
                 corrections += 1
             self.stale_counts.discard(ref)
-        return corrections
+        return Reconciled(corrections, stale)
 
     def inv_hash(self) -> dict[str, str]:
         if not self.present:
@@ -349,6 +363,7 @@ class RawRedis:
     idem: dict[str, str]
     spent: dict[str, int]
     clients: dict[str, str]
+    fence: str
 
 
 def newest_first(ids: Iterable[str]) -> list[str]:
@@ -381,6 +396,8 @@ class InventoryMachine(RuleBasedStateMachine):
         self.model = Model({})
         self.challenges: dict[str, int] = {}  # every challenge issued -> its expiry
         self.hold_ids: list[str] = []  # every hold ever granted, most long gone
+        # A snapshot and the fence read with it, whose write reaches Redis later.
+        self.in_flight: tuple[str, list[tuple[str, int]], list[tuple[str, str]]] | None = None
 
     @staticmethod
     async def _connect() -> aioredis.Redis:
@@ -478,11 +495,15 @@ class InventoryMachine(RuleBasedStateMachine):
     def flush_redis(self) -> None:
         self.run(self.redis.flushdb())
         self.model.wipe()
+        # A call in flight is lost with the connection that carried it (a restart or a
+        # failover); an older snapshot rebuilding the inventory would miss bookings since.
+        self.in_flight = None
 
     def rebuild_from_pg(self) -> None:
         capacities, bookings = self.model.pg_snapshot()
-        built = self.run(self.inventory.rebuild(RELEASE, capacities, bookings))
-        assert built == self.model.rebuild()
+        fence = self.run(self.inventory.fence(RELEASE))
+        built = self.run(self.inventory.rebuild(RELEASE, fence, capacities, bookings))
+        assert built == self.model.rebuild(fence, capacities, bookings) != "stale"
 
     def with_inventory(self, op: Callable[[], Awaitable[T]]) -> T:
         """``Recovery.with_inventory``: on a missing inventory, rebuild it and retry."""
@@ -499,17 +520,19 @@ class InventoryMachine(RuleBasedStateMachine):
         """``Reservations.reconcile``: Redis's counted references first, then PostgreSQL."""
         counted = self.run(self.inventory.booked_refs(RELEASE))
         capacities, active = self.model.pg_snapshot()
+        fence = self.run(self.inventory.fence(RELEASE))
         add = [(ref, slot) for ref, slot in active if ref not in counted]
         remove = sorted(counted - {ref for ref, _ in active})
         try:
-            corrections = self.run(self.inventory.reconcile(RELEASE, capacities, add, remove))
+            done = self.run(self.inventory.reconcile(RELEASE, fence, capacities, add, remove))
         except InventoryMissing:
             assert not self.model.present, "Redis lost an inventory the model still has"
             self.rebuild_from_pg()
             return
         assert self.model.present, "Redis reconciled an inventory the model lost"
-        assert corrections == self.model.reconcile(capacities, add, remove)
-        event(f"reconcile: {'corrected' if corrections else 'nothing to correct'}")
+        assert done == self.model.reconcile(fence, capacities, add, remove)
+        assert not done.stale  # the fence read with the snapshot: nothing moved it since
+        event(f"reconcile: {'corrected' if done.corrections else 'nothing to correct'}")
 
     def settle_stale(self, cutoff: int) -> None:
         """``Recovery.settle_stale_confirms`` with the given cutoff."""
@@ -532,8 +555,9 @@ class InventoryMachine(RuleBasedStateMachine):
             pipe.hgetall(KEYS.idem)
             pipe.zrange(KEYS.spent, 0, -1, withscores=True)
             pipe.hgetall(KEYS.clients)
+            pipe.get(KEYS.fence)
             replies = await pipe.execute()
-        inv, booked, hold, holds, confirming, confirms, idem, spent, clients = replies
+        inv, booked, hold, holds, confirming, confirms, idem, spent, clients, fence = replies
         return RawRedis(
             _hash(inv),
             _hash(booked),
@@ -544,6 +568,7 @@ class InventoryMachine(RuleBasedStateMachine):
             _hash(idem),
             _zset(spent),
             _hash(clients),
+            _text(fence or b"0"),
         )
 
     # Rules --------------------------------------------------------------------------------
@@ -631,10 +656,15 @@ class InventoryMachine(RuleBasedStateMachine):
         data=st.data(),
         capacity=st.integers(0, 3),
         crash=st.sampled_from(["none", "before commit", "after commit"]),
+        late=st.booleans(),
     )
-    def patch_capacity(self, data: st.DataObject, capacity: int, crash: str) -> None:
+    def patch_capacity(self, data: st.DataObject, capacity: int, crash: str, late: bool) -> None:
         """``Reservations.patch_release``: a lower capacity is taken by Redis, with its holds
-        counted, before PostgreSQL commits; a higher one after."""
+        counted, before PostgreSQL commits; a higher one after. ``late``: a write of
+        capacities read before the change reaches Redis just after Redis took it (the rules
+        ``snapshot_read`` and ``late_write`` make it any other step apart)."""
+        if late:
+            self.snapshot_read()
         slot = data.draw(st.sampled_from(self.slots), "slot")
         pg_booked = self.model.pg_count(slot)
         if capacity < pg_booked:
@@ -645,10 +675,13 @@ class InventoryMachine(RuleBasedStateMachine):
                 refused = self.run(self.inventory.lower_capacities(RELEASE, self.now, change))
             except InventoryMissing:
                 assert not self.model.present, "Redis lost an inventory the model still has"
+                self.model.fence += 1
                 refused = {}
             else:
                 assert refused == self.model.lower_capacity(slot, capacity, pg_booked, self.now)
             event(f"lower capacity: {'refused' if refused else 'lowered'}")
+            if late:
+                self.land(rebuild=data.draw(st.booleans(), "rebuild"))
             if refused:
                 return  # ValidationFailed: nothing commits
         if crash == "before commit":
@@ -657,12 +690,13 @@ class InventoryMachine(RuleBasedStateMachine):
         if crash == "after commit":
             return
         capacities, _ = self.model.pg_snapshot()
+        fence = self.run(self.inventory.fence(RELEASE))
         try:
-            corrections = self.run(self.inventory.reconcile(RELEASE, capacities, [], []))
+            done = self.run(self.inventory.reconcile(RELEASE, fence, capacities, [], []))
         except InventoryMissing:
             assert not self.model.present, "Redis lost an inventory the model still has"
             return  # the rebuild reads the capacities from PostgreSQL
-        assert corrections == self.model.reconcile(capacities, [], [])
+        assert done == self.model.reconcile(fence, capacities, [], [])
 
     @rule(ms=st.sampled_from(TICKS_MS))
     def tick(self, ms: int) -> None:
@@ -676,6 +710,39 @@ class InventoryMachine(RuleBasedStateMachine):
     @rule()
     def reconcile(self) -> None:
         self.reconcile_like_domain()
+
+    @rule()
+    def snapshot_read(self) -> None:
+        """A write of capacities reads its snapshot and fence (``Recovery.from_snapshot``),
+        and its Redis call is given up on: it reaches Redis later (``late_write``), after
+        whatever rules run in between, a capacity change among them."""
+        capacities, bookings = self.model.pg_snapshot()
+        self.in_flight = (self.run(self.inventory.fence(RELEASE)), capacities, bookings)
+
+    @precondition(lambda self: self.in_flight is not None)
+    @rule(rebuild=st.booleans())
+    def late_write(self, rebuild: bool) -> None:
+        self.land(rebuild)
+
+    def land(self, rebuild: bool) -> None:
+        """The write in flight reaches Redis: a rebuild or a reconcile's capacities. If a
+        capacity was lowered since its snapshot, it must set none (the invariant's "Redis
+        never offers more places than PostgreSQL has" fails otherwise)."""
+        assert self.in_flight is not None
+        fence, capacities, bookings = self.in_flight
+        self.in_flight = None
+        if rebuild:
+            built = self.run(self.inventory.rebuild(RELEASE, fence, capacities, bookings))
+            assert built == self.model.rebuild(fence, capacities, bookings)
+            event(f"late rebuild: {built}")
+            return
+        try:
+            done = self.run(self.inventory.reconcile(RELEASE, fence, capacities, [], []))
+        except InventoryMissing:
+            assert not self.model.present, "Redis lost an inventory the model still has"
+            return
+        assert done == self.model.reconcile(fence, capacities, [], [])
+        event(f"late reconcile: {'stale' if done.stale else 'applied'}")
 
     @rule(grace=st.sampled_from([GRACE_MS, 0]))
     def settle(self, grace: int) -> None:
@@ -719,6 +786,7 @@ class InventoryMachine(RuleBasedStateMachine):
         model = self.model
         assert raw.inv == model.inv_hash()
         assert raw.clients == model.clients_hash()
+        assert raw.fence == str(model.fence)
         assert raw.booked == model.booked
         assert raw.hold == {hold_id: h.record() for hold_id, h in model.holds.items()}
         assert raw.holds == {i: h.deadline for i, h in model.holds.items() if h.state == "h"}

@@ -7,13 +7,22 @@ import asyncio
 from collections import Counter
 from datetime import date
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
+import hiredis
 import pytest
+import redis.asyncio as aioredis
 
 from engine.appkeys import RESERVATIONS
+from engine.errors import StoreUnavailable
 from engine.identity import Applicant
+from engine.inventory import Inventory, Reconciled
+from engine.multiplex import Multiplexed
+from engine.recovery import Recovery
 from tests.api import ADMIN, Api, Reply, applicant, ip
+from tests.conftest import REDIS_URL
+from tests.procs import HOST, TcpProxy
 
 
 async def pg_slot(pg: asyncpg.Connection, slot_id: str) -> tuple[int, int, int]:
@@ -218,12 +227,12 @@ async def test_capacity_change_waits_for_a_snapshot_being_written(api: Api) -> N
     domain = api.client.app[RESERVATIONS]
     read, write = asyncio.Event(), asyncio.Event()
 
-    async def late_write(capacities: list[tuple[str, int]], _: object) -> int:
+    async def late_write(fence: str, capacities: list[tuple[str, int]], _: object) -> Reconciled:
         read.set()
         await write.wait()
-        return await domain.inventory.reconcile(release["id"], capacities, [], [])
+        return await domain.inventory.reconcile(release["id"], fence, capacities, [], [])
 
-    sweeper = asyncio.create_task(domain.store.with_snapshot(release["id"], late_write))
+    sweeper = asyncio.create_task(domain.recovery.from_snapshot(release["id"], late_write))
     await read.wait()
     path = f"/v1/admin/releases/{release['id']}"
     patch = asyncio.create_task(
@@ -231,7 +240,7 @@ async def test_capacity_change_waits_for_a_snapshot_being_written(api: Api) -> N
     )
     await asyncio.wait([patch], timeout=0.5)  # without the lock, the change lands meanwhile
     write.set()
-    assert await sweeper == 0
+    assert await sweeper == Reconciled(0, stale=False)
     assert (await patch).status == 200
     counts = await domain.inventory.counts(release["id"], domain.now_ms())
     assert counts[slot].capacity == 2
@@ -261,3 +270,43 @@ async def test_a_snapshot_waits_for_a_capacity_change_in_progress(
     await waiting_for_a_lock(pg, reader)
     await change.commit()
     assert await reader == [(slot, 2)]
+
+
+async def test_a_capacity_write_that_reaches_redis_late_sets_no_capacity(
+    api: Api, redis: aioredis.Redis
+) -> None:
+    """docs/consistency.md, section 8. A reconcile read capacity 5 and sent it to Redis, then
+    gave up on the call (its timeout) and so let go of the capacity lock; staff lowered the
+    slot to 2; then the call reached Redis (a proxy, a stalled network). It must not set 5
+    over 2: Redis would offer places PostgreSQL no longer has, and promise them in holds
+    that fail at confirm."""
+    await api.site()
+    release = await api.publish([5])
+    slot = release["slots"][0]["id"]
+    domain = api.client.app[RESERVATIONS]
+    # Another worker, whose Redis connection runs through a proxy that keeps its reconcile.
+    url = urlsplit(REDIS_URL)
+    proxy = TcpProxy(url.hostname or HOST, url.port or 6379)
+    await proxy.start()
+    link = Multiplexed.from_url(url._replace(netloc=f"{HOST}:{proxy.port}").geturl(), 0.2)
+    other = Inventory(redis, 0.2, 1, pipelining=link)
+    recovery = Recovery(domain.settings, domain.store, other, domain.metrics, domain.clock)
+    try:
+        proxy.hold_back(b"reconcile_")  # its FCALL; the reads before it pass
+        with pytest.raises(StoreUnavailable):
+            await recovery.reconcile(release["id"])
+        assert len(proxy.held) == 1
+        path = f"/v1/admin/releases/{release['id']}"
+        patch = await api.call("PATCH", path, {"slots": [{"id": slot, "capacity": 2}]}, ADMIN)
+        assert patch.status == 200
+        # Now the held call reaches Redis (the test's own connection, the same database).
+        parser = hiredis.Reader()
+        parser.feed(proxy.held[0])
+        call = parser.gets()
+        assert isinstance(call, list) and parser.gets() is False  # that call alone
+        await redis.execute_command(*call)
+    finally:
+        await link.aclose()
+        await proxy.stop()
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert counts[slot].capacity == 2

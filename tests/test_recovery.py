@@ -203,9 +203,11 @@ async def test_live_hold_counters_are_recounted_only_outside_a_rush(
     capacities = [(slot, 10)]
 
     async def reconcile(limit: int) -> int:
-        return await domain.inventory.reconcile(
-            release["id"], capacities, [], [], recount_limit=limit
+        fence = await domain.inventory.fence(release["id"])
+        done = await domain.inventory.reconcile(
+            release["id"], fence, capacities, [], [], recount_limit=limit
         )
+        return done.corrections
 
     assert await reconcile(2) == 0  # 3 live holds: a rush, as far as this limit goes
     assert await api.free(release["id"]) == {slot: 3}  # 10 - 7, the drifted count

@@ -3,7 +3,10 @@
 -- hold granted before it is counted. Staff's capacity change calls it while PostgreSQL holds
 -- the slots' rows, before the change commits; a raise is not done here but after the commit
 -- (a place Redis gave before PostgreSQL had it could not be confirmed).
--- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 clients (see lib.lua)
+-- Each call that is not refused, and each that finds the inventory missing, moves the fence on:
+-- a write of capacities from a snapshot read before it (one that reaches Redis late) then sets
+-- none.
+-- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 clients, 7 fence (see lib.lua)
 -- ARGV: 1 now_ms, 2 reclaim limit, then n times (slot id, new capacity, bookings PostgreSQL
 --       has on the slot)
 -- Returns: {'lowered'}
@@ -11,8 +14,9 @@
 --                                         (booked + held); nothing changed
 --          {'rebuild'}  the inventory is missing: no hold lives, nothing to lower
 local function lower_capacity(keys, argv)
-  local inv, holds, confirming, hold, idem, clients = unpack(keys)
+  local inv, holds, confirming, hold, idem, clients, fence = unpack(keys)
   if redis.call('EXISTS', inv) == 0 then
+    redis.call('INCR', fence)
     return { 'rebuild' }
   end
   reclaim(inv, holds, confirming, hold, idem, clients, tonumber(argv[1]), tonumber(argv[2]))
@@ -37,5 +41,8 @@ local function lower_capacity(keys, argv)
   for _, change in ipairs(lower) do
     redis.call('HSET', inv, 'c:' .. change[1], change[2])
   end
+  -- Even if Redis's capacity is already this low (a raise it has not been given yet): a
+  -- snapshot read before this change has the old capacity, and must not set it.
+  redis.call('INCR', fence)
   return { 'lowered' }
 end

@@ -5,28 +5,33 @@
 -- hold functions keep those counters in step atomically, so the recount is a safety net, and
 -- walking every record during a rush blocked Redis for tens of milliseconds (BENCHMARKS.md);
 -- it runs again once the rush's holds have expired.
--- KEYS: 1 inv, 2 hold, 3 booked, 4 clients (see lib.lua)
--- ARGV: 1 recount, 2 number of slots n, then n times (slot id, capacity), 3+2n number of
---       additions a, then a times (reference, slot id), then references to remove
--- Returns: {'reconciled', corrections} or {'rebuild'}
+-- Capacities are set only if the fence is where it was when the snapshot was read: else a
+-- capacity was lowered since, and this snapshot's may be older (its call reached Redis late).
+-- KEYS: 1 inv, 2 hold, 3 booked, 4 clients, 5 fence (see lib.lua)
+-- ARGV: 1 recount, 2 the fence read with the snapshot, 3 number of slots n, then n times
+--       (slot id, capacity), 4+2n number of additions a, then a times (reference, slot id),
+--       then references to remove
+-- Returns: {'reconciled', corrections, stale} (stale 1 if the capacities were left alone) or
+--          {'rebuild'}
 local function reconcile(keys, argv)
-  local inv, hold, booked, clients = unpack(keys)
+  local inv, hold, booked, clients, fence = unpack(keys)
   if redis.call('EXISTS', inv) == 0 then
     return { 'rebuild' }
   end
   local corrections = 0
   local recount = tonumber(argv[1])
-  local n = tonumber(argv[2])
+  local stale = (redis.call('GET', fence) or '0') ~= argv[2]
+  local n = tonumber(argv[3])
   local live = {}
   for i = 0, n - 1 do
-    local slot, capacity = argv[3 + 2 * i], argv[4 + 2 * i]
-    if redis.call('HGET', inv, 'c:' .. slot) ~= capacity then
+    local slot, capacity = argv[4 + 2 * i], argv[5 + 2 * i]
+    if not stale and redis.call('HGET', inv, 'c:' .. slot) ~= capacity then
       redis.call('HSET', inv, 'c:' .. slot, capacity)
       corrections = corrections + 1
     end
     live[slot] = 0
   end
-  local at = 3 + 2 * n
+  local at = 4 + 2 * n
   local a = tonumber(argv[at])
   for i = at + 1, at + 2 * a, 2 do
     local ref, slot = argv[i], argv[i + 1]
@@ -44,7 +49,7 @@ local function reconcile(keys, argv)
     end
   end
   if redis.call('HLEN', hold) > recount then
-    return { 'reconciled', corrections }
+    return { 'reconciled', corrections, stale and 1 or 0 }
   end
   local records = redis.call('HVALS', hold)
   local per_client = {}
@@ -73,5 +78,5 @@ local function reconcile(keys, argv)
       corrections = corrections + 1
     end
   end
-  return { 'reconciled', corrections }
+  return { 'reconciled', corrections, stale and 1 or 0 }
 end
