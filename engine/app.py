@@ -98,9 +98,10 @@ def create_app(
     app[DRAW_RECORDS] = {}
     guarded = guard(metrics, settings.max_in_flight)
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, guarded(route.handler, route.path))
+        handler = guarded(route.handler, route.path, route.shed)
+        app.router.add_route(route.method, route.path, handler)
     catch_all = unmatched(route.path for route in ROUTES)
-    app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED))
+    app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED, True))
 
     async def stores(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client(settings)

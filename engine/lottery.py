@@ -8,6 +8,7 @@ and brings Redis's counts in line afterwards. docs/draw.md has the algorithm and
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,6 +28,11 @@ from engine.logs import log
 from engine.models import Booking, DrawOutcome, Entry, Release
 from engine.reservations import Reservations
 from engine.tokens import derived_token, matches, new_id, new_reference, new_token, token_hash
+
+_ENTRY_ID_LENGTH = 20
+# What ``new_id("e", 20)`` makes: anything else is no entry, and is not sent to PostgreSQL
+# (a NUL byte there is an error, not a miss).
+ENTRY_ID = re.compile(r"^e[0-9a-z]{20}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +96,7 @@ class Lottery:
             release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
         ):
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
-        entry_id = new_id("e", 20)
+        entry_id = new_id("e", _ENTRY_ID_LENGTH)
         token = new_token()
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who)
@@ -128,7 +134,7 @@ class Lottery:
 
     async def _entry(self, release_id: str, entry_id: str, token: str) -> tuple[Release, Entry]:
         release = await self._draw_release(release_id)
-        entry = await self.store.entry(entry_id) if len(entry_id) <= 40 else None
+        entry = await self.store.entry(entry_id) if ENTRY_ID.match(entry_id) else None
         if entry is None or entry.release_id != release.id:
             raise NotFound(f"No entry {entry_id!r} in this release")
         if not matches(token, entry.token_hash):

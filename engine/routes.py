@@ -24,6 +24,9 @@ class Route:
     errors: tuple[str, ...] = ()
     auth: str | None = None  # "admin", "hold", "cancel"
     reply: type[BaseModel] | None = None  # the JSON body of ``ok`` (engine/replies.py)
+    # Refused with 503 "overloaded" past ``max_in_flight``; not the probes and the metrics,
+    # which must answer most when the worker is busiest.
+    shed: bool = True
 
 
 _STORE = ("overloaded",)
@@ -233,7 +236,7 @@ ROUTES: tuple[Route, ...] = (
         auth="admin",
         reply=replies.Fairness,
     ),
-    Route("GET", "/healthz", ops.healthz, "The process runs", reply=replies.Health),
+    Route("GET", "/healthz", ops.healthz, "The process runs", reply=replies.Health, shed=False),
     Route(
         "GET",
         "/readyz",
@@ -241,7 +244,8 @@ ROUTES: tuple[Route, ...] = (
         "PostgreSQL and Redis answer",
         errors=_STORE,
         reply=replies.Ready,
+        shed=False,
     ),
-    Route("GET", "/metrics", ops.metrics, "Prometheus metrics of the whole engine"),
+    Route("GET", "/metrics", ops.metrics, "Prometheus metrics of the whole engine", shed=False),
     Route("GET", "/openapi.json", ops.openapi, "This contract as OpenAPI 3.1"),
 )

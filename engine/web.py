@@ -97,8 +97,9 @@ def _from_http(exc: web.HTTPException) -> GuichetError:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str], Handler]:
-    """``wrap(handler, route)`` puts one route's handler behind the guard.
+def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str, bool], Handler]:
+    """``wrap(handler, route, shed)`` puts one route's handler behind the guard; ``shed``
+    False: never refused as overloaded (the probes, the metrics).
 
     A wrapper per route rather than an aiohttp middleware: a middleware adds two coroutine
     layers and a route lookup to every request, about 5 % of a listing (BENCHMARKS.md).
@@ -107,7 +108,7 @@ def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str], Hand
     # Request ids: random per process, then counted (unique, and no system call each).
     prefix, counter = secrets.token_hex(5) + "-", itertools.count(1)
 
-    def wrap(handler: Handler, route: str) -> Handler:
+    def wrap(handler: Handler, route: str, shed: bool = True) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             nonlocal in_flight
             rid = request.headers.get("X-Request-Id", "")
@@ -117,7 +118,7 @@ def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str], Hand
             started = time.perf_counter()
             in_flight += 1
             try:
-                if in_flight > max_in_flight:
+                if in_flight > max_in_flight and shed:
                     raise Overloaded(1, "Too many requests in progress; try again shortly")
                 response = await handler(request)
                 response.headers["X-Request-Id"] = rid

@@ -369,9 +369,15 @@ async def test_rate_limited(clean: None) -> None:
 async def test_overloaded_when_shedding_load(clean: None) -> None:
     app = create_app(make_settings(max_in_flight=0), sweep=False)
     async with TestClient(TestServer(app)) as client:
-        r = await Api(client, FakeClock()).call("GET", "/v1/sites")
+        api = Api(client, FakeClock())
+        r = await api.call("GET", "/v1/sites")
         problem(r, "overloaded", 503)
         assert int(r.headers["Retry-After"]) >= 1
+        # Never the probes and the metrics: a liveness probe refused would restart the
+        # busiest workers, and monitoring would go blind when it matters most.
+        assert (await api.call("GET", "/healthz")).status == 200
+        assert (await api.call("GET", "/metrics")).status == 200
+        assert (await api.call("GET", "/readyz")).body.get("type") != "overloaded"
 
 
 async def test_method_not_allowed_is_a_problem(api: Api) -> None:
@@ -396,6 +402,12 @@ async def test_nul_characters_and_bad_identifiers_are_refused(
         "not-found",
         404,
     )
+    draw = await api.publish_draw([1])
+    for method in ("GET", "DELETE"):
+        entry = f"/v1/releases/{draw['id']}/entries/e%00x"
+        problem(
+            await api.call(method, entry, headers={"Authorization": "Bearer x"}), "not-found", 404
+        )
     problem(
         await api.call(
             "PUT",
