@@ -40,10 +40,17 @@ _UNAVAILABLE = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
-    asyncpg.QueryCanceledError,
-    asyncpg.AdminShutdownError,
+    # Class 57: a timeout (query canceled), a shutdown (admin, crash: every backend ended after
+    # another crashed), a server still starting, an idle session ended.
+    asyncpg.OperatorInterventionError,
+    # A standby after a failover, or a server in read-only mode: no write passes until the
+    # primary is back.
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.IdleInTransactionSessionTimeoutError,
+    # Class 40: a deadlock or a serialisation failure rolled the transaction back; trying
+    # again is the cure.
+    asyncpg.TransactionRollbackError,
     # A database that does not exist, or refuses our role: unavailable too, so that the
     # engine starts and /readyz answers 503 until it is there.
     asyncpg.InvalidCatalogNameError,

@@ -8,6 +8,7 @@ caught by the per-test timeout.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine.app import create_app
 from engine.tokens import signed_id
-from tests.api import Api, Reply, applicant
+from tests.api import ADMIN, Api, Reply, applicant
 from tests.conftest import DATABASE_URL, FakeClock, make_settings
 from tests.procs import HOST, Blackhole, RedisServer, TcpProxy, dead_port, poll
 
@@ -76,6 +77,17 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
         server.kill()
 
 
+@pytest.fixture
+async def private_redis_1_client(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path, options={"maxclients": "1"})
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.kill()
+
+
 # Unreachable: a port held bound but never listened on, so every connect is refused --------
 
 
@@ -120,6 +132,44 @@ async def test_postgresql_refused_answers_503(api: Api, clock: FakeClock) -> Non
             )
             assert_overloaded(await down.call("GET", "/readyz"))
             assert (await down.call("GET", "/healthz")).status == 200
+
+
+async def test_postgresql_read_only_answers_503(api: Api, clock: FakeClock) -> None:
+    """A standby after a failover answers reads and refuses writes: each refused write is
+    503 with Retry-After, not a 500."""
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    # asyncpg passes an unknown DSN parameter on as a setting of every connection.
+    sep = "&" if "?" in DATABASE_URL else "?"
+    read_only = f"{DATABASE_URL}{sep}default_transaction_read_only=on"
+    async with engine(clock, database_url=read_only) as standby:
+        assert (await standby.call("GET", "/v1/sites")).status == 200
+        site = {"name": "Bobigny", "timezone": "Europe/Paris", "procedures": []}
+        assert_overloaded(await standby.call("PUT", "/v1/admin/sites/other", site, ADMIN))
+        path = f"/v1/admin/releases/{release['id']}"
+        patch = {"slots": [{"id": slot, "capacity": 3}]}
+        assert_overloaded(await standby.call("PATCH", path, patch, ADMIN))
+    assert await api.free(release["id"]) == {slot: 2}
+    sites = (await api.call("GET", "/v1/sites")).body["sites"]
+    assert [s["id"] for s in sites] == ["bobigny"]
+
+
+async def test_redis_at_its_client_limit_answers_503(
+    clean: None, clock: FakeClock, private_redis_1_client: RedisServer
+) -> None:
+    """A Redis with no connection left answers "ERR max number of clients reached" and
+    closes: 503 with Retry-After, as for any Redis that cannot serve now."""
+    _reader, writer = await asyncio.open_connection(HOST, private_redis_1_client.port)
+    try:
+        async with engine(clock, redis_url=private_redis_1_client.url) as full:
+            await full.site()
+            release = await full.publish([1])
+            challenge = {"release": release["id"]}
+            assert_overloaded(await full.call("POST", "/v1/challenges", challenge))
+            assert_overloaded(await full.call("GET", f"/v1/releases/{release['id']}/slots"))
+    finally:
+        writer.close()
 
 
 async def test_a_made_up_hold_id_asks_no_store(api: Api, clock: FakeClock) -> None:
