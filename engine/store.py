@@ -800,8 +800,15 @@ class Store:
         drawn; a crash anywhere rolls it all back, and running again gives the same result,
         since its inputs were frozen when registration closed. None if not due, or drawn."""
         async with self._transaction() as conn:
-            # A big draw outlives the pool's per-call timeout: each call passes its own.
-            await conn.execute("SET LOCAL statement_timeout = '300s'", timeout=DRAW_TIMEOUT_S)
+            # A big draw outlives the pool's per-call timeout: each call passes its own. And
+            # between its statements the allocation runs here, in Python (0.8 s for 100 000
+            # entries on a slow machine, docs/draw.md): the session's idle-in-transaction
+            # limit, a few seconds, would end a draw of a few hundred thousand at every try.
+            await conn.execute(
+                "SET LOCAL statement_timeout = '300s';"
+                " SET LOCAL idle_in_transaction_session_timeout = '300s'",
+                timeout=DRAW_TIMEOUT_S,
+            )
             rel = await conn.fetchrow(
                 "SELECT * FROM releases WHERE id = $1 AND mode = 'draw' FOR UPDATE",
                 release_id,
