@@ -16,6 +16,7 @@ from typing import Any
 from engine import draw, pow
 from engine.errors import (
     ChallengeExpired,
+    IdentityAlreadyBooked,
     NotFound,
     NotOpen,
     StoreUnavailable,
@@ -27,11 +28,11 @@ from engine.limits import Client
 from engine.logs import log
 from engine.models import Booking, DrawOutcome, Entry, Release
 from engine.reservations import Reservations
-from engine.tokens import derived_token, matches, new_id, new_reference, new_token, token_hash
+from engine.tokens import derived_id, derived_token, matches, new_reference, token_hash
 
 _ENTRY_ID_LENGTH = 20
-# What ``new_id("e", 20)`` makes: anything else is no entry, and is not sent to PostgreSQL
-# (a NUL byte there is an error, not a miss).
+# What ``enter`` makes: anything else is no entry, and is not sent to PostgreSQL (a NUL byte
+# there is an error, not a miss).
 ENTRY_ID = re.compile(r"^e[0-9a-z]{20}$")
 
 
@@ -92,14 +93,29 @@ class Lottery:
             )
         identity = applicant.identity_hash(s.secret)
         await self.domain.limiter.confirm(who, identity.hex(), endpoint="entry")
+        # The entry's id and token come from the challenge (single-use, and bound to this
+        # client): a retry of this request whose entry was registered but whose answer was
+        # lost (a phone off the network, a 503 after the commit) gets that entry back, as a
+        # hold's retry gets its hold, instead of 410 and then 409 for ever.
+        entry_id = derived_id(s.secret, "entry-id", "e", _ENTRY_ID_LENGTH, client, paid.id)
+        token = derived_token(s.secret, "entry", client, paid.id)
         if not await self.domain.inventory.spend_challenge(
             release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
         ):
+            if await self.store.registered_entry(entry_id, release.id, identity):
+                log.info("entry_replayed", release=release_id, entry=entry_id)
+                return NewEntry(entry_id, token)
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
-        entry_id = new_id("e", _ENTRY_ID_LENGTH)
-        token = new_token()
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who)
+        except IdentityAlreadyBooked:
+            # Registered by this request's first try, whose answer was a 503 (the commit went
+            # through, its acknowledgement did not): the challenge was given back, and spent
+            # again by this retry.
+            if await self.store.registered_entry(entry_id, release.id, identity):
+                log.info("entry_replayed", release=release_id, entry=entry_id)
+                return NewEntry(entry_id, token)
+            raise
         except StoreUnavailable:
             # Nothing was registered: the attempt must not cost the challenge.
             with contextlib.suppress(StoreUnavailable):

@@ -711,11 +711,28 @@ class Store:
                     client_net,
                 )
             except asyncpg.UniqueViolationError as exc:
-                if getattr(exc, "constraint_name", "") == "entries_one_per_person":
+                # The id (and the digest made from it) too: it comes from the challenge, so the
+                # same one is this request's retry (Lottery.enter tells).
+                constraint = getattr(exc, "constraint_name", "")
+                if constraint in ("entries_one_per_person", "entries_pkey", "entries_digest_key"):
                     raise IdentityAlreadyBooked(
                         "This person already has an entry in this draw"
                     ) from None
                 raise
+
+    async def registered_entry(self, entry_id: str, release_id: str, identity_hash: bytes) -> bool:
+        """Whether this entry is registered in this release, for this person: a retry of the
+        request that registered it."""
+        async with self._connection() as conn:
+            return bool(
+                await conn.fetchval(
+                    """SELECT 1 FROM entries WHERE id = $1 AND release_id = $2
+                       AND identity_hash = $3 AND status = 'registered'""",
+                    entry_id,
+                    release_id,
+                    identity_hash,
+                )
+            )
 
     async def entry(self, entry_id: str) -> Entry | None:
         async with self._connection() as conn:

@@ -72,6 +72,14 @@ def new_id(prefix: str, length: int = 12) -> str:
     return prefix + secrets.token_bytes(length).translate(_ID_TABLE).decode()
 
 
+def derived_id(secret: bytes, purpose: str, prefix: str, length: int, *parts: str) -> str:
+    """An identifier like ``new_id``'s, made from ``parts`` with the secret: the same parts
+    give the same id, and nobody without the secret can tell which parts."""
+    mac = keyed_hash(secret, purpose, "\x00".join(parts))
+    assert length <= len(mac)
+    return prefix + mac[:length].translate(_ID_TABLE).decode()
+
+
 _SIGNATURE = 4  # characters of a signed id's MAC: 20 bits
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -34,6 +35,14 @@ HOST = "127.0.0.1"
 READY_S = 10.0
 POLL_S = 0.02
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def with_port(url: str, port: int) -> str:
+    """``url`` pointed at 127.0.0.1:``port``, same user, password, database and options."""
+    parts = urlsplit(url)
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}@{HOST}:{port}" if userinfo else f"{HOST}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def free_port() -> int:
@@ -120,7 +129,8 @@ class TcpProxy:
     connection and closes the listener (connects are refused); ``start()`` listens again on
     the same port. ``hold_back(needle)``: from then on, what a client sends in a read that
     contains ``needle`` is kept in ``held`` instead of forwarded, so that the test can make the
-    call reach the store when it chooses, as a call the client gave up on may."""
+    call reach the store when it chooses, as a call the client gave up on may; with
+    ``replies=True``, what the store answers instead (a reply lost on its way back)."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self._upstream = (upstream_host, upstream_port)
@@ -128,14 +138,15 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._needle: bytes | None = None
+        self._replies = False
         self.held: list[bytes] = []
         self.port = 0
 
-    def hold_back(self, needle: bytes) -> None:
-        self._needle = needle
+    def hold_back(self, needle: bytes | None, *, replies: bool = False) -> None:
+        self._needle, self._replies = needle, replies
 
-    def _keep(self, data: bytes) -> bool:
-        if self._needle is not None and self._needle in data:
+    def _keep(self, data: bytes, reply: bool) -> bool:
+        if self._needle is not None and self._needle in data and reply == self._replies:
             self.held.append(data)
             return True
         return False
@@ -169,7 +180,10 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
-        await asyncio.gather(_pump(reader, up_writer, self._keep), _pump(up_reader, writer))
+        await asyncio.gather(
+            _pump(reader, up_writer, lambda data: self._keep(data, reply=False)),
+            _pump(up_reader, writer, lambda data: self._keep(data, reply=True)),
+        )
 
 
 async def _pump(

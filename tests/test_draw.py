@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 from aiohttp.test_utils import TestClient, TestServer
@@ -18,7 +19,8 @@ from engine.app import create_app
 from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, applicant, ip
-from tests.conftest import FakeClock
+from tests.conftest import DATABASE_URL, FakeClock, make_settings
+from tests.procs import HOST, TcpProxy, with_port
 
 PLACES = [
     draw.Places("s2", "2026-12-02T09:00:00Z", 1),
@@ -205,6 +207,70 @@ async def run_draw_flow(
     )
     clock.advance(90001)
     return release, entries, withdrawn
+
+
+async def test_a_retried_entry_gets_the_entry_it_registered(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A phone sends its entry, the entry is registered, and the answer never arrives: the
+    same request sent again gets the same entry (201), not 410 for the spent challenge and
+    then 409 for the person registered, with the entry's token lost for good."""
+    await api.site()
+    release = (await api.publish_draw([2]))["id"]
+    paid = await api.solved(release, ip(1))
+    body = {**paid, "applicant": applicant()}
+    path = f"/v1/releases/{release}/entries"
+    first = await api.call("POST", path, body, {"X-Forwarded-For": ip(1)})
+    assert first.status == 201
+    again = await api.call("POST", path, body, {"X-Forwarded-For": ip(1)})
+    assert (again.status, again.body) == (201, first.body)
+    # Only that request: another client, or another person, with the same challenge is
+    # refused as before.
+    other = await api.call("POST", path, body, {"X-Forwarded-For": ip(2)})
+    assert other.status == 403
+    someone = {**paid, "applicant": applicant(id_number="OTHER1234")}
+    refused = await api.call("POST", path, someone, {"X-Forwarded-For": ip(1)})
+    assert refused.status == 410
+    # A withdrawn entry is not registered again by its request.
+    auth = {"Authorization": f"Bearer {first.body['entry_token']}"}
+    entry = f"{path}/{first.body['entry_id']}"
+    assert (await api.call("DELETE", entry, headers=auth)).status == 204
+    assert (await api.call("POST", path, body, {"X-Forwarded-For": ip(1)})).status == 410
+    assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
+
+
+async def test_an_entry_whose_commit_was_not_acknowledged_is_found_again(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """PostgreSQL commits the entry, and its acknowledgement is lost (here, held back by a
+    proxy): the engine answers 503 and gives the challenge back. The retry finds the entry
+    its first try registered and answers it, instead of 409 identity-already-booked."""
+    await api.site()
+    release = (await api.publish_draw([2]))["id"]
+    upstream = urlsplit(DATABASE_URL)
+    proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 5432)
+    await proxy.start()
+    dsn = with_port(DATABASE_URL, proxy.port)
+    app = create_app(make_settings(database_url=dsn, pg_timeout_s=0.5), clock=clock, sweep=False)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            phone = Api(client, clock)
+            paid = await phone.solved(release, ip(1))
+            body = {**paid, "applicant": applicant()}
+            path = f"/v1/releases/{release}/entries"
+            proxy.hold_back(b"COMMIT", replies=True)
+            lost = await phone.call("POST", path, body, {"X-Forwarded-For": ip(1)})
+            assert lost.status == 503, lost.body
+            assert len(proxy.held) == 1
+            proxy.hold_back(None)
+            retry = await phone.call("POST", path, body, {"X-Forwarded-For": ip(1)})
+            assert retry.status == 201, retry.body
+    finally:
+        await proxy.stop()
+    auth = {"Authorization": f"Bearer {retry.body['entry_token']}"}
+    view = await api.call("GET", f"{path}/{retry.body['entry_id']}", headers=auth)
+    assert view.status == 200 and view.body["status"] == "registered"
+    assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
 
 
 async def test_the_draw_books_the_winners(

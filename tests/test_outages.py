@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,7 +22,7 @@ from engine.app import create_app
 from engine.tokens import signed_id
 from tests.api import ADMIN, Api, Reply, applicant
 from tests.conftest import DATABASE_URL, FakeClock, make_settings
-from tests.procs import HOST, Blackhole, RedisServer, TcpProxy, dead_port, poll
+from tests.procs import HOST, Blackhole, RedisServer, TcpProxy, dead_port, poll, with_port
 
 # A hang shows up as a failure well before the suite's own 120 s limit.
 HANG = pytest.mark.timeout(30)
@@ -119,7 +119,7 @@ async def test_postgresql_refused_answers_503(api: Api, clock: FakeClock) -> Non
     await api.site()
     release = await api.publish([2])
     with dead_port() as port:
-        dsn = _with_port(DATABASE_URL, port)
+        dsn = with_port(DATABASE_URL, port)
         async with engine(clock, database_url=dsn) as down:
             assert_overloaded(await down.call("GET", "/v1/sites"))
             assert_overloaded(
@@ -185,7 +185,7 @@ async def test_a_made_up_hold_id_asks_no_store(api: Api, clock: FakeClock) -> No
         async with engine(
             clock,
             redis_url=f"redis://{HOST}:{redis_port}/0",
-            database_url=_with_port(DATABASE_URL, pg_port),
+            database_url=with_port(DATABASE_URL, pg_port),
         ) as down:
             for hold_id in (made_up, signed[:-1] + ("x" if signed[-1] != "x" else "y")):
                 r = await down.call("POST", f"/v1/holds/{hold_id}/confirm", confirm, auth)
@@ -226,7 +226,7 @@ async def test_postgresql_that_hangs_answers_503(api: Api, clock: FakeClock) -> 
     paid = await api.solved(release["id"])
     async with (
         Blackhole() as hole,
-        engine(clock, database_url=_with_port(DATABASE_URL, hole.port), pg_timeout_s=0.3) as hung,
+        engine(clock, database_url=with_port(DATABASE_URL, hole.port), pg_timeout_s=0.3) as hung,
     ):
         assert_overloaded(await hung.call("GET", "/v1/sites"))
         assert_overloaded(await hung.hold(slot, paid=paid))
@@ -319,7 +319,7 @@ async def test_engine_serves_again_when_postgresql_returns(clean: None, clock: F
     proxy = TcpProxy(upstream.hostname, upstream.port or 5432)
     await proxy.start()
     try:
-        dsn = _with_port(DATABASE_URL, proxy.port)
+        dsn = with_port(DATABASE_URL, proxy.port)
         async with engine(clock, database_url=dsn, pg_timeout_s=1.0) as api:
             await api.site()
             release = await api.publish([2])
@@ -339,11 +339,3 @@ async def test_engine_serves_again_when_postgresql_returns(clean: None, clock: F
             assert booked["booking"]["status"] == "confirmed"
     finally:
         await proxy.stop()
-
-
-def _with_port(dsn: str, port: int) -> str:
-    """``dsn`` pointed at 127.0.0.1:``port``, same user, password and database."""
-    parts = urlsplit(dsn)
-    userinfo, _, _ = parts.netloc.rpartition("@")
-    netloc = f"{userinfo}@{HOST}:{port}" if userinfo else f"{HOST}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))

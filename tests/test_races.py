@@ -22,7 +22,7 @@ from engine.multiplex import Multiplexed
 from engine.recovery import Recovery
 from tests.api import ADMIN, Api, Reply, applicant, ip
 from tests.conftest import REDIS_URL
-from tests.procs import HOST, TcpProxy
+from tests.procs import HOST, TcpProxy, with_port
 
 
 async def pg_slot(pg: asyncpg.Connection, slot_id: str) -> tuple[int, int, int]:
@@ -288,7 +288,7 @@ async def test_a_capacity_write_that_reaches_redis_late_sets_no_capacity(
     url = urlsplit(REDIS_URL)
     proxy = TcpProxy(url.hostname or HOST, url.port or 6379)
     await proxy.start()
-    link = Multiplexed.from_url(url._replace(netloc=f"{HOST}:{proxy.port}").geturl(), 0.2)
+    link = Multiplexed.from_url(with_port(REDIS_URL, proxy.port), 0.2)
     other = Inventory(redis, 0.2, 1, pipelining=link)
     recovery = Recovery(domain.settings, domain.store, other, domain.metrics, domain.clock)
     try:
