@@ -53,6 +53,11 @@ def order(digests: Sequence[str], key_hex: str) -> list[str]:
     return sorted(digests, key=lambda d: (_sha(f"{key_hex}:{d}"), d))
 
 
+def ranking(seed_hex: str, digests: Sequence[str], beacon: str) -> list[str]:
+    """The entries in the order the draw gives places."""
+    return order(digests, key(seed_hex, entries_digest(digests), beacon))
+
+
 @dataclass(frozen=True, slots=True)
 class Places:
     """Free places of one slot in the draw."""
@@ -77,8 +82,8 @@ def allocate(
 ) -> dict[str, str]:
     """entry digest -> slot id, for the winners. ``excluded`` entries keep their rank but
     get no place (their person booked this procedure otherwise before the draw)."""
-    ranked = order(digests, key(seed_hex, entries_digest(digests), beacon))
     out = set(excluded)
+    ranked = ranking(seed_hex, digests, beacon)
     return dict(zip([d for d in ranked if d not in out], place_list(places), strict=False))
 
 

@@ -9,6 +9,7 @@ asyncpg's errors are mapped to domain errors in ``_connection`` and ``_map_integ
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -805,6 +806,50 @@ class Store:
             raw = await conn.fetchval("SELECT record FROM draws WHERE release_id = $1", release_id)
         return None if raw is None else dict(json.loads(raw))
 
+    async def _draw_exclusions(
+        self,
+        conn: asyncpg.pool.PoolConnectionProxy,
+        entries: list[asyncpg.Record],
+        seed_hex: str,
+        beacon: str,
+        places: list[draw.Places],
+    ) -> list[str]:
+        """The entries the draw passes over, keeping their rank: their person has an active
+        booking of the procedure, or is at a cap of book_hold's (bookings or cancellations
+        over the period), or their email address would go over its cap of active bookings
+        (those the draw gives counted in draw order: the best-ranked entries of an address
+        take what room it has left). A confirm online is held to the same caps."""
+        rules = self._rules
+        out = {
+            e["digest"]
+            for e in entries
+            if e["booked"]
+            or e["recent_bookings"] >= rules.max_bookings
+            or e["recent_cancellations"] >= rules.max_cancellations
+        }
+        rows = await conn.fetch(
+            f"""SELECT b.email_hash, count(*) AS active FROM bookings b
+                WHERE b.email_hash = ANY($1::bytea[]) AND b.cancelled_at IS NULL
+                  AND {_ACTIVE} GROUP BY b.email_hash""",  # noqa: S608 (constants)
+            list({e["email_hash"] for e in entries}),
+            timeout=DRAW_TIMEOUT_S,
+        )
+        active: Counter[bytes] = Counter({r["email_hash"]: r["active"] for r in rows})
+        by_digest = {e["digest"]: e for e in entries}
+        room = sum(p.count for p in places)
+        for digest in draw.ranking(seed_hex, list(by_digest), beacon):
+            if room == 0:
+                break  # no place left: nobody further down wins, nor needs passing over
+            if digest in out:
+                continue
+            email = by_digest[digest]["email_hash"]
+            if active[email] >= rules.max_active_per_email:
+                out.add(digest)
+                continue
+            active[email] += 1
+            room -= 1
+        return [e["digest"] for e in entries if e["digest"] in out]
+
     async def run_draw(
         self,
         release_id: str,
@@ -842,12 +887,23 @@ class Store:
                 f"draw:{rel['site_id']}:{rel['procedure_id']}",
                 timeout=DRAW_TIMEOUT_S,
             )
+            # Each entry's person: an active booking of the procedure, and their bookings and
+            # cancellations over the caps' period (book_hold's caps, sql/010).
             entries = await conn.fetch(
                 f"""SELECT e.*, EXISTS (SELECT 1 FROM bookings b
                         WHERE b.procedure_id = e.procedure_id
-                          AND b.identity_hash = e.identity_hash AND {_ACTIVE}) AS booked
-                    FROM entries e WHERE e.release_id = $1 AND e.status = 'registered'""",  # noqa: S608 (constants)
+                          AND b.identity_hash = e.identity_hash AND {_ACTIVE}) AS booked,
+                        recent.bookings AS recent_bookings,
+                        recent.cancellations AS recent_cancellations
+                    FROM entries e, LATERAL (
+                        SELECT count(*) FILTER (WHERE b.created_at > now() - $2::interval)
+                                   AS bookings,
+                               count(*) FILTER (WHERE b.cancelled_at > now() - $2::interval)
+                                   AS cancellations
+                        FROM bookings b WHERE b.identity_hash = e.identity_hash) recent
+                    WHERE e.release_id = $1 AND e.status = 'registered'""",  # noqa: S608 (constants)
                 release_id,
+                self._rules.period,
                 timeout=DRAW_TIMEOUT_S,
             )
             digests = [e["digest"] for e in entries]
@@ -869,8 +925,8 @@ class Store:
                 timeout=DRAW_TIMEOUT_S,
             )
             places = [draw.Places(p["id"], _utc(p["starts_at"]), p["free"]) for p in places_rows]
-            excluded = [e["digest"] for e in entries if e["booked"]]
             beacon = rel["beacon"] or ""
+            excluded = await self._draw_exclusions(conn, entries, rel["seed"], beacon, places)
             record = draw.record(
                 release=release_id,
                 seed_hex=rel["seed"],

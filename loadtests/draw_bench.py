@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import secrets
 import time
@@ -43,7 +44,7 @@ async def main() -> None:
     parser.add_argument(
         "--pg-timeout",
         type=float,
-        default=Settings.pg_timeout_s,
+        default=next(f.default for f in dataclasses.fields(Settings) if f.name == "pg_timeout_s"),
         help="the engine's GUICHET_PG_TIMEOUT_S: its statements' and idle transactions' limit",
     )
     args = parser.parse_args()

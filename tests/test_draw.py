@@ -322,6 +322,47 @@ async def test_the_draw_books_the_winners(
     assert proc.returncode == 0, err.decode()
 
 
+async def test_the_draw_holds_its_winners_to_the_booking_caps(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """docs/abuse.md's caps hold for a draw's winners as for a confirm online: an email
+    address has at most 4 active bookings (here one address enters six people, and already
+    has a booking: its three best-ranked entries win), and a person at the period's cap of
+    cancellations wins nothing. Places are left for all of them: only the caps refuse."""
+    await api.site()
+    counter = (await api.publish([1, 1, 1]))["slots"]
+    broker = "broker@example.org"
+    await api.book(counter[0]["id"], applicant(email=broker), ip(1))
+    cancels = applicant(id_number="CANCELS22")
+    for slot in counter[1:]:
+        booked = await api.book(slot["id"], cancels, ip(2))
+        auth = {"Authorization": f"Bearer {booked['cancel_token']}"}
+        ref = booked["booking"]["reference"]
+        assert (await api.call("DELETE", f"/v1/bookings/{ref}", headers=auth)).status == 204
+    release = (await api.publish_draw([10]))["id"]
+    crowd = [(await api.enter(release, applicant(email=broker), ip(10 + i))).body for i in range(6)]
+    capped = (await api.enter(release, cancels, ip(20))).body
+    others = [(await api.enter(release, applicant(), ip(30 + i))).body for i in range(2)]
+    clock.advance(90001)
+    domain = api.client.app[RESERVATIONS]
+    assert (await sweep_once(domain, reconcile=False, lottery=api.client.app[LOTTERY])).draws == 1
+    crowd_status = Counter(
+        (s["status"], s.get("excluded", False))
+        for s in [await entry_status(api, release, e) for e in crowd]
+    )
+    assert crowd_status == {("won", False): 3, ("withdrawn", True): 3}
+    assert await entry_status(api, release, capped) == {"status": "withdrawn", "excluded": True}
+    assert [(await entry_status(api, release, e))["status"] for e in others] == ["won", "won"]
+    active = await pg.fetchval(
+        """SELECT count(*) FROM bookings WHERE email_hash =
+               (SELECT email_hash FROM entries WHERE id = $1) AND status = 'confirmed'""",
+        crowd[0]["entry_id"],
+    )
+    assert active == 4
+    rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
+    assert draw.verify(rec) == [] and len(rec["excluded"]) == 4
+
+
 async def test_an_entry_excluded_by_the_draw_says_so(api: Api, clock: FakeClock) -> None:
     """A person who entered, then booked the procedure at the counter before the draw, is
     excluded by it: their entry reads ``withdrawn`` (API.md's statuses) with
