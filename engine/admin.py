@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hmac
 import io
+import re
 from datetime import date
 
 from aiohttp import web
@@ -20,7 +21,9 @@ from engine.handlers import applicant
 from engine.models import Procedure, Site
 from engine.reservations import SlotSpec, new_release
 from engine.tokens import token_hash
-from engine.web import bearer, json_response, parse_body
+from engine.web import bearer, json_response, parse_body, preferred_type
+
+_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 AGENDA_COLUMNS = (
     "starts_at",
@@ -50,9 +53,9 @@ async def put_site(request: web.Request) -> web.Response:
     site = Site(
         site_id, body.name, body.timezone, tuple(Procedure(p.id, p.name) for p in body.procedures)
     )
-    domain = request.app[RESERVATIONS]
-    await domain.upsert_site(site)
-    return json_response({"site": render.site(site)})
+    # The site as stored: a procedure left out but still used by a release is kept.
+    stored = await request.app[RESERVATIONS].upsert_site(site)
+    return json_response({"site": render.site(stored)})
 
 
 async def create_release(request: web.Request) -> web.Response:
@@ -121,14 +124,18 @@ async def fairness_report(request: web.Request) -> web.Response:
 async def agenda(request: web.Request) -> web.Response:
     require_admin(request)
     site_id = schemas.parse_ident("site", request.query.get("site", ""))
+    text = request.query.get("date", "")
     try:
-        day = date.fromisoformat(request.query.get("date", ""))
+        # fromisoformat alone takes 20261201 and 2026-W49-2 too.
+        day = date.fromisoformat(text) if _DATE.match(text) else None
     except ValueError:
-        raise ValidationFailed([{"field": "date", "message": "must be YYYY-MM-DD"}]) from None
-    accept = request.headers.get("Accept", "application/json")
-    wants_csv = "text/csv" in accept
-    if not wants_csv and not any(t in accept for t in ("application/json", "*/*", "application/*")):
+        day = None
+    if day is None:
+        raise ValidationFailed([{"field": "date", "message": "must be YYYY-MM-DD"}])
+    media = preferred_type(request.headers.get("Accept", "*/*"), ("application/json", "text/csv"))
+    if media is None:
         raise NotAcceptable("The agenda is served as application/json or text/csv")
+    wants_csv = media == "text/csv"
     store = request.app[RESERVATIONS].store
     timezone = await store.site_timezone(site_id)
     if timezone is None:

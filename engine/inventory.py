@@ -65,6 +65,10 @@ _UNAVAILABLE_REPLIES = frozenset(
     }
 )
 
+# The same, told by an error reply's message: a Redis at its client limit answers this to a
+# new connection, then closes it; a call already sent on it gets it as its reply.
+_UNAVAILABLE_MESSAGE = "max number of clients reached"
+
 AnyRedis = Redis | RedisCluster
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
@@ -228,7 +232,11 @@ class Inventory:
 
     def _raise(self, error: Exception) -> NoReturn:
         if isinstance(error, (RedisConnectionError, RedisTimeoutError)) or (
-            isinstance(error, ResponseError) and str(error).split(" ", 1)[0] in _UNAVAILABLE_REPLIES
+            isinstance(error, ResponseError)
+            and (
+                str(error).split(" ", 1)[0] in _UNAVAILABLE_REPLIES
+                or _UNAVAILABLE_MESSAGE in str(error)
+            )
         ):
             raise StoreUnavailable(self._retry_after_s, f"Redis: {error}") from error
         raise error

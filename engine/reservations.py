@@ -207,8 +207,8 @@ class Reservations:
         """Releases with slots to come (cached, rendered, by the HTTP layer)."""
         return await self.store.releases(site_id, procedure_id, self.now())
 
-    async def upsert_site(self, site: Site) -> None:
-        await self.store.upsert_site(site)
+    async def upsert_site(self, site: Site) -> Site:
+        return await self.store.upsert_site(site)
 
     def forget(self, release_id: str) -> None:
         """Drop what this worker cached of a release (others see changes within

@@ -84,7 +84,15 @@ ROUTES: tuple[Route, ...] = (
         "Confirm a hold as a booking in the applicant's name",
         201,
         schemas.ConfirmRequest,
-        ("unauthorized", "not-found", "hold-expired", "identity-already-booked", *_ATTEMPT),
+        # slot-full: a place PostgreSQL no longer has (docs/consistency.md, section 8).
+        (
+            "unauthorized",
+            "not-found",
+            "hold-expired",
+            "identity-already-booked",
+            "slot-full",
+            *_ATTEMPT,
+        ),
         auth="hold",
         reply=replies.Confirmed,
     ),
@@ -159,7 +167,9 @@ ROUTES: tuple[Route, ...] = (
             "not-found",
             "slot-full",
             "not-open",
+            "hold-expired",
             "identity-already-booked",
+            "rate-limited",  # the caps on a person's and an address's bookings
             *_STORE,
         ),
         auth="admin",

@@ -259,8 +259,9 @@ class Store:
 
     # Sites -------------------------------------------------------------------------------
 
-    async def upsert_site(self, site: Site) -> None:
-        """Create or replace a site. Procedures left out are removed unless releases use them."""
+    async def upsert_site(self, site: Site) -> Site:
+        """Create or replace a site. Procedures left out are removed unless releases use them:
+        the site as stored is returned."""
         async with self._transaction() as conn:
             await conn.execute(
                 """INSERT INTO sites (id, name, timezone) VALUES ($1, $2, $3)
@@ -283,6 +284,10 @@ class Store:
                 [p.id for p in site.procedures],
             )
             await _audit(conn, "admin", "site.upsert", site.id, {"name": site.name})
+            kept = await conn.fetch(
+                "SELECT id, name FROM procedures WHERE site_id = $1 ORDER BY id", site.id
+            )
+        return Site(site.id, site.name, site.timezone, tuple(Procedure(*r.values()) for r in kept))
 
     async def sites(self) -> list[Site]:
         async with self._connection() as conn:

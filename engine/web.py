@@ -304,6 +304,34 @@ def cached_json_response(request: web.Request, body: Body) -> web.Response:
 _ACCEPT_ENCODING_MAX = 256  # browsers send under 60 characters
 
 
+def preferred_type(accept: str, offered: tuple[str, ...]) -> str | None:
+    """The type of ``offered`` an ``Accept`` header weighs highest (RFC 9110, section
+    12.5.1): each by its most specific range (``text/csv``, then ``text/*``, then
+    ``*/*``), a tie to the one offered first. None if the header accepts none of them."""
+    weights: dict[str, float] = {}
+    for item in accept.split(","):
+        media, *params = item.split(";")
+        media = media.strip().lower()
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[media] = weight
+    best, best_weight = None, 0.0
+    for media in offered:
+        kind = media.split("/")[0]
+        for candidate in (media, f"{kind}/*", "*/*"):
+            if candidate in weights:
+                if weights[candidate] > best_weight:
+                    best, best_weight = media, weights[candidate]
+                break
+    return best
+
+
 def accepts_gzip(header: str) -> bool:
     """Whether an ``Accept-Encoding`` header admits gzip (RFC 9110, section 12.5.3): named
     (or as x-gzip), or covered by ``*``, with a weight above 0. A longer header than any

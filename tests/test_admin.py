@@ -41,6 +41,19 @@ async def test_site_upsert_and_listing(api: Api) -> None:
     assert bad.status == 400 and bad.body["errors"][0]["field"] == "site"
 
 
+async def test_a_site_upsert_answers_what_it_kept(api: Api) -> None:
+    """A procedure a release still uses is kept when the site is replaced without it; the
+    answer says so, as GET /v1/sites does, instead of echoing the request."""
+    await api.site("bobigny", ("renouvellement", "naturalisation"))
+    await api.publish([1], procedure="naturalisation")
+    body = {"name": "Bobigny", "timezone": "Europe/Paris", "procedures": []}
+    r = await api.call("PUT", "/v1/admin/sites/bobigny", body, ADMIN)
+    assert r.status == 200
+    listed = (await api.call("GET", "/v1/sites")).body["sites"]
+    assert [r.body["site"]] == listed
+    assert [p["id"] for p in r.body["site"]["procedures"]] == ["naturalisation"]
+
+
 async def test_release_validation(api: Api, clock: FakeClock) -> None:
     await api.site()
     now = datetime.fromtimestamp(clock.now, UTC)
@@ -195,9 +208,20 @@ async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> Non
         headers={**ADMIN, "Accept": "application/pdf"},
     )
     assert bad.status == 406
-    assert (
-        await api.call("GET", "/v1/admin/agenda?site=bobigny&date=nope", headers=ADMIN)
-    ).status == 400
+    # The Accept header's weights decide, not the mere mention of a type.
+    for accept, served in (
+        ("text/csv;q=0, application/json", "application/json"),
+        ("application/json;q=0.5, text/csv", "text/csv"),
+        ("text/*", "text/csv"),
+        ("*/*", "application/json"),
+    ):
+        r = await api.call(
+            "GET", f"/v1/admin/agenda?site=bobigny&date={day}", headers={**ADMIN, "Accept": accept}
+        )
+        assert r.status == 200 and r.headers["Content-Type"].startswith(served), accept
+    for day_text in ("nope", "20261201", "2026-W49-2", "2026-12-1"):
+        r = await api.call("GET", f"/v1/admin/agenda?site=bobigny&date={day_text}", headers=ADMIN)
+        assert r.status == 400, day_text
     assert (
         await api.call("GET", f"/v1/admin/agenda?site=nowhere&date={day}", headers=ADMIN)
     ).status == 404
