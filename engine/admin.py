@@ -110,6 +110,12 @@ async def staff_booking(request: web.Request) -> web.Response:
     )
 
 
+async def staff_cancel(request: web.Request) -> web.Response:
+    require_admin(request)
+    await request.app[RESERVATIONS].staff_cancel(request.match_info["reference"])
+    return web.Response(status=204)
+
+
 async def fairness_report(request: web.Request) -> web.Response:
     """How online bookings of appointments to come spread over client networks."""
     require_admin(request)

@@ -176,6 +176,15 @@ ROUTES: tuple[Route, ...] = (
         reply=replies.Confirmed,
     ),
     Route(
+        "DELETE",
+        "/v1/admin/bookings/{reference}",
+        admin.staff_cancel,
+        "Cancel a booking for a person at the counter or on the phone",
+        204,
+        errors=("unauthorized", "not-found", "not-open", *_STORE),
+        auth="admin",
+    ),
+    Route(
         "GET",
         "/v1/admin/agenda",
         admin.agenda,

@@ -227,6 +227,36 @@ async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> Non
     ).status == 404
 
 
+async def test_staff_cancel_for_a_person(api: Api, pg: asyncpg.Connection) -> None:
+    """A person who booked at the counter or on the phone cancels the same way: staff
+    cancel with the admin token, and the place returns as with the person's cancel."""
+    await api.site()
+    release = await api.publish([1])
+    slot = release["slots"][0]["id"]
+    person = applicant()
+    staff = {"slot_id": slot, "applicant": person}
+    booked = (await api.call("POST", "/v1/admin/bookings", staff, ADMIN)).body
+    ref = booked["booking"]["reference"]
+    assert await api.free(release["id"]) == {slot: 0}
+    path = f"/v1/admin/bookings/{ref}"
+    assert (await api.call("DELETE", path, headers={"Authorization": "Bearer nope"})).status == 401
+    assert (await api.call("DELETE", path, headers=ADMIN)).status == 204
+    assert (await api.call("DELETE", path, headers=ADMIN)).status == 204  # idempotent
+    assert await api.free(release["id"]) == {slot: 1}
+    mine = {"Authorization": f"Bearer {booked['cancel_token']}"}
+    read = await api.call("GET", f"/v1/bookings/{ref}", headers=mine)
+    assert read.body["booking"]["status"] == "cancelled"
+    actor = await pg.fetchval(
+        "SELECT actor FROM audit_log WHERE subject = $1 AND action = 'booking.cancel'", ref
+    )
+    assert actor == "staff"
+    # The person may book again: the cancelled booking is not active.
+    assert (await api.call("POST", "/v1/admin/bookings", staff, ADMIN)).status == 201
+    for missing in ("AB-CDEF-GHJK", "nope%00"):
+        r = await api.call("DELETE", f"/v1/admin/bookings/{missing}", headers=ADMIN)
+        assert r.status == 404
+
+
 async def test_identity_is_hashed_and_only_staff_fields_are_clear(
     api: Api, pg: asyncpg.Connection
 ) -> None:
