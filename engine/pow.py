@@ -78,18 +78,27 @@ def leading_zero_bits_ok(digest: bytes, difficulty: int) -> bool:
 
 
 def verify(
-    secret: bytes, text: str, nonces: list[str], *, release_id: str, client: str, now_ms: int
+    secret: bytes,
+    text: str,
+    nonces: list[str],
+    *,
+    release_id: str,
+    client: str,
+    now_ms: int,
+    check_expiry: bool = True,
 ) -> Challenge:
     """Return the challenge if ``nonces`` pay for an attempt by ``client`` in ``release_id``.
 
-    Does not know whether it was spent: that is decided with the attempt, in Redis.
+    Does not know whether it was spent: that is decided with the attempt, in Redis. Without
+    ``check_expiry``, an expired challenge is returned too, for Redis to tell a retry of
+    the attempt it paid for (answered with that attempt) from a new one (refused).
     """
     challenge = parse(secret, text)
     if challenge.release_id != release_id:
         raise PowInvalid("The challenge was issued for another release")
     if not hmac.compare_digest(challenge.client_tag, client_tag(secret, client)):
         raise PowInvalid("The challenge was issued to another client")
-    if now_ms >= challenge.expires_ms:
+    if check_expiry and now_ms >= challenge.expires_ms:
         raise ChallengeExpired("The challenge's time ran out; ask for a new one")
     if len(nonces) != challenge.puzzles:
         raise PowInvalid(f"Expected {challenge.puzzles} nonces, got {len(nonces)}")

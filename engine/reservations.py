@@ -306,6 +306,9 @@ class Reservations:
         release_id = release_of(slot_id)
         # A client known to be over a limit, or a forged or wrong challenge, costs no store call.
         self.limiter.refuse_address(client)
+        # An expired challenge goes on to Redis: a retry of the hold it paid for (its answer
+        # lost, the phone off the network for minutes) gets that hold while it lives, as
+        # within the challenge's time, instead of 410 and then 429 for a hold it never saw.
         paid = pow.verify(
             self.settings.secret,
             challenge,
@@ -313,6 +316,7 @@ class Reservations:
             release_id=release_id,
             client=client,
             now_ms=self.now_ms(),
+            check_expiry=False,
         )
         release = await self.release(release_id)
         slot = self._open_slot(release, slot_id)
@@ -350,6 +354,8 @@ class Reservations:
         if result.outcome == "full":
             raise SlotFull("No free place left on this slot; the challenge is spent")
         if result.outcome == "spent":
+            if now_ms >= paid.expires_ms:
+                raise ChallengeExpired("The challenge's time ran out; ask for a new one")
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
         if result.outcome == "no-slot":
             raise NotFound(f"No slot {slot_id!r}")

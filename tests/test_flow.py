@@ -59,3 +59,21 @@ async def test_a_hold_retried_with_its_challenge_gets_the_same_hold(api: Api) ->
     # Once the hold is confirmed, the challenge is simply spent.
     assert (await api.confirm(one.body, applicant())).status == 201
     assert (await api.hold(first, "10.0.0.7", paid=paid)).status == 410
+
+
+async def test_a_hold_retried_after_its_challenge_ran_out_gets_the_same_hold(api: Api) -> None:
+    """The same retry, minutes later (a phone off the network): the challenge's time has run
+    out, the hold's has not. The hold comes back; the challenge buys nothing new."""
+    await api.site()
+    release = await api.publish([3, 3])
+    first, second = (s["id"] for s in release["slots"])
+    paid = await api.solved(release["id"], "10.0.0.7")
+    one = await api.hold(first, "10.0.0.7", paid=paid)
+    api.clock.advance(301)  # the challenge lives 300 s, the hold 600 s
+    again = await api.hold(first, "10.0.0.7", paid=paid)
+    assert (again.status, again.body) == (201, one.body)
+    late = await api.hold(second, "10.0.0.7", paid=paid)
+    assert late.status == 410 and "time ran out" in late.body["detail"]
+    assert await api.free(release["id"]) == {first: 2, second: 3}
+    api.clock.advance(300)  # the hold has expired too
+    assert (await api.hold(first, "10.0.0.7", paid=paid)).status == 410
