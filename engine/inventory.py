@@ -309,14 +309,19 @@ class Inventory:
         }
 
     async def lower_capacities(
-        self, release_id: str, now_ms: int, changes: Sequence[tuple[str, int, int]]
+        self,
+        release_id: str,
+        now_ms: int,
+        changes: Sequence[tuple[str, int, int]],
+        fence: str | None = None,
     ) -> dict[str, int]:
         """Lower capacities, given as (slot id, new capacity, bookings PostgreSQL has),
         atomically with the holds; a raise is left alone. Returns each slot whose capacity
         would go below its booked and held places, with that floor; then nothing changed.
-        Raises InventoryMissing."""
+        Otherwise the capacity fence gets a new value (``fence``, random unless a test
+        gives one). Raises InventoryMissing."""
         k = ReleaseKeys.of(release_id)
-        args: list[str | int] = [now_ms, RECLAIM_LIMIT]
+        args: list[str | int] = [now_ms, RECLAIM_LIMIT, fence or secrets.token_hex(16)]
         for slot_id, capacity, booked in changes:
             args += [slot_id, capacity, booked]
         reply = await self._call(
@@ -431,11 +436,21 @@ class Inventory:
         refs = await self._command("HKEYS", ReleaseKeys.of(release_id).booked)
         return {_text(r) for r in refs}
 
-    async def fence(self, release_id: str) -> str:
-        """Where the release's capacity fence stands: read with a PostgreSQL snapshot, and
-        given back with its write of capacities (``rebuild``, ``reconcile``), which sets
-        none if a capacity was lowered in between."""
-        return _text(await self._command("GET", ReleaseKeys.of(release_id).fence) or b"0")
+    async def fence(self, release_id: str, new: str | None = None) -> str:
+        """The release's capacity fence: read with a PostgreSQL snapshot, and given back
+        with its write of capacities (``rebuild``, ``reconcile``), which sets none if the
+        fence changed in between. A lost fence is set anew (``new``, random unless a test
+        gives one): a random value, never a count, so that none comes back after a loss."""
+        key = ReleaseKeys.of(release_id).fence
+        # Two commands in one round trip, not one atomic step: a value set in between is
+        # a lowering that went on while this snapshot's lock was held, so one that rolled
+        # back (its call late): the fence read after it is as good (section 8).
+        _set, value = await self._run(
+            [("SET", key, new or secrets.token_hex(16), "NX"), ("GET", key)]
+        )
+        if isinstance(value, Exception):
+            self._raise(value)
+        return _text(value)
 
     async def rebuild(
         self,

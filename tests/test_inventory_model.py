@@ -115,8 +115,8 @@ class Model:
         # Cancelled bookings Redis may go on counting until a reconcile: their cancel_done never
         # ran. Any other cancelled one counted is a bug.
         self.stale_counts: set[str] = set()
-        # How many changes lower_capacity took, or found the inventory missing for.
-        self.fence = 0
+        # The capacity fence: None once lost, else the value last set (here, made by the test).
+        self.fence: str | None = None
 
     # PostgreSQL --------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class Model:
         self.present = False
         self.caps, self.holds, self.idem, self.booked, self.spent = {}, {}, {}, {}, {}
         self.stale_counts = set()
-        self.fence = 0
+        self.fence = None
 
     def rebuild(
         self, fence: str, caps: list[tuple[str, int]], bookings: list[tuple[str, str]]
@@ -176,7 +176,7 @@ class Model:
         """From a snapshot (the model's PostgreSQL may have moved on since)."""
         if self.present:
             return "present"
-        if fence != str(self.fence):
+        if fence != self.fence:
             return "stale"
         self.present = True
         self.caps = dict(caps)
@@ -234,14 +234,22 @@ class Model:
             self.idem[idem] = hold_id
         return HoldResult("granted", hold_id, deadline, token)
 
-    def lower_capacity(self, slot: str, capacity: int, pg_booked: int, now: int) -> dict[str, int]:
+    def read_fence(self, new: str) -> str:
+        """``Inventory.fence``: a lost fence is set to ``new``."""
+        if self.fence is None:
+            self.fence = new
+        return self.fence
+
+    def lower_capacity(
+        self, slot: str, capacity: int, pg_booked: int, now: int, fence: str
+    ) -> dict[str, int]:
         assert self.present
         self._reclaim(now)
         floor = max(self.booked_count(slot), pg_booked) + self.held_count(slot)
         if capacity < floor:
             return {slot: floor}
         self.caps[slot] = min(self.caps[slot], capacity)
-        self.fence += 1
+        self.fence = fence
         return {}
 
     def counts(self, now: int) -> dict[str, SlotCounts]:
@@ -321,7 +329,7 @@ class Model:
         """Corrections as reconcile.lua counts them. ``h`` never needs one here: a drifted
         Redis counter shows up as a correction the model did not expect."""
         corrections = 0
-        stale = fence != str(self.fence)
+        stale = fence != self.fence
         for slot, cap in caps:
             if not stale and self.caps.get(slot) != cap:
                 self.caps[slot] = cap
@@ -363,7 +371,7 @@ class RawRedis:
     idem: dict[str, str]
     spent: dict[str, int]
     clients: dict[str, str]
-    fence: str
+    fence: str | None
 
 
 def newest_first(ids: Iterable[str]) -> list[str]:
@@ -495,13 +503,18 @@ class InventoryMachine(RuleBasedStateMachine):
     def flush_redis(self) -> None:
         self.run(self.redis.flushdb())
         self.model.wipe()
-        # A call in flight is lost with the connection that carried it (a restart or a
-        # failover); an older snapshot rebuilding the inventory would miss bookings since.
-        self.in_flight = None
+        # A write in flight stays in flight: it must find the fence gone, or new, and set
+        # nothing (a rebuild from its older snapshot would miss bookings made since).
+
+    def read_fence(self) -> str:
+        new = self.fresh("f")
+        fence = self.run(self.inventory.fence(RELEASE, new))
+        assert fence == self.model.read_fence(new)
+        return fence
 
     def rebuild_from_pg(self) -> None:
         capacities, bookings = self.model.pg_snapshot()
-        fence = self.run(self.inventory.fence(RELEASE))
+        fence = self.read_fence()
         built = self.run(self.inventory.rebuild(RELEASE, fence, capacities, bookings))
         assert built == self.model.rebuild(fence, capacities, bookings) != "stale"
 
@@ -520,7 +533,7 @@ class InventoryMachine(RuleBasedStateMachine):
         """``Reservations.reconcile``: Redis's counted references first, then PostgreSQL."""
         counted = self.run(self.inventory.booked_refs(RELEASE))
         capacities, active = self.model.pg_snapshot()
-        fence = self.run(self.inventory.fence(RELEASE))
+        fence = self.read_fence()
         add = [(ref, slot) for ref, slot in active if ref not in counted]
         remove = sorted(counted - {ref for ref, _ in active})
         try:
@@ -568,7 +581,7 @@ class InventoryMachine(RuleBasedStateMachine):
             _hash(idem),
             _zset(spent),
             _hash(clients),
-            _text(fence or b"0"),
+            None if fence is None else _text(fence),
         )
 
     # Rules --------------------------------------------------------------------------------
@@ -671,14 +684,19 @@ class InventoryMachine(RuleBasedStateMachine):
             return  # PostgreSQL refuses before asking Redis
         if capacity < self.model.pg_caps[slot]:
             change = [(slot, capacity, pg_booked)]
+            fence = self.fresh("f")
             try:
-                refused = self.run(self.inventory.lower_capacities(RELEASE, self.now, change))
+                refused = self.run(
+                    self.inventory.lower_capacities(RELEASE, self.now, change, fence)
+                )
             except InventoryMissing:
                 assert not self.model.present, "Redis lost an inventory the model still has"
-                self.model.fence += 1
+                self.model.fence = fence
                 refused = {}
             else:
-                assert refused == self.model.lower_capacity(slot, capacity, pg_booked, self.now)
+                assert refused == self.model.lower_capacity(
+                    slot, capacity, pg_booked, self.now, fence
+                )
             event(f"lower capacity: {'refused' if refused else 'lowered'}")
             if late:
                 self.land(rebuild=data.draw(st.booleans(), "rebuild"))
@@ -690,7 +708,7 @@ class InventoryMachine(RuleBasedStateMachine):
         if crash == "after commit":
             return
         capacities, _ = self.model.pg_snapshot()
-        fence = self.run(self.inventory.fence(RELEASE))
+        fence = self.read_fence()
         try:
             done = self.run(self.inventory.reconcile(RELEASE, fence, capacities, [], []))
         except InventoryMissing:
@@ -717,7 +735,7 @@ class InventoryMachine(RuleBasedStateMachine):
         and its Redis call is given up on: it reaches Redis later (``late_write``), after
         whatever rules run in between, a capacity change among them."""
         capacities, bookings = self.model.pg_snapshot()
-        self.in_flight = (self.run(self.inventory.fence(RELEASE)), capacities, bookings)
+        self.in_flight = (self.read_fence(), capacities, bookings)
 
     @precondition(lambda self: self.in_flight is not None)
     @rule(rebuild=st.booleans())
@@ -786,7 +804,7 @@ class InventoryMachine(RuleBasedStateMachine):
         model = self.model
         assert raw.inv == model.inv_hash()
         assert raw.clients == model.clients_hash()
-        assert raw.fence == str(model.fence)
+        assert raw.fence == model.fence
         assert raw.booked == model.booked
         assert raw.hold == {hold_id: h.record() for hold_id, h in model.holds.items()}
         assert raw.holds == {i: h.deadline for i, h in model.holds.items() if h.state == "h"}

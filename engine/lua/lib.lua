@@ -14,10 +14,11 @@
 --   idem       hash  idempotency field -> hold id
 --   booked     hash  booking reference -> slot: the confirmed bookings Redis counts
 --   spent      zset  challenge id -> its expiry (ms); spent challenges
---   fence      string  how many capacity changes lower_capacity took (or found the inventory
---                    missing for): a write of capacities from a PostgreSQL snapshot read
---                    before one sets none (docs/consistency.md, section 8); kept when the
---                    inventory is lost
+--   fence      string  a random value, new at each capacity change lower_capacity takes (or
+--                    finds the inventory missing for): a write of capacities from a
+--                    PostgreSQL snapshot read before one sets none (docs/consistency.md,
+--                    section 8). Kept when the inventory is lost; if Redis loses it too,
+--                    every write in flight is refused, as none can carry a value again
 -- Free places of a slot = c - b - h. Times come from the caller (ARGV), in milliseconds.
 
 local function split_hold(rec)

@@ -3,12 +3,12 @@
 -- hold granted before it is counted. Staff's capacity change calls it while PostgreSQL holds
 -- the slots' rows, before the change commits; a raise is not done here but after the commit
 -- (a place Redis gave before PostgreSQL had it could not be confirmed).
--- Each call that is not refused, and each that finds the inventory missing, moves the fence on:
--- a write of capacities from a snapshot read before it (one that reaches Redis late) then sets
--- none.
+-- Each call that is not refused, and each that finds the inventory missing, sets the fence to a
+-- new value: a write of capacities from a snapshot read before it (one that reaches Redis late)
+-- then sets none.
 -- KEYS: 1 inv, 2 holds, 3 confirming, 4 hold, 5 idem, 6 clients, 7 fence (see lib.lua)
--- ARGV: 1 now_ms, 2 reclaim limit, then n times (slot id, new capacity, bookings PostgreSQL
---       has on the slot)
+-- ARGV: 1 now_ms, 2 reclaim limit, 3 the fence's new value, then n times (slot id, new
+--       capacity, bookings PostgreSQL has on the slot)
 -- Returns: {'lowered'}
 --          {'refused', slot, floor, ...}  each slot whose new capacity is below its floor
 --                                         (booked + held); nothing changed
@@ -16,13 +16,13 @@
 local function lower_capacity(keys, argv)
   local inv, holds, confirming, hold, idem, clients, fence = unpack(keys)
   if redis.call('EXISTS', inv) == 0 then
-    redis.call('INCR', fence)
+    redis.call('SET', fence, argv[3])
     return { 'rebuild' }
   end
   reclaim(inv, holds, confirming, hold, idem, clients, tonumber(argv[1]), tonumber(argv[2]))
   local refused = {}
   local lower = {}
-  for i = 3, #argv, 3 do
+  for i = 4, #argv, 3 do
     local slot, capacity, pg_booked = argv[i], tonumber(argv[i + 1]), tonumber(argv[i + 2])
     local current = tonumber(redis.call('HGET', inv, 'c:' .. slot) or '-1')
     local floor = math.max(tonumber(redis.call('HGET', inv, 'b:' .. slot) or '0'), pg_booked)
@@ -43,6 +43,6 @@ local function lower_capacity(keys, argv)
   end
   -- Even if Redis's capacity is already this low (a raise it has not been given yet): a
   -- snapshot read before this change has the old capacity, and must not set it.
-  redis.call('INCR', fence)
+  redis.call('SET', fence, argv[3])
   return { 'lowered' }
 end

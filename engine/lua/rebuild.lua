@@ -13,7 +13,7 @@ local function rebuild(keys, argv)
   if redis.call('EXISTS', inv) == 1 then
     return { 'present' }
   end
-  if (redis.call('GET', fence) or '0') ~= argv[1] then
+  if redis.call('GET', fence) ~= argv[1] then  -- GET gives false for a lost fence
     return { 'stale' }
   end
   redis.call('DEL', holds, confirming, hold, idem, booked, clients, confirms)

@@ -20,7 +20,7 @@ local function reconcile(keys, argv)
   end
   local corrections = 0
   local recount = tonumber(argv[1])
-  local stale = (redis.call('GET', fence) or '0') ~= argv[2]
+  local stale = redis.call('GET', fence) ~= argv[2]  -- GET gives false for a lost fence
   local n = tonumber(argv[3])
   local live = {}
   for i = 0, n - 1 do
