@@ -142,6 +142,12 @@ class StoreUnavailable(Overloaded):
         super().__init__(retry_after, detail, level="store")
 
 
+class NotCommitted(StoreUnavailable):
+    """PostgreSQL refused the transaction for now and rolled it back (a deadlock, a
+    serialisation failure, a read-only standby, an idle transaction ended): unlike a
+    timeout, it is certain that nothing was written."""
+
+
 class SchemaBehind(StoreUnavailable):
     """PostgreSQL answers, but lacks migrations this engine needs: ``guichet migrate``."""
 

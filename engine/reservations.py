@@ -27,6 +27,7 @@ from engine.errors import (
     ChallengeExpired,
     HoldConfirming,
     HoldExpired,
+    NotCommitted,
     NotFound,
     NotOpen,
     RateLimited,
@@ -474,6 +475,10 @@ class Reservations:
                 cancel_token_hash=token_hash(cancel_token),
                 client_net=client_net,
             )
+        except NotCommitted:
+            # Rolled back for certain: the hold is held again, for a retry (a 503 all the same).
+            await self.inventory.confirm_abort(release.id, hold_id)
+            raise
         except StoreUnavailable:
             # Committed or not, we cannot tell: the hold stays "confirming" and the sweeper
             # settles it from PostgreSQL once no transaction can still be running.
@@ -537,6 +542,10 @@ class Reservations:
             raise HoldExpired("The counter's hold expired before it was confirmed")
         try:
             return await self._book(release, slot_id, hold_id, token, applicant, "staff")
+        except NotCommitted:
+            # Nothing booked, and _book handed the hold back: it must not keep the place.
+            await self.inventory.release_hold(release.id, hold_id, self.now_ms())
+            raise
         except StoreUnavailable:
             raise  # committed or not: the sweeper settles the hold from PostgreSQL
         except Exception:

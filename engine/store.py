@@ -21,6 +21,7 @@ import asyncpg
 from engine import draw
 from engine.errors import (
     IdentityAlreadyBooked,
+    NotCommitted,
     NotFound,
     NotOpen,
     RateLimited,
@@ -56,6 +57,14 @@ _UNAVAILABLE = (
     # engine starts and /readyz answers 503 until it is there.
     asyncpg.InvalidCatalogNameError,
     asyncpg.InvalidAuthorizationSpecificationError,
+)
+# Of those, the ones after which nothing was written for certain (NotCommitted). Not a timeout
+# (the COMMIT may have gone through) and not 40003, "statement completion unknown".
+_ROLLED_BACK = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.IdleInTransactionSessionTimeoutError,
 )
 
 _BOOKING_COLUMNS = """
@@ -213,6 +222,8 @@ class Store:
         try:
             async with self._pool.acquire(timeout=self._timeout_s) as conn:
                 yield conn
+        except _ROLLED_BACK as exc:
+            raise NotCommitted(self._retry_after_s, "PostgreSQL cannot write now") from exc
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(self._retry_after_s, "PostgreSQL did not answer") from exc
 

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine.app import create_app
+from engine.appkeys import RESERVATIONS
 from engine.tokens import signed_id
 from tests.api import ADMIN, Api, Reply, applicant
 from tests.conftest import DATABASE_URL, FakeClock, make_settings
@@ -150,9 +151,19 @@ async def test_postgresql_read_only_answers_503(api: Api, clock: FakeClock) -> N
         path = f"/v1/admin/releases/{release['id']}"
         patch = {"slots": [{"id": slot, "capacity": 3}]}
         assert_overloaded(await standby.call("PATCH", path, patch, ADMIN))
-    assert await api.free(release["id"]) == {slot: 2}
+        # A confirm and a counter booking: certainly not committed, so the hold is held
+        # again (not left confirming for the sweeper) and the counter's place is free.
+        hold = (await api.hold(slot)).body
+        assert_overloaded(await standby.confirm(hold, applicant()))
+        staff = {"slot_id": slot, "applicant": applicant()}
+        assert_overloaded(await standby.call("POST", "/v1/admin/bookings", staff, ADMIN))
+    assert await api.free(release["id"]) == {slot: 1}
     sites = (await api.call("GET", "/v1/sites")).body["sites"]
     assert [s["id"] for s in sites] == ["bobigny"]
+    # Past the sweeper's grace for confirms that never reported, the hold is still there.
+    clock.advance(200)
+    await api.client.app[RESERVATIONS].recovery.settle_stale_confirms(release["id"])
+    assert (await api.confirm(hold, applicant())).status == 201
 
 
 async def test_redis_at_its_client_limit_answers_503(
