@@ -79,26 +79,42 @@ class Lottery:
         self.domain.limiter.refuse_known(who)
         now_ms = self.domain.now_ms()
         paid = pow.verify(
-            s.secret, challenge, nonces, release_id=release_id, client=client, now_ms=now_ms
+            s.secret,
+            challenge,
+            nonces,
+            release_id=release_id,
+            client=client,
+            now_ms=now_ms,
+            check_expiry=False,
         )
         release = await self.domain.release(release_id)
         if release.mode != "draw":
             raise NotOpen("This release is first come, first served: hold a place instead")
         assert release.registration_opens_at and release.registration_closes_at
+        identity = applicant.identity_hash(s.secret)
+        # The entry's id and token come from the challenge (single-use, and bound to this
+        # client): a retry of this request whose entry was registered but whose answer was
+        # lost (a phone off the network, a 503 after the commit) gets that entry back, as a
+        # hold's retry gets its hold, instead of 410 and then 409 for ever. Even once the
+        # challenge's time, or registration, is over: then nothing else passes.
+        entry_id = derived_id(s.secret, "entry-id", "e", _ENTRY_ID_LENGTH, client, paid.id)
+        token = derived_token(s.secret, "entry", client, paid.id)
+        expired = now_ms >= paid.expires_ms
         now = self._now()
-        if not release.registration_opens_at <= now < release.registration_closes_at:
+        if expired or not release.registration_opens_at <= now < release.registration_closes_at:
+            # A PostgreSQL lookup that any challenge once issued can ask for again and again:
+            # the buckets of a confirm's replay bound it (address, networks, identity).
+            await self.domain.limiter.replay(who, identity.hex())
+            if await self.store.registered_entry(entry_id, release.id, identity):
+                log.info("entry_replayed", release=release_id, entry=entry_id)
+                return NewEntry(entry_id, token)
+            if expired:
+                raise ChallengeExpired("The challenge's time ran out; ask for a new one")
             raise NotOpen(
                 f"Registration is open from {release.registration_opens_at.isoformat()} "
                 f"to {release.registration_closes_at.isoformat()}"
             )
-        identity = applicant.identity_hash(s.secret)
         await self.domain.limiter.confirm(who, identity.hex(), endpoint="entry")
-        # The entry's id and token come from the challenge (single-use, and bound to this
-        # client): a retry of this request whose entry was registered but whose answer was
-        # lost (a phone off the network, a 503 after the commit) gets that entry back, as a
-        # hold's retry gets its hold, instead of 410 and then 409 for ever.
-        entry_id = derived_id(s.secret, "entry-id", "e", _ENTRY_ID_LENGTH, client, paid.id)
-        token = derived_token(s.secret, "entry", client, paid.id)
         if not await self.domain.inventory.spend_challenge(
             release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
         ):

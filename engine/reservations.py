@@ -310,15 +310,19 @@ class Reservations:
         # An expired challenge goes on to Redis: a retry of the hold it paid for (its answer
         # lost, the phone off the network for minutes) gets that hold while it lives, as
         # within the challenge's time, instead of 410 and then 429 for a hold it never saw.
+        now_ms = self.now_ms()
         paid = pow.verify(
             self.settings.secret,
             challenge,
             nonces,
             release_id=release_id,
             client=client,
-            now_ms=self.now_ms(),
+            now_ms=now_ms,
             check_expiry=False,
         )
+        if now_ms >= paid.expires_ms + self.settings.hold_ttl_s * 1000:
+            # No hold it paid for can be alive: refused here, without a Redis call.
+            raise ChallengeExpired("The challenge's time ran out; ask for a new one")
         release = await self.release(release_id)
         slot = self._open_slot(release, slot_id)
         if idem_key is None:

@@ -307,7 +307,8 @@ _ACCEPT_ENCODING_MAX = 256  # browsers send under 60 characters
 def preferred_type(accept: str, offered: tuple[str, ...]) -> str | None:
     """The type of ``offered`` an ``Accept`` header weighs highest (RFC 9110, section
     12.5.1): each by its most specific range (``text/csv``, then ``text/*``, then
-    ``*/*``), a tie to the one offered first. None if the header accepts none of them."""
+    ``*/*``). Of equal weights, the one named more specifically wins (``text/csv, */*``
+    is CSV), then the one offered first. None if the header accepts none of them."""
     weights: dict[str, float] = {}
     for item in accept.split(","):
         media, *params = item.split(";")
@@ -321,13 +322,14 @@ def preferred_type(accept: str, offered: tuple[str, ...]) -> str | None:
                 except ValueError:
                     weight = 0.0
         weights[media] = weight
-    best, best_weight = None, 0.0
+    best, best_rank = None, (0.0, 0)
     for media in offered:
         kind = media.split("/")[0]
-        for candidate in (media, f"{kind}/*", "*/*"):
+        for specificity, candidate in ((2, media), (1, f"{kind}/*"), (0, "*/*")):
             if candidate in weights:
-                if weights[candidate] > best_weight:
-                    best, best_weight = media, weights[candidate]
+                rank = (weights[candidate], specificity)
+                if rank[0] > 0 and rank > best_rank:
+                    best, best_rank = media, rank
                 break
     return best
 

@@ -130,7 +130,9 @@ class TcpProxy:
     the same port. ``hold_back(needle)``: from then on, what a client sends in a read that
     contains ``needle`` is kept in ``held`` instead of forwarded, so that the test can make the
     call reach the store when it chooses, as a call the client gave up on may; with
-    ``replies=True``, what the store answers instead (a reply lost on its way back)."""
+    ``replies=True``, what the store answers instead (a reply lost on its way back). It
+    matches each read as it comes: keep the needle short and the calls small, or it may fall
+    across two reads, and check ``held`` holds what you meant."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self._upstream = (upstream_host, upstream_port)

@@ -214,6 +214,8 @@ async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> Non
         ("application/json;q=0.5, text/csv", "text/csv"),
         ("text/*", "text/csv"),
         ("*/*", "application/json"),
+        ("text/csv, */*", "text/csv"),
+        ("text/csv;q=0.5, */*;q=0.5", "text/csv"),
     ):
         r = await api.call(
             "GET", f"/v1/admin/agenda?site=bobigny&date={day}", headers={**ADMIN, "Accept": accept}

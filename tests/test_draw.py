@@ -237,6 +237,22 @@ async def test_a_retried_entry_gets_the_entry_it_registered(
     assert (await api.call("DELETE", entry, headers=auth)).status == 204
     assert (await api.call("POST", path, body, {"X-Forwarded-For": ip(1)})).status == 410
     assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
+    # The same retry once the challenge's time, then registration, is over: the entry
+    # still comes back; a request that registered nothing is refused as before.
+    paid = await api.solved(release, ip(3))
+    body = {**paid, "applicant": applicant()}
+    first = await api.call("POST", path, body, {"X-Forwarded-For": ip(3)})
+    assert first.status == 201
+    clock.advance(301)
+    late = await api.call("POST", path, body, {"X-Forwarded-For": ip(3)})
+    assert (late.status, late.body) == (201, first.body)
+    unused = await api.solved(release, ip(4))
+    clock.advance(301)
+    stale = {**unused, "applicant": applicant()}
+    assert (await api.call("POST", path, stale, {"X-Forwarded-For": ip(4)})).status == 410
+    clock.advance(86400)  # registration closed
+    closed = await api.call("POST", path, body, {"X-Forwarded-For": ip(3)})
+    assert (closed.status, closed.body) == (201, first.body)
 
 
 async def test_an_entry_whose_commit_was_not_acknowledged_is_found_again(
