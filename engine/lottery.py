@@ -28,6 +28,7 @@ from engine.limits import Client
 from engine.logs import log
 from engine.models import Booking, DrawOutcome, Entry, Release
 from engine.reservations import Reservations
+from engine.store import DrawRaced
 from engine.tokens import derived_id, derived_token, matches, new_reference, token_hash
 
 _ENTRY_ID_LENGTH = 20
@@ -215,6 +216,10 @@ class Lottery:
                 outcome = await self.run(release_id)
             except StoreUnavailable:
                 raise
+            except DrawRaced as exc:
+                # Not a failure: the next sweep counts the booking that raced it.
+                log.warning("draw_raced", release=release_id, detail=str(exc))
+                continue
             except Exception:
                 # One draw that cannot run must not hold back the others: log it (the
                 # alert), and try again at the next sweep.

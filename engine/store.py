@@ -35,6 +35,13 @@ from engine.models import Booking, DrawOutcome, Entry, Procedure, Release, Site,
 from engine.settings import Settings
 
 DRAW_TIMEOUT_S = 300.0
+
+
+class DrawRaced(Exception):
+    """A booking committed during a draw took a winner over a cap: the draw rolls back and
+    runs again at the next sweep."""
+
+
 T = TypeVar("T")
 
 _UNAVAILABLE = (
@@ -866,6 +873,35 @@ class Store:
             room -= 1
         return [e["digest"] for e in entries if e["digest"] in out]
 
+    async def _check_draw_caps(
+        self, conn: asyncpg.pool.PoolConnectionProxy, winners: list[tuple[asyncpg.Record, str]]
+    ) -> None:
+        """The caps again, with the winners booked: the exclusions were counted without
+        book_hold's locks, and a confirm online may have committed since (this statement
+        sees it). Over a cap, the draw fails and runs again at the next sweep, counting it."""
+        rules = self._rules
+        over = await conn.fetchval(
+            f"""SELECT
+                  (SELECT count(*) FROM (
+                     SELECT 1 FROM bookings b
+                     WHERE b.email_hash = ANY($1::bytea[]) AND b.cancelled_at IS NULL
+                       AND {_ACTIVE}
+                     GROUP BY b.email_hash HAVING count(*) > $2) e)
+                + (SELECT count(*) FROM (
+                     SELECT 1 FROM bookings b
+                     WHERE b.identity_hash = ANY($3::bytea[])
+                       AND b.created_at > now() - $4::interval
+                     GROUP BY b.identity_hash HAVING count(*) > $5) i)""",  # noqa: S608 (constants)
+            list({e["email_hash"] for e, _ in winners}),
+            rules.max_active_per_email,
+            [e["identity_hash"] for e, _ in winners],
+            rules.period,
+            rules.max_bookings,
+            timeout=DRAW_TIMEOUT_S,
+        )
+        if over:
+            raise DrawRaced(f"{over} winner(s) went over a booking cap during the draw")
+
     async def run_draw(
         self,
         release_id: str,
@@ -952,6 +988,11 @@ class Store:
                 excluded=excluded,
                 drawn_at=_utc(now),
             )
+            # The computing is done: back to the session's idle limit, so that a connection
+            # stalled from here on does not hold the draw's locks for minutes.
+            await conn.execute(
+                "SET LOCAL idle_in_transaction_session_timeout TO DEFAULT", timeout=DRAW_TIMEOUT_S
+            )
             # The commitment published at release time, not one recomputed from the seed:
             # a verifier then checks the seed against what the world saw.
             record["seed_commitment"] = rel["seed_commitment"]
@@ -994,6 +1035,7 @@ class Store:
                 [e["client_net"] for e, _ in winners],
                 timeout=DRAW_TIMEOUT_S,
             )
+            await self._check_draw_caps(conn, winners)
             await conn.execute(
                 """UPDATE entries e SET status = 'won', booking_reference = w.ref
                    FROM unnest($1::text[], $2::text[]) AS w(id, ref) WHERE e.id = w.id""",

@@ -379,6 +379,57 @@ async def test_the_draw_holds_its_winners_to_the_booking_caps(
     assert draw.verify(rec) == [] and len(rec["excluded"]) == 4
 
 
+async def test_a_booking_that_races_the_draw_is_counted_against_its_caps(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """The draw counts an address's bookings without book_hold's locks. One committed while
+    the draw runs (here: held back until the draw, its exclusions counted, waits to write)
+    would take the address over its cap with the draw's winner: the draw sees it after
+    booking its winners, rolls back, and the next sweep excludes that winner."""
+    await api.site()
+    online = (await api.publish([1, 1, 1, 1]))["slots"]
+    broker = "broker@example.org"
+    booked = [
+        await api.book(s["id"], applicant(email=broker), ip(1 + i))
+        for i, s in enumerate(online[:3])
+    ]
+    release = (await api.publish_draw([5]))["id"]
+    entry = (await api.enter(release, applicant(email=broker), ip(10))).body
+    clock.advance(90001)
+    # The racing booking: the address's fourth, inserted and kept uncommitted while this
+    # transaction holds the bookings table against writers.
+    race = await asyncpg.connect(DATABASE_URL)
+    tx = race.transaction()
+    await tx.start()
+    await race.execute(
+        """INSERT INTO bookings (reference, slot_id, release_id, procedure_id, channel,
+               hold_id, identity_hash, email_hash, family_name, given_names, cancel_token_hash)
+           SELECT 'RC-RACE-0001', $2, release_id, procedure_id, 'online', 'race-hold',
+                  '\\x01'::bytea, email_hash, family_name, given_names, cancel_token_hash
+           FROM bookings WHERE reference = $1""",
+        booked[0]["booking"]["reference"],
+        online[3]["id"],
+    )
+    await race.execute("LOCK TABLE bookings IN SHARE MODE")
+    domain, lottery = api.client.app[RESERVATIONS], api.client.app[LOTTERY]
+    drawing = asyncio.create_task(sweep_once(domain, reconcile=False, lottery=lottery))
+    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+    while await pg.fetchval(waiting) == 0:
+        assert not drawing.done()
+        await asyncio.sleep(0.01)
+    await tx.commit()
+    await race.close()
+    assert (await drawing).draws == 0  # raced: rolled back
+    assert (await sweep_once(domain, reconcile=False, lottery=lottery)).draws == 1
+    assert await entry_status(api, release, entry) == {"status": "withdrawn", "excluded": True}
+    active = await pg.fetchval(
+        "SELECT count(*) FROM bookings WHERE email_hash = (SELECT email_hash FROM entries"
+        " WHERE id = $1) AND status = 'confirmed'",
+        entry["entry_id"],
+    )
+    assert active == 4
+
+
 async def test_an_entry_excluded_by_the_draw_says_so(api: Api, clock: FakeClock) -> None:
     """A person who entered, then booked the procedure at the counter before the draw, is
     excluded by it: their entry reads ``withdrawn`` (API.md's statuses) with
