@@ -79,11 +79,14 @@ def allocate(
     beacon: str,
     places: Sequence[Places],
     excluded: Sequence[str] = (),
+    ranked: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """entry digest -> slot id, for the winners. ``excluded`` entries keep their rank but
-    get no place (their person booked this procedure otherwise before the draw)."""
+    get no place (their person booked this procedure otherwise before the draw, or is over
+    a booking cap). ``ranked``: ``ranking``'s result, if the caller has it already."""
     out = set(excluded)
-    ranked = ranking(seed_hex, digests, beacon)
+    if ranked is None:
+        ranked = ranking(seed_hex, digests, beacon)
     return dict(zip([d for d in ranked if d not in out], place_list(places), strict=False))
 
 
@@ -96,8 +99,10 @@ def record(
     places: Sequence[Places],
     excluded: Sequence[str],
     drawn_at: str,
+    ranked: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The public record of a draw: everything needed to recompute it, and no identity."""
+    """The public record of a draw: everything needed to recompute it, and no identity.
+    ``ranked`` as for ``allocate``."""
     return {
         "version": VERSION,
         "release": release,
@@ -111,7 +116,7 @@ def record(
             for p in sorted(places, key=lambda p: (p.starts_at, p.slot))
         ],
         "excluded": sorted(excluded),
-        "allocation": allocate(seed_hex, digests, beacon, places, excluded),
+        "allocation": allocate(seed_hex, digests, beacon, places, excluded, ranked),
         "drawn_at": drawn_at,
     }
 

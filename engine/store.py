@@ -833,8 +833,7 @@ class Store:
         self,
         conn: asyncpg.pool.PoolConnectionProxy,
         entries: list[asyncpg.Record],
-        seed_hex: str,
-        beacon: str,
+        ranked: list[str],
         places: list[draw.Places],
     ) -> list[str]:
         """The entries the draw passes over, keeping their rank: their person has an active
@@ -860,7 +859,7 @@ class Store:
         active: Counter[bytes] = Counter({r["email_hash"]: r["active"] for r in rows})
         by_digest = {e["digest"]: e for e in entries}
         room = sum(p.count for p in places)
-        for digest in draw.ranking(seed_hex, list(by_digest), beacon):
+        for digest in ranked:
             if room == 0:
                 break  # no place left: nobody further down wins, nor needs passing over
             if digest in out:
@@ -978,8 +977,12 @@ class Store:
             )
             places = [draw.Places(p["id"], _utc(p["starts_at"]), p["free"]) for p in places_rows]
             beacon = rel["beacon"] or ""
-            excluded = await self._draw_exclusions(conn, entries, rel["seed"], beacon, places)
+            # Ranked once (a fifth of a second per 100 000 entries): for the exclusions and the
+            # allocation.
+            ranked = draw.ranking(rel["seed"], digests, beacon)
+            excluded = await self._draw_exclusions(conn, entries, ranked, places)
             record = draw.record(
+                ranked=ranked,
                 release=release_id,
                 seed_hex=rel["seed"],
                 beacon=beacon,
