@@ -15,7 +15,7 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,24 +304,28 @@ def cached_json_response(request: web.Request, body: Body) -> web.Response:
 _ACCEPT_ENCODING_MAX = 256  # browsers send under 60 characters
 
 
+def _weighted(header: str) -> Iterator[tuple[str, float]]:
+    """The items of an ``Accept`` or ``Accept-Encoding`` header, lower-cased, each with its
+    weight (``q``; 1 if absent, 0 if unreadable)."""
+    for item in header.split(","):
+        name, *params = item.split(";")
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        yield name.strip().lower(), weight
+
+
 def preferred_type(accept: str, offered: tuple[str, ...]) -> str | None:
     """The type of ``offered`` an ``Accept`` header weighs highest (RFC 9110, section
     12.5.1): each by its most specific range (``text/csv``, then ``text/*``, then
     ``*/*``). Of equal weights, the one named more specifically wins (``text/csv, */*``
     is CSV), then the one offered first. None if the header accepts none of them."""
-    weights: dict[str, float] = {}
-    for item in accept.split(","):
-        media, *params = item.split(";")
-        media = media.strip().lower()
-        weight = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    weight = float(value)
-                except ValueError:
-                    weight = 0.0
-        weights[media] = weight
+    weights = dict(_weighted(accept))
     best, best_rank = None, (0.0, 0)
     for media in offered:
         kind = media.split("/")[0]
@@ -345,17 +349,7 @@ def accepts_gzip(header: str) -> bool:
 @functools.lru_cache(maxsize=256)
 def _accepts_gzip(header: str) -> bool:
     star = False
-    for item in header.split(","):
-        coding, *params = item.split(";")
-        coding = coding.strip().lower()
-        weight = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    weight = float(value)
-                except ValueError:
-                    weight = 0.0
+    for coding, weight in _weighted(header):
         if coding in ("gzip", "x-gzip"):
             return weight > 0
         if coding == "*":

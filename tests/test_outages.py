@@ -67,26 +67,26 @@ async def wait_ready(api: Api) -> None:
     await poll(ready, lambda: "the engine never became ready")
 
 
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path)
+@contextlib.asynccontextmanager
+async def running(server: RedisServer) -> AsyncIterator[RedisServer]:
     server.start()
     try:
         await server.wait_ready()
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    async with running(RedisServer(tmp_path)) as server:
+        yield server
 
 
 @pytest.fixture
 async def private_redis_1_client(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path, options={"maxclients": "1"})
-    server.start()
-    try:
-        await server.wait_ready()
+    async with running(RedisServer(tmp_path, options={"maxclients": "1"})) as server:
         yield server
-    finally:
-        server.kill()
 
 
 # Unreachable: a port held bound but never listened on, so every connect is refused --------
