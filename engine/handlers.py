@@ -225,7 +225,7 @@ async def create_entry(request: web.Request) -> web.Response:
         _client(request),
     )
     return json_response(
-        {"entry_id": entry.id, "entry_token": entry.token, "status": "registered"}, status=201
+        {"entry_id": entry.id, "entry_token": entry.token, "status": entry.status}, status=201
     )
 
 

@@ -186,11 +186,14 @@ class Inventory:
         self._loaded = True
 
     async def _guard(self, aw: Any) -> Any:
+        """A redis-py call of its own (the library load), within the timeout."""
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await aw
         except _UNREACHABLE as exc:
             raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+        except ResponseError as exc:  # redis-py raises error replies: OOM, READONLY...
+            self._raise(exc)
 
     async def _run(self, commands: Sequence[Command]) -> list[Any]:
         # No timeout of our own here: the shared pipeline has one.
@@ -231,12 +234,12 @@ class Inventory:
         return reply
 
     def _raise(self, error: Exception) -> NoReturn:
+        # An error reply's code: redis-py takes it off the message of the errors it maps to a
+        # class (OOM, READONLY, NOPERM...) and keeps it as status_code; hiredis leaves it on.
+        code = getattr(error, "status_code", None) or str(error).split(" ", 1)[0]
         if isinstance(error, (RedisConnectionError, RedisTimeoutError)) or (
             isinstance(error, ResponseError)
-            and (
-                str(error).split(" ", 1)[0] in _UNAVAILABLE_REPLIES
-                or _UNAVAILABLE_MESSAGE in str(error)
-            )
+            and (code in _UNAVAILABLE_REPLIES or _UNAVAILABLE_MESSAGE in str(error))
         ):
             raise StoreUnavailable(self._retry_after_s, f"Redis: {error}") from error
         raise error
@@ -321,7 +324,7 @@ class Inventory:
         Otherwise the capacity fence gets a new value (``fence``, random unless a test
         gives one). Raises InventoryMissing."""
         k = ReleaseKeys.of(release_id)
-        args: list[str | int] = [now_ms, RECLAIM_LIMIT, fence or secrets.token_hex(16)]
+        args: list[str | int] = [now_ms, RECLAIM_LIMIT, fence or _new_fence()]
         for slot_id, capacity, booked in changes:
             args += [slot_id, capacity, booked]
         reply = await self._call(
@@ -445,11 +448,12 @@ class Inventory:
         # Two commands in one round trip, not one atomic step: a value set in between is
         # a lowering that went on while this snapshot's lock was held, so one that rolled
         # back (its call late): the fence read after it is as good (section 8).
-        _set, value = await self._run(
-            [("SET", key, new or secrets.token_hex(16), "NX"), ("GET", key)]
-        )
-        if isinstance(value, Exception):
-            self._raise(value)
+        done, value = await self._run([("SET", key, new or _new_fence(), "NX"), ("GET", key)])
+        for reply in (done, value):
+            if isinstance(reply, Exception):  # a Redis refusing writes: MISCONF, OOM...
+                self._raise(reply)
+        if value is None:
+            raise StoreUnavailable(self._retry_after_s, "Redis kept no capacity fence")
         return _text(value)
 
     async def rebuild(
@@ -544,6 +548,11 @@ class Inventory:
         """Release the lock if ``token`` still owns it: once it expired, another worker
         may hold it, and must keep it."""
         await self._call("unlock", (key,), (token,))
+
+
+def _new_fence() -> str:
+    """A capacity fence: a random 62-bit integer, in decimal."""
+    return str(secrets.randbits(62))
 
 
 def _text(value: bytes | str) -> str:

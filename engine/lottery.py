@@ -41,6 +41,7 @@ ENTRY_ID = re.compile(r"^e[0-9a-z]{20}$")
 class NewEntry:
     id: str
     token: str
+    status: str  # "registered", or where a retry finds its entry later: after the draw
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +107,9 @@ class Lottery:
             # A PostgreSQL lookup that any challenge once issued can ask for again and again:
             # the buckets of a confirm's replay bound it (address, networks, identity).
             await self.domain.limiter.replay(who, identity.hex())
-            if await self.store.registered_entry(entry_id, release.id, identity):
+            if status := await self.store.entry_status(entry_id, release.id, identity):
                 log.info("entry_replayed", release=release_id, entry=entry_id)
-                return NewEntry(entry_id, token)
+                return NewEntry(entry_id, token, status)
             if expired:
                 raise ChallengeExpired("The challenge's time ran out; ask for a new one")
             raise NotOpen(
@@ -119,9 +120,9 @@ class Lottery:
         if not await self.domain.inventory.spend_challenge(
             release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
         ):
-            if await self.store.registered_entry(entry_id, release.id, identity):
+            if status := await self.store.entry_status(entry_id, release.id, identity):
                 log.info("entry_replayed", release=release_id, entry=entry_id)
-                return NewEntry(entry_id, token)
+                return NewEntry(entry_id, token, status)
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who)
@@ -129,9 +130,9 @@ class Lottery:
             # Registered by this request's first try, whose answer was a 503 (the commit went
             # through, its acknowledgement did not): the challenge was given back, and spent
             # again by this retry.
-            if await self.store.registered_entry(entry_id, release.id, identity):
+            if status := await self.store.entry_status(entry_id, release.id, identity):
                 log.info("entry_replayed", release=release_id, entry=entry_id)
-                return NewEntry(entry_id, token)
+                return NewEntry(entry_id, token, status)
             raise
         except StoreUnavailable:
             # Nothing was registered: the attempt must not cost the challenge.
@@ -140,7 +141,7 @@ class Lottery:
             raise
         self.domain.metrics.entries.inc()
         log.info("entry_registered", release=release_id, entry=entry_id)
-        return NewEntry(entry_id, token)
+        return NewEntry(entry_id, token, "registered")
 
     async def _add_entry(
         self,

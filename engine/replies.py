@@ -126,9 +126,12 @@ class Confirmed(Reply):
 
 
 class Entry(Reply):
+    """``status``: registered, but for a retry of the request that registered the entry,
+    answered after the draw: the entry's status then (GET the entry for the rest)."""
+
     entry_id: str
     entry_token: str
-    status: Literal["registered"]
+    status: Literal["registered", "won", "not-drawn", "withdrawn"]
 
 
 class EntryStatus(Reply):

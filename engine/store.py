@@ -744,19 +744,21 @@ class Store:
                     ) from None
                 raise
 
-    async def registered_entry(self, entry_id: str, release_id: str, identity_hash: bytes) -> bool:
-        """Whether this entry is registered in this release, for this person: a retry of the
-        request that registered it."""
+    async def entry_status(
+        self, entry_id: str, release_id: str, identity_hash: bytes
+    ) -> str | None:
+        """The status of this entry of this release, for this person, for a retry of the
+        request that registered it: None if there is none, or if its person withdrew it
+        (the draw's exclusions read ``withdrawn`` too, and are answered)."""
         async with self._connection() as conn:
-            return bool(
-                await conn.fetchval(
-                    """SELECT 1 FROM entries WHERE id = $1 AND release_id = $2
-                       AND identity_hash = $3 AND status = 'registered'""",
-                    entry_id,
-                    release_id,
-                    identity_hash,
-                )
+            status: str | None = await conn.fetchval(
+                """SELECT status FROM entries WHERE id = $1 AND release_id = $2
+                   AND identity_hash = $3 AND (status <> 'withdrawn' OR excluded)""",
+                entry_id,
+                release_id,
+                identity_hash,
             )
+        return status
 
     async def entry(self, entry_id: str) -> Entry | None:
         async with self._connection() as conn:

@@ -253,6 +253,11 @@ async def test_a_retried_entry_gets_the_entry_it_registered(
     clock.advance(86400)  # registration closed
     closed = await api.call("POST", path, body, {"X-Forwarded-For": ip(3)})
     assert (closed.status, closed.body) == (201, first.body)
+    clock.advance(90001)  # drawn: the retry gets the entry as it is now
+    domain, lottery = api.client.app[RESERVATIONS], api.client.app[LOTTERY]
+    assert (await sweep_once(domain, reconcile=False, lottery=lottery)).draws == 1
+    drawn = await api.call("POST", path, body, {"X-Forwarded-For": ip(3)})
+    assert drawn.status == 201 and drawn.body == {**first.body, "status": "won"}
 
 
 async def test_an_entry_whose_commit_was_not_acknowledged_is_found_again(

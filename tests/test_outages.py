@@ -183,6 +183,19 @@ async def test_redis_at_its_client_limit_answers_503(
         writer.close()
 
 
+async def test_a_redis_refusing_writes_defers_a_new_release_inventory(
+    clean: None, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A Redis out of memory (noeviction) refuses every write, the capacity fence's first
+    among them: the release is published in PostgreSQL (201) and its inventory built later,
+    as when Redis does not answer; the other requests answer 503."""
+    full = RedisServer(tmp_path, options={"maxmemory": "1", "maxmemory-policy": "noeviction"})
+    async with running(full), engine(clock, redis_url=full.url) as api:
+        await api.site()
+        release = await api.publish([1])  # asserts 201
+        assert_overloaded(await api.call("GET", f"/v1/releases/{release['id']}/slots"))
+
+
 async def test_a_made_up_hold_id_asks_no_store(api: Api, clock: FakeClock) -> None:
     """Bots can send confirms and releases of made-up hold ids as fast as they like: an id
     without this service's signature is refused (404) before either store is asked, so it

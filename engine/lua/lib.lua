@@ -14,7 +14,7 @@
 --   idem       hash  idempotency field -> hold id
 --   booked     hash  booking reference -> slot: the confirmed bookings Redis counts
 --   spent      zset  challenge id -> its expiry (ms); spent challenges
---   fence      string  a random value, new at each capacity change lower_capacity takes (or
+--   fence      string  a random integer, new at each capacity change lower_capacity takes (or
 --                    finds the inventory missing for): a write of capacities from a
 --                    PostgreSQL snapshot read before one sets none (docs/consistency.md,
 --                    section 8). Kept when the inventory is lost; if Redis loses it too,
