@@ -1,11 +1,15 @@
 """How long a big draw takes: 100 000 entries for 5 000 places, on a real PostgreSQL.
 
-    python loadtests/draw_bench.py [--entries 100000] [--places 5000] [--dsn DSN]
+    python loadtests/draw_bench.py [--entries 100000] [--places 5000] [--bookings 0]
+                                   [--pg-timeout 5] [--dsn DSN]
 
 Creates a scratch site, a draw release of ``places`` places (10 per slot) and ``entries``
 entries in the database (GUICHET_DATABASE_URL by default), then times the pure allocation
 (engine.draw) and the whole draw as the engine runs it (Store.run_draw: allocation,
-bookings and record, one transaction). Removes everything it created afterwards.
+bookings and record, one transaction). ``--bookings N`` first adds N confirmed bookings of
+another procedure (counter bookings made now, one person and one address each, the first
+of them the entrants'), so that the draw's look-ups of the booking caps find a table of that
+size and hits in it. Removes everything it created afterwards.
 docs/draw.md records a run.
 """
 
@@ -23,7 +27,7 @@ import asyncpg
 
 from engine import draw
 from engine.migrate import migrate
-from engine.models import Procedure, Site
+from engine.models import Procedure, Release, Site
 from engine.reservations import SlotSpec, new_release, with_seed
 from engine.settings import Settings
 from engine.store import Store, create_pool
@@ -47,6 +51,9 @@ async def main() -> None:
         default=next(f.default for f in dataclasses.fields(Settings) if f.name == "pg_timeout_s"),
         help="the engine's GUICHET_PG_TIMEOUT_S: its statements' and idle transactions' limit",
     )
+    parser.add_argument(
+        "--bookings", type=int, default=0, help="bookings in the table before the draw"
+    )
     args = parser.parse_args()
     await migrate(args.dsn)
     # As the engine's pool is: a draw must finish within the limits the engine runs under.
@@ -54,7 +61,8 @@ async def main() -> None:
     store = Store(pool, args.pg_timeout, 2)
     site_id = f"bench-{secrets.token_hex(4)}"
     now = datetime.now(UTC)
-    await store.upsert_site(Site(site_id, "Bench", "Europe/Paris", (Procedure("bench", "Bench"),)))
+    procedures = (Procedure("bench", "Bench"), Procedure("other", "Other"))
+    await store.upsert_site(Site(site_id, "Bench", "Europe/Paris", procedures))
     slots = [
         SlotSpec(now + timedelta(days=10, minutes=15 * i), 15, 10) for i in range(args.places // 10)
     ]
@@ -70,6 +78,17 @@ async def main() -> None:
         )
     )
     await store.create_release(release, seed)
+    other = new_release(
+        site_id,
+        "other",
+        "fcfs",
+        [
+            SlotSpec(now + timedelta(days=5, minutes=15 * i), 15, SLOT_MAX)
+            for i in range(max(1, -(-args.bookings // SLOT_MAX)))
+        ],
+        opens_at=now - timedelta(days=2),
+    )
+    await store.create_release(other, None)
     secret = secrets.token_bytes(32)
     rows = []
     for i in range(args.entries):
@@ -111,6 +130,11 @@ async def main() -> None:
             ],
         )
         print(f"entries: {args.entries} loaded in {time.perf_counter() - start:.2f} s (COPY)")
+        if args.bookings:
+            start = time.perf_counter()
+            await load_bookings(conn, other, secret, args.bookings)
+            took = time.perf_counter() - start
+            print(f"bookings: {args.bookings} of another procedure loaded in {took:.2f} s")
     finally:
         await conn.close()
     try:
@@ -164,11 +188,60 @@ async def main() -> None:
             )
             await conn.execute("DELETE FROM entries WHERE release_id = $1", release.id)
             await conn.execute("DELETE FROM bookings WHERE release_id = $1", release.id)
-            await conn.execute("DELETE FROM audit_log WHERE subject = $1", release.id)
-            await conn.execute("DELETE FROM slots WHERE release_id = $1", release.id)
-            await conn.execute("DELETE FROM releases WHERE id = $1", release.id)
+            # Loaded without the slot counter's trigger: removed without it too.
+            await conn.execute("ALTER TABLE bookings DISABLE TRIGGER USER")
+            await conn.execute("DELETE FROM bookings WHERE release_id = $1", other.id)
+            await conn.execute("ALTER TABLE bookings ENABLE TRIGGER USER")
+            for rel_id in (release.id, other.id):
+                await conn.execute("DELETE FROM audit_log WHERE subject = $1", rel_id)
+                await conn.execute("DELETE FROM slots WHERE release_id = $1", rel_id)
+                await conn.execute("DELETE FROM releases WHERE id = $1", rel_id)
             await conn.execute("DELETE FROM sites WHERE id = $1", site_id)
         await conn.close()
+
+
+SLOT_MAX = 10_000  # the most places a slot may have (sql/001's CHECK)
+
+
+async def load_bookings(conn: asyncpg.Connection, other: Release, secret: bytes, n: int) -> None:
+    """``n`` confirmed counter bookings of ``other``'s slots, made now: person and address
+    ``j`` each, as the entries' are numbered. Loaded with COPY and without the trigger that
+    counts a slot's bookings (one UPDATE per row), in one transaction."""
+    rows = [
+        (
+            f"BB-{j:010d}",
+            other.slots[j // SLOT_MAX].id,
+            other.id,
+            "other",
+            "staff",
+            keyed_hash(secret, "identity", str(j)),
+            keyed_hash(secret, "email", str(j)),
+            f"Nom{j}",
+            "Prénom",
+            token_hash(f"cancel{j}"),
+        )
+        for j in range(n)
+    ]
+    async with conn.transaction():
+        await conn.execute("ALTER TABLE bookings DISABLE TRIGGER USER")
+        await conn.copy_records_to_table(
+            "bookings",
+            records=rows,
+            columns=[
+                "reference",
+                "slot_id",
+                "release_id",
+                "procedure_id",
+                "channel",
+                "identity_hash",
+                "email_hash",
+                "family_name",
+                "given_names",
+                "cancel_token_hash",
+            ],
+        )
+        await conn.execute("ALTER TABLE bookings ENABLE TRIGGER USER")
+    await conn.execute("ANALYZE bookings")
 
 
 if __name__ == "__main__":
