@@ -58,6 +58,9 @@ from engine.tokens import (
 )
 
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
+# An id not among the known releases reads their list again if it is older than this: a
+# release another worker published is found within it, not within ``release_cache_s``.
+_MISS_REFRESH_S = 0.25
 _CHILD_ID = re.compile(r"^(r[0-9a-z]{12})\.[0-9a-z]{1,20}$")
 
 
@@ -155,6 +158,7 @@ class Reservations:
         self._forgotten = 0  # counts forget() calls: a refill that spans one is not kept
         self._known: frozenset[str] = frozenset()
         self._known_at = float("-inf")
+        self._known_refill: asyncio.Future[frozenset[str]] | None = None
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -187,18 +191,39 @@ class Reservations:
 
     async def _load_release(self, release_id: str, now: float) -> tuple[float, Release | None]:
         forgotten = self._forgotten
-        if release_id not in await self._release_ids(now):
+        known = await self._release_ids(now, self.settings.release_cache_s)
+        if release_id not in known:
+            # Perhaps published by another worker since the list was read: read it again, if
+            # it is older than _MISS_REFRESH_S. Random ids then cost one query per that time.
+            known = await self._release_ids(now, _MISS_REFRESH_S)
+        if release_id not in known:
             return (now, None)  # not cached: a release published meanwhile is found next time
         cached = (now + self.settings.release_cache_s, await self.store.release(release_id))
         if self._forgotten == forgotten:
             self._releases[release_id] = cached
         return cached
 
-    async def _release_ids(self, now: float) -> frozenset[str]:
-        if self._known_at + self.settings.release_cache_s <= now:
-            self._known = frozenset(await self.store.release_ids())
-            self._known_at = now
+    async def _release_ids(self, now: float, max_age_s: float) -> frozenset[str]:
+        """The ids of every release, read again if older than ``max_age_s`` (one read at a
+        time: requests in flight meanwhile share it)."""
+        if self._known_at + max_age_s > now:
+            return self._known
+        if self._known_refill is None:
+            self._known_refill = asyncio.ensure_future(self._read_release_ids(now))
+            self._known_refill.add_done_callback(self._refilled)
+        return await asyncio.shield(self._known_refill)
+
+    async def _read_release_ids(self, now: float) -> frozenset[str]:
+        # Releases are never deleted: what this worker knew stays known, a release it
+        # published while the read was under way included.
+        self._known = self._known | frozenset(await self.store.release_ids())
+        self._known_at = now
         return self._known
+
+    def _refilled(self, refill: asyncio.Future[frozenset[str]]) -> None:
+        self._known_refill = None
+        if not refill.cancelled():
+            refill.exception()  # retrieved here; the requests get it from the shield
 
     async def sites(self) -> list[Site]:
         """All sites (the HTTP layer keeps the rendered listing for ``listing_cache_s``)."""

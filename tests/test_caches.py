@@ -12,11 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.web import accepts_gzip, body_of
 from tests.api import Api
+from tests.conftest import FakeClock, make_settings
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, target: Any, name: str) -> list[int]:
@@ -43,6 +45,29 @@ async def test_an_expired_release_is_read_once_for_all_waiting_requests(
     found = await asyncio.gather(*(domain.release(release["id"]) for _ in range(50)))
     assert {r.id for r in found} == {release["id"]}
     assert reads == [1]
+
+
+async def test_a_release_another_worker_published_is_found_at_once(
+    api: Api, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker knows the release ids it read (``release_cache_s``): an id it does not know
+    reads them again, at most every quarter of a second, so a release another worker just
+    published is not 404 for seconds, and random ids cost one query per quarter second."""
+    await api.site()
+    app = create_app(make_settings(), clock=clock, sweep=False)
+    async with TestClient(TestServer(app)) as other_client:
+        other = Api(other_client, clock)
+        assert (await other.call("GET", "/v1/releases/r000000000000/slots")).status == 404
+        release = await api.publish([2])  # by this worker; the other read the ids just now
+        path = f"/v1/releases/{release['id']}/slots"
+        assert (await other.call("GET", path)).status == 404  # the list read this instant
+        clock.advance(0.3)
+        assert (await other.call("GET", path)).status == 200
+        reads = count_calls(monkeypatch, other_client.app[RESERVATIONS].store, "release_ids")
+        for n in range(20):
+            r = await other.call("GET", f"/v1/releases/r{n:012d}/slots")
+            assert r.status == 404
+        assert reads == [0]  # the same instant: no read again
 
 
 async def test_an_expired_listing_is_rebuilt_once_for_all_waiting_requests(
