@@ -418,7 +418,8 @@ async def test_a_booking_that_races_the_draw_is_counted_against_its_caps(
     await race.execute("LOCK TABLE bookings IN SHARE MODE")
     domain, lottery = api.client.app[RESERVATIONS], api.client.app[LOTTERY]
     drawing = asyncio.create_task(sweep_once(domain, reconcile=False, lottery=lottery))
-    waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted"
+    waiting = """SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
     while await pg.fetchval(waiting) == 0:
         assert not drawing.done()
         await asyncio.sleep(0.01)
