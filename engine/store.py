@@ -8,6 +8,8 @@ asyncpg's errors are mapped to domain errors in ``_connection`` and ``_map_integ
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -980,18 +982,23 @@ class Store:
             places = [draw.Places(p["id"], _utc(p["starts_at"]), p["free"]) for p in places_rows]
             beacon = rel["beacon"] or ""
             # Ranked once (a fifth of a second per 100 000 entries): for the exclusions and the
-            # allocation.
-            ranked = draw.ranking(rel["seed"], digests, beacon)
+            # allocation. The computing runs in a thread: the worker's event loop, which
+            # serves requests meanwhile, gets the interpreter back every few milliseconds
+            # instead of waiting for the whole of it.
+            ranked = await asyncio.to_thread(draw.ranking, rel["seed"], digests, beacon)
             excluded = await self._draw_exclusions(conn, entries, ranked, places)
-            record = draw.record(
-                ranked=ranked,
-                release=release_id,
-                seed_hex=rel["seed"],
-                beacon=beacon,
-                digests=digests,
-                places=places,
-                excluded=excluded,
-                drawn_at=_utc(now),
+            record = await asyncio.to_thread(
+                functools.partial(
+                    draw.record,
+                    ranked=ranked,
+                    release=release_id,
+                    seed_hex=rel["seed"],
+                    beacon=beacon,
+                    digests=digests,
+                    places=places,
+                    excluded=excluded,
+                    drawn_at=_utc(now),
+                )
             )
             # The computing is done: back to the session's idle limit, so that a connection
             # stalled from here on does not hold the draw's locks for minutes.
