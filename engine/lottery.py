@@ -107,9 +107,8 @@ class Lottery:
             # A PostgreSQL lookup that any challenge once issued can ask for again and again:
             # the buckets of a confirm's replay bound it (address, networks, identity).
             await self.domain.limiter.replay(who, identity.hex())
-            if status := await self.store.entry_status(entry_id, release.id, identity):
-                log.info("entry_replayed", release=release_id, entry=entry_id)
-                return NewEntry(entry_id, token, status)
+            if replayed := await self._replayed(release, entry_id, token, identity):
+                return replayed
             if expired:
                 raise ChallengeExpired("The challenge's time ran out; ask for a new one")
             raise NotOpen(
@@ -120,9 +119,8 @@ class Lottery:
         if not await self.domain.inventory.spend_challenge(
             release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
         ):
-            if status := await self.store.entry_status(entry_id, release.id, identity):
-                log.info("entry_replayed", release=release_id, entry=entry_id)
-                return NewEntry(entry_id, token, status)
+            if replayed := await self._replayed(release, entry_id, token, identity):
+                return replayed
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who)
@@ -130,9 +128,8 @@ class Lottery:
             # Registered by this request's first try, whose answer was a 503 (the commit went
             # through, its acknowledgement did not): the challenge was given back, and spent
             # again by this retry.
-            if status := await self.store.entry_status(entry_id, release.id, identity):
-                log.info("entry_replayed", release=release_id, entry=entry_id)
-                return NewEntry(entry_id, token, status)
+            if replayed := await self._replayed(release, entry_id, token, identity):
+                return replayed
             raise
         except StoreUnavailable:
             # Nothing was registered: the attempt must not cost the challenge.
@@ -142,6 +139,16 @@ class Lottery:
         self.domain.metrics.entries.inc()
         log.info("entry_registered", release=release_id, entry=entry_id)
         return NewEntry(entry_id, token, "registered")
+
+    async def _replayed(
+        self, release: Release, entry_id: str, token: str, identity: bytes
+    ) -> NewEntry | None:
+        """The entry a retry of the request that registered it gets back, if there is one."""
+        status = await self.store.entry_status(entry_id, release.id, identity)
+        if status is None:
+            return None
+        log.info("entry_replayed", release=release.id, entry=entry_id)
+        return NewEntry(entry_id, token, status)
 
     async def _add_entry(
         self,

@@ -134,6 +134,7 @@ class Settings:
             raw_secret = _local_secret(data_dir)
         if len(raw_secret) < 32:
             raise ConfigError("GUICHET_SECRET must be at least 32 characters")
+        period = _int(env, "GUICHET_IDENTITY_PERIOD_DAYS", 30, 1, 3650)
         return cls(
             secret=raw_secret.encode(),
             database_url=env.get("GUICHET_DATABASE_URL", DEFAULT_DATABASE_URL),
@@ -152,13 +153,13 @@ class Settings:
             pow_max_extra_bits=_int(env, "GUICHET_POW_MAX_EXTRA_BITS", 6, 0, 16),
             max_unspent_challenges=_int(env, "GUICHET_MAX_UNSPENT_CHALLENGES", 3, 1, 100),
             max_live_holds=_int(env, "GUICHET_MAX_LIVE_HOLDS", 1, 1, 100),
-            identity_period_days=_int(env, "GUICHET_IDENTITY_PERIOD_DAYS", 30, 1, 3650),
+            identity_period_days=period,
             max_bookings_per_identity=_int(env, "GUICHET_MAX_BOOKINGS_PER_IDENTITY", 3, 1, 1000),
             max_cancellations_per_identity=_int(
                 env, "GUICHET_MAX_CANCELLATIONS_PER_IDENTITY", 2, 0, 1000
             ),
             max_active_per_email=_int(env, "GUICHET_MAX_ACTIVE_PER_EMAIL", 4, 1, 1000),
-            retention_days=_retention(env),
+            retention_days=_retention(env, period),
             limit_address=_rate(env, "limit_address"),
             limit_net=_rate(env, "limit_net"),
             limit_net48=_rate(env, "limit_net48"),
@@ -212,11 +213,10 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     )
 
 
-def _retention(env: Mapping[str, str]) -> int:
-    """GUICHET_RETENTION_DAYS: 0 (keep for ever), or at least the identity period, whose
+def _retention(env: Mapping[str, str], period: int) -> int:
+    """GUICHET_RETENTION_DAYS: 0 (keep for ever), or at least the identity ``period``, whose
     caps read the hashes of the bookings made within it."""
     days = _int(env, "GUICHET_RETENTION_DAYS", 90, 0, 36500)
-    period = _int(env, "GUICHET_IDENTITY_PERIOD_DAYS", 30, 1, 3650)
     if 0 < days < period:
         raise ConfigError(
             f"GUICHET_RETENTION_DAYS must be 0 or at least GUICHET_IDENTITY_PERIOD_DAYS "

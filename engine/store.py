@@ -93,6 +93,9 @@ _ENDS = """(SELECT s.starts_at + make_interval(mins => s.duration_minutes)
              FROM slots s WHERE s.id = b.slot_id)"""
 _OVER = f"{_ENDS} <= now()"
 _ACTIVE = f"b.status = 'confirmed' AND b.retired_at IS NULL AND {_ENDS} > now()"
+# The active bookings of the addresses in $1, through bookings_active_by_email (the draw's
+# caps; book_hold counts one address the same way).
+_ACTIVE_OF_EMAILS = f"b.email_hash = ANY($1::bytea[]) AND b.cancelled_at IS NULL AND {_ACTIVE}"
 
 # What Store.purge erases: names, birth date, client network, and the keyed hashes, replaced
 # by hashes of the row's own key (unique, as the indexes on them need, and linked to no one).
@@ -855,8 +858,7 @@ class Store:
         }
         rows = await conn.fetch(
             f"""SELECT b.email_hash, count(*) AS active FROM bookings b
-                WHERE b.email_hash = ANY($1::bytea[]) AND b.cancelled_at IS NULL
-                  AND {_ACTIVE} GROUP BY b.email_hash""",  # noqa: S608 (constants)
+                WHERE {_ACTIVE_OF_EMAILS} GROUP BY b.email_hash""",  # noqa: S608 (constants)
             list({e["email_hash"] for e in entries}),
             timeout=DRAW_TIMEOUT_S,
         )
@@ -886,9 +888,7 @@ class Store:
         over = await conn.fetchval(
             f"""SELECT
                   (SELECT count(*) FROM (
-                     SELECT 1 FROM bookings b
-                     WHERE b.email_hash = ANY($1::bytea[]) AND b.cancelled_at IS NULL
-                       AND {_ACTIVE}
+                     SELECT 1 FROM bookings b WHERE {_ACTIVE_OF_EMAILS}
                      GROUP BY b.email_hash HAVING count(*) > $2) e)
                 + (SELECT count(*) FROM (
                      SELECT 1 FROM bookings b

@@ -108,7 +108,7 @@ def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str, bool]
     # Request ids: random per process, then counted (unique, and no system call each).
     prefix, counter = secrets.token_hex(5) + "-", itertools.count(1)
 
-    def wrap(handler: Handler, route: str, shed: bool = True) -> Handler:
+    def wrap(handler: Handler, route: str, shed: bool) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             nonlocal in_flight
             rid = request.headers.get("X-Request-Id", "")
