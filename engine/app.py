@@ -126,7 +126,7 @@ def create_app(
             await store.ping()
         except SchemaBehind as exc:
             # Served all the same (an older schema may be on its way up), but not ready.
-            log.error("schema_behind", missing=exc.missing)
+            log.error("schema_behind", missing=exc.missing, functions=exc.functions)
         except Exception as exc:
             # PostgreSQL unreachable or refusing: /readyz says so until it answers.
             log.warning("postgresql_not_ready", error=repr(exc))

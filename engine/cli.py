@@ -1,7 +1,7 @@
 """The ``guichet`` command (also ``python -m engine``).
 
 serve       serve the HTTP API (GUICHET_HOST, GUICHET_PORT, GUICHET_WORKERS)
-migrate     apply the SQL migrations the database has not seen (idempotent)
+migrate     apply the SQL migrations and functions the database has not seen (idempotent)
 demo        seed the demo sites and releases (idempotent)
 sweep       one sweeper pass now: reclaim, settle stale confirms, reconcile, and run the
             draws that are due
@@ -70,7 +70,12 @@ async def _migrate(settings: Settings) -> int:
     from engine.migrate import migrate
 
     applied = await migrate(settings.database_url)
-    print(f"guichet: {len(applied)} migration(s) applied" + (f": {applied}" if applied else ""))
+    print(
+        f"guichet: {len(applied.versions)} migration(s) applied"
+        + (f": {applied.versions}" if applied.versions else "")
+        + f"; {len(applied.functions)} function(s) applied"
+        + (f": {applied.functions}" if applied.functions else "")
+    )
     return 0
 
 

@@ -149,12 +149,15 @@ class NotCommitted(StoreUnavailable):
 
 
 class SchemaBehind(StoreUnavailable):
-    """PostgreSQL answers, but lacks migrations this engine needs: ``guichet migrate``."""
+    """PostgreSQL answers, but lacks migrations, or this engine's version of a function
+    (``sql/functions/``): ``guichet migrate``."""
 
-    def __init__(self, retry_after: int, missing: list[int]) -> None:
+    def __init__(self, retry_after: int, missing: list[int], functions: list[str]) -> None:
+        lacks = [f"migration(s) {', '.join(map(str, missing))}"] if missing else []
+        lacks += [f"function(s) {', '.join(functions)}"] if functions else []
         super().__init__(
             retry_after,
-            f"PostgreSQL lacks migration(s) {', '.join(map(str, missing))} of this engine: "
-            "run `guichet migrate`",
+            f"PostgreSQL lacks {' and '.join(lacks)} of this engine: run `guichet migrate`",
         )
         self.missing = missing
+        self.functions = functions

@@ -32,7 +32,7 @@ from engine.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
-from engine.migrate import shipped_migrations
+from engine.migrate import shipped_functions, shipped_migrations
 from engine.models import Booking, DrawOutcome, Entry, Procedure, Release, Site, Slot
 from engine.settings import Settings
 
@@ -245,17 +245,21 @@ class Store:
             yield conn
 
     async def ping(self) -> None:
-        """PostgreSQL answers and has every migration of this engine's ``sql/``: a worker
-        started before ``guichet migrate`` ran (or without it) is not ready, rather than
-        failing requests on a column or function it does not find."""
+        """PostgreSQL answers and has every migration and function of this engine's
+        ``sql/``: a worker started before ``guichet migrate`` ran (or without it) is not
+        ready, rather than failing requests on a column or function it does not find."""
         async with self._connection() as conn:
             try:
                 rows = await conn.fetch("SELECT version FROM schema_migrations")
+                applied = await conn.fetch("SELECT name, checksum FROM schema_functions")
             except asyncpg.UndefinedTableError:
-                rows = []  # never migrated
+                rows = applied = []  # never migrated
         missing = sorted(shipped_migrations() - {row["version"] for row in rows})
-        if missing:
-            raise SchemaBehind(self._retry_after_s, missing)
+        # This engine's version of each function, applied at some time: a newer one may have
+        # replaced it since (a rolling deploy), as a newer migration may be there.
+        behind = shipped_functions() - {(row["name"], row["checksum"]) for row in applied}
+        if missing or behind:
+            raise SchemaBehind(self._retry_after_s, missing, sorted(name for name, _ in behind))
 
     # Personal data -------------------------------------------------------------------
 

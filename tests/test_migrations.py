@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine import draw
 from engine.app import create_app
-from engine.migrate import SQL_DIR, migrate, migrations
+from engine.migrate import Applied, functions, migrate, migrations
 from tests.conftest import DATABASE_URL, make_settings
 
 SCRATCH = "guichet_migrations_test"
@@ -37,8 +37,9 @@ async def scratch() -> AsyncIterator[str]:
 
 async def test_fresh_then_idempotent(scratch: str) -> None:
     applied = await migrate(scratch)
-    assert applied == [v for v, _ in migrations()]
-    assert await migrate(scratch) == []
+    assert applied.versions == [v for v, _ in migrations()]
+    assert applied.functions == [name for name, _, _ in functions()] != []
+    assert await migrate(scratch) == Applied()
 
 
 @asynccontextmanager
@@ -68,10 +69,61 @@ async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
     async with engine_on(scratch) as client:
         body = await not_ready(client)
         assert (body["postgresql"], body["redis"]) == ("schema-behind", "ok")
-        assert f"lacks migration(s) {latest} of this engine" in body["detail"]
+        assert f"lacks migration(s) {latest} and function(s) book_hold of" in body["detail"]
         await migrate(scratch)
         r = await client.get("/readyz")
         assert r.status == 200, await r.text()
+
+
+async def test_a_function_is_applied_again_when_its_file_changes(
+    scratch: str, tmp_path: Path
+) -> None:
+    """sql/functions/: applied after the migrations, again only when the text changed, and
+    the version in force is the latest applied (an older engine's migrate puts its own back)."""
+    (tmp_path / "functions").mkdir()
+    probe = tmp_path / "functions" / "guichet_probe.sql"
+    shutil.copy(migrations()[0][1], tmp_path)
+
+    def version(n: int) -> None:
+        probe.write_text(
+            f"CREATE OR REPLACE FUNCTION guichet_probe() RETURNS int LANGUAGE sql AS 'SELECT {n}';"
+        )
+
+    version(1)
+    assert await migrate(scratch, sql_dir=tmp_path) == Applied([1], ["guichet_probe"])
+    assert await migrate(scratch, sql_dir=tmp_path) == Applied()
+    version(2)
+    assert await migrate(scratch, sql_dir=tmp_path) == Applied([], ["guichet_probe"])
+    version(1)  # back to the first text, applied before: in force again
+    assert await migrate(scratch, sql_dir=tmp_path) == Applied([], ["guichet_probe"])
+    conn = await asyncpg.connect(scratch)
+    try:
+        assert await conn.fetchval("SELECT guichet_probe()") == 1
+        assert await conn.fetchval("SELECT count(*) FROM schema_functions") == 2
+    finally:
+        await conn.close()
+
+
+async def test_an_engine_is_not_ready_until_its_version_of_a_function_was_applied(
+    scratch: str,
+) -> None:
+    """A function this engine ships, in a version the database never ran, makes it not
+    ready; a newer version applied after its own (a rolling deploy's newer engine) does not."""
+    await migrate(scratch)
+    conn = await asyncpg.connect(scratch)
+    try:
+        await conn.execute("DELETE FROM schema_functions")
+        async with engine_on(scratch) as client:
+            body = await not_ready(client)
+            assert "lacks function(s) book_hold of this engine" in body["detail"]
+            assert (await migrate(scratch)).functions == ["book_hold"]
+            await conn.execute(
+                "INSERT INTO schema_functions (name, checksum) VALUES ('book_hold', 'newer')"
+            )
+            r = await client.get("/readyz")
+            assert r.status == 200, await r.text()
+    finally:
+        await conn.close()
 
 
 async def test_an_engine_starts_and_is_not_ready_without_its_database(scratch: str) -> None:
@@ -83,7 +135,7 @@ async def test_an_engine_starts_and_is_not_ready_without_its_database(scratch: s
 async def test_upgrade_keeps_and_seeds_existing_draw_releases(scratch: str, tmp_path: Path) -> None:
     for _, path in migrations()[:2]:
         shutil.copy(path, tmp_path / path.name)
-    assert await migrate(scratch, sql_dir=tmp_path) == [1, 2]
+    assert (await migrate(scratch, sql_dir=tmp_path)).versions == [1, 2]
     conn = await asyncpg.connect(scratch)
     try:
         await conn.execute(
@@ -94,7 +146,7 @@ async def test_upgrade_keeps_and_seeds_existing_draw_releases(scratch: str, tmp_
                VALUES ('rold00000000d', 's', 'p', 'draw', now(), now() + interval '1 day',
                    now() + interval '2 days')"""
         )
-        assert await migrate(scratch, sql_dir=SQL_DIR) == [v for v, _ in migrations()][2:]
+        assert (await migrate(scratch)).versions == [v for v, _ in migrations()][2:]
         seed, commitment = await conn.fetchrow(
             "SELECT seed, seed_commitment FROM releases WHERE id = 'rold00000000d'"
         )
@@ -112,7 +164,7 @@ async def test_upgrade_flags_the_entries_earlier_draws_excluded(
     upto = versions.index(7)
     for _, path in migrations()[:upto]:
         shutil.copy(path, tmp_path / path.name)
-    assert await migrate(scratch, sql_dir=tmp_path) == versions[:upto]
+    assert (await migrate(scratch, sql_dir=tmp_path)).versions == versions[:upto]
     conn = await asyncpg.connect(scratch)
     try:
         await conn.execute(
@@ -130,7 +182,7 @@ async def test_upgrade_flags_the_entries_earlier_draws_excluded(
                INSERT INTO draws (release_id, record, places, allocated, carried)
                VALUES ('rold00000000d', '{"excluded": ["d1"]}', 0, 0, 0)"""
         )
-        assert await migrate(scratch, sql_dir=SQL_DIR) == versions[upto:]
+        assert (await migrate(scratch)).versions == versions[upto:]
         flags = await conn.fetch("SELECT id, excluded FROM entries ORDER BY id")
         assert [(r["id"], r["excluded"]) for r in flags] == [
             ("e1", True),
