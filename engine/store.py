@@ -136,6 +136,10 @@ _PURGE_ENTRIES = _purge_statement(
            < now() - make_interval(days => $1) - interval '1 day'""",
 )
 
+# Every confirm counts the booking caps under this lock, shared (book_hold): a draw takes it
+# alone to count them again, its winners booked, and commit (Store.run_draw).
+_CAPS_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('booking-caps', 0))"
+
 # Staff's capacity change takes this lock, and every write of capacities to Redis from a
 # snapshot shares it (Store.patch_release, Store.with_snapshot).
 _CAPACITY_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $1, 0))"
@@ -886,8 +890,10 @@ class Store:
         self, conn: asyncpg.pool.PoolConnectionProxy, winners: list[tuple[asyncpg.Record, str]]
     ) -> None:
         """The caps again, with the winners booked: the exclusions were counted without
-        book_hold's locks, and a confirm online may have committed since (this statement
-        sees it). Over a cap, the draw fails and runs again at the next sweep, counting it."""
+        book_hold's locks, and a confirm online may have committed since. This statement sees
+        every such confirm: the draw holds the caps lock, which each confirm shares while it
+        counts and books. Over a cap, the draw fails and runs again at the next sweep,
+        counting it."""
         rules = self._rules
         over = await conn.fetchval(
             f"""SELECT
@@ -1051,7 +1057,6 @@ class Store:
                 [e["client_net"] for e, _ in winners],
                 timeout=DRAW_TIMEOUT_S,
             )
-            await self._check_draw_caps(conn, winners)
             await conn.execute(
                 """UPDATE entries e SET status = 'won', booking_reference = w.ref
                    FROM unnest($1::text[], $2::text[]) AS w(id, ref) WHERE e.id = w.id""",
@@ -1092,6 +1097,12 @@ class Store:
                 release_id,
                 {"entries": len(entries), "allocated": len(winners), "carried": carried},
             )
+            # Last, the caps counted again under their lock, held to the commit: every
+            # confirm that counted without the winners has committed (the lock waits for
+            # it) and is seen, and one that comes now waits and counts them. Only this
+            # count and the commit hold confirms back (docs/draw.md, step 8).
+            await conn.execute(_CAPS_LOCK, timeout=DRAW_TIMEOUT_S)
+            await self._check_draw_caps(conn, winners)
         return DrawOutcome(
             release_id,
             len(entries),

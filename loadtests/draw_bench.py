@@ -9,7 +9,10 @@ entries in the database (GUICHET_DATABASE_URL by default), then times the pure a
 bookings and record, one transaction). ``--bookings N`` first adds N confirmed bookings of
 another procedure (counter bookings made now, one person and one address each, the first
 of them the entrants'), so that the draw's look-ups of the booking caps find a table of that
-size and hits in it. Removes everything it created afterwards.
+size and hits in it. While the draw runs, confirms of the other procedure (``book_hold``, one
+after another in a process of their own) measure how long the draw holds confirms back: it
+takes the booking caps' lock, which every confirm shares, for its last count of the caps
+and its commit. Removes everything it created afterwards.
 docs/draw.md records a run.
 """
 
@@ -18,10 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import multiprocessing
 import os
 import secrets
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -84,7 +89,8 @@ async def main() -> None:
         "fcfs",
         [
             SlotSpec(now + timedelta(days=5, minutes=15 * i), 15, SLOT_MAX)
-            for i in range(max(1, -(-args.bookings // SLOT_MAX)))
+            # One more slot than the loaded bookings fill: the confirms during the draw.
+            for i in range(-(-args.bookings // SLOT_MAX) + 1)
         ],
         opens_at=now - timedelta(days=2),
     )
@@ -147,6 +153,14 @@ async def main() -> None:
         allocation = draw.allocate(seed or "", digests, "", places)
         pure = time.perf_counter() - start
         print(f"allocation alone (engine.draw): {pure:.2f} s for {len(allocation)} winners")
+        # In a process of its own: in this one, the draw's computing would delay them too.
+        spawn = multiprocessing.get_context("spawn")
+        started, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
+        confirming = spawn.Process(
+            target=confirm_loop, args=(args.dsn, other.slots[-1].id, other.id, started, stop, out)
+        )
+        confirming.start()
+        await asyncio.to_thread(started.wait, 30)
         start = time.perf_counter()
         stalls: list[float] = []
         ticker = asyncio.create_task(loop_stalls(stalls))
@@ -155,6 +169,9 @@ async def main() -> None:
         )
         total = time.perf_counter() - start
         ticker.cancel()
+        stop.set()
+        confirms: list[float] = await asyncio.to_thread(out.get, True, 30)
+        confirming.join()
         assert outcome is not None
         print(
             f"the whole draw (Store.run_draw, one transaction): {total:.2f} s: "
@@ -164,6 +181,11 @@ async def main() -> None:
         print(
             f"the event loop meanwhile (the worker's requests wait this long): longest stall "
             f"{max(stalls) * 1000:.0f} ms, stalls over 50 ms: {sum(s > 0.05 for s in stalls)}"
+        )
+        print(
+            f"confirms of another procedure meanwhile: {len(confirms)}, longest "
+            f"{max(confirms, default=0) * 1000:.0f} ms, median "
+            f"{sorted(confirms)[len(confirms) // 2] * 1000 if confirms else 0:.1f} ms"
         )
         reads = []
         for _ in range(5):
@@ -217,6 +239,31 @@ async def loop_stalls(stalls: list[float]) -> None:
 
 
 SLOT_MAX = 10_000  # the most places a slot may have (sql/001's CHECK)
+
+BOOK = """SELECT outcome FROM book_hold($1, $2, $3, 'other', 'staff', $1, '\\x00', $4, $4,
+              'Nom', 'Prénom', '1990-01-01', '\\x00', '10.0.0.0/24', '30 days', 3, 2, 4)"""
+
+
+def confirm_loop(dsn: str, slot: str, release_id: str, started: Any, stop: Any, out: Any) -> None:
+    """Confirms of ``slot``, one after another until ``stop``, each a new person and address,
+    as a worker's would be (one ``book_hold`` call): puts how long each took on ``out``."""
+
+    async def run() -> list[float]:
+        took = []
+        conn = await asyncpg.connect(dsn)
+        try:
+            started.set()
+            while not stop.is_set():
+                person = secrets.token_bytes(32)
+                before = time.perf_counter()
+                outcome = await conn.fetchval(BOOK, new_reference(), slot, release_id, person)
+                took.append(time.perf_counter() - before)
+                assert outcome == "booked", outcome
+        finally:
+            await conn.close()
+        return took
+
+    out.put(asyncio.run(run()))
 
 
 async def load_bookings(conn: asyncpg.Connection, other: Release, secret: bytes, n: int) -> None:

@@ -436,6 +436,59 @@ async def test_a_booking_that_races_the_draw_is_counted_against_its_caps(
     assert active == 4
 
 
+async def test_a_confirm_in_flight_when_the_draw_counts_again_is_counted(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A confirm that counted its caps before the draw's winners were booked, and commits
+    after the draw counted them again, would be seen by neither count: here the address's
+    fourth booking is in flight (book_hold called, not committed) when the draw, whose
+    winner is the address's fifth, counts again. The draw waits for it, sees it, and rolls
+    back; the next sweep passes the entry over."""
+    await api.site()
+    online = (await api.publish([1, 1, 1, 1]))["slots"]
+    broker = "broker@example.org"
+    booked = [
+        await api.book(s["id"], applicant(email=broker), ip(1 + i))
+        for i, s in enumerate(online[:3])
+    ]
+    release = (await api.publish_draw([5]))["id"]
+    entry = (await api.enter(release, applicant(email=broker), ip(10))).body
+    clock.advance(90001)
+    confirm = await asyncpg.connect(DATABASE_URL)
+    try:
+        tx = confirm.transaction()
+        await tx.start()
+        outcome = await confirm.fetchval(
+            """SELECT k.outcome FROM bookings b, LATERAL book_hold('RC-LATE-0001', $2,
+                   b.release_id, b.procedure_id, 'online', 'late-hold', '\\x00', '\\x02',
+                   b.email_hash, 'F', 'G', '1990-01-01', '\\x00', '10.0.0.0/24', '30 days',
+                   3, 2, 4) k
+               WHERE b.reference = $1""",
+            booked[0]["booking"]["reference"],
+            online[3]["id"],
+        )
+        assert outcome == "booked"
+        domain, lottery = api.client.app[RESERVATIONS], api.client.app[LOTTERY]
+        drawing = asyncio.create_task(sweep_once(domain, reconcile=False, lottery=lottery))
+        waits = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND
+                   database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+        while await pg.fetchval(waits) == 0:
+            assert not drawing.done(), "the draw did not wait for the confirm in flight"
+            await asyncio.sleep(0.01)
+        await tx.commit()
+    finally:
+        await confirm.close()
+    assert (await drawing).draws == 0  # raced: rolled back
+    assert (await sweep_once(domain, reconcile=False, lottery=lottery)).draws == 1
+    assert await entry_status(api, release, entry) == {"status": "withdrawn", "excluded": True}
+    active = await pg.fetchval(
+        "SELECT count(*) FROM bookings WHERE email_hash = (SELECT email_hash FROM entries"
+        " WHERE id = $1) AND status = 'confirmed'",
+        entry["entry_id"],
+    )
+    assert active == 4
+
+
 async def test_an_entry_excluded_by_the_draw_says_so(api: Api, clock: FakeClock) -> None:
     """A person who entered, then booked the procedure at the counter before the draw, is
     excluded by it: their entry reads ``withdrawn`` (API.md's statuses) with

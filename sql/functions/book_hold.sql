@@ -19,6 +19,8 @@
 -- - "Active" is confirmed, not retired, and not over: the person's appointments of the
 --   procedure that are over, and their email address's when at its cap, are retired here,
 --   under their locks, before the counts (sql/010_past_appointments.sql).
+-- - Its caps are counted under a lock every confirm shares and a draw takes alone to count
+--   them again, its winners booked (docs/draw.md, step 8).
 CREATE OR REPLACE FUNCTION book_hold(
     p_reference text, p_slot_id text, p_release_id text, p_procedure_id text,
     p_channel text, p_hold_id text, p_hold_token_hash bytea, p_identity_hash bytea,
@@ -46,6 +48,10 @@ DECLARE
 BEGIN
     SELECT b.reference INTO v_reference FROM bookings b WHERE b.hold_id = p_hold_id;
     IF v_reference IS NULL THEN
+        -- Shared with every confirm, taken alone by a draw to count the caps again, its
+        -- winners booked, and commit: that count sees every booking that counted without
+        -- them, and a confirm that waits counts them (engine/store.py, Store.run_draw).
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended('booking-caps', 0));
         -- The locks serialise the confirms of one identity, and of one email, so that two
         -- concurrent ones cannot both pass the caps.
         PERFORM pg_advisory_xact_lock(
