@@ -111,8 +111,15 @@ async def staff_booking(request: web.Request) -> web.Response:
 
 
 async def staff_cancel(request: web.Request) -> web.Response:
+    """Cancel for the person (``?by=person``, the default) or by the prefecture
+    (``?by=prefecture``: the person's caps do not count it)."""
     require_admin(request)
-    await request.app[RESERVATIONS].staff_cancel(request.match_info["reference"])
+    by = request.query.get("by", "person")
+    if by not in ("person", "prefecture"):
+        raise ValidationFailed([{"field": "by", "message": "must be person or prefecture"}])
+    await request.app[RESERVATIONS].staff_cancel(
+        request.match_info["reference"], "prefecture" if by == "prefecture" else "person"
+    )
     return web.Response(status=204)
 
 

@@ -7,6 +7,8 @@ from datetime import date, datetime
 from typing import Literal
 
 Mode = Literal["fcfs", "draw"]
+# Who cancels: the person (themselves, or staff for them), or the prefecture (sql/013).
+CancelledBy = Literal["person", "prefecture"]
 
 
 @dataclass(frozen=True, slots=True)

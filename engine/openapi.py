@@ -82,6 +82,17 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "schema": {"type": "string"},
             }
         )
+    if route.path == "/v1/admin/bookings/{reference}":
+        params.append(
+            {
+                "name": "by",
+                "in": "query",
+                "required": False,
+                "description": "person: for the person, as their own cancel (counts toward "
+                "their caps); prefecture: a closure or an absence, counted toward none.",
+                "schema": {"enum": ["person", "prefecture"], "default": "person"},
+            }
+        )
     if route.path == "/v1/admin/fairness":
         params.append(
             {"name": "release", "in": "query", "required": False, "schema": {"type": "string"}}

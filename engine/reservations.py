@@ -42,7 +42,7 @@ from engine.keys import unspent_challenges
 from engine.limits import Client, Limiter
 from engine.logs import log
 from engine.metrics import Metrics
-from engine.models import Booking, Mode, Release, Site, Slot
+from engine.models import Booking, CancelledBy, Mode, Release, Site, Slot
 from engine.recovery import Clock, Recovery
 from engine.settings import Settings
 from engine.store import Store, below_floor
@@ -602,18 +602,21 @@ class Reservations:
         """Cancel (idempotent); the place returns to an fcfs slot at once."""
         await self._cancel(await self.booking(reference, cancel_token), "online")
 
-    async def staff_cancel(self, reference: str) -> None:
+    async def staff_cancel(self, reference: str, by: CancelledBy = "person") -> None:
         """Cancel for a person at the counter or on the phone (the admin token stands for
-        the cancel token), as ``cancel`` does."""
-        await self._cancel(await self._booking(reference), "staff")
+        the cancel token), as ``cancel`` does; or, ``by`` the prefecture, a cancellation
+        that counts toward none of the person's caps."""
+        await self._cancel(await self._booking(reference), "staff", by)
 
-    async def _cancel(self, booking: Booking, actor: Literal["online", "staff"]) -> None:
+    async def _cancel(
+        self, booking: Booking, actor: Literal["online", "staff"], by: CancelledBy = "person"
+    ) -> None:
         reference = booking.reference
         if booking.status == "cancelled":
             return
         if booking.starts_at <= self.now():
             raise NotOpen("This appointment has already started")
-        if not await self.store.cancel(reference, actor):
+        if not await self.store.cancel(reference, actor, by):
             return
         self.metrics.cancellations.labels(actor).inc()
         if booking.mode == "fcfs":

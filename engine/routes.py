@@ -179,9 +179,9 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/v1/admin/bookings/{reference}",
         admin.staff_cancel,
-        "Cancel a booking for a person at the counter or on the phone",
+        "Cancel a booking for a person at the counter or on the phone, or by the prefecture",
         204,
-        errors=("unauthorized", "not-found", "not-open", *_STORE),
+        errors=("unauthorized", "validation-error", "not-found", "not-open", *_STORE),
         auth="admin",
     ),
     Route(

@@ -33,7 +33,7 @@ from engine.errors import (
     ValidationFailed,
 )
 from engine.migrate import shipped_functions, shipped_migrations
-from engine.models import Booking, DrawOutcome, Entry, Procedure, Release, Site, Slot
+from engine.models import Booking, CancelledBy, DrawOutcome, Entry, Procedure, Release, Site, Slot
 from engine.settings import Settings
 
 DRAW_TIMEOUT_S = 300.0
@@ -96,6 +96,9 @@ _ACTIVE = f"b.status = 'confirmed' AND b.retired_at IS NULL AND {_ENDS} > now()"
 # The active bookings of the addresses in $1, through bookings_active_by_email (the draw's
 # caps; book_hold counts one address the same way).
 _ACTIVE_OF_EMAILS = f"b.email_hash = ANY($1::bytea[]) AND b.cancelled_at IS NULL AND {_ACTIVE}"
+# A person's bookings and cancellations over the period count toward their caps, except those
+# the prefecture cancelled (sql/013_cancelled_by.sql; book_hold asks the same).
+_COUNTED = "b.cancelled_by IS DISTINCT FROM 'prefecture'"
 
 # What Store.purge erases: names, birth date, client network, and the keyed hashes, replaced
 # by hashes of the row's own key (unique, as the indexes on them need, and linked to no one).
@@ -654,16 +657,19 @@ class Store:
             )
         return None if row is None else _booking(row)
 
-    async def cancel(self, reference: str, actor: str) -> bool:
-        """Cancel a confirmed booking. False if it was already cancelled."""
+    async def cancel(self, reference: str, actor: str, by: CancelledBy = "person") -> bool:
+        """Cancel a confirmed booking, for the person or by the prefecture (which counts
+        toward none of the person's caps). False if it was already cancelled."""
         async with self._transaction() as conn:
             done = await conn.fetchval(
-                """UPDATE bookings SET status = 'cancelled', cancelled_at = now()
+                """UPDATE bookings SET status = 'cancelled', cancelled_at = now(),
+                       cancelled_by = $2
                    WHERE reference = $1 AND status = 'confirmed' RETURNING reference""",
                 reference,
+                by,
             )
             if done:
-                await _audit(conn, actor, "booking.cancel", reference, {})
+                await _audit(conn, actor, "booking.cancel", reference, {"by": by})
         return done is not None
 
     async def bookings_by_network(
@@ -902,7 +908,7 @@ class Store:
                      GROUP BY b.email_hash HAVING count(*) > $2) e)
                 + (SELECT count(*) FROM (
                      SELECT 1 FROM bookings b
-                     WHERE b.identity_hash = ANY($3::bytea[])
+                     WHERE b.identity_hash = ANY($3::bytea[]) AND {_COUNTED}
                        AND b.created_at > now() - $4::interval
                      GROUP BY b.identity_hash HAVING count(*) > $5) i)""",  # noqa: S608 (constants)
             list({e["email_hash"] for e, _ in winners}),
@@ -965,7 +971,8 @@ class Store:
                                    AS bookings,
                                count(*) FILTER (WHERE b.cancelled_at > now() - $2::interval)
                                    AS cancellations
-                        FROM bookings b WHERE b.identity_hash = e.identity_hash) recent
+                        FROM bookings b
+                        WHERE b.identity_hash = e.identity_hash AND {_COUNTED}) recent
                     WHERE e.release_id = $1 AND e.status = 'registered'""",  # noqa: S608 (constants)
                 release_id,
                 self._rules.period,

@@ -259,6 +259,52 @@ async def test_staff_cancel_for_a_person(api: Api, pg: asyncpg.Connection) -> No
         assert r.status == 404
 
 
+async def test_a_cancel_by_the_prefecture_counts_toward_none_of_the_persons_caps(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """The prefecture calls off a person's appointment (a closure, an agent absent) with
+    `?by=prefecture`: neither the booking nor its cancellation counts toward the person's
+    caps (3 bookings, 2 cancellations in 30 days), so they book again as often as it
+    happens. A cancel for the person counts, as their own would. A wrong `by` changes
+    nothing."""
+    await api.site()
+    release = await api.publish([1])
+    slot = release["slots"][0]["id"]
+    person = applicant()
+    staff = {"slot_id": slot, "applicant": person}
+
+    async def book() -> str:
+        r = await api.call("POST", "/v1/admin/bookings", staff, ADMIN)
+        assert r.status == 201, r.body
+        return str(r.body["booking"]["reference"])
+
+    ref = await book()
+    bad = await api.call("DELETE", f"/v1/admin/bookings/{ref}?by=nobody", headers=ADMIN)
+    assert bad.status == 400 and bad.body["errors"][0]["field"] == "by"
+    assert await pg.fetchval("SELECT status FROM bookings WHERE reference = $1", ref) == (
+        "confirmed"
+    )
+    for _ in range(3):
+        path = f"/v1/admin/bookings/{ref}?by=prefecture"
+        assert (await api.call("DELETE", path, headers=ADMIN)).status == 204
+        ref = await book()
+    # Four bookings, three of them called off by the prefecture: none counted. The person's
+    # own cancels count: after two, the third booking is refused.
+    assert (await api.call("DELETE", f"/v1/admin/bookings/{ref}", headers=ADMIN)).status == 204
+    ref = await book()
+    assert (await api.call("DELETE", f"/v1/admin/bookings/{ref}", headers=ADMIN)).status == 204
+    r = await api.call("POST", "/v1/admin/bookings", staff, ADMIN)
+    assert r.status == 429 and "2 cancellations" in r.body["detail"], r.body
+    rows = await pg.fetch(
+        "SELECT cancelled_by, count(*) FROM bookings GROUP BY 1 ORDER BY 1 NULLS LAST"
+    )
+    assert [tuple(r) for r in rows] == [("person", 2), ("prefecture", 3)]
+    audit = await pg.fetch(
+        "SELECT detail->>'by' AS by FROM audit_log WHERE action = 'booking.cancel' ORDER BY id"
+    )
+    assert [r["by"] for r in audit] == ["prefecture"] * 3 + ["person"] * 2
+
+
 async def test_identity_is_hashed_and_only_staff_fields_are_clear(
     api: Api, pg: asyncpg.Connection
 ) -> None:

@@ -384,6 +384,28 @@ async def test_the_draw_holds_its_winners_to_the_booking_caps(
     assert draw.verify(rec) == [] and len(rec["excluded"]) == 4
 
 
+async def test_the_draw_does_not_count_what_the_prefecture_called_off(
+    api: Api, clock: FakeClock
+) -> None:
+    """A person whose three appointments the prefecture called off (`?by=prefecture`) is
+    at neither cap for the draw, as for a confirm online: they win."""
+    await api.site()
+    slot = (await api.publish([1]))["slots"][0]["id"]
+    person = applicant()
+    for _ in range(3):
+        booked = await api.call(
+            "POST", "/v1/admin/bookings", {"slot_id": slot, "applicant": person}, ADMIN
+        )
+        path = f"/v1/admin/bookings/{booked.body['booking']['reference']}?by=prefecture"
+        assert (await api.call("DELETE", path, headers=ADMIN)).status == 204
+    release = (await api.publish_draw([1]))["id"]
+    entry = (await api.enter(release, person, ip(10))).body
+    clock.advance(90001)
+    lottery = api.client.app[LOTTERY]
+    assert (await sweep_once(api.client.app[RESERVATIONS], reconcile=False, lottery=lottery)).draws
+    assert (await entry_status(api, release, entry))["status"] == "won"
+
+
 async def test_a_booking_that_races_the_draw_is_counted_against_its_caps(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:

@@ -58,10 +58,15 @@ BEGIN
             ('x' || substr(encode(p_identity_hash, 'hex'), 1, 15))::bit(60)::bigint);
         PERFORM pg_advisory_xact_lock(
             ('x' || substr(encode(p_email_hash, 'hex'), 1, 15))::bit(60)::bigint);
-        SELECT count(*) FILTER (WHERE b.created_at > now() - p_period),
-               min(b.created_at) FILTER (WHERE b.created_at > now() - p_period),
-               count(*) FILTER (WHERE b.cancelled_at > now() - p_period),
-               min(b.cancelled_at) FILTER (WHERE b.cancelled_at > now() - p_period),
+        -- A booking the prefecture cancelled counts toward neither cap (sql/013).
+        SELECT count(*) FILTER (WHERE b.created_at > now() - p_period
+                                  AND b.cancelled_by IS DISTINCT FROM 'prefecture'),
+               min(b.created_at) FILTER (WHERE b.created_at > now() - p_period
+                                           AND b.cancelled_by IS DISTINCT FROM 'prefecture'),
+               count(*) FILTER (WHERE b.cancelled_at > now() - p_period
+                                  AND b.cancelled_by IS DISTINCT FROM 'prefecture'),
+               min(b.cancelled_at) FILTER (WHERE b.cancelled_at > now() - p_period
+                                             AND b.cancelled_by IS DISTINCT FROM 'prefecture'),
                count(*) FILTER (WHERE b.procedure_id = p_procedure_id
                                   AND b.status = 'confirmed' AND b.retired_at IS NULL)
           INTO v_booked, v_first, v_cancelled, v_first_cancelled, v_unretired
