@@ -182,7 +182,9 @@ class Model:
         self.caps = dict(caps)
         self.holds, self.idem = {}, {}
         self.booked = dict(bookings)
-        self.stale_counts = set()
+        # A snapshot older than a cancel (a late rebuild) counts that booking: one place fewer
+        # offered until the reconcile, as a cancel_done that never ran.
+        self.stale_counts = {ref for ref, _ in bookings if not self.pg[ref].active}
         return "rebuilt"
 
     def _drop(self, hold_id: str) -> ModelHold:
