@@ -112,13 +112,21 @@ async def staff_booking(request: web.Request) -> web.Response:
 
 async def staff_cancel(request: web.Request) -> web.Response:
     """Cancel for the person (``?by=person``, the default) or by the prefecture
-    (``?by=prefecture``: the person's caps do not count it)."""
+    (``?by=prefecture``: the person's caps do not count it); the place goes back
+    (``?place=return``, the default) or is taken off its slot (``?place=withdraw``)."""
     require_admin(request)
-    by = request.query.get("by", "person")
+    by, place = request.query.get("by", "person"), request.query.get("place", "return")
+    errors = []
     if by not in ("person", "prefecture"):
-        raise ValidationFailed([{"field": "by", "message": "must be person or prefecture"}])
+        errors.append({"field": "by", "message": "must be person or prefecture"})
+    if place not in ("return", "withdraw"):
+        errors.append({"field": "place", "message": "must be return or withdraw"})
+    if errors:
+        raise ValidationFailed(errors)
     await request.app[RESERVATIONS].staff_cancel(
-        request.match_info["reference"], "prefecture" if by == "prefecture" else "person"
+        request.match_info["reference"],
+        "prefecture" if by == "prefecture" else "person",
+        withdraw=place == "withdraw",
     )
     return web.Response(status=204)
 

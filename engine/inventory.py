@@ -37,6 +37,7 @@ OPERATIONS = (
     "release_hold",
     "settle_confirm",
     "cancel_done",
+    "withdraw",
     "rebuild",
     "reconcile",
     "lower_capacity",
@@ -434,6 +435,16 @@ class Inventory:
     async def cancel_done(self, release_id: str, ref: str) -> None:
         k = ReleaseKeys.of(release_id)
         await self._call("cancel_done", (k.inv, k.booked), (ref,))
+
+    async def withdraw(self, release_id: str, slot_id: str, fence: str | None = None) -> str:
+        """PostgreSQL is cancelling a booking of the slot and lowering its capacity by one:
+        lower Redis's first, with no floor to check (withdraw.lua); ``cancel_done`` follows
+        the commit. Sets a new capacity fence (``fence``, random unless a test gives one).
+        "withdrawn", or "rebuild" if the inventory is missing (the rebuild reads
+        PostgreSQL)."""
+        k = ReleaseKeys.of(release_id)
+        reply = await self._call("withdraw", (k.inv, k.fence), (slot_id, fence or _new_fence()))
+        return _text(reply[0])
 
     async def booked_refs(self, release_id: str) -> set[str]:
         refs = await self._command("HKEYS", ReleaseKeys.of(release_id).booked)

@@ -93,6 +93,16 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "schema": {"enum": ["person", "prefecture"], "default": "person"},
             }
         )
+        params.append(
+            {
+                "name": "place",
+                "in": "query",
+                "required": False,
+                "description": "return: the place goes back (online at once, or to the "
+                "next draw); withdraw: the slot's capacity goes one lower with the cancel.",
+                "schema": {"enum": ["return", "withdraw"], "default": "return"},
+            }
+        )
     if route.path == "/v1/admin/fairness":
         params.append(
             {"name": "release", "in": "query", "required": False, "schema": {"type": "string"}}

@@ -602,21 +602,35 @@ class Reservations:
         """Cancel (idempotent); the place returns to an fcfs slot at once."""
         await self._cancel(await self.booking(reference, cancel_token), "online")
 
-    async def staff_cancel(self, reference: str, by: CancelledBy = "person") -> None:
+    async def staff_cancel(
+        self, reference: str, by: CancelledBy = "person", withdraw: bool = False
+    ) -> None:
         """Cancel for a person at the counter or on the phone (the admin token stands for
         the cancel token), as ``cancel`` does; or, ``by`` the prefecture, a cancellation
-        that counts toward none of the person's caps."""
-        await self._cancel(await self._booking(reference), "staff", by)
+        that counts toward none of the person's caps. ``withdraw``: the place does not go
+        back, online or to a draw: the slot's capacity goes one lower with the cancel."""
+        await self._cancel(await self._booking(reference), "staff", by, withdraw)
 
     async def _cancel(
-        self, booking: Booking, actor: Literal["online", "staff"], by: CancelledBy = "person"
+        self,
+        booking: Booking,
+        actor: Literal["online", "staff"],
+        by: CancelledBy = "person",
+        withdraw: bool = False,
     ) -> None:
         reference = booking.reference
         if booking.status == "cancelled":
             return
         if booking.starts_at <= self.now():
             raise NotOpen("This appointment has already started")
-        if not await self.store.cancel(reference, actor, by):
+
+        async def take_off(slot_id: str) -> None:
+            # Before PostgreSQL commits, as a lower capacity: Redis never offers the place.
+            # A draw release's places are not in Redis: PostgreSQL's capacity is all.
+            if booking.mode == "fcfs":
+                await self.inventory.withdraw(booking.release_id, slot_id)
+
+        if not await self.store.cancel(reference, actor, by, take_off if withdraw else None):
             return
         self.metrics.cancellations.labels(actor).inc()
         if booking.mode == "fcfs":
@@ -624,7 +638,7 @@ class Reservations:
                 await self.inventory.cancel_done(booking.release_id, reference)
             except StoreUnavailable:
                 log.warning("cancel_done_deferred", booking=reference)
-        log.info("booking_cancelled", booking=reference)
+        log.info("booking_cancelled", booking=reference, by=by, withdrawn=withdraw)
 
 
 def _from_ms(ms: int) -> datetime:

@@ -657,20 +657,42 @@ class Store:
             )
         return None if row is None else _booking(row)
 
-    async def cancel(self, reference: str, actor: str, by: CancelledBy = "person") -> bool:
+    async def cancel(
+        self,
+        reference: str,
+        actor: str,
+        by: CancelledBy = "person",
+        withdraw: Callable[[str], Awaitable[None]] | None = None,
+    ) -> bool:
         """Cancel a confirmed booking, for the person or by the prefecture (which counts
-        toward none of the person's caps). False if it was already cancelled."""
+        toward none of the person's caps). False if it was already cancelled.
+
+        With ``withdraw``, the place is taken off its slot: the slot's capacity goes one
+        lower in the same transaction, and ``withdraw`` is given the slot while its row is
+        locked and before anything commits, under the capacity lock, as a lowering of
+        ``patch_release`` is (Redis takes the place off first); it raises to refuse."""
         async with self._transaction() as conn:
-            done = await conn.fetchval(
+            row = await conn.fetchrow(
                 """UPDATE bookings SET status = 'cancelled', cancelled_at = now(),
                        cancelled_by = $2
-                   WHERE reference = $1 AND status = 'confirmed' RETURNING reference""",
+                   WHERE reference = $1 AND status = 'confirmed'
+                   RETURNING slot_id, release_id""",
                 reference,
                 by,
             )
-            if done:
-                await _audit(conn, actor, "booking.cancel", reference, {"by": by})
-        return done is not None
+            if row is None:
+                return False
+            detail = {"by": by, "place": "returned"}
+            if withdraw is not None:
+                # The trigger took the booking off the slot's count and locked its row.
+                await conn.execute(
+                    "UPDATE slots SET capacity = capacity - 1 WHERE id = $1", row["slot_id"]
+                )
+                await conn.execute(_CAPACITY_LOCK, row["release_id"])
+                await withdraw(row["slot_id"])
+                detail["place"] = "withdrawn"
+            await _audit(conn, actor, "booking.cancel", reference, detail)
+        return True
 
     async def bookings_by_network(
         self, now: datetime, release_id: str | None = None

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from engine.appkeys import RESERVATIONS
+from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, applicant, ip
 from tests.conftest import FakeClock
 
@@ -303,6 +306,45 @@ async def test_a_cancel_by_the_prefecture_counts_toward_none_of_the_persons_caps
         "SELECT detail->>'by' AS by FROM audit_log WHERE action = 'booking.cancel' ORDER BY id"
     )
     assert [r["by"] for r in audit] == ["prefecture"] * 3 + ["person"] * 2
+
+
+async def test_a_place_withdrawn_with_its_cancel_goes_to_nobody(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """The prefecture calls off an appointment and takes its place off the slot
+    (`?by=prefecture&place=withdraw`): the slot's capacity goes one lower with the cancel,
+    in PostgreSQL and in Redis, so the place is never free for anyone, and a retry lowers
+    nothing more. Redis then agrees with PostgreSQL: the reconcile corrects nothing."""
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    refs = []
+    for _ in range(2):
+        booked = await api.call(
+            "POST", "/v1/admin/bookings", {"slot_id": slot, "applicant": applicant()}, ADMIN
+        )
+        refs.append(booked.body["booking"]["reference"])
+    path = f"/v1/admin/bookings/{refs[0]}"
+    bad = await api.call("DELETE", f"{path}?place=keep", headers=ADMIN)
+    assert bad.status == 400 and bad.body["errors"][0]["field"] == "place"
+    for _ in range(2):  # the retry changes nothing
+        r = await api.call("DELETE", f"{path}?by=prefecture&place=withdraw", headers=ADMIN)
+        assert r.status == 204
+    assert await api.free(release["id"]) == {slot: 0}
+    row = await pg.fetchrow("SELECT capacity, booked FROM slots WHERE id = $1", slot)
+    assert (row["capacity"], row["booked"]) == (1, 1)
+    domain = api.client.app[RESERVATIONS]
+    assert (await sweep_once(domain, reconcile=True)).corrections == 0
+    # The other booking's cancel returns its place as before.
+    assert (await api.call("DELETE", f"/v1/admin/bookings/{refs[1]}", headers=ADMIN)).status == 204
+    assert await api.free(release["id"]) == {slot: 1}
+    details = await pg.fetch(
+        "SELECT detail FROM audit_log WHERE action = 'booking.cancel' ORDER BY id"
+    )
+    assert [json.loads(r["detail"]) for r in details] == [
+        {"by": "prefecture", "place": "withdrawn"},
+        {"by": "person", "place": "returned"},
+    ]
 
 
 async def test_identity_is_hashed_and_only_staff_fields_are_clear(

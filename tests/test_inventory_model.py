@@ -321,6 +321,13 @@ class Model:
         self.booked.pop(ref, None)
         self.stale_counts.discard(ref)
 
+    def withdraw(self, slot: str, fence: str) -> str:
+        self.fence = fence
+        if not self.present:
+            return "rebuild"
+        self.caps[slot] -= 1
+        return "withdrawn"
+
     def reconcile(
         self,
         fence: str,
@@ -664,6 +671,39 @@ class InventoryMachine(RuleBasedStateMachine):
             if ref in self.model.booked:
                 self.model.stale_counts.add(ref)
             return  # PostgreSQL committed; cancel_done never ran
+        self.run(self.inventory.cancel_done(RELEASE, ref))
+        self.model.cancel_done(ref)
+
+    @precondition(lambda self: any(b.active for b in self.model.pg.values()))
+    @rule(
+        data=st.data(),
+        crash=st.sampled_from(["none", "before commit", "after commit"]),
+        late=st.booleans(),
+    )
+    def withdraw(self, data: st.DataObject, crash: str, late: bool) -> None:
+        """``Reservations.staff_cancel`` with the place withdrawn: Redis lowers the slot's
+        capacity by one, PostgreSQL cancels the booking and lowers its capacity, then
+        ``cancel_done``. ``late``: a write of capacities read before reaches Redis just
+        after Redis's step, and must set none."""
+        active = sorted(ref for ref, b in self.model.pg.items() if b.active)
+        ref = data.draw(st.sampled_from(active), "booking")
+        slot = self.model.pg[ref].slot
+        if late:
+            self.snapshot_read()
+        fence = self.fresh("f")
+        outcome = self.run(self.inventory.withdraw(RELEASE, slot, fence))
+        assert outcome == self.model.withdraw(slot, fence)
+        event(f"withdraw: {outcome}, crash {crash}")
+        if late:
+            self.land(rebuild=data.draw(st.booleans(), "rebuild"))
+        if crash == "before commit":
+            return  # Redis offers one place fewer than PostgreSQL has, until a reconcile
+        self.model.pg_cancel(ref)
+        self.model.pg_caps[slot] -= 1
+        if crash == "after commit":
+            if ref in self.model.booked:
+                self.model.stale_counts.add(ref)
+            return  # cancel_done never ran
         self.run(self.inventory.cancel_done(RELEASE, ref))
         self.model.cancel_done(ref)
 

@@ -14,8 +14,8 @@
 --   idem       hash  idempotency field -> hold id
 --   booked     hash  booking reference -> slot: the confirmed bookings Redis counts
 --   spent      zset  challenge id -> its expiry (ms); spent challenges
---   fence      string  a random integer, new at each capacity change lower_capacity takes (or
---                    finds the inventory missing for): a write of capacities from a
+--   fence      string  a random integer, new at each capacity change lower_capacity or
+--                    withdraw makes (or finds the inventory missing for): a write of capacities from a
 --                    PostgreSQL snapshot read before one sets none (docs/consistency.md,
 --                    section 8). Kept when the inventory is lost; if Redis loses it too,
 --                    every write in flight is refused, as none can carry a value again
