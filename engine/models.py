@@ -73,6 +73,9 @@ class Booking:
     cancel_token_hash: bytes
     mode: Mode
     timezone: str
+    # Who cancelled it; None while confirmed, and for cancellations from before sql/013
+    # (the person's). Last: book_hold answers the fields before it.
+    cancelled_by: CancelledBy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,7 +67,7 @@ def _start(moment: datetime, timezone: str) -> str | None:
 
 
 def booking(b: Booking) -> dict[str, Any]:
-    return {
+    out = {
         "reference": b.reference,
         "status": b.status,
         "slot": {
@@ -77,3 +77,7 @@ def booking(b: Booking) -> dict[str, Any]:
         },
         "applicant": {"family_name": b.family_name, "given_names": b.given_names},
     }
+    if b.status == "cancelled":
+        # So that the site can tell a person their appointment was called off.
+        out["cancelled_by"] = b.cancelled_by or "person"
+    return out

@@ -110,10 +110,14 @@ class Person(Reply):
 
 
 class Booking(Reply):
+    """``cancelled_by``, on a cancelled booking only: the person (themselves, or staff for
+    them), or the prefecture, which called the appointment off."""
+
     reference: str
     status: Literal["confirmed", "cancelled"]
     slot: Slot
     applicant: Person
+    cancelled_by: Literal["person", "prefecture"] | None = None
 
 
 class BookingOnly(Reply):

@@ -79,7 +79,7 @@ _ROLLED_BACK = (
 _BOOKING_COLUMNS = """
     b.reference, b.status, b.release_id, b.slot_id, s.starts_at, s.duration_minutes,
     b.family_name, b.given_names, b.birth_date, b.channel, b.hold_token_hash,
-    b.cancel_token_hash, r.mode, st.timezone
+    b.cancel_token_hash, r.mode, st.timezone, b.cancelled_by
 """
 _BOOKING_FROM = """bookings b JOIN slots s ON s.id = b.slot_id
     JOIN releases r ON r.id = b.release_id JOIN sites st ON st.id = r.site_id"""
@@ -615,7 +615,12 @@ class Store:
         assert row is not None
         outcome = row["outcome"]
         if outcome in ("booked", "existing"):
-            return Booking(*list(row.values())[:_BOOKING_FIELDS])
+            booking = Booking(*list(row.values())[:_BOOK_HOLD_FIELDS])
+            if booking.status == "cancelled":
+                # A confirm's retry after the booking was cancelled: book_hold does not say
+                # who cancelled it (rare, so read again rather than change its columns).
+                return await self.booking(booking.reference) or booking
+            return booking
         count = row["limit_count"]
         if outcome == "email":
             raise RateLimited(
@@ -1187,7 +1192,8 @@ def _utc(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-_BOOKING_FIELDS = len(fields(Booking))
+# book_hold answers every field of a Booking but the last, ``cancelled_by``.
+_BOOK_HOLD_FIELDS = len(fields(Booking)) - 1
 
 
 def _booking(row: asyncpg.Record) -> Booking:

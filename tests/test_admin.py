@@ -268,18 +268,28 @@ async def test_a_cancel_by_the_prefecture_counts_toward_none_of_the_persons_caps
     """The prefecture calls off a person's appointment (a closure, an agent absent) with
     `?by=prefecture`: neither the booking nor its cancellation counts toward the person's
     caps (3 bookings, 2 cancellations in 30 days), so they book again as often as it
-    happens. A cancel for the person counts, as their own would. A wrong `by` changes
-    nothing."""
+    happens. A cancel for the person counts, as their own would. The booking says who
+    cancelled it, so that the site can tell the person. A wrong `by` changes nothing."""
     await api.site()
     release = await api.publish([1])
     slot = release["slots"][0]["id"]
     person = applicant()
     staff = {"slot_id": slot, "applicant": person}
 
+    tokens = {}
+
     async def book() -> str:
         r = await api.call("POST", "/v1/admin/bookings", staff, ADMIN)
         assert r.status == 201, r.body
-        return str(r.body["booking"]["reference"])
+        ref = str(r.body["booking"]["reference"])
+        tokens[ref] = {"Authorization": f"Bearer {r.body['cancel_token']}"}
+        assert "cancelled_by" not in r.body["booking"]
+        return ref
+
+    async def cancelled_by(ref: str) -> str:
+        r = await api.call("GET", f"/v1/bookings/{ref}", headers=tokens[ref])
+        assert r.body["booking"]["status"] == "cancelled"
+        return str(r.body["booking"]["cancelled_by"])
 
     ref = await book()
     bad = await api.call("DELETE", f"/v1/admin/bookings/{ref}?by=nobody", headers=ADMIN)
@@ -290,14 +300,35 @@ async def test_a_cancel_by_the_prefecture_counts_toward_none_of_the_persons_caps
     for _ in range(3):
         path = f"/v1/admin/bookings/{ref}?by=prefecture"
         assert (await api.call("DELETE", path, headers=ADMIN)).status == 204
+        assert await cancelled_by(ref) == "prefecture"
         ref = await book()
     # Four bookings, three of them called off by the prefecture: none counted. The person's
     # own cancels count: after two, the third booking is refused.
     assert (await api.call("DELETE", f"/v1/admin/bookings/{ref}", headers=ADMIN)).status == 204
+    assert await cancelled_by(ref) == "person"
     ref = await book()
     assert (await api.call("DELETE", f"/v1/admin/bookings/{ref}", headers=ADMIN)).status == 204
     r = await api.call("POST", "/v1/admin/bookings", staff, ADMIN)
     assert r.status == 429 and "2 cancellations" in r.body["detail"], r.body
+    # A confirm's retry that reaches book_hold once its booking was cancelled (the hold's
+    # booking found by ON CONFLICT) says who cancelled it too.
+    first = await pg.fetchrow("SELECT * FROM bookings WHERE cancelled_by = 'prefecture' LIMIT 1")
+    domain = api.client.app[RESERVATIONS]
+    again = await domain.store.book(
+        reference="AB-RETR-YAGN",
+        release=await domain.release(first["release_id"]),
+        slot_id=first["slot_id"],
+        channel="staff",
+        hold_id=first["hold_id"],
+        hold_token_hash=first["hold_token_hash"],
+        identity_hash=first["identity_hash"],
+        email_hash=first["email_hash"],
+        family_name=first["family_name"],
+        given_names=first["given_names"],
+        birth_date=first["birth_date"],
+        cancel_token_hash=first["cancel_token_hash"],
+    )
+    assert (again.reference, again.cancelled_by) == (first["reference"], "prefecture")
     rows = await pg.fetch(
         "SELECT cancelled_by, count(*) FROM bookings GROUP BY 1 ORDER BY 1 NULLS LAST"
     )

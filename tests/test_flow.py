@@ -35,7 +35,12 @@ async def test_hold_confirm_read_cancel(api: Api) -> None:
     assert gone.status == 204
     read = await api.call("GET", f"/v1/bookings/{booking['reference']}", headers=cancel)
     assert read.body["booking"]["status"] == "cancelled"
+    assert read.body["booking"]["cancelled_by"] == "person"
     assert await api.free(release["id"]) == {slot: 2}
+    # The confirm's retry (its answer lost) gets the booking as it is now.
+    again = await api.confirm(hold.body, person)
+    assert again.status in (200, 201), again.body
+    assert again.body["booking"] == read.body["booking"]
 
 
 async def test_a_hold_retried_with_its_challenge_gets_the_same_hold(api: Api) -> None:
