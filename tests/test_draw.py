@@ -511,6 +511,65 @@ async def test_a_confirm_in_flight_when_the_draw_counts_again_is_counted(
     assert active == 4
 
 
+async def test_a_winner_confirming_online_during_the_draw_makes_it_give_way(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A person whose entry wins confirms the same procedure online while the draw runs:
+    the confirm, which holds the booking caps' lock shared, waits on the draw's winner row,
+    and the draw then wants that lock alone. Rather than wait for PostgreSQL to break the
+    deadlock (a second, every confirm queued behind it, then one of them aborted), the draw
+    gives way at once: it rolls back, the confirm books, and the next sweep excludes the
+    entry."""
+    await api.site()
+    online = (await api.publish([1]))["slots"][0]["id"]
+    release = (await api.publish_draw([5]))["id"]
+    entry = (await api.enter(release, applicant(), ip(10))).body
+    identity = await pg.fetchval(
+        "SELECT identity_hash FROM entries WHERE id = $1", entry["entry_id"]
+    )
+    clock.advance(90001)
+    hold_back = await asyncpg.connect(DATABASE_URL)
+    confirm = await asyncpg.connect(DATABASE_URL)
+    waits = """SELECT count(*) FROM pg_locks WHERE locktype = $1 AND NOT granted AND
+               database IS NOT DISTINCT FROM (SELECT oid FROM pg_database
+                                              WHERE datname = current_database())"""
+    try:
+        tx = hold_back.transaction()
+        await tx.start()
+        await hold_back.execute("LOCK TABLE draws IN SHARE MODE")  # the draw waits, booked
+        domain, lottery = api.client.app[RESERVATIONS], api.client.app[LOTTERY]
+        drawing = asyncio.create_task(sweep_once(domain, reconcile=False, lottery=lottery))
+        while await pg.fetchval(waits, "relation") == 0:
+            assert not drawing.done()
+            await asyncio.sleep(0.01)
+        late = asyncio.create_task(
+            confirm.fetchval(
+                """SELECT outcome FROM book_hold('RC-WINR-0001', $1, $2, 'renouvellement',
+                       'online', 'winner-hold', '\\x00', $3, '\\x03', 'F', 'G', '1990-01-01',
+                       '\\x00', '10.0.0.0/24', '30 days', 3, 2, 4)""",
+                online,
+                online.rsplit(".", 1)[0],
+                identity,
+            )
+        )
+        while (
+            await pg.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+            )
+            == 0
+        ):
+            assert not late.done(), "the confirm did not wait on the draw's winner"
+            await asyncio.sleep(0.01)
+        await tx.commit()
+        assert (await drawing).draws == 0  # gave way
+        assert await late == "booked"
+    finally:
+        await hold_back.close()
+        await confirm.close()
+    assert (await sweep_once(domain, reconcile=False, lottery=lottery)).draws == 1
+    assert await entry_status(api, release, entry) == {"status": "withdrawn", "excluded": True}
+
+
 async def test_an_entry_excluded_by_the_draw_says_so(api: Api, clock: FakeClock) -> None:
     """A person who entered, then booked the procedure at the counter before the draw, is
     excluded by it: their entry reads ``withdrawn`` (API.md's statuses) with
