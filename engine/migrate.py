@@ -3,14 +3,16 @@
 Two kinds of files:
 - ``sql/NNN_name.sql``, numbered migrations: each applied once, in order, never edited after
   it shipped (a database that ran it would never see the edit).
-- ``sql/functions/name.sql``, one stored function each (``CREATE OR REPLACE``): applied after
-  the numbered migrations, and again whenever its text changes. A function is changed by
-  editing its file, not by restating it whole in a new migration; a change that also needs a
-  column adds the column in a numbered migration, which runs first.
+- ``sql/functions/name.sql``, one stored function each (``CREATE OR REPLACE``), whose first
+  line is ``-- version: N``: applied after the numbered migrations, and again when its
+  version is above the one in force. A function is changed by editing its file and raising
+  its version, not by restating it whole in a new migration; a change that also needs a
+  column adds the column in a numbered migration, which runs first. An older engine's
+  ``migrate`` (a host restarting during a rolling deploy) never puts an older version back.
 
 Idempotent and safe to run from several processes at once: an advisory lock serialises them,
 and each file commits with its record (``schema_migrations``, or ``schema_functions`` with the
-text's SHA-256).
+version and the text's SHA-256).
 """
 
 from __future__ import annotations
@@ -29,6 +31,17 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _LOCK_KEY = 0x6775696368  # "guich"
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _FUNCTION = re.compile(r"^([a-z0-9_]+)\.sql$")
+_VERSION = re.compile(r"\A-- version: ([1-9][0-9]*)\n")
+
+
+@dataclass(frozen=True)
+class Function:
+    """A file of ``sql/functions/``."""
+
+    name: str
+    version: int
+    checksum: str  # SHA-256 of its text: the same version must keep the same text
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,8 @@ def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
     return found
 
 
-def functions(sql_dir: Path = SQL_DIR) -> list[tuple[str, str, Path]]:
-    """Each function file of ``sql/functions/``: its name, its text's SHA-256, its path."""
+def functions(sql_dir: Path = SQL_DIR) -> list[Function]:
+    """Each function file of ``sql/functions/``."""
     folder = sql_dir / "functions"
     if not folder.is_dir():
         return []
@@ -57,7 +70,12 @@ def functions(sql_dir: Path = SQL_DIR) -> list[tuple[str, str, Path]]:
     for path in sorted(folder.iterdir()):
         m = _FUNCTION.match(path.name)
         if m:
-            found.append((m.group(1), hashlib.sha256(path.read_bytes()).hexdigest(), path))
+            text = path.read_text()
+            version = _VERSION.match(text)
+            if version is None:
+                raise ValueError(f"{path} must begin with a '-- version: N' line")
+            checksum = hashlib.sha256(text.encode()).hexdigest()
+            found.append(Function(m.group(1), int(version.group(1)), checksum, path))
     return found
 
 
@@ -68,9 +86,9 @@ def shipped_migrations(sql_dir: Path = SQL_DIR) -> frozenset[int]:
 
 
 @functools.cache
-def shipped_functions(sql_dir: Path = SQL_DIR) -> frozenset[tuple[str, str]]:
-    """(name, checksum) of each function this engine ships: the versions it needs."""
-    return frozenset((name, checksum) for name, checksum, _ in functions(sql_dir))
+def shipped_functions(sql_dir: Path = SQL_DIR) -> dict[str, int]:
+    """The version of each function this engine ships: the least it needs in force."""
+    return {f.name: f.version for f in functions(sql_dir)}
 
 
 async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) -> Applied:
@@ -85,10 +103,10 @@ async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) ->
                    name text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now());
                CREATE TABLE IF NOT EXISTS schema_functions (
-                   name text NOT NULL,
+                   name text PRIMARY KEY,
+                   version integer NOT NULL,
                    checksum text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-                   PRIMARY KEY (name, checksum))"""
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
         for version, path in migrations(sql_dir):
@@ -103,29 +121,33 @@ async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) ->
                 )
             log.info("migration_applied", version=version, name=path.name)
             applied.versions.append(version)
-        # Every version of a function ever applied stays listed, so that readiness can tell
-        # an older engine, during a rolling deploy, that its version was applied (a newer
-        # one replaced it, compatibly); the latest applied is the one in force.
-        current = {
-            r["name"]: r["checksum"]
-            for r in await conn.fetch(
-                """SELECT DISTINCT ON (name) name, checksum FROM schema_functions
-                   ORDER BY name, applied_at DESC"""
-            )
+        in_force = {
+            r["name"]: (r["version"], r["checksum"])
+            for r in await conn.fetch("SELECT name, version, checksum FROM schema_functions")
         }
-        for name, checksum, path in functions(sql_dir):
-            if current.get(name) == checksum:
+        for f in functions(sql_dir):
+            version, checksum = in_force.get(f.name, (0, ""))
+            if f.version < version:
+                continue  # a newer engine's version is in force: keep it
+            if f.version == version:
+                if f.checksum != checksum:
+                    raise RuntimeError(
+                        f"{f.path} changed without a new version: raise its '-- version:'"
+                    )
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
+                await conn.execute(f.path.read_text())
                 await conn.execute(
-                    """INSERT INTO schema_functions (name, checksum) VALUES ($1, $2)
-                       ON CONFLICT (name, checksum) DO UPDATE SET applied_at = clock_timestamp()""",
-                    name,
-                    checksum,
+                    """INSERT INTO schema_functions (name, version, checksum)
+                       VALUES ($1, $2, $3)
+                       ON CONFLICT (name) DO UPDATE
+                       SET version = $2, checksum = $3, applied_at = now()""",
+                    f.name,
+                    f.version,
+                    f.checksum,
                 )
-            log.info("function_applied", name=name, checksum=checksum[:12])
-            applied.functions.append(name)
+            log.info("function_applied", name=f.name, version=f.version)
+            applied.functions.append(f.name)
     finally:
         await conn.close()
     return applied

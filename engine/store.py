@@ -260,15 +260,19 @@ class Store:
         async with self._connection() as conn:
             try:
                 rows = await conn.fetch("SELECT version FROM schema_migrations")
-                applied = await conn.fetch("SELECT name, checksum FROM schema_functions")
             except asyncpg.UndefinedTableError:
-                rows = applied = []  # never migrated
+                rows = []  # never migrated
+            try:
+                in_force = await conn.fetch("SELECT name, version FROM schema_functions")
+            except asyncpg.UndefinedTableError:
+                in_force = []  # migrated by an engine before sql/functions/
         missing = sorted(shipped_migrations() - {row["version"] for row in rows})
-        # This engine's version of each function, applied at some time: a newer one may have
-        # replaced it since (a rolling deploy), as a newer migration may be there.
-        behind = shipped_functions() - {(row["name"], row["checksum"]) for row in applied}
+        # This engine's version of each function, or a newer one (a rolling deploy), as a
+        # newer migration may be there.
+        versions = {row["name"]: row["version"] for row in in_force}
+        behind = sorted(n for n, v in shipped_functions().items() if versions.get(n, 0) < v)
         if missing or behind:
-            raise SchemaBehind(self._retry_after_s, missing, sorted(name for name, _ in behind))
+            raise SchemaBehind(self._retry_after_s, missing, behind)
 
     # Personal data -------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ async def scratch() -> AsyncIterator[str]:
 async def test_fresh_then_idempotent(scratch: str) -> None:
     applied = await migrate(scratch)
     assert applied.versions == [v for v, _ in migrations()]
-    assert applied.functions == [name for name, _, _ in functions()] != []
+    assert applied.functions == [f.name for f in functions()] != []
     assert await migrate(scratch) == Applied()
 
 
@@ -75,51 +75,61 @@ async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
         assert r.status == 200, await r.text()
 
 
-async def test_a_function_is_applied_again_when_its_file_changes(
+async def test_a_function_is_applied_again_when_its_version_rises(
     scratch: str, tmp_path: Path
 ) -> None:
-    """sql/functions/: applied after the migrations, again only when the text changed, and
-    the version in force is the latest applied (an older engine's migrate puts its own back)."""
+    """sql/functions/: applied after the migrations, again when its version rises. An older
+    version (an older engine's migrate, in a rolling deploy) never replaces a newer one, and
+    a text changed without a new version is refused."""
     (tmp_path / "functions").mkdir()
     probe = tmp_path / "functions" / "guichet_probe.sql"
     shutil.copy(migrations()[0][1], tmp_path)
 
-    def version(n: int) -> None:
+    def write(version: int, value: int) -> None:
         probe.write_text(
-            f"CREATE OR REPLACE FUNCTION guichet_probe() RETURNS int LANGUAGE sql AS 'SELECT {n}';"
+            f"-- version: {version}\nCREATE OR REPLACE FUNCTION guichet_probe() RETURNS int"
+            f" LANGUAGE sql AS 'SELECT {value}';"
         )
 
-    version(1)
+    write(1, 1)
     assert await migrate(scratch, sql_dir=tmp_path) == Applied([1], ["guichet_probe"])
     assert await migrate(scratch, sql_dir=tmp_path) == Applied()
-    version(2)
+    write(2, 2)
     assert await migrate(scratch, sql_dir=tmp_path) == Applied([], ["guichet_probe"])
-    version(1)  # back to the first text, applied before: in force again
-    assert await migrate(scratch, sql_dir=tmp_path) == Applied([], ["guichet_probe"])
+    write(1, 1)  # an older engine's
+    assert await migrate(scratch, sql_dir=tmp_path) == Applied()
+    write(2, 3)
+    with pytest.raises(RuntimeError, match="changed without a new version"):
+        await migrate(scratch, sql_dir=tmp_path)
+    probe.write_text("CREATE OR REPLACE FUNCTION guichet_probe() RETURNS int AS 'SELECT 4';")
+    with pytest.raises(ValueError, match="version"):
+        await migrate(scratch, sql_dir=tmp_path)
     conn = await asyncpg.connect(scratch)
     try:
-        assert await conn.fetchval("SELECT guichet_probe()") == 1
-        assert await conn.fetchval("SELECT count(*) FROM schema_functions") == 2
+        assert await conn.fetchval("SELECT guichet_probe()") == 2
     finally:
         await conn.close()
 
 
-async def test_an_engine_is_not_ready_until_its_version_of_a_function_was_applied(
+async def test_an_engine_is_not_ready_until_its_version_of_a_function_is_in_force(
     scratch: str,
 ) -> None:
-    """A function this engine ships, in a version the database never ran, makes it not
-    ready; a newer version applied after its own (a rolling deploy's newer engine) does not."""
+    """A function this engine ships, in a version above the one in force, makes it not
+    ready; a newer version in force (a rolling deploy's newer engine) does not. A database
+    migrated before sql/functions/ existed says only what it lacks."""
     await migrate(scratch)
     conn = await asyncpg.connect(scratch)
     try:
-        await conn.execute("DELETE FROM schema_functions")
+        await conn.execute("DROP TABLE schema_functions")
         async with engine_on(scratch) as client:
             body = await not_ready(client)
-            assert "lacks function(s) book_hold of this engine" in body["detail"]
+            assert "(PostgreSQL lacks function(s) book_hold of this engine" in body["detail"]
             assert (await migrate(scratch)).functions == ["book_hold"]
-            await conn.execute(
-                "INSERT INTO schema_functions (name, checksum) VALUES ('book_hold', 'newer')"
-            )
+            assert (await client.get("/readyz")).status == 200
+            await conn.execute("UPDATE schema_functions SET version = 0")
+            body = await not_ready(client)
+            assert "lacks function(s) book_hold of this engine" in body["detail"]
+            await conn.execute("UPDATE schema_functions SET version = 99")
             r = await client.get("/readyz")
             assert r.status == 200, await r.text()
     finally:

@@ -1,3 +1,4 @@
+-- version: 1
 -- book_hold: a confirm's whole PostgreSQL step, in one round trip.
 --
 -- Applied by `guichet migrate` after the numbered migrations, and again whenever this file
