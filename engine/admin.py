@@ -121,6 +121,9 @@ async def staff_cancel(request: web.Request) -> web.Response:
         errors.append({"field": "by", "message": "must be person or prefecture"})
     if place not in ("return", "withdraw"):
         errors.append({"field": "place", "message": "must be return or withdraw"})
+    elif place == "withdraw" and "by" not in request.query:
+        # Mostly the prefecture's doing, which the person's caps must not count: say so.
+        errors.append({"field": "by", "message": "say who cancels when withdrawing the place"})
     if errors:
         raise ValidationFailed(errors)
     await request.app[RESERVATIONS].staff_cancel(

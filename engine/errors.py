@@ -9,6 +9,7 @@
     ├── NotOpen                    409 not-open
     ├── IdentityAlreadyBooked      409 identity-already-booked
     ├── HoldConfirming             409 hold-confirming (a confirm of this hold is under way)
+    ├── CancelledOtherwise         409 cancelled-otherwise (cancelled before, not as asked)
     ├── ChallengeExpired           410 challenge-expired
     ├── HoldExpired                410 hold-expired
     ├── PayloadTooLarge            413 payload-too-large
@@ -102,6 +103,14 @@ class IdentityAlreadyBooked(GuichetError):
 
 class HoldConfirming(GuichetError):
     name, status, title = "hold-confirming", 409, "A confirmation of this hold is under way"
+
+
+class CancelledOtherwise(GuichetError):
+    name, status, title = (
+        "cancelled-otherwise",
+        409,
+        "This booking was already cancelled, not as this request asks",
+    )
 
 
 class ChallengeExpired(GuichetError):

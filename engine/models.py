@@ -74,8 +74,10 @@ class Booking:
     mode: Mode
     timezone: str
     # Who cancelled it; None while confirmed, and for cancellations from before sql/013
-    # (the person's). Last: book_hold answers the fields before it.
+    # (the person's). Whether its place was taken off its slot with it. Last: book_hold
+    # answers the fields before them.
     cancelled_by: CancelledBy | None = None
+    place_withdrawn: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "required": False,
                 "description": "person: for the person, as their own cancel (counts toward "
                 "their caps); prefecture: a closure or an absence, counted toward none.",
-                "schema": {"enum": ["person", "prefecture"], "default": "person"},
+                "schema": {"type": "string", "enum": ["person", "prefecture"], "default": "person"},
             }
         )
         params.append(
@@ -100,7 +100,7 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "required": False,
                 "description": "return: the place goes back (online at once, or to the "
                 "next draw); withdraw: the slot's capacity goes one lower with the cancel.",
-                "schema": {"enum": ["return", "withdraw"], "default": "return"},
+                "schema": {"type": "string", "enum": ["return", "withdraw"], "default": "return"},
             }
         )
     if route.path == "/v1/admin/fairness":

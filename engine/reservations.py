@@ -24,6 +24,7 @@ from typing import Literal
 
 from engine import draw, pow, sessions
 from engine.errors import (
+    CancelledOtherwise,
     ChallengeExpired,
     HoldConfirming,
     HoldExpired,
@@ -609,7 +610,15 @@ class Reservations:
         the cancel token), as ``cancel`` does; or, ``by`` the prefecture, a cancellation
         that counts toward none of the person's caps. ``withdraw``: the place does not go
         back, online or to a draw: the slot's capacity goes one lower with the cancel."""
-        await self._cancel(await self._booking(reference), "staff", by, withdraw)
+        booking = await self._booking(reference)
+        if booking.status == "cancelled" or not await self._cancel(booking, "staff", by, withdraw):
+            # Cancelled before, or by a concurrent request: as asked, or say it was not.
+            now = booking if booking.status == "cancelled" else await self._booking(reference)
+            if (now.cancelled_by or "person", now.place_withdrawn) != (by, withdraw):
+                how = "its place withdrawn" if now.place_withdrawn else "its place returned"
+                raise CancelledOtherwise(
+                    f"Already cancelled by the {now.cancelled_by or 'person'}, {how}"
+                )
 
     async def _cancel(
         self,
@@ -617,10 +626,12 @@ class Reservations:
         actor: Literal["online", "staff"],
         by: CancelledBy = "person",
         withdraw: bool = False,
-    ) -> None:
+    ) -> bool:
+        """False if the booking was already cancelled (by this request's retry, another
+        request, or before)."""
         reference = booking.reference
         if booking.status == "cancelled":
-            return
+            return False
         if booking.starts_at <= self.now():
             raise NotOpen("This appointment has already started")
 
@@ -631,7 +642,7 @@ class Reservations:
                 await self.inventory.withdraw(booking.release_id, slot_id)
 
         if not await self.store.cancel(reference, actor, by, take_off if withdraw else None):
-            return
+            return False
         self.metrics.cancellations.labels(actor).inc()
         if booking.mode == "fcfs":
             try:
@@ -639,6 +650,7 @@ class Reservations:
             except StoreUnavailable:
                 log.warning("cancel_done_deferred", booking=reference)
         log.info("booking_cancelled", booking=reference, by=by, withdrawn=withdraw)
+        return True
 
 
 def _from_ms(ms: int) -> datetime:

@@ -80,7 +80,7 @@ _ROLLED_BACK = (
 _BOOKING_COLUMNS = """
     b.reference, b.status, b.release_id, b.slot_id, s.starts_at, s.duration_minutes,
     b.family_name, b.given_names, b.birth_date, b.channel, b.hold_token_hash,
-    b.cancel_token_hash, r.mode, st.timezone, b.cancelled_by
+    b.cancel_token_hash, r.mode, st.timezone, b.cancelled_by, b.place_withdrawn
 """
 _BOOKING_FROM = """bookings b JOIN slots s ON s.id = b.slot_id
     JOIN releases r ON r.id = b.release_id JOIN sites st ON st.id = r.site_id"""
@@ -685,11 +685,12 @@ class Store:
         async with self._transaction() as conn:
             row = await conn.fetchrow(
                 """UPDATE bookings SET status = 'cancelled', cancelled_at = now(),
-                       cancelled_by = $2
+                       cancelled_by = $2, place_withdrawn = $3
                    WHERE reference = $1 AND status = 'confirmed'
                    RETURNING slot_id, release_id""",
                 reference,
                 by,
+                withdraw is not None,
             )
             if row is None:
                 return False
@@ -1206,8 +1207,8 @@ def _utc(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-# book_hold answers every field of a Booking but the last, ``cancelled_by``.
-_BOOK_HOLD_FIELDS = len(fields(Booking)) - 1
+# book_hold answers every field of a Booking but the last two, who cancelled it and how.
+_BOOK_HOLD_FIELDS = len(fields(Booking)) - 2
 
 
 def _booking(row: asyncpg.Record) -> Booking:

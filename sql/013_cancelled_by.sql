@@ -8,8 +8,16 @@
 -- appointments the prefecture called off kept the person from booking for 30 days.
 -- NULL while the booking is confirmed, and on the cancellations made before this
 -- migration, which were all counted as the person's (and still are).
--- The check scans the table under the lock ALTER TABLE takes; a lock not granted within
--- 2 s fails the migration rather than queueing every booking query behind it.
+-- Both statements are instant: a new column without a default rewrites nothing, and a
+-- check NOT VALID reads no row (new rows are held to it at once). Checked inline, the
+-- constraint would scan every booking under the table's exclusive lock, every booking
+-- query waiting; 014 validates it under a lock that lets them run. A lock not granted
+-- within 2 s fails the migration rather than queueing every booking query behind it.
 SET LOCAL lock_timeout = '2s';
-ALTER TABLE bookings ADD COLUMN cancelled_by text
-    CONSTRAINT bookings_cancelled_by CHECK (cancelled_by IN ('person', 'prefecture'));
+ALTER TABLE bookings ADD COLUMN cancelled_by text;
+ALTER TABLE bookings ADD CONSTRAINT bookings_cancelled_by
+    CHECK (cancelled_by IN ('person', 'prefecture')) NOT VALID;
+-- Whether the cancel took the place off its slot (?place=withdraw): so that a staff cancel
+-- sent again with other terms is told it changed nothing (409), rather than 204. A constant
+-- default is kept in the catalog: instant too.
+ALTER TABLE bookings ADD COLUMN place_withdrawn boolean NOT NULL DEFAULT false;

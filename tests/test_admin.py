@@ -345,29 +345,43 @@ async def test_a_place_withdrawn_with_its_cancel_goes_to_nobody(
     """The prefecture calls off an appointment and takes its place off the slot
     (`?by=prefecture&place=withdraw`): the slot's capacity goes one lower with the cancel,
     in PostgreSQL and in Redis, so the place is never free for anyone, and a retry lowers
-    nothing more. Redis then agrees with PostgreSQL: the reconcile corrects nothing."""
+    nothing more. Redis then agrees with PostgreSQL: the reconcile corrects nothing. A
+    withdrawal must say who cancels; a cancel sent again on other terms is told it changed
+    nothing (409), while the person's own cancel stays idempotent."""
     await api.site()
     release = await api.publish([2])
     slot = release["slots"][0]["id"]
-    refs = []
+    refs, tokens = [], []
     for _ in range(2):
         booked = await api.call(
             "POST", "/v1/admin/bookings", {"slot_id": slot, "applicant": applicant()}, ADMIN
         )
         refs.append(booked.body["booking"]["reference"])
+        tokens.append({"Authorization": f"Bearer {booked.body['cancel_token']}"})
     path = f"/v1/admin/bookings/{refs[0]}"
-    bad = await api.call("DELETE", f"{path}?place=keep", headers=ADMIN)
-    assert bad.status == 400 and bad.body["errors"][0]["field"] == "place"
+    for query, field in (("place=keep", "place"), ("place=withdraw", "by")):
+        bad = await api.call("DELETE", f"{path}?{query}", headers=ADMIN)
+        assert bad.status == 400 and bad.body["errors"][0]["field"] == field, bad.body
     for _ in range(2):  # the retry changes nothing
         r = await api.call("DELETE", f"{path}?by=prefecture&place=withdraw", headers=ADMIN)
         assert r.status == 204
     assert await api.free(release["id"]) == {slot: 0}
     row = await pg.fetchrow("SELECT capacity, booked FROM slots WHERE id = $1", slot)
     assert (row["capacity"], row["booked"]) == (1, 1)
+    other = await api.call("DELETE", path, headers=ADMIN)
+    assert other.status == 409 and other.body["type"].endswith("cancelled-otherwise"), other.body
+    assert "by the prefecture, its place withdrawn" in other.body["detail"]
+    own = await api.call("DELETE", f"/v1/bookings/{refs[0]}", headers=tokens[0])
+    assert own.status == 204
     domain = api.client.app[RESERVATIONS]
     assert (await sweep_once(domain, reconcile=True)).corrections == 0
-    # The other booking's cancel returns its place as before.
-    assert (await api.call("DELETE", f"/v1/admin/bookings/{refs[1]}", headers=ADMIN)).status == 204
+    # The other booking's cancel returns its place as before; withdrawing it then is refused,
+    # and tells staff the place went back.
+    assert (await api.call("DELETE", f"/v1/bookings/{refs[1]}", headers=tokens[1])).status == 204
+    assert await api.free(release["id"]) == {slot: 1}
+    late = f"/v1/admin/bookings/{refs[1]}?by=prefecture&place=withdraw"
+    refused = await api.call("DELETE", late, headers=ADMIN)
+    assert refused.status == 409 and "its place returned" in refused.body["detail"]
     assert await api.free(release["id"]) == {slot: 1}
     details = await pg.fetch(
         "SELECT detail FROM audit_log WHERE action = 'booking.cancel' ORDER BY id"
