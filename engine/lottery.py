@@ -227,6 +227,7 @@ class Lottery:
             except DrawRaced as exc:
                 # Not a failure: the next sweep counts the booking that raced it.
                 log.warning("draw_raced", release=release_id, detail=str(exc))
+                self.domain.metrics.draws_raced.inc()
                 continue
             except Exception:
                 # One draw that cannot run must not hold back the others: log it (the

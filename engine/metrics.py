@@ -116,6 +116,11 @@ class Metrics:
         self.draw_failures = Counter(
             "guichet_draw_failures", "Draw attempts that failed (retried each sweep).", registry=r
         )
+        self.draws_raced = Counter(
+            "guichet_draws_raced",
+            "Draw attempts rolled back for a confirm that raced them (run again next sweep).",
+            registry=r,
+        )
         self.places_allocated = Counter(
             "guichet_draw_places_allocated", "Places given to winners by draws.", registry=r
         )

@@ -143,7 +143,7 @@ _PURGE_ENTRIES = _purge_statement(
 # Every confirm counts the booking caps under this lock, shared (book_hold): a draw takes it
 # alone to count them again, its winners booked, and commit (Store.run_draw).
 _CAPS_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('booking-caps', 0))"
-_CAPS_LOCK_SOON = "SET LOCAL lock_timeout = '200ms'"
+_CAPS_LOCK_SOON = "SET LOCAL lock_timeout = '500ms'"
 
 # Staff's capacity change takes this lock, and every write of capacities to Redis from a
 # snapshot shares it (Store.patch_release, Store.with_snapshot).
@@ -1142,15 +1142,16 @@ class Store:
             # confirm that counted without the winners has committed (the lock waits for
             # it) and is seen, and one that comes now waits and counts them. Only this
             # count and the commit hold confirms back (docs/draw.md, step 8). A confirm
-            # still in flight after a moment may be waiting on this draw (its person won
-            # here, or staff book a slot the draw holds): the draw gives way and reruns,
-            # rather than wait for PostgreSQL's deadlock check while every confirm queues
-            # behind its request.
+            # still in flight after half a second (one takes a few milliseconds, 183 ms at
+            # worst in draw_bench.py) may be waiting on this draw (its person won here, or
+            # staff book a slot the draw holds): the draw gives way and reruns, rather than
+            # wait for PostgreSQL's deadlock check while every confirm queues behind it.
             await conn.execute(_CAPS_LOCK_SOON, timeout=DRAW_TIMEOUT_S)
             try:
                 await conn.execute(_CAPS_LOCK, timeout=DRAW_TIMEOUT_S)
             except asyncpg.LockNotAvailableError:
                 raise DrawRaced("confirms in flight kept the booking caps' lock") from None
+            await conn.execute("SET LOCAL lock_timeout TO DEFAULT", timeout=DRAW_TIMEOUT_S)
             await self._check_draw_caps(conn, winners)
         return DrawOutcome(
             release_id,

@@ -89,8 +89,8 @@ async def main() -> None:
         "fcfs",
         [
             SlotSpec(now + timedelta(days=5, minutes=15 * i), 15, SLOT_MAX)
-            # One more slot than the loaded bookings fill: the confirms during the draw.
-            for i in range(-(-args.bookings // SLOT_MAX) + 1)
+            # Slots beyond those the loaded bookings fill: the confirms during the draw.
+            for i in range(-(-args.bookings // SLOT_MAX) + CONFIRM_SLOTS)
         ],
         opens_at=now - timedelta(days=2),
     )
@@ -156,8 +156,9 @@ async def main() -> None:
         # In a process of its own: in this one, the draw's computing would delay them too.
         spawn = multiprocessing.get_context("spawn")
         started, stop, out = spawn.Event(), spawn.Event(), spawn.Queue()
+        room = [s.id for s in other.slots[-CONFIRM_SLOTS:]]
         confirming = spawn.Process(
-            target=confirm_loop, args=(args.dsn, other.slots[-1].id, other.id, started, stop, out)
+            target=confirm_loop, args=(args.dsn, room, other.id, started, stop, out)
         )
         confirming.start()
         await asyncio.to_thread(started.wait, 30)
@@ -239,14 +240,18 @@ async def loop_stalls(stalls: list[float]) -> None:
 
 
 SLOT_MAX = 10_000  # the most places a slot may have (sql/001's CHECK)
+CONFIRM_SLOTS = 5  # room for 50 000 confirms during the draw
 
 BOOK = """SELECT outcome FROM book_hold($1, $2, $3, 'other', 'staff', $1, '\\x00', $4, $4,
               'Nom', 'Prénom', '1990-01-01', '\\x00', '10.0.0.0/24', '30 days', 3, 2, 4)"""
 
 
-def confirm_loop(dsn: str, slot: str, release_id: str, started: Any, stop: Any, out: Any) -> None:
-    """Confirms of ``slot``, one after another until ``stop``, each a new person and address,
-    as a worker's would be (one ``book_hold`` call): puts how long each took on ``out``."""
+def confirm_loop(
+    dsn: str, slots: list[str], release_id: str, started: Any, stop: Any, out: Any
+) -> None:
+    """Confirms of ``slots``, one after another until ``stop``, each a new person and
+    address, as a worker's would be (one ``book_hold`` call): puts how long each took on
+    ``out``."""
 
     async def run() -> list[float]:
         took = []
@@ -256,6 +261,7 @@ def confirm_loop(dsn: str, slot: str, release_id: str, started: Any, stop: Any, 
             while not stop.is_set():
                 person = secrets.token_bytes(32)
                 before = time.perf_counter()
+                slot = slots[len(took) // SLOT_MAX]  # each slot takes SLOT_MAX
                 outcome = await conn.fetchval(BOOK, new_reference(), slot, release_id, person)
                 took.append(time.perf_counter() - before)
                 assert outcome == "booked", outcome

@@ -552,16 +552,18 @@ async def test_a_winner_confirming_online_during_the_draw_makes_it_give_way(
                 identity,
             )
         )
-        while (
-            await pg.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
-            )
-            == 0
-        ):
+        waiting = "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted"
+        while await pg.fetchval(waiting, confirm.get_server_pid()) == 0:
             assert not late.done(), "the confirm did not wait on the draw's winner"
             await asyncio.sleep(0.01)
+
+        def raced() -> float | None:
+            return domain.metrics.registry.get_sample_value("guichet_draws_raced_total")
+
+        before = raced() or 0
         await tx.commit()
-        assert (await drawing).draws == 0  # gave way
+        assert (await drawing).draws == 0  # gave way, not failed
+        assert raced() == before + 1
         assert await late == "booked"
     finally:
         await hold_back.close()
