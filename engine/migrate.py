@@ -70,7 +70,7 @@ def functions(sql_dir: Path = SQL_DIR) -> list[Function]:
     for path in sorted(folder.iterdir()):
         m = _FUNCTION.match(path.name)
         if m:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
             version = _VERSION.match(text)
             if version is None:
                 raise ValueError(f"{path} must begin with a '-- version: N' line")
@@ -92,7 +92,7 @@ def shipped_functions(sql_dir: Path = SQL_DIR) -> dict[str, int]:
 
 
 async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) -> Applied:
-    """Apply pending migrations, then the functions whose text changed since last applied."""
+    """Apply pending migrations, then the functions whose version is above the one in force."""
     conn = await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=timeout_s)
     applied = Applied()
     try:
@@ -136,7 +136,7 @@ async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) ->
                     )
                 continue
             async with conn.transaction():
-                await conn.execute(f.path.read_text())
+                await conn.execute(f.path.read_text(encoding="utf-8"))
                 await conn.execute(
                     """INSERT INTO schema_functions (name, version, checksum)
                        VALUES ($1, $2, $3)

@@ -89,7 +89,8 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "in": "query",
                 "required": False,
                 "description": "person: for the person, as their own cancel (counts toward "
-                "their caps); prefecture: a closure or an absence, counted toward none.",
+                "their caps); prefecture: a closure or an absence, counted toward none. "
+                "Required with place=withdraw.",
                 "schema": {"type": "string", "enum": ["person", "prefecture"], "default": "person"},
             }
         )

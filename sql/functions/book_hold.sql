@@ -1,8 +1,8 @@
--- version: 1
+-- version: 2
 -- book_hold: a confirm's whole PostgreSQL step, in one round trip.
 --
--- Applied by `guichet migrate` after the numbered migrations, and again whenever this file
--- changes (engine/migrate.py): change book_hold here. Its earlier versions are in
+-- Applied by `guichet migrate` after the numbered migrations, and again when the version
+-- above rises (engine/migrate.py): change book_hold here, and raise its version. Its earlier versions are in
 -- sql/004_book.sql (why one function: one round trip instead of ten), 005, 006 and 008 (how
 -- its plans stay on the indexes) and 010 (appointments that are over no longer count),
 -- whose headers say why each part is as it is; in short:
