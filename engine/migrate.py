@@ -31,7 +31,7 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _LOCK_KEY = 0x6775696368  # "guich"
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _FUNCTION = re.compile(r"^([a-z0-9_]+)\.sql$")
-_VERSION = re.compile(r"\A-- version: ([1-9][0-9]*)\n")
+VERSION_LINE = re.compile(r"\A-- version: ([1-9][0-9]*)\n")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def functions(sql_dir: Path = SQL_DIR) -> list[Function]:
         m = _FUNCTION.match(path.name)
         if m:
             text = path.read_text(encoding="utf-8")
-            version = _VERSION.match(text)
+            version = VERSION_LINE.match(text)
             if version is None:
                 raise ValueError(f"{path} must begin with a '-- version: N' line")
             checksum = hashlib.sha256(text.encode()).hexdigest()

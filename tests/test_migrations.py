@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine import draw
 from engine.app import create_app
-from engine.migrate import Applied, functions, migrate, migrations
+from engine.migrate import SQL_DIR, VERSION_LINE, Applied, functions, migrate, migrations
 from tests.conftest import DATABASE_URL, make_settings
 
 SCRATCH = "guichet_migrations_test"
@@ -109,6 +110,34 @@ async def test_a_function_is_applied_again_when_its_version_rises(
         assert await conn.fetchval("SELECT guichet_probe()") == 2
     finally:
         await conn.close()
+
+
+def test_each_version_of_a_function_names_one_text() -> None:
+    """A function's text changed under the same version would be refused by the first host's
+    migrate, at deploy: caught here, from the repository's history of each file (and the
+    working tree's). Versions never go down either."""
+    root = SQL_DIR.parent
+    for f in functions():
+        rel = f.path.relative_to(root).as_posix()
+        log = subprocess.run(
+            ["git", "log", "--format=%H", "--", rel], cwd=root, capture_output=True, text=True
+        )
+        if log.returncode != 0:
+            pytest.skip("not a git checkout")
+        texts = {f.version: f.checksum}
+        for commit in log.stdout.split():
+            shown = subprocess.run(
+                ["git", "show", f"{commit}:{rel}"], cwd=root, capture_output=True, text=True
+            )
+            version = VERSION_LINE.match(shown.stdout)
+            if shown.returncode != 0 or version is None:
+                continue  # not there, or from before versions
+            checksum = hashlib.sha256(shown.stdout.encode()).hexdigest()
+            v = int(version.group(1))
+            assert v <= f.version, f"{rel}: version {v} at {commit[:7]}, {f.version} now"
+            assert texts.setdefault(v, checksum) == checksum, (
+                f"{rel}: version {v} names two texts (one at {commit[:7]}): raise its version"
+            )
 
 
 async def test_an_engine_is_not_ready_until_its_version_of_a_function_is_in_force(
