@@ -406,13 +406,12 @@ async def test_the_draw_does_not_count_what_the_prefecture_called_off(
     assert (await entry_status(api, release, entry))["status"] == "won"
 
 
-async def test_a_booking_that_races_the_draw_is_counted_against_its_caps(
-    api: Api, clock: FakeClock, pg: asyncpg.Connection
-) -> None:
-    """The draw counts an address's bookings without book_hold's locks. One committed while
-    the draw runs (here: held back until the draw, its exclusions counted, waits to write)
-    would take the address over its cap with the draw's winner: the draw sees it after
-    booking its winners, rolls back, and the next sweep excludes that winner."""
+async def broker_entering_a_draw(
+    api: Api, clock: FakeClock
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str, dict[str, Any]]:
+    """An address with three active bookings online, on three of four slots, whose next
+    person enters a draw of five places, registration now closed: that entry's win would
+    be the address's fourth active booking, its cap. (Slots, bookings, draw, entry.)"""
     await api.site()
     online = (await api.publish([1, 1, 1, 1]))["slots"]
     broker = "broker@example.org"
@@ -423,6 +422,34 @@ async def test_a_booking_that_races_the_draw_is_counted_against_its_caps(
     release = (await api.publish_draw([5]))["id"]
     entry = (await api.enter(release, applicant(email=broker), ip(10))).body
     clock.advance(90001)
+    return online, booked, release, entry
+
+
+async def raced_then_excluded(
+    api: Api, pg: asyncpg.Connection, drawing: Any, release: str, entry: dict[str, Any]
+) -> None:
+    """The draw rolled back for a booking that raced it; the next sweep counts that booking
+    and passes the entry over, and the address stays at its cap."""
+    assert (await drawing).draws == 0  # raced: rolled back
+    lottery = api.client.app[LOTTERY]
+    assert (await sweep_once(api.client.app[RESERVATIONS], reconcile=False, lottery=lottery)).draws
+    assert await entry_status(api, release, entry) == {"status": "withdrawn", "excluded": True}
+    active = await pg.fetchval(
+        "SELECT count(*) FROM bookings WHERE email_hash = (SELECT email_hash FROM entries"
+        " WHERE id = $1) AND status = 'confirmed'",
+        entry["entry_id"],
+    )
+    assert active == 4
+
+
+async def test_a_booking_that_races_the_draw_is_counted_against_its_caps(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """The draw counts an address's bookings without book_hold's locks. One committed while
+    the draw runs (here: held back until the draw, its exclusions counted, waits to write)
+    would take the address over its cap with the draw's winner: the draw sees it after
+    booking its winners, rolls back, and the next sweep excludes that winner."""
+    online, booked, release, entry = await broker_entering_a_draw(api, clock)
     # The racing booking: the address's fourth, inserted and kept uncommitted while this
     # transaction holds the bookings table against writers.
     race = await asyncpg.connect(DATABASE_URL)
@@ -447,15 +474,7 @@ async def test_a_booking_that_races_the_draw_is_counted_against_its_caps(
         await asyncio.sleep(0.01)
     await tx.commit()
     await race.close()
-    assert (await drawing).draws == 0  # raced: rolled back
-    assert (await sweep_once(domain, reconcile=False, lottery=lottery)).draws == 1
-    assert await entry_status(api, release, entry) == {"status": "withdrawn", "excluded": True}
-    active = await pg.fetchval(
-        "SELECT count(*) FROM bookings WHERE email_hash = (SELECT email_hash FROM entries"
-        " WHERE id = $1) AND status = 'confirmed'",
-        entry["entry_id"],
-    )
-    assert active == 4
+    await raced_then_excluded(api, pg, drawing, release, entry)
 
 
 async def test_a_confirm_in_flight_when_the_draw_counts_again_is_counted(
@@ -466,16 +485,7 @@ async def test_a_confirm_in_flight_when_the_draw_counts_again_is_counted(
     fourth booking is in flight (book_hold called, not committed) when the draw, whose
     winner is the address's fifth, counts again. The draw waits for it, sees it, and rolls
     back; the next sweep passes the entry over."""
-    await api.site()
-    online = (await api.publish([1, 1, 1, 1]))["slots"]
-    broker = "broker@example.org"
-    booked = [
-        await api.book(s["id"], applicant(email=broker), ip(1 + i))
-        for i, s in enumerate(online[:3])
-    ]
-    release = (await api.publish_draw([5]))["id"]
-    entry = (await api.enter(release, applicant(email=broker), ip(10))).body
-    clock.advance(90001)
+    online, booked, release, entry = await broker_entering_a_draw(api, clock)
     confirm = await asyncpg.connect(DATABASE_URL)
     try:
         tx = confirm.transaction()
@@ -500,15 +510,7 @@ async def test_a_confirm_in_flight_when_the_draw_counts_again_is_counted(
         await tx.commit()
     finally:
         await confirm.close()
-    assert (await drawing).draws == 0  # raced: rolled back
-    assert (await sweep_once(domain, reconcile=False, lottery=lottery)).draws == 1
-    assert await entry_status(api, release, entry) == {"status": "withdrawn", "excluded": True}
-    active = await pg.fetchval(
-        "SELECT count(*) FROM bookings WHERE email_hash = (SELECT email_hash FROM entries"
-        " WHERE id = $1) AND status = 'confirmed'",
-        entry["entry_id"],
-    )
-    assert active == 4
+    await raced_then_excluded(api, pg, drawing, release, entry)
 
 
 async def test_a_winner_confirming_online_during_the_draw_makes_it_give_way(
