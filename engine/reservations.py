@@ -613,11 +613,11 @@ class Reservations:
         booking = await self._booking(reference)
         if booking.status == "cancelled" or not await self._cancel(booking, "staff", by, withdraw):
             # Cancelled before, or by a concurrent request: as asked, or say it was not.
-            now = booking if booking.status == "cancelled" else await self._booking(reference)
-            if (now.cancelled_by or "person", now.place_withdrawn) != (by, withdraw):
-                how = "its place withdrawn" if now.place_withdrawn else "its place returned"
+            done = booking if booking.status == "cancelled" else await self._booking(reference)
+            if (done.cancelled_by or "person", done.place_withdrawn) != (by, withdraw):
+                how = "its place withdrawn" if done.place_withdrawn else "its place returned"
                 raise CancelledOtherwise(
-                    f"Already cancelled by the {now.cancelled_by or 'person'}, {how}"
+                    f"Already cancelled by the {done.cancelled_by or 'person'}, {how}"
                 )
 
     async def _cancel(
