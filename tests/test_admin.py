@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -390,6 +391,45 @@ async def test_a_place_withdrawn_with_its_cancel_goes_to_nobody(
         {"by": "prefecture", "place": "withdrawn"},
         {"by": "person", "place": "returned"},
     ]
+
+
+async def test_calling_off_a_slot_as_the_readme_says(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """The README's recipe for a closure: close the free places (the 400 names the floor
+    while a place is held), withdraw each booking, then 0 once the hold has expired. No
+    place is free at any step."""
+    await api.site()
+    release = await api.publish([4])
+    slot = release["slots"][0]["id"]
+    refs = []
+    for _ in range(2):
+        booked = await api.call(
+            "POST", "/v1/admin/bookings", {"slot_id": slot, "applicant": applicant()}, ADMIN
+        )
+        refs.append(booked.body["booking"]["reference"])
+    assert (await api.hold(slot, ip(3))).status == 201
+    path = f"/v1/admin/releases/{release['id']}"
+
+    async def capacity(n: int) -> Any:
+        return await api.call("PATCH", path, {"slots": [{"id": slot, "capacity": n}]}, ADMIN)
+
+    r = await capacity(2)
+    assert r.status == 400 and "cannot go below 3 (booked and held places)" in str(r.body)
+    assert (await capacity(3)).status == 200
+    assert await api.free(release["id"]) == {slot: 0}
+    for ref in refs:
+        query = "by=prefecture&place=withdraw"
+        assert (
+            await api.call("DELETE", f"/v1/admin/bookings/{ref}?{query}", headers=ADMIN)
+        ).status == 204
+        assert await api.free(release["id"]) == {slot: 0}
+    assert (await capacity(0)).status == 400  # the place still held
+    clock.advance(601)  # the hold expires
+    assert (await capacity(0)).status == 200
+    row = await pg.fetchrow("SELECT capacity, booked FROM slots WHERE id = $1", slot)
+    assert (row["capacity"], row["booked"]) == (0, 0)
+    assert await api.free(release["id"]) == {slot: 0}
 
 
 async def test_identity_is_hashed_and_only_staff_fields_are_clear(
