@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from engine import draw, pow
+from engine import draw
 from engine.errors import (
     ChallengeExpired,
     IdentityAlreadyBooked,
@@ -80,15 +80,7 @@ class Lottery:
         who = Client.of(client)
         self.domain.limiter.refuse_known(who)
         now_ms = self.domain.now_ms()
-        paid = pow.verify(
-            s.secret,
-            challenge,
-            nonces,
-            release_id=release_id,
-            client=client,
-            now_ms=now_ms,
-            check_expiry=False,
-        )
+        paid = self.domain.paid(challenge, nonces, release_id, client, now_ms)
         release = await self.domain.release(release_id)
         if release.mode != "draw":
             raise NotOpen("This release is first come, first served: hold a place instead")

@@ -167,6 +167,22 @@ class Reservations:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def paid(
+        self, challenge: str, nonces: list[str], release_id: str, client: str, now_ms: int
+    ) -> pow.Challenge:
+        """The challenge this request solved, for this release and client. Its expiry is
+        left to the caller: a retry after it may still get what the challenge paid for (a
+        hold, an entry), so each caller bounds it on its own terms."""
+        return pow.verify(
+            self.settings.secret,
+            challenge,
+            nonces,
+            release_id=release_id,
+            client=client,
+            now_ms=now_ms,
+            check_expiry=False,
+        )
+
     # Releases ----------------------------------------------------------------------------
 
     async def release(self, release_id: str) -> Release:
@@ -337,15 +353,7 @@ class Reservations:
         # lost, the phone off the network for minutes) gets that hold while it lives, as
         # within the challenge's time, instead of 410 and then 429 for a hold it never saw.
         now_ms = self.now_ms()
-        paid = pow.verify(
-            self.settings.secret,
-            challenge,
-            nonces,
-            release_id=release_id,
-            client=client,
-            now_ms=now_ms,
-            check_expiry=False,
-        )
+        paid = self.paid(challenge, nonces, release_id, client, now_ms)
         if now_ms >= paid.expires_ms + self.settings.hold_ttl_s * 1000:
             # No hold it paid for can be alive: refused here, without a Redis call.
             raise ChallengeExpired("The challenge's time ran out; ask for a new one")
