@@ -1,4 +1,4 @@
--- version: 2
+-- version: 3
 -- book_hold: a confirm's whole PostgreSQL step, in one round trip.
 --
 -- Applied by `guichet migrate` after the numbered migrations, and again when the version
@@ -59,19 +59,18 @@ BEGIN
             ('x' || substr(encode(p_identity_hash, 'hex'), 1, 15))::bit(60)::bigint);
         PERFORM pg_advisory_xact_lock(
             ('x' || substr(encode(p_email_hash, 'hex'), 1, 15))::bit(60)::bigint);
-        -- A booking the prefecture cancelled counts toward neither cap (sql/013).
-        SELECT count(*) FILTER (WHERE b.created_at > now() - p_period
-                                  AND b.cancelled_by IS DISTINCT FROM 'prefecture'),
-               min(b.created_at) FILTER (WHERE b.created_at > now() - p_period
-                                           AND b.cancelled_by IS DISTINCT FROM 'prefecture'),
-               count(*) FILTER (WHERE b.cancelled_at > now() - p_period
-                                  AND b.cancelled_by IS DISTINCT FROM 'prefecture'),
-               min(b.cancelled_at) FILTER (WHERE b.cancelled_at > now() - p_period
-                                             AND b.cancelled_by IS DISTINCT FROM 'prefecture'),
+        -- A booking the prefecture cancelled counts toward neither cap (sql/013), and is
+        -- not confirmed, so the last count does not miss it either.
+        SELECT count(*) FILTER (WHERE b.created_at > now() - p_period),
+               min(b.created_at) FILTER (WHERE b.created_at > now() - p_period),
+               count(*) FILTER (WHERE b.cancelled_at > now() - p_period),
+               min(b.cancelled_at) FILTER (WHERE b.cancelled_at > now() - p_period),
                count(*) FILTER (WHERE b.procedure_id = p_procedure_id
                                   AND b.status = 'confirmed' AND b.retired_at IS NULL)
           INTO v_booked, v_first, v_cancelled, v_first_cancelled, v_unretired
-          FROM bookings b WHERE b.identity_hash = p_identity_hash;
+          FROM bookings b
+         WHERE b.identity_hash = p_identity_hash
+           AND b.cancelled_by IS DISTINCT FROM 'prefecture';
         IF v_unretired > 0 THEN
             -- This person's appointments of the procedure that are over no longer count
             -- (header). Only asked when they have one not retired: most people have none.
