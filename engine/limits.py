@@ -12,7 +12,10 @@ would be full again). Levels:
 
 Challenges are the gate of every attempt (a hold or a draw entry spends one), so limiting
 their issuance limits attempts. A client whose bucket is empty is remembered in-process
-until its Retry-After passes: its next requests are refused without a Redis round trip.
+until its Retry-After passes: its next requests for what the bucket rations (challenges,
+replays) are refused without a Redis round trip. An attempt already paid for (a hold or an
+entry with its challenge, a hold's confirm) is not: it was counted when its challenge was
+issued, and the address may be shared with whoever emptied the bucket since.
 
 Proof of work adapts: as a client's address or network bucket empties, its challenges get
 harder, up to ``pow_max_extra_bits`` more; an empty bucket answers 429. Global pressure adds
@@ -152,11 +155,13 @@ class Limiter:
             raise
         return self.difficulty(taken)
 
-    async def confirm(self, client: Client, identity: str, endpoint: str = "confirm") -> None:
+    async def confirm(self, identity: str, endpoint: str = "confirm") -> None:
         """Take the tokens a confirm (or a draw entry) costs: the applicant's identity, and
-        the endpoint's global one."""
+        the endpoint's global one. Not the address's or its networks': a confirm comes with
+        a hold, an entry with a challenge, each paid for when its challenge was issued. A
+        person behind a carrier's NAT must not lose the place they hold because others on
+        that network emptied its bucket since."""
         s = self.settings
-        self.refuse_known(client)
         self._refuse_blocked([bucket("global", endpoint)])
         takes = {
             "identity": _take(bucket("identity", identity), s.limit_identity),

@@ -78,7 +78,6 @@ class Lottery:
         """Register a person for a draw, paid with a challenge (spent by this attempt)."""
         s = self.settings
         who = Client.of(client)
-        self.domain.limiter.refuse_known(who)
         now_ms = self.domain.now_ms()
         paid = self.domain.paid(challenge, nonces, release_id, client, now_ms)
         release = await self.domain.release(release_id)
@@ -107,7 +106,7 @@ class Lottery:
                 f"Registration is open from {release.registration_opens_at.isoformat()} "
                 f"to {release.registration_closes_at.isoformat()}"
             )
-        await self.domain.limiter.confirm(who, identity.hex(), endpoint="entry")
+        await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
         if not await self.domain.inventory.spend_challenge(
             release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
         ):

@@ -347,8 +347,8 @@ class Reservations:
         self, slot_id: str, challenge: str, nonces: list[str], client: str, idem_key: str | None
     ) -> Hold:
         release_id = release_of(slot_id)
-        # A client known to be over a limit, or a forged or wrong challenge, costs no store call.
-        self.limiter.refuse_address(client)
+        # A forged or wrong challenge costs no store call. A client over a limit is not
+        # refused here: its challenge was paid for before (engine/limits.py).
         # An expired challenge goes on to Redis: a retry of the hold it paid for (its answer
         # lost, the phone off the network for minutes) gets that hold while it lives, as
         # within the challenge's time, instead of 410 and then 429 for a hold it never saw.
@@ -460,7 +460,7 @@ class Reservations:
         identity = applicant.identity_hash(self.settings.secret).hex()
         slot_id = None
         if record is not None:
-            await self.limiter.confirm(who, identity)
+            await self.limiter.confirm(identity)
             slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
         if slot_id is None:
             # Gone from Redis: confirmed already (a retry), or expired, released, or lost.

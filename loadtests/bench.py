@@ -1700,26 +1700,6 @@ class Bench:
                 ],
             ),
         )
-        holds = []
-        for i in range(200):
-            text, nonces = self.minter.challenge(rel["hold"]["id"], address)
-            hold_body = json.dumps(
-                {"slot_id": rel["hold"]["slots"][i % 40], "challenge": text, "nonces": nonces}
-            ).encode()
-            holds.append(
-                raw_request(
-                    "POST", "/v1/holds", blocked.port, hold_body, {"X-Forwarded-For": address}
-                )
-            )
-        await self.measure(
-            blocked,
-            "blocked_hold",
-            "refusal: blocked client, POST /v1/holds",
-            "POST /v1/holds",
-            429,
-            route="/v1/holds",
-            requests=holds,
-        )
         self.stop(blocked)
 
     async def _confirm(self, engine: Server) -> None:

@@ -256,11 +256,40 @@ async def test_refusals_that_cost_no_redis_command(clean: None, redis: aioredis.
         forged = {"challenge": paid["challenge"][:-3] + "AAA", "nonces": paid["nonces"]}
         before = await commands(redis)
         limited(await challenge(api, release["id"], "10.0.0.1"), "address", 60)
-        limited(await api.hold(slot, "10.0.0.1", paid=paid), "address", 60)
+        assert (await api.hold(slot, "10.0.0.1", paid=forged)).status == 403
         assert (await api.hold(slot, "10.0.0.2", paid=forged)).status == 403
         assert await commands(redis) == before
         assert (await api.hold(slot, "10.0.0.2", paid=paid)).status == 403  # not its challenge
         assert await commands(redis) == before
+
+
+async def test_a_network_flood_does_not_cost_a_person_the_attempt_they_paid_for(
+    clean: None,
+) -> None:
+    """The buckets ration challenges. A person who got one before bots on the same network
+    (a carrier's NAT, a shared Wi-Fi) emptied its bucket still holds, confirms and enters
+    the draw with it: the bots' flood must not take the place that person paid for."""
+    async with engine(limit_net=Rate(3, 60)) as api:
+        release = await api.publish([1])
+        draw = (await api.publish_draw([1]))["id"]
+        hold_paid = await api.solved(release["id"], "10.0.5.1")
+        entry_paid = await api.solved(draw, "10.0.5.1")
+        assert (await challenge(api, release["id"], "10.0.5.2")).status == 201
+        limited(await challenge(api, release["id"], "10.0.5.3"), "net", 20)
+        limited(await challenge(api, release["id"], "10.0.5.1"), "net", 20)  # in-process
+        slot = release["slots"][0]["id"]
+        hold = await api.hold(slot, "10.0.5.1", paid=hold_paid)
+        assert hold.status == 201, hold.body
+        assert (await api.confirm(hold.body, applicant(), "10.0.5.1")).status == 201
+        entry = await api.call(
+            "POST",
+            f"/v1/releases/{draw}/entries",
+            {**entry_paid, "applicant": applicant()},
+            {"X-Forwarded-For": "10.0.5.1"},
+        )
+        assert entry.status == 201, entry.body
+        # The network's own next attempt is still refused: its challenge is.
+        limited(await challenge(api, release["id"], "10.0.5.4"), "net", 20)
 
 
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(clean: None) -> None:
