@@ -1,0 +1,109 @@
+"""The alerting rules (deploy/prometheus/guichet-alerts.yml) parse as PromQL, name only
+metrics and labels a running engine exports, and each has its runbook in
+docs/operations.md. A metric renamed in the engine must fail here, not leave an alert that
+never fires."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import yaml
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.routes import ROUTES
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "prometheus" / "guichet-alerts.yml"
+RUNBOOK = ROOT / "docs" / "operations.md"
+# Series Prometheus itself records about each scrape, with the labels it gives them.
+SCRAPE_SERIES = {"up": {"job", "instance"}}
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+}
+
+
+def alerts() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+async def exported(client: TestClient) -> dict[str, set[str] | None]:
+    """Each series name the engine's ``/metrics`` declares, with the label names its
+    samples carry (None for a family with no sample yet: its labels cannot be checked)."""
+    assert (await client.get("/healthz")).status == 200  # a sample of the request metrics
+    text = await (await client.get("/metrics")).text()
+    series: dict[str, set[str] | None] = {}
+    for family in text_string_to_metric_families(text):
+        for suffix in SUFFIXES[family.type]:
+            series[family.name + suffix] = None
+        for sample in family.samples:
+            labels = series.get(sample.name) or set()
+            series[sample.name] = labels | set(sample.labels)
+    return series
+
+
+def selectors(expr: promql_parser.Expr) -> tuple[list[promql_parser.VectorSelector], set[str]]:
+    """The series an expression reads, and the label names it groups or matches on."""
+    found: list[promql_parser.VectorSelector] = []
+    grouping: set[str] = set()
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            found.append(node)
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            grouping.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            matching = node.modifier.matching
+            if matching is not None:
+                grouping.update(matching.labels)
+
+    promql_parser.walk(expr, pre_visit=visit)
+    return found, grouping
+
+
+async def test_every_alert_reads_what_the_engine_exports(client: TestClient) -> None:
+    series = await exported(client)
+    series.update({name: set(labels) for name, labels in SCRAPE_SERIES.items()})
+    paths = {route.path for route in ROUTES}
+    checked = 0
+    for rule in alerts():
+        name = rule["alert"]
+        found, grouping = selectors(promql_parser.parse(rule["expr"]))
+        assert found, f"{name}: reads no series"
+        labels: set[str] = set()
+        for selector in found:
+            assert selector.name in series, f"{name}: the engine exports no {selector.name}"
+            known = series[selector.name]
+            used = {m.name for m in selector.matchers.matchers}
+            if used:
+                assert known is not None, f"{name}: no sample of {selector.name} to check"
+                assert used <= known, f"{name}: {selector.name} has no label {used - known}"
+            labels |= known or set()
+            for matcher in selector.matchers.matchers:
+                if matcher.name == "route":
+                    # Alternatives of exact paths, each a route the engine serves.
+                    for path in matcher.value.split("|"):
+                        assert any(re.fullmatch(path, p) for p in paths), f"{name}: {path}"
+                        checked += 1
+        assert grouping <= labels, f"{name}: groups by {grouping - labels}, never exported"
+    assert checked >= 2  # the slow-booking alert's two routes
+
+
+def test_every_alert_is_complete_and_has_its_runbook() -> None:
+    headings = set(re.findall(r"^## (\w+)$", RUNBOOK.read_text(), re.M))
+    names = [rule["alert"] for rule in alerts()]
+    assert len(names) == len(set(names))
+    assert set(names) == headings, "docs/operations.md has a section per alert, no more"
+    for rule in alerts():
+        name = rule["alert"]
+        assert rule["labels"]["severity"] in ("page", "ticket"), name
+        assert rule["annotations"]["summary"], name
+        assert rule["annotations"]["runbook_url"] == f"docs/operations.md#{name.lower()}"
+        if "for" in rule:
+            assert promql_parser.parse_duration(rule["for"]).total_seconds() > 0, name
