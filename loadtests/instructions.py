@@ -59,6 +59,7 @@ CONNECTIONS = 8
 WARMUP = 300
 DUMP_S = 120.0  # the longest a dump may take to appear
 SCRIPT = Path(__file__).resolve()
+KEEP: Path | None = None  # --keep: where each path's callgrind dump is copied
 
 
 def engine_server() -> None:
@@ -135,13 +136,13 @@ def total_of(path: Path) -> int | None:
     return int(match[1]) if match else None
 
 
-async def dumped_total(workdir: Path, name: str, pid: int, before: set[Path]) -> int:
-    """The instruction total of the dump that appeared since ``before`` was listed."""
+async def dumped(workdir: Path, name: str, pid: int, before: set[Path]) -> tuple[Path, int]:
+    """The dump that appeared since ``before`` was listed, and its instruction total."""
     deadline = time.monotonic() + DUMP_S
     while time.monotonic() < deadline:
         for path in dumps(workdir, name, pid) - before:
             if (total := total_of(path)) is not None:
-                return total
+                return path, total
         await asyncio.sleep(0.2)
     raise SystemExit(f"instructions: no callgrind dump of {name} after {DUMP_S} s")
 
@@ -177,7 +178,9 @@ async def count(
     await send(requests[WARMUP:])
     before = dumps(workdir, server.name, server.pid)
     await control("-d", server.pid)
-    total = await dumped_total(workdir, server.name, server.pid, before)
+    path, total = await dumped(workdir, server.name, server.pid, before)
+    if KEEP is not None:
+        shutil.copy(path, KEEP / f"{name}.callgrind")
     return total / (len(requests) - WARMUP)
 
 
@@ -358,6 +361,11 @@ def main() -> None:
         help="also count holds sent open loop at this many a second (the worker runs some 50 "
         "times slower under callgrind: 20 to 80 here leave it idle between small batches)",
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="copy each path's callgrind dump here, as PATH.callgrind, for callgrind_annotate",
+    )
     parser.add_argument("--engine-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--reference-server", choices=("lowlevel", "protocol"), help=argparse.SUPPRESS
@@ -372,6 +380,10 @@ def main() -> None:
         return
     import uvloop
 
+    global KEEP
+    KEEP = args.keep
+    if KEEP is not None:
+        KEEP.mkdir(parents=True, exist_ok=True)
     report = uvloop.run(run(args))
     rows = report["instructions_per_request"]
     assert isinstance(rows, dict)
