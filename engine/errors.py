@@ -126,8 +126,8 @@ class PayloadTooLarge(GuichetError):
 
 
 class RateLimited(GuichetError):
-    """``level`` names the limit: address, net, net48, session, identity, email, unspent,
-    holds."""
+    """``level`` names the limit: address, net, net48, session, identity, replay, email,
+    unspent, holds."""
 
     name, status, title = "rate-limited", 429, "Too many requests"
 

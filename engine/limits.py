@@ -8,6 +8,7 @@ would be full again). Levels:
     net48      its IPv6 /48                            challenges
     session    the engine's signed session token       challenges
     identity   the applicant's document number         confirms
+    replay     one hold id                             confirms of a hold already booked
     global     the whole engine, per endpoint          challenges, confirms (503 overloaded)
 
 Challenges are the gate of every attempt (a hold or a draw entry spends one), so limiting
@@ -169,15 +170,23 @@ class Limiter:
         }
         self._enforce(await self._take_all(takes))
 
-    async def replay(self, client: Client, identity: str) -> None:
+    async def replay(self, client: Client, identity: str, hold_id: str | None = None) -> None:
         """Take the tokens a confirm of a hold Redis no longer has costs: the retry of a
         booked hold, or a replay of an old hold id, each a PostgreSQL lookup. The identity's,
         and the address's and its networks' as for a challenge; not the global confirm
         bucket: a hold id once issued costs nothing to replay, and replays must not shed
-        people's confirms."""
+        people's confirms. And the hold's own (``hold_id``): a hold id is not bound to an
+        address (a phone moves from Wi-Fi to its carrier between hold and confirm), so a
+        botnet replaying one booked hold from many networks, each time in another name,
+        passes every other bucket."""
         s = self.settings
         self.refuse_known(client)
-        takes = {
+        takes = {}
+        if hold_id is not None:
+            own = bucket("replay", hold_id)
+            self._refuse_blocked([own])
+            takes["replay"] = _take(own, s.limit_replay)
+        takes |= {
             "identity": _take(bucket("identity", identity), s.limit_identity),
             "address": _take(bucket("address", client.address), s.limit_address),
             "net": _take(bucket("net", client.net), s.limit_net),
@@ -238,6 +247,7 @@ _DETAILS = {
     "net48": "Too many attempts from this network",
     "session": "Too many attempts in this session",
     "identity": "Too many attempts for this person",
+    "replay": "Too many retries of this hold's confirmation",
 }
 
 

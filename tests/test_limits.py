@@ -148,6 +148,27 @@ async def test_replayed_confirms_are_limited(clean: None) -> None:
         assert (await api.confirm(hold, person, "10.0.3.1")).status == 201
 
 
+async def test_one_booked_hold_replayed_from_many_networks_is_limited(clean: None) -> None:
+    """A hold id is not bound to an address, so a botnet can replay one booked hold from a
+    new network each time, in a new name each time: every other bucket is fresh. The hold's
+    own bucket bounds the PostgreSQL lookups it costs."""
+    async with engine(limit_replay=Rate(3, 60)) as api:
+        release = await api.publish([1, 1])
+        hold = (await api.hold(release["slots"][0]["id"], "10.0.4.1")).body
+        assert (await api.confirm(hold, applicant(), "10.0.4.1")).status == 201
+        networks = iter(f"10.{i}.0.1" for i in range(100, 200))
+        for _ in range(3):
+            assert (await api.confirm(hold, applicant(), next(networks))).status == 201
+        limited(await api.confirm(hold, applicant(), next(networks)), "replay", 20)
+        limited(await api.confirm(hold, applicant(), next(networks)), "replay", 20)
+        # Another booked hold is not concerned.
+        other = (await api.hold(release["slots"][1]["id"], "10.0.4.2")).body
+        assert (await api.confirm(other, applicant(), "10.0.4.2")).status == 201
+        assert (await api.confirm(other, applicant(), next(networks))).status == 201
+        api.clock.advance(20)
+        assert (await api.confirm(hold, applicant(), next(networks))).status == 201
+
+
 async def test_global_buckets_shed_load(clean: None) -> None:
     async with engine(limit_global_challenge=Rate(3, 3)) as api:
         release = (await api.publish([1]))["id"]
