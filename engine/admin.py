@@ -18,7 +18,7 @@ from engine import fairness, render, schemas
 from engine.appkeys import LOTTERY, RESERVATIONS, SETTINGS
 from engine.errors import NotAcceptable, NotFound, Unauthorized, ValidationFailed
 from engine.handlers import applicant
-from engine.models import Procedure, Site
+from engine.models import Procedure, Release, Site
 from engine.reservations import SlotSpec, new_release
 from engine.tokens import token_hash
 from engine.web import bearer, json_response, parse_body, preferred_type
@@ -73,9 +73,37 @@ async def create_release(request: web.Request) -> web.Response:
         draw_at=body.draw_at,
     )
     await domain.publish(release)
-    return json_response(
-        {"release": render.release_for_staff(await domain.release(release.id))}, status=201
-    )
+    return _release_reply(await domain.release(release.id), status=201)
+
+
+def _release_reply(release: Release, status: int = 200) -> web.Response:
+    """A release as staff see it, with its ETag (what ``If-Match`` on a PATCH names)."""
+    response = json_response({"release": render.release_for_staff(release)}, status=status)
+    response.headers["ETag"] = release.etag
+    return response
+
+
+async def get_release(request: web.Request) -> web.Response:
+    require_admin(request)
+    domain = request.app[RESERVATIONS]
+    return _release_reply(await domain.current_release(request.match_info["release"]))
+
+
+_ETAG = re.compile(r'^(?:W/)?"[\x21\x23-\x7e]*"$')
+
+
+def if_match(request: web.Request) -> frozenset[str] | None:
+    """The ETags of ``If-Match`` (RFC 9110): ``*`` or a list of quoted ones. A weak one
+    (``W/"..."``) is kept as it is, so that it matches none: a PATCH needs a strong match."""
+    raw = request.headers.getall("If-Match", [])
+    if not raw:
+        return None
+    tags = frozenset(t.strip() for line in raw for t in line.split(","))
+    if tags != {"*"} and not all(_ETAG.match(t) for t in tags):
+        raise ValidationFailed(
+            [{"field": "If-Match", "message": 'must be * or a list of ETags, as "..."'}]
+        )
+    return tags
 
 
 async def patch_release(request: web.Request) -> web.Response:
@@ -89,8 +117,8 @@ async def patch_release(request: web.Request) -> web.Response:
         if getattr(body, name) is not None
     }
     capacities = {s.id: s.capacity for s in body.slots}
-    await domain.patch_release(release.id, windows, capacities)
-    return json_response({"release": render.release_for_staff(await domain.release(release.id))})
+    await domain.patch_release(release.id, windows, capacities, if_match(request))
+    return _release_reply(await domain.release(release.id))
 
 
 async def put_beacon(request: web.Request) -> web.Response:

@@ -105,6 +105,13 @@ class HoldConfirming(GuichetError):
     name, status, title = "hold-confirming", 409, "A confirmation of this hold is under way"
 
 
+class PreconditionFailed(GuichetError):
+    """``If-Match`` named none of the release's current ETag: it changed since it was read
+    (another agent's change, a withdrawing cancel)."""
+
+    name, status, title = "precondition-failed", 412, "The release changed since it was read"
+
+
 class CancelledOtherwise(GuichetError):
     name, status, title = (
         "cancelled-otherwise",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
@@ -55,6 +59,31 @@ class Release:
 
     def slot(self, slot_id: str) -> Slot | None:
         return self._index.get(slot_id)
+
+    @property
+    def windows(self) -> tuple[datetime | None, ...]:
+        return tuple(getattr(self, name) for name in WINDOWS)
+
+    @property
+    def etag(self) -> str:
+        return release_etag(self.windows, ((s.id, s.capacity) for s in self.slots))
+
+
+WINDOWS = ("opens_at", "registration_opens_at", "registration_closes_at", "draw_at")
+
+
+def release_etag(
+    windows: tuple[datetime | None, ...], capacities: Iterable[tuple[str, int]]
+) -> str:
+    """The strong ETag of what staff may change in a release: its windows and its slots'
+    capacities (``WINDOWS`` order). A PATCH or a withdrawing cancel changes it; bookings do
+    not, so that a busy release can still be changed with ``If-Match``."""
+    text = json.dumps(
+        [[w.isoformat() if w else None for w in windows], sorted(capacities)],
+        separators=(",", ":"),
+    )
+    digest = hashlib.sha256(text.encode()).digest()[:12]
+    return '"' + base64.urlsafe_b64encode(digest).decode() + '"'
 
 
 @dataclass(frozen=True, slots=True)

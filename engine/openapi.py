@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from engine import __version__
+from engine import __version__, replies
 from engine.errors import GuichetError
 from engine.routes import Route
 
@@ -104,6 +104,17 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "schema": {"type": "string", "enum": ["return", "withdraw"], "default": "return"},
             }
         )
+    if route.path == "/v1/admin/releases/{release}" and route.method == "PATCH":
+        params.append(
+            {
+                "name": "If-Match",
+                "in": "header",
+                "required": False,
+                "description": "The release's ETag as last read (GET, POST or PATCH): the "
+                "change is refused with 412 if its windows or capacities changed since.",
+                "schema": {"type": "string"},
+            }
+        )
     if route.path == "/v1/admin/fairness":
         params.append(
             {"name": "release", "in": "query", "required": False, "schema": {"type": "string"}}
@@ -135,6 +146,13 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         if route.path == "/v1/admin/agenda":
             content["text/csv"] = {"schema": {"type": "string"}}
         op["responses"][str(route.ok)]["content"] = content
+        if route.reply is replies.ReleaseSaved:
+            op["responses"][str(route.ok)]["headers"] = {
+                "ETag": {
+                    "description": "The release's windows and capacities, for If-Match",
+                    "schema": {"type": "string"},
+                }
+            }
     if route.auth:
         op["security"] = [{"bearer": []}]
     for name in route.errors:

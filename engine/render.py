@@ -48,7 +48,9 @@ def release_for_staff(r: Release) -> dict[str, Any]:
     """A release with every slot and its capacity, as the admin endpoints answer."""
     return {
         **release(r),
-        "slots": [{**slot(s, r.timezone), "capacity": s.capacity} for s in r.slots],
+        "slots": [
+            {**slot(s, r.timezone), "capacity": s.capacity, "booked": s.booked} for s in r.slots
+        ],
     }
 
 

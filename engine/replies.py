@@ -175,6 +175,7 @@ class SiteSaved(Reply):
 
 class StaffSlot(Slot):
     capacity: int = Field(ge=0)
+    booked: int = Field(ge=0)
 
 
 class StaffFcfsRelease(FcfsRelease):

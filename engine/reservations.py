@@ -283,12 +283,27 @@ class Reservations:
         except StoreUnavailable:
             log.warning("inventory_build_deferred", release=release.id)
 
+    async def current_release(self, release_id: str) -> Release:
+        """A release as PostgreSQL has it now, not from the cache: what staff read before
+        they change it (its ``etag`` goes with ``If-Match``)."""
+        if not _RELEASE_ID.match(release_id):
+            raise NotFound(f"No release {release_id!r}")
+        release = await self.store.release(release_id)
+        if release is None:
+            raise NotFound(f"No release {release_id!r}")
+        return release
+
     async def patch_release(
-        self, release_id: str, windows: dict[str, datetime], capacities: dict[str, int]
+        self,
+        release_id: str,
+        windows: dict[str, datetime],
+        capacities: dict[str, int],
+        if_match: frozenset[str] | None = None,
     ) -> None:
         """Staff change windows not yet started, and capacities (never below what is booked
         or held). A lower capacity is taken by Redis, atomically with its holds, while
-        PostgreSQL holds the slots' rows and before it commits; a higher one once committed."""
+        PostgreSQL holds the slots' rows and before it commits; a higher one once committed.
+        With ``if_match``, only if the release's ETag is still one of those."""
 
         async def lower(booked: dict[str, int]) -> None:
             changes = [(slot_id, capacities[slot_id], booked[slot_id]) for slot_id in booked]
@@ -301,7 +316,7 @@ class Reservations:
                     [below_floor(s, floor, "booked and held") for s, floor in refused.items()]
                 )
 
-        await self.store.patch_release(release_id, windows, capacities, self.now(), lower)
+        await self.store.patch_release(release_id, windows, capacities, self.now(), lower, if_match)
         self.forget(release_id)
         try:
             await self.recovery.from_snapshot(

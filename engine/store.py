@@ -26,6 +26,7 @@ from engine.errors import (
     NotCommitted,
     NotFound,
     NotOpen,
+    PreconditionFailed,
     RateLimited,
     SchemaBehind,
     SlotFull,
@@ -33,7 +34,18 @@ from engine.errors import (
     ValidationFailed,
 )
 from engine.migrate import shipped_functions, shipped_migrations
-from engine.models import Booking, CancelledBy, DrawOutcome, Entry, Procedure, Release, Site, Slot
+from engine.models import (
+    WINDOWS,
+    Booking,
+    CancelledBy,
+    DrawOutcome,
+    Entry,
+    Procedure,
+    Release,
+    Site,
+    Slot,
+    release_etag,
+)
 from engine.settings import Settings
 
 DRAW_TIMEOUT_S = 300.0
@@ -461,6 +473,7 @@ class Store:
         capacities: dict[str, int],
         now: datetime,
         lower: Callable[[dict[str, int]], Awaitable[None]],
+        if_match: frozenset[str] | None = None,
     ) -> None:
         """Change windows not yet started, and capacities never below what is booked.
 
@@ -468,7 +481,13 @@ class Store:
         slots' rows are locked and before anything commits, so that Redis can lower them
         with its holds counted; it raises to refuse the change. The capacity lock orders
         this change against every write of capacities to Redis from a snapshot
-        (``with_snapshot``)."""
+        (``with_snapshot``).
+
+        ``if_match``: the ETags (``Release.etag``) the change was made against, or ``*``;
+        refused with PreconditionFailed if the release has changed since. Checked under the
+        capacity lock, taken after the changed slots' rows as a withdrawing cancel takes
+        them: a withdrawal committed before is seen, one still running on a slot this
+        change does not touch comes after it, and one on a slot it touches waits for it."""
         async with self._transaction() as conn:
             row = await conn.fetchrow("SELECT * FROM releases WHERE id = $1 FOR UPDATE", release_id)
             if row is None:
@@ -522,8 +541,21 @@ class Store:
                     raise ValidationFailed([below_floor(slot_id, current["booked"], "booked")])
                 if capacity < current["capacity"]:
                     lowered[slot_id] = current["booked"]
-            if lowered:
+            if lowered or if_match is not None:
                 await conn.execute(_CAPACITY_LOCK, release_id)
+            if if_match is not None and "*" not in if_match:
+                slots = await conn.fetch(
+                    "SELECT id, capacity FROM slots WHERE release_id = $1", release_id
+                )
+                etag = release_etag(
+                    tuple(row[w] for w in WINDOWS), ((s["id"], s["capacity"]) for s in slots)
+                )
+                if etag not in if_match:
+                    raise PreconditionFailed(
+                        f"The release's windows or capacities changed since you read them "
+                        f"(its ETag is now {etag}): read it again and redo your change"
+                    )
+            if lowered:
                 await lower(lowered)
             for slot_id, capacity in capacities.items():
                 await conn.execute(

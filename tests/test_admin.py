@@ -393,6 +393,64 @@ async def test_a_place_withdrawn_with_its_cancel_goes_to_nobody(
     ]
 
 
+async def test_a_change_made_against_an_old_read_is_refused(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """Staff read a release (its ETag with it), then the prefecture withdraws a booking's
+    place. A PATCH made against that read, with ``If-Match``, is refused (412) and changes
+    nothing, where without it the capacity it sends would put the withdrawn place back.
+    Bookings do not change the ETag: a busy release can still be changed."""
+    await api.site()
+    release = await api.publish([2, 5])
+    slot = release["slots"][0]["id"]
+    path = f"/v1/admin/releases/{release['id']}"
+
+    async def read() -> Any:
+        r = await api.call("GET", path, headers=ADMIN)
+        assert r.status == 200 and r.headers["ETag"] == r.headers["ETag"].strip()
+        return r
+
+    async def patch(capacity: int, if_match: str) -> Any:
+        body = {"slots": [{"id": slot, "capacity": capacity}]}
+        return await api.call("PATCH", path, body, {**ADMIN, "If-Match": if_match})
+
+    first = await read()
+    assert first.body["release"]["slots"][0]["capacity"] == 2
+    etag = first.headers["ETag"]
+    booked = await api.call(
+        "POST", "/v1/admin/bookings", {"slot_id": slot, "applicant": applicant()}, ADMIN
+    )
+    assert booked.status == 201
+    again = await read()
+    assert again.headers["ETag"] == etag
+    assert (
+        again.body["release"]["slots"][0] | {"capacity": 2, "booked": 1}
+        == (again.body["release"]["slots"][0])
+    )
+    reference = booked.body["booking"]["reference"]
+    cancel = f"/v1/admin/bookings/{reference}?by=prefecture&place=withdraw"
+    assert (await api.call("DELETE", cancel, headers=ADMIN)).status == 204
+
+    stale = await patch(2, etag)
+    assert (stale.status, stale.body["type"]) == (412, "/problems/precondition-failed")
+    assert await pg.fetchval("SELECT capacity FROM slots WHERE id = $1", slot) == 1
+    assert await api.free(release["id"]) == {slot: 1, release["slots"][1]["id"]: 5}
+    assert (await patch(2, "W/" + etag)).status == 412  # If-Match compares strongly
+
+    fresh = await read()
+    assert fresh.headers["ETag"] != etag
+    changed = await patch(2, f'"not-this-one", {fresh.headers["ETag"]}')
+    assert changed.status == 200
+    assert changed.headers["ETag"] == (await read()).headers["ETag"] != fresh.headers["ETag"]
+    assert (await patch(3, "*")).status == 200
+    for bad in ("abc", '"a", *'):
+        refused = await patch(3, bad)
+        assert refused.status == 400 and refused.body["errors"][0]["field"] == "If-Match"
+    assert await pg.fetchval("SELECT capacity FROM slots WHERE id = $1", slot) == 3
+    assert (await api.call("GET", "/v1/admin/releases/r000000000000", headers=ADMIN)).status == 404
+    assert (await api.call("GET", path)).status == 401
+
+
 async def test_calling_off_a_slot_as_the_readme_says(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:

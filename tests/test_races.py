@@ -38,12 +38,16 @@ async def pg_slot(pg: asyncpg.Connection, slot_id: str) -> tuple[int, int, int]:
     return row["capacity"], row["booked"], row["stored"]
 
 
-async def waiting_for_a_lock(pg: asyncpg.Connection, task: asyncio.Task[Any]) -> None:
-    """Return once a session of this database waits for an advisory lock (``task``'s, as it
-    has not ended: pg_locks is cluster-wide, and other suites may share the server)."""
-    waiting = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
-    while await pg.fetchval(waiting) == 0:
+async def waiting_for_a_lock(
+    pg: asyncpg.Connection, task: asyncio.Task[Any], kind: str = "advisory"
+) -> None:
+    """Return once a session of this database waits for a lock of ``kind`` (``task``'s, as it
+    has not ended: pg_locks is cluster-wide, and other suites may share the server). A wait
+    for a row another transaction locked is one for that transaction's id."""
+    waiting = """SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.locktype = $1 AND NOT l.granted
+                   AND a.datname = current_database()"""
+    while await pg.fetchval(waiting, kind) == 0:
         assert not task.done()
         await asyncio.sleep(0.01)
 
@@ -270,6 +274,49 @@ async def test_a_snapshot_waits_for_a_capacity_change_in_progress(
     await waiting_for_a_lock(pg, reader)
     await change.commit()
     assert await reader == [(slot, 2)]
+
+
+async def test_a_conditional_change_sees_a_withdrawal_in_flight(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """A withdrawing cancel is under way (here, this test's transaction, as ``Store.cancel``
+    does it: the slot's row, then the capacity lock) when staff set that slot's capacity with
+    the ETag they read before it. The change waits for the withdrawal, then is refused: it
+    cannot put the withdrawn place back. A change of another slot does not wait for a
+    withdrawal that has not yet taken the capacity lock, and comes before it."""
+    await api.site()
+    release = await api.publish([3, 3])
+    slot, other = (s["id"] for s in release["slots"])
+    path = f"/v1/admin/releases/{release['id']}"
+    lock = "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $1, 0))"
+
+    def patch(slot_id: str, capacity: int, etag: str) -> asyncio.Task[Reply]:
+        body = {"slots": [{"id": slot_id, "capacity": capacity}]}
+        return asyncio.create_task(api.call("PATCH", path, body, {**ADMIN, "If-Match": etag}))
+
+    etag = (await api.call("GET", path, headers=ADMIN)).headers["ETag"]
+    withdrawal = pg.transaction()
+    await withdrawal.start()
+    await pg.execute("UPDATE slots SET capacity = capacity - 1 WHERE id = $1", slot)
+    await pg.execute(lock, release["id"])
+    change = patch(slot, 3, etag)
+    await waiting_for_a_lock(pg, change, "transactionid")
+    await withdrawal.commit()
+    refused = await change
+    assert (refused.status, refused.body["type"]) == (412, "/problems/precondition-failed")
+    assert await pg.fetchval("SELECT capacity FROM slots WHERE id = $1", slot) == 2
+
+    etag = (await api.call("GET", path, headers=ADMIN)).headers["ETag"]
+    withdrawal = pg.transaction()
+    await withdrawal.start()
+    await pg.execute("UPDATE slots SET capacity = capacity - 1 WHERE id = $1", other)
+    assert (await patch(slot, 4, etag)).status == 200
+    await pg.execute(lock, release["id"])
+    await withdrawal.commit()
+    rows = await pg.fetch(
+        "SELECT capacity FROM slots WHERE release_id = $1 ORDER BY id", release["id"]
+    )
+    assert [r["capacity"] for r in rows] == [4, 2]
 
 
 async def test_a_capacity_write_that_reaches_redis_late_sets_no_capacity(
