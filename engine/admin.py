@@ -17,7 +17,7 @@ from aiohttp import web
 from engine import fairness, render, schemas
 from engine.appkeys import LOTTERY, RESERVATIONS, SETTINGS
 from engine.errors import NotAcceptable, NotFound, Unauthorized, ValidationFailed
-from engine.handlers import applicant
+from engine.handlers import applicant, idempotency_key
 from engine.models import Procedure, Release, Site
 from engine.reservations import SlotSpec, new_release
 from engine.tokens import token_hash
@@ -135,6 +135,18 @@ async def staff_booking(request: web.Request) -> web.Response:
     done = await request.app[RESERVATIONS].staff_book(body.slot_id, applicant(body.applicant))
     return json_response(
         {"booking": render.booking(done.booking), "cancel_token": done.cancel_token}, status=201
+    )
+
+
+async def staff_entry(request: web.Request) -> web.Response:
+    """Register a person in a draw at the counter or on the phone: no proof of work."""
+    require_admin(request)
+    body = await parse_body(request, schemas.StaffEntryRequest)
+    entry = await request.app[LOTTERY].staff_enter(
+        request.match_info["release"], applicant(body.applicant), idempotency_key(request)
+    )
+    return json_response(
+        {"entry_id": entry.id, "entry_token": entry.token, "status": entry.status}, status=201
     )
 
 

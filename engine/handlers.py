@@ -159,14 +159,19 @@ async def create_challenge(request: web.Request) -> web.Response:
     )
 
 
-async def create_hold(request: web.Request) -> web.Response:
-    client = _client(request)
-    body = await parse_body(request, schemas.HoldRequest)
+def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= _IDEMPOTENCY_KEY_MAX and key.isascii()):
         raise ValidationFailed(
             [{"field": "Idempotency-Key", "message": "must be 1 to 200 ASCII characters"}]
         )
+    return key
+
+
+async def create_hold(request: web.Request) -> web.Response:
+    client = _client(request)
+    body = await parse_body(request, schemas.HoldRequest)
+    key = idempotency_key(request)
     domain = request.app[RESERVATIONS]
     hold = await domain.hold(body.slot_id, body.challenge, list(body.nonces), client, key)
     return json_response(

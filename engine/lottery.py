@@ -29,7 +29,14 @@ from engine.logs import log
 from engine.models import Booking, DrawOutcome, Entry, Release
 from engine.reservations import Reservations
 from engine.store import DrawRaced
-from engine.tokens import derived_id, derived_token, matches, new_reference, token_hash
+from engine.tokens import (
+    derived_id,
+    derived_token,
+    matches,
+    new_reference,
+    new_token,
+    token_hash,
+)
 
 _ENTRY_ID_LENGTH = 20
 # What ``enter`` makes: anything else is no entry, and is not sent to PostgreSQL (a NUL byte
@@ -114,7 +121,7 @@ class Lottery:
                 return replayed
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
         try:
-            await self._add_entry(release, entry_id, token, applicant, identity, who)
+            await self._add_entry(release, entry_id, token, applicant, identity, who.net)
         except IdentityAlreadyBooked:
             # Registered by this request's first try, whose answer was a 503 (the commit went
             # through, its acknowledgement did not): the challenge was given back, and spent
@@ -129,6 +136,43 @@ class Lottery:
             raise
         self.domain.metrics.entries.inc()
         log.info("entry_registered", release=release_id, entry=entry_id)
+        return NewEntry(entry_id, token, "registered")
+
+    async def staff_enter(
+        self, release_id: str, applicant: Applicant, idem_key: str | None
+    ) -> NewEntry:
+        """Register a person in a draw at the counter or on the phone (the non-digital
+        channel): the same rules as online, minus the proof of work. With ``idem_key``, the
+        same request again (its answer lost) gets the same entry back, as a hold's
+        Idempotency-Key does; without, it is refused as this person's second entry."""
+        s = self.settings
+        release = await self._draw_release(release_id)
+        assert release.registration_opens_at and release.registration_closes_at
+        identity = applicant.identity_hash(s.secret)
+        key = idem_key if idem_key is not None else new_token()
+        entry_id = derived_id(s.secret, "staff-entry-id", "e", _ENTRY_ID_LENGTH, release.id, key)
+        token = derived_token(s.secret, "staff-entry", entry_id)
+        if idem_key is not None and (
+            replayed := await self._replayed(release, entry_id, token, identity)
+        ):
+            return replayed
+        now = self._now()
+        if not release.registration_opens_at <= now < release.registration_closes_at:
+            raise NotOpen(
+                f"Registration is open from {release.registration_opens_at.isoformat()} "
+                f"to {release.registration_closes_at.isoformat()}"
+            )
+        try:
+            await self._add_entry(release, entry_id, token, applicant, identity, None)
+        except IdentityAlreadyBooked:
+            # The key's first request registered it, and its answer was lost.
+            if idem_key is not None and (
+                replayed := await self._replayed(release, entry_id, token, identity)
+            ):
+                return replayed
+            raise
+        self.domain.metrics.entries.inc()
+        log.info("entry_registered", release=release.id, entry=entry_id, channel="staff")
         return NewEntry(entry_id, token, "registered")
 
     async def _replayed(
@@ -148,7 +192,7 @@ class Lottery:
         token: str,
         applicant: Applicant,
         identity: bytes,
-        who: Client,
+        client_net: str | None,
     ) -> None:
         s = self.settings
         await self.store.add_entry(
@@ -161,7 +205,7 @@ class Lottery:
             family_name=applicant.family_name,
             given_names=applicant.given_names,
             birth_date=applicant.birth_date,
-            client_net=who.net,
+            client_net=client_net,
         )
 
     async def _entry(self, release_id: str, entry_id: str, token: str) -> tuple[Release, Entry]:

@@ -62,7 +62,10 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         }
         for name in re.findall(r"{(\w+)}", route.path)
     ]
-    if route.path == "/v1/holds" and route.method == "POST":
+    if route.method == "POST" and route.path in (
+        "/v1/holds",
+        "/v1/admin/releases/{release}/entries",
+    ):
         params.append(
             {
                 "name": "Idempotency-Key",

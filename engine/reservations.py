@@ -566,6 +566,14 @@ class Reservations:
         slot = release.slot(slot_id)
         if slot is None:
             raise NotFound(f"No slot {slot_id!r}")
+        if release.mode != "fcfs":
+            # Its places go by the draw, to people at the counter as to those online: a
+            # booking here would take one outside it (and, from a cancelled winner's place,
+            # reopen the cancel-and-rebook trade the draw closes).
+            raise NotOpen(
+                "This release is allocated by draw: register the person's entry instead "
+                f"(POST /v1/admin/releases/{release.id}/entries)"
+            )
         if slot.starts_at <= self.now():
             raise NotOpen("This slot has already started")
         token = derived_token(self.settings.secret, "staff", new_id("", 24))

@@ -182,6 +182,10 @@ class StaffBookingRequest(Body):
     applicant: Applicant
 
 
+class StaffEntryRequest(Body):
+    applicant: Applicant
+
+
 def parse(model: type[M], raw: bytes) -> M:
     """Validate a JSON body; raise ValidationFailed listing every problem."""
     try:

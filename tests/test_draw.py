@@ -757,3 +757,48 @@ async def test_no_entry_slips_in_after_the_list_is_frozen(api: Api, clock: FakeC
         headers={"Authorization": f"Bearer {entry['entry_token']}"},
     )
     assert r.status == 409
+
+
+async def test_people_at_the_counter_enter_the_draw(api: Api, clock: FakeClock) -> None:
+    """The non-digital channel of a draw release is an entry, registered by staff without
+    proof of work, drawn like every other: a booking by staff would take a place outside
+    the draw, and is refused. An entry's retry with its Idempotency-Key gets the same entry
+    back; without one, the person's second entry is refused, as online."""
+    await api.site()
+    release = (await api.publish_draw([1]))["id"]
+    path = f"/v1/admin/releases/{release}/entries"
+    person = applicant()
+
+    async def enter(who: dict[str, str], key: str | None = None) -> Any:
+        headers = {**ADMIN, **({"Idempotency-Key": key} if key else {})}
+        return await api.call("POST", path, {"applicant": who}, headers)
+
+    first = await enter(person, "counter-42")
+    assert first.status == 201 and first.body["status"] == "registered", first.body
+    again = await enter(person, "counter-42")
+    assert (again.status, again.body) == (201, first.body)
+    second = await enter(person)
+    assert (second.status, second.body["type"]) == (409, "/problems/identity-already-booked")
+    assert await entry_status(api, release, first.body) == {"status": "registered"}
+    assert (await api.call("POST", path, {"applicant": applicant()})).status == 401
+
+    slot = (await api.call("GET", f"/v1/admin/releases/{release}", headers=ADMIN)).body
+    staff = {"slot_id": slot["release"]["slots"][0]["id"], "applicant": applicant()}
+    booked = await api.call("POST", "/v1/admin/bookings", staff, ADMIN)
+    assert (booked.status, booked.body["type"]) == (409, "/problems/not-open"), booked.body
+    assert path in booked.body["detail"]
+    fcfs = (await api.publish([1]))["id"]
+    elsewhere = await api.call(
+        "POST", f"/v1/admin/releases/{fcfs}/entries", {"applicant": person}, ADMIN
+    )
+    assert elsewhere.status == 404
+
+    clock.advance(86400)  # registration closed
+    late = await enter(applicant())
+    assert (late.status, late.body["type"]) == (409, "/problems/not-open")
+    assert (await enter(person, "counter-42")).body == first.body  # a retry still is
+    clock.advance(4000)
+    domain = api.client.app[RESERVATIONS]
+    assert (await sweep_once(domain, reconcile=False, lottery=api.client.app[LOTTERY])).draws == 1
+    won = await entry_status(api, release, first.body)
+    assert won["status"] == "won" and won["booking"]["status"] == "confirmed", won
