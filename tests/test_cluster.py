@@ -1,5 +1,6 @@
 """The engine against a Redis Cluster (``redis+cluster://``): three private primaries on
-loopback ports, the slots split between them, and the booking flow of API.md through HTTP.
+loopback ports, the slots split between them, and the booking flow of API.md through HTTP;
+with a replica for each, a primary's failover.
 
 Every Redis function touches one hash tag (``engine/keys.py``), so each call lands on one
 node; the releases of a test are spread over the nodes by their ids."""
@@ -12,12 +13,15 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
+from engine.app import create_app
 from engine.appkeys import RESERVATIONS
+from engine.keys import ReleaseKeys
 from engine.settings import Settings
 from engine.sweeper import sweep_once
-from tests.api import Api, applicant
-from tests.conftest import make_settings
+from tests.api import Api, applicant, ip
+from tests.conftest import FakeClock, make_settings
 from tests.procs import RedisServer, free_ports, poll
 
 SLOTS = 16384
@@ -28,22 +32,31 @@ def node_client(node: RedisServer) -> aioredis.Redis:
     return aioredis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
-    ports = free_ports(6)  # three nodes and their cluster buses
-    buses = ports[3:]
+async def form_cluster(tmp_path: Path, replicas: int = 0) -> list[RedisServer]:
+    """Three primaries, the slots split between them, then ``replicas`` replicas of each:
+    the primaries first in the list, then the replicas (each primary's in turn)."""
+    count = 3 * (1 + replicas)
+    ports = free_ports(2 * count)  # the nodes and their cluster buses
+    buses = ports[count:]
+    options = {
+        "cluster-enabled": "yes",
+        # A failover after half a second of silence (15 s by default), whatever the
+        # replica's lag: the tests kill a primary and wait for its replica.
+        "cluster-node-timeout": "500",
+        "cluster-replica-validity-factor": "0",
+    }
     nodes = [
         RedisServer(
             tmp_path,
             ports[i],
             options={
-                "cluster-enabled": "yes",
+                **options,
                 "cluster-config-file": f"nodes-{i}.conf",
                 # The bus defaults to the port + 10 000, past 65 535 for a high free port.
                 "cluster-port": str(buses[i]),
             },
         )
-        for i in range(3)
+        for i in range(count)
     ]
     try:
         for node in nodes:
@@ -52,26 +65,56 @@ async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
             await node.wait_ready()
         clients = [node_client(n) for n in nodes]
         try:
-            step = SLOTS // len(nodes)
+            step = SLOTS // 3
             for i, client in enumerate(clients):
-                last = SLOTS - 1 if i == len(nodes) - 1 else (i + 1) * step - 1
-                await client.execute_command("CLUSTER ADDSLOTSRANGE", i * step, last)
+                if i < 3:
+                    last = SLOTS - 1 if i == 2 else (i + 1) * step - 1
+                    await client.execute_command("CLUSTER ADDSLOTSRANGE", i * step, last)
                 if i:
                     await client.execute_command(
                         "CLUSTER MEET", "127.0.0.1", nodes[0].port, buses[0]
                     )
 
-            async def formed() -> bool:
+            async def met() -> bool:
                 for client in clients:
                     info = await client.execute_command("CLUSTER INFO")
-                    if info["cluster_state"] != "ok" or int(info["cluster_known_nodes"]) != 3:
+                    if int(info["cluster_known_nodes"]) != count:
                         return False
                 return True
 
-            await poll(formed, lambda: "\n".join(n.describe() for n in nodes), within_s=20)
+            def describe() -> str:
+                return "\n".join(n.describe() for n in nodes)
+
+            await poll(met, describe, within_s=20)
+            for i, client in enumerate(clients[3:]):
+                primary = await clients[i % 3].execute_command("CLUSTER MYID")
+                await client.execute_command("CLUSTER REPLICATE", primary)
+
+            async def formed() -> bool:
+                for client in clients:
+                    info = await client.execute_command("CLUSTER INFO")
+                    if info["cluster_state"] != "ok":
+                        return False
+                for client in clients[3:]:
+                    if (await client.info("replication"))["master_link_status"] != "up":
+                        return False
+                return True
+
+            await poll(formed, describe, within_s=20)
         finally:
             for client in clients:
                 await client.aclose()
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
+    nodes = await form_cluster(tmp_path)
+    try:
         yield nodes
     finally:
         for node in nodes:
@@ -142,3 +185,59 @@ async def test_a_cluster_that_lost_everything_is_rebuilt(
     # The sweeper's pass (its lock, settling, reconcile) finds every count right.
     report = await sweep_once(api.client.app[RESERVATIONS], reconcile=True)
     assert (report.releases, report.corrections) == (6, 0)
+
+
+async def test_a_primary_that_dies_is_replaced_by_its_replica(tmp_path: Path, clean: None) -> None:
+    """A primary is killed (SIGKILL) and its replica takes its place: a Redis Cluster
+    failover. Until then the engine answers that primary's releases with 503 and
+    Retry-After; then it serves them from the new primary, topology refreshed: a place
+    booked before the failover stays taken, the last one is held and booked, and the
+    sweeper's reconcile finds Redis agreeing with PostgreSQL."""
+    nodes = await form_cluster(tmp_path, replicas=1)
+    try:
+        settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{nodes[0].port}")
+        clock = FakeClock()
+        app = create_app(settings, clock=clock, bucket_clock=clock, sweep=False)
+        async with TestClient(TestServer(app)) as client:
+            api = Api(client, clock)
+            await api.site()
+            releases = [await api.publish([2]) for _ in range(6)]
+            for n, release in enumerate(releases):
+                await api.book(release["slots"][0]["id"], applicant(n), ip(n))
+            # The primary of the first release's inventory.
+            probe = node_client(nodes[0])
+            try:
+                hashed = await probe.execute_command(
+                    "CLUSTER KEYSLOT", ReleaseKeys.of(releases[0]["id"]).inv
+                )
+            finally:
+                await probe.aclose()
+            victim = min(hashed // (SLOTS // 3), 2)
+            release, slot = releases[0]["id"], releases[0]["slots"][0]["id"]
+            nodes[victim].kill()
+
+            statuses = set()
+
+            async def served() -> bool:
+                clock.advance(1)  # past the listing's cache
+                r = await api.call("GET", f"/v1/releases/{release}/slots")
+                statuses.add(r.status)
+                if r.status == 503:
+                    assert int(r.headers["Retry-After"]) >= 1
+                    return False
+                assert r.status == 200, r.body
+                assert r.body["slots"] == [{**r.body["slots"][0], "id": slot, "free": 1}]
+                return True
+
+            await poll(served, lambda: "\n".join(n.describe() for n in nodes), within_s=30)
+            assert statuses <= {200, 503}
+            hold = await api.hold(slot, ip(100))
+            assert hold.status == 201, hold.body
+            assert (await api.confirm(hold.body, applicant(100), ip(100))).status == 201
+            assert await api.free(release) == {slot: 0}
+            assert (await api.hold(slot, ip(101))).status == 409
+            report = await sweep_once(app[RESERVATIONS], reconcile=True)
+            assert (report.releases, report.corrections) == (6, 0)
+    finally:
+        for node in nodes:
+            node.kill()
