@@ -133,7 +133,7 @@ class PayloadTooLarge(GuichetError):
 
 
 class RateLimited(GuichetError):
-    """``level`` names the limit: address, net, net48, session, identity, replay, email,
+    """``level`` names the limit: address, net, net48, session, identity, hold, email,
     unspent, holds."""
 
     name, status, title = "rate-limited", 429, "Too many requests"

@@ -8,7 +8,7 @@ would be full again). Levels:
     net48      its IPv6 /48                            challenges
     session    the engine's signed session token       challenges
     identity   the applicant's document number         confirms
-    replay     one hold id                             confirms of a hold already booked
+    hold       one hold id                             confirms of that hold, replays too
     global     the whole engine, per endpoint          challenges, confirms (503 overloaded)
 
 Challenges are the gate of every attempt (a hold or a draw entry spends one), so limiting
@@ -156,23 +156,36 @@ class Limiter:
             raise
         return self.difficulty(taken)
 
-    async def confirm(self, identity: str, endpoint: str = "confirm") -> None:
-        """Take the tokens a confirm (or a draw entry) costs: the applicant's identity, and
-        the endpoint's global one. Not the address's or its networks': a confirm comes with
-        a hold, an entry with a challenge, each paid for when its challenge was issued. A
-        person behind a carrier's NAT must not lose the place they hold because others on
-        that network emptied its bucket since."""
+    async def confirm(
+        self, identity: str, endpoint: str = "confirm", hold_id: str | None = None
+    ) -> None:
+        """Take the tokens a confirm (or a draw entry) costs: the applicant's identity, the
+        endpoint's global one, and the hold's own (``hold_id``: a hold PostgreSQL refuses is
+        handed back, and could be confirmed again in name after name). Not the address's or
+        its networks': a confirm comes with a hold, an entry with a challenge, each paid for
+        when its challenge was issued. A person behind a carrier's NAT must not lose the
+        place they hold because others on that network emptied its bucket since."""
         s = self.settings
         self._refuse_blocked([bucket("global", endpoint)])
-        takes = {
+        takes = self._hold_take(hold_id)
+        takes |= {
             "identity": _take(bucket("identity", identity), s.limit_identity),
             "global": _take(bucket("global", endpoint), s.limit_global_confirm),
         }
         self._enforce(await self._take_all(takes))
 
+    def _hold_take(self, hold_id: str | None) -> dict[str, Take]:
+        """The bucket of one hold's confirms, refused in-process once found empty."""
+        if hold_id is None:
+            return {}
+        own = bucket("hold", hold_id)
+        self._refuse_blocked([own])
+        return {"hold": _take(own, self.settings.limit_hold)}
+
     async def replay(self, client: Client, identity: str, hold_id: str | None = None) -> None:
-        """Take the tokens a confirm of a hold Redis no longer has costs: the retry of a
-        booked hold, or a replay of an old hold id, each a PostgreSQL lookup. The identity's,
+        """Take the tokens a confirm of a hold Redis no longer has costs (booked, expired,
+        released or lost): the retry of a booked hold, or a replay of an old hold id, each
+        a PostgreSQL lookup; a draw entry's retry too (``hold_id`` None). The identity's,
         and the address's and its networks' as for a challenge; not the global confirm
         bucket: a hold id once issued costs nothing to replay, and replays must not shed
         people's confirms. And the hold's own (``hold_id``): a hold id is not bound to an
@@ -181,11 +194,7 @@ class Limiter:
         passes every other bucket."""
         s = self.settings
         self.refuse_known(client)
-        takes = {}
-        if hold_id is not None:
-            own = bucket("replay", hold_id)
-            self._refuse_blocked([own])
-            takes["replay"] = _take(own, s.limit_replay)
+        takes = self._hold_take(hold_id)
         takes |= {
             "identity": _take(bucket("identity", identity), s.limit_identity),
             "address": _take(bucket("address", client.address), s.limit_address),
@@ -247,7 +256,7 @@ _DETAILS = {
     "net48": "Too many attempts from this network",
     "session": "Too many attempts in this session",
     "identity": "Too many attempts for this person",
-    "replay": "Too many retries of this hold's confirmation",
+    "hold": "Too many attempts to confirm this hold",
 }
 
 

@@ -19,6 +19,8 @@ from engine.errors import (
     IdentityAlreadyBooked,
     NotFound,
     NotOpen,
+    Overloaded,
+    RateLimited,
     StoreUnavailable,
     Unauthorized,
 )
@@ -113,13 +115,22 @@ class Lottery:
                 f"Registration is open from {release.registration_opens_at.isoformat()} "
                 f"to {release.registration_closes_at.isoformat()}"
             )
-        await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
         if not await self.domain.inventory.spend_challenge(
             release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
         ):
+            # Spent before: this request's retry, or a replay, each a PostgreSQL lookup. The
+            # buckets of a confirm's replay bound it, not the global entry bucket, which a
+            # replayed challenge would otherwise drain for everyone.
+            await self.domain.limiter.replay(who, identity.hex())
             if replayed := await self._replayed(release, entry_id, token, identity):
                 return replayed
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
+        try:
+            await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
+        except (RateLimited, Overloaded):  # a refused attempt leaves its challenge unspent
+            with contextlib.suppress(StoreUnavailable):
+                await self.domain.inventory.unspend(release_id, paid.id)
+            raise
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who.net)
         except IdentityAlreadyBooked:

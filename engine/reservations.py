@@ -59,6 +59,10 @@ from engine.tokens import (
 )
 
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
+# A hold challenge Redis answered "spent" this many times is refused in-process after: a
+# client that changed slots once, its first hold's answer lost, still gets that hold back.
+_SPENT_ANSWERS = 3
+_SPENT_KEPT = 100_000
 # An id not among the known releases reads their list again if it is older than this: a
 # release another worker published is found within it, not within ``release_cache_s``.
 _MISS_REFRESH_S = 0.25
@@ -160,6 +164,8 @@ class Reservations:
         self._known: frozenset[str] = frozenset()
         self._known_at = float("-inf")
         self._known_refill: asyncio.Future[frozenset[str]] | None = None
+        # Challenges Redis found spent: id -> (times, until when a hold can use it, ms).
+        self._spent: dict[str, tuple[int, int]] = {}
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -369,9 +375,16 @@ class Reservations:
         # within the challenge's time, instead of 410 and then 429 for a hold it never saw.
         now_ms = self.now_ms()
         paid = self.paid(challenge, nonces, release_id, client, now_ms)
-        if now_ms >= paid.expires_ms + self.settings.hold_ttl_s * 1000:
+        usable_until_ms = paid.expires_ms + self.settings.hold_ttl_s * 1000
+        if now_ms >= usable_until_ms:
             # No hold it paid for can be alive: refused here, without a Redis call.
             raise ChallengeExpired("The challenge's time ran out; ask for a new one")
+        spent = self._spent.get(paid.id)
+        if spent is not None and spent[0] >= _SPENT_ANSWERS:
+            # A retry of the hold it paid for is answered with that hold, never "spent":
+            # what keeps being told so is a replay (with Idempotency-Key after key, each
+            # a new request for Redis), refused here from now on.
+            raise ChallengeExpired("This challenge was already spent; ask for a new one")
         release = await self.release(release_id)
         slot = self._open_slot(release, slot_id)
         if idem_key is None:
@@ -408,6 +421,7 @@ class Reservations:
         if result.outcome == "full":
             raise SlotFull("No free place left on this slot; the challenge is spent")
         if result.outcome == "spent":
+            self._found_spent(paid.id, usable_until_ms)
             if now_ms >= paid.expires_ms:
                 raise ChallengeExpired("The challenge's time ran out; ask for a new one")
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
@@ -422,6 +436,15 @@ class Reservations:
         # Debug level: a line per hold costs 6 % of the hold path (BENCHMARKS.md).
         log.debug("hold_granted", hold=result.hold_id, slot=slot_id, outcome=result.outcome)
         return Hold(result.hold_id, token, _from_ms(result.deadline_ms), slot, release.timezone)
+
+    def _found_spent(self, challenge_id: str, until_ms: int) -> None:
+        if len(self._spent) >= _SPENT_KEPT:
+            now_ms = self.now_ms()
+            self._spent = {k: v for k, v in self._spent.items() if v[1] > now_ms}
+            if len(self._spent) >= _SPENT_KEPT:
+                self._spent.clear()
+        times = self._spent.get(challenge_id, (0, 0))[0]
+        self._spent[challenge_id] = (times + 1, until_ms)
 
     def _open_slot(self, release: Release, slot_id: str) -> Slot:
         slot = release.slot(slot_id)
@@ -475,7 +498,7 @@ class Reservations:
         identity = applicant.identity_hash(self.settings.secret).hex()
         slot_id = None
         if record is not None:
-            await self.limiter.confirm(identity)
+            await self.limiter.confirm(identity, hold_id=hold_id)
             slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
         if slot_id is None:
             # Gone from Redis: confirmed already (a retry), or expired, released, or lost.

@@ -57,7 +57,7 @@ LIMITS = {
     "limit_net48": ("GUICHET_LIMIT_NET48", Rate(500, 10)),
     "limit_session": ("GUICHET_LIMIT_SESSION", Rate(10, 20)),
     "limit_identity": ("GUICHET_LIMIT_IDENTITY", Rate(10, 3600)),
-    "limit_replay": ("GUICHET_LIMIT_REPLAY", Rate(20, 3600)),
+    "limit_hold": ("GUICHET_LIMIT_HOLD", Rate(20, 3600)),
     "limit_global_challenge": ("GUICHET_LIMIT_GLOBAL_CHALLENGE", Rate(50_000, 10)),
     "limit_global_confirm": ("GUICHET_LIMIT_GLOBAL_CONFIRM", Rate(10_000, 10)),
 }
@@ -93,7 +93,7 @@ class Settings:
     limit_net48: Rate = LIMITS["limit_net48"][1]
     limit_session: Rate = LIMITS["limit_session"][1]
     limit_identity: Rate = LIMITS["limit_identity"][1]
-    limit_replay: Rate = LIMITS["limit_replay"][1]
+    limit_hold: Rate = LIMITS["limit_hold"][1]
     limit_global_challenge: Rate = LIMITS["limit_global_challenge"][1]
     limit_global_confirm: Rate = LIMITS["limit_global_confirm"][1]
     # Adaptive proof of work: up to this many bits more as a client's buckets empty, and
@@ -167,7 +167,7 @@ class Settings:
             limit_net48=_rate(env, "limit_net48"),
             limit_session=_rate(env, "limit_session"),
             limit_identity=_rate(env, "limit_identity"),
-            limit_replay=_rate(env, "limit_replay"),
+            limit_hold=_rate(env, "limit_hold"),
             limit_global_challenge=_rate(env, "limit_global_challenge"),
             limit_global_confirm=_rate(env, "limit_global_confirm"),
         )

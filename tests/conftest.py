@@ -58,7 +58,7 @@ def make_settings(**overrides: object) -> Settings:
         "limit_net48": Rate(100_000, 1),
         "limit_session": Rate(100_000, 1),
         "limit_identity": Rate(100_000, 1),
-        "limit_replay": Rate(100_000, 1),
+        "limit_hold": Rate(100_000, 1),
         "max_unspent_challenges": 1000,
         "max_live_holds": 1000,
         "redis_timeout_s": 2.0,

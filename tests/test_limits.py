@@ -148,19 +148,67 @@ async def test_replayed_confirms_are_limited(clean: None) -> None:
         assert (await api.confirm(hold, person, "10.0.3.1")).status == 201
 
 
+async def test_a_hold_refused_at_confirm_cannot_be_tried_in_name_after_name(
+    clean: None,
+) -> None:
+    """A hold whose confirm PostgreSQL refuses (the person already booked) is handed back,
+    to be confirmed in the right name. A bot would try name after name, each a PostgreSQL
+    transaction: the hold's own bucket bounds the attempts."""
+    async with engine(limit_hold=Rate(3, 60)) as api:
+        release = await api.publish([1, 1])
+        booked = applicant()
+        await api.book(release["slots"][0]["id"], booked, "10.0.5.1")
+        hold = (await api.hold(release["slots"][1]["id"], "10.0.5.2")).body
+        for _ in range(3):
+            r = await api.confirm(hold, booked, "10.0.5.2")
+            assert r.body["type"] == "/problems/identity-already-booked", r.body
+        limited(await api.confirm(hold, applicant(), "10.0.5.2"), "hold", 20)
+
+
+async def test_a_spent_entry_challenge_replayed_is_limited_as_a_replay(clean: None) -> None:
+    """Each replay of a spent draw challenge is a PostgreSQL lookup: the address's bucket
+    bounds them, as a confirm's replays, and they take nothing from the global entry
+    bucket, which a replayed challenge would otherwise drain for everyone. An entry refused
+    by a bucket leaves its challenge unspent."""
+    async with engine(limit_address=Rate(3, 60), limit_global_confirm=Rate(2, 60)) as api:
+        release = (await api.publish_draw([1]))["id"]
+        path = f"/v1/releases/{release}/entries"
+        paid = await api.solved(release, "10.0.6.1")
+        headers = {"X-Forwarded-For": "10.0.6.1"}
+        first = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
+        assert first.status == 201, first.body
+        for _ in range(2):
+            again = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
+            assert again.body["type"] == "/problems/challenge-expired", again.body
+        replay = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
+        limited(replay, "address", 20)
+        assert (await api.enter(release, applicant(), "10.0.7.1")).status == 201
+    async with engine(limit_identity=Rate(1, 60)) as api:
+        first, second = (await api.publish_draw([1]))["id"], (await api.publish_draw([1]))["id"]
+        person = applicant()
+        assert (await api.enter(first, person, "10.0.8.1")).status == 201
+        paid = await api.solved(second, "10.0.8.1")
+        path, headers = f"/v1/releases/{second}/entries", {"X-Forwarded-For": "10.0.8.1"}
+        limited(
+            await api.call("POST", path, {**paid, "applicant": person}, headers), "identity", 60
+        )
+        api.clock.advance(60)
+        assert (await api.call("POST", path, {**paid, "applicant": person}, headers)).status == 201
+
+
 async def test_one_booked_hold_replayed_from_many_networks_is_limited(clean: None) -> None:
     """A hold id is not bound to an address, so a botnet can replay one booked hold from a
     new network each time, in a new name each time: every other bucket is fresh. The hold's
     own bucket bounds the PostgreSQL lookups it costs."""
-    async with engine(limit_replay=Rate(3, 60)) as api:
+    async with engine(limit_hold=Rate(4, 80)) as api:
         release = await api.publish([1, 1])
         hold = (await api.hold(release["slots"][0]["id"], "10.0.4.1")).body
         assert (await api.confirm(hold, applicant(), "10.0.4.1")).status == 201
         networks = iter(f"10.{i}.0.1" for i in range(100, 200))
         for _ in range(3):
             assert (await api.confirm(hold, applicant(), next(networks))).status == 201
-        limited(await api.confirm(hold, applicant(), next(networks)), "replay", 20)
-        limited(await api.confirm(hold, applicant(), next(networks)), "replay", 20)
+        limited(await api.confirm(hold, applicant(), next(networks)), "hold", 20)
+        limited(await api.confirm(hold, applicant(), next(networks)), "hold", 20)
         # Another booked hold is not concerned.
         other = (await api.hold(release["slots"][1]["id"], "10.0.4.2")).body
         assert (await api.confirm(other, applicant(), "10.0.4.2")).status == 201
@@ -311,6 +359,30 @@ async def test_a_network_flood_does_not_cost_a_person_the_attempt_they_paid_for(
         assert entry.status == 201, entry.body
         # The network's own next attempt is still refused: its challenge is.
         limited(await challenge(api, release["id"], "10.0.5.4"), "net", 20)
+
+
+async def test_a_spent_hold_challenge_replayed_stops_costing_redis(
+    clean: None, redis: aioredis.Redis
+) -> None:
+    """A hold's challenge is spent once; its retry gets that hold back. Replayed with a new
+    Idempotency-Key each time, each a new request for Redis, it is told "spent" three
+    times, then refused in-process without a Redis command. The hold's own retry is not
+    affected before that: Redis answers it with its hold, never "spent"."""
+    async with engine() as api:
+        release = await api.publish([3, 3])
+        first, second = (s["id"] for s in release["slots"])
+        paid = await api.solved(release["id"], "10.0.9.1")
+        held = await api.hold(first, "10.0.9.1", paid=paid, key="k-0")
+        assert held.status == 201
+        assert (await api.hold(second, "10.0.9.1", paid=paid, key="k-1")).status == 410
+        again = await api.hold(first, "10.0.9.1", paid=paid, key="k-0")
+        assert (again.status, again.body["hold_id"]) == (201, held.body["hold_id"])
+        for n in (2, 3):
+            assert (await api.hold(second, "10.0.9.1", paid=paid, key=f"k-{n}")).status == 410
+        before = await commands(redis)
+        for n in (4, 5):
+            assert (await api.hold(second, "10.0.9.1", paid=paid, key=f"k-{n}")).status == 410
+        assert await commands(redis) == before
 
 
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(clean: None) -> None:
