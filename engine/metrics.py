@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 from bisect import bisect_left
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -93,6 +93,18 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.sweeps = Counter(
+            "guichet_sweeps",
+            "Sweeper passes, by outcome: done, skipped (a store did not answer), failed.",
+            ["outcome"],
+            registry=r,
+        )
+        # Series an alert reads exist from the start, at 0: a counter's first increment
+        # is otherwise its first sample, which increase() and rate() cannot see.
+        for outcome in ("booked", "dropped", "skipped"):
+            self.settled_confirms.labels(outcome)
+        for outcome in ("done", "skipped", "failed"):
+            self.sweeps.labels(outcome)
         self.bookings_online = Gauge(
             "guichet_bookings_online",
             "Confirmed online bookings of appointments still to come.",
@@ -143,6 +155,14 @@ class Metrics:
             "Redis commands sent (divided by guichet_redis_writes: the pipelining factor).",
             registry=r,
         )
+
+    def expect_routes(self, routes: Iterable[tuple[str, str]]) -> None:
+        """Create the error and latency series of each (path, method) at 0, for the
+        alerts (above)."""
+        for path, method in routes:
+            self.latency.labels(path)
+            for status in ("500", "503"):
+                self.requests.labels(path, method, status)
 
     def redis_write(self, commands: int) -> None:
         """One write to Redis carrying ``commands`` commands."""

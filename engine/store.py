@@ -489,7 +489,11 @@ class Store:
         them: a withdrawal committed before is seen, one still running on a slot this
         change does not touch comes after it, and one on a slot it touches waits for it."""
         async with self._transaction() as conn:
-            row = await conn.fetchrow("SELECT * FROM releases WHERE id = $1 FOR UPDATE", release_id)
+            # NO KEY UPDATE: changes to a release serialise on its row, while the bookings
+            # inserted meanwhile (their foreign key takes KEY SHARE on it) go on.
+            row = await conn.fetchrow(
+                "SELECT * FROM releases WHERE id = $1 FOR NO KEY UPDATE", release_id
+            )
             if row is None:
                 raise NotFound(f"No release {release_id!r}")
             errors = []
@@ -1175,9 +1179,10 @@ class Store:
             # it) and is seen, and one that comes now waits and counts them. Only this
             # count and the commit hold confirms back (docs/draw.md, step 8). A confirm
             # still in flight after half a second (one takes a few milliseconds, 183 ms at
-            # worst in draw_bench.py) may be waiting on this draw (its person won here, or
-            # staff book a slot the draw holds): the draw gives way and reruns, rather than
-            # wait for PostgreSQL's deadlock check while every confirm queues behind it.
+            # worst in draw_bench.py) may be waiting on this draw (its person won here, and
+            # books the procedure online or at the counter): the draw gives way and reruns,
+            # rather than wait for PostgreSQL's deadlock check while every confirm queues
+            # behind it.
             await conn.execute(_CAPS_LOCK_SOON, timeout=DRAW_TIMEOUT_S)
             try:
                 await conn.execute(_CAPS_LOCK, timeout=DRAW_TIMEOUT_S)

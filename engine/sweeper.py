@@ -90,6 +90,7 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
             due = time.monotonic() >= next_reconcile
             purge = time.monotonic() >= next_purge
             report = await sweep_once(domain, reconcile=due, lottery=lottery, purge=purge)
+            domain.metrics.sweeps.labels("done").inc()
             if report.releases and due:
                 next_reconcile = time.monotonic() + settings.reconcile_interval_s
             if report.purged is not None:
@@ -97,8 +98,10 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
                 wait = 0.0 if report.purged.more else _PURGE_INTERVAL_S
                 next_purge = time.monotonic() + wait
         except StoreUnavailable as exc:
+            domain.metrics.sweeps.labels("skipped").inc()
             log.warning("sweep_skipped", detail=exc.detail)
         except Exception:
+            domain.metrics.sweeps.labels("failed").inc()
             log.exception("sweep_failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.sweep_interval_s)

@@ -319,6 +319,36 @@ async def test_a_conditional_change_sees_a_withdrawal_in_flight(
     assert [r["capacity"] for r in rows] == [4, 2]
 
 
+async def test_a_change_under_way_holds_no_confirm_of_its_release_back(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """A capacity change waits for the capacity lock (here, this test's, as a withdrawal
+    under way would hold it) with its release's row locked. A confirm of another slot of
+    that release goes through meanwhile: its booking's foreign key takes a share of that
+    row, which the change's lock must not refuse."""
+    await api.site()
+    release = await api.publish([3, 3])
+    slot, other = (s["id"] for s in release["slots"])
+    hold = await api.hold(other, ip(1))
+    assert hold.status == 201
+    path = f"/v1/admin/releases/{release['id']}"
+    lock = pg.transaction()
+    await lock.start()
+    await pg.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('capacity:' || $1, 0))", release["id"]
+    )
+    change = asyncio.create_task(
+        api.call("PATCH", path, {"slots": [{"id": slot, "capacity": 2}]}, ADMIN)
+    )
+    await waiting_for_a_lock(pg, change)
+    # Bounded, so that a confirm held back fails the test instead of hanging it.
+    confirmed = await asyncio.wait_for(api.confirm(hold.body, applicant(), ip(1)), 30)
+    assert confirmed.status == 201, confirmed.body
+    assert not change.done()
+    await lock.commit()
+    assert (await change).status == 200
+
+
 async def test_a_capacity_write_that_reaches_redis_late_sets_no_capacity(
     api: Api, redis: aioredis.Redis
 ) -> None:
