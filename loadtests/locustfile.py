@@ -367,20 +367,32 @@ class Bot(Client):
 
 
 class Staff(FastHttpUser):
-    """Prefecture staff: publish small releases and read the day's agenda."""
+    """Prefecture staff: publish small releases, read one back and add a place to it with
+    the ETag read (If-Match), and read the day's agenda."""
 
     fixed_count = 1
     wait_time = between(2, 4)
 
-    def admin(self, method: str, path: str, name: str, body: Any = None) -> int:
-        headers = {"Authorization": f"Bearer {self.environment.parsed_options.admin_token}"}
-        with self.client.request(method, path, name=name, json=body, headers=headers) as r:
-            return int(r.status_code)
+    def admin(
+        self,
+        method: str,
+        path: str,
+        name: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, str | None]:
+        """The status, the JSON body (None if not JSON) and the ETag of an admin call."""
+        auth = {"Authorization": f"Bearer {self.environment.parsed_options.admin_token}"}
+        with self.client.request(
+            method, path, name=name, json=body, headers={**auth, **(headers or {})}
+        ) as r:
+            json_body = r.json() if "json" in (r.headers.get("Content-Type") or "") else None
+            return int(r.status_code), json_body, r.headers.get("ETag")
 
     @task
     def work(self) -> None:
         start = datetime.now(UTC) + timedelta(days=5)
-        published = self.admin(
+        published, body, _ = self.admin(
             "POST",
             "/v1/admin/releases",
             "/v1/admin/releases",
@@ -392,9 +404,25 @@ class Staff(FastHttpUser):
                 "slots": [{"starts_at": start.isoformat(), "duration_minutes": 15, "capacity": 1}],
             },
         )
+        changed = 0
+        if published == 201:
+            path = f"/v1/admin/releases/{body['release']['id']}"
+            name = "/v1/admin/releases/{release}"
+            read, release, etag = self.admin("GET", path, name)
+            if read == 200 and etag:
+                slot = release["release"]["slots"][0]["id"]
+                changed, _, _ = self.admin(
+                    "PATCH",
+                    path,
+                    name,
+                    {"slots": [{"id": slot, "capacity": 2}]},
+                    {"If-Match": etag},
+                )
         day = (datetime.now(UTC) + timedelta(days=3)).date().isoformat()
-        agenda = self.admin("GET", f"/v1/admin/agenda?site={SITE}&date={day}", "/v1/admin/agenda")
-        if published == 201 and agenda == 200:
+        agenda, _, _ = self.admin(
+            "GET", f"/v1/admin/agenda?site={SITE}&date={day}", "/v1/admin/agenda"
+        )
+        if published == 201 and changed == 200 and agenda == 200:
             RUN.flows["Staff"] += 1
 
 
