@@ -100,7 +100,9 @@ def create_app(
     for route in ROUTES:
         handler = guarded(route.handler, route.path, route.shed)
         app.router.add_route(route.method, route.path, handler)
-    metrics.expect_routes((route.path, route.method) for route in ROUTES)
+    metrics.expect_routes(
+        (route.path, route.method, route.shed and route.auth != "admin") for route in ROUTES
+    )
     catch_all = unmatched(route.path for route in ROUTES)
     app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED, True))
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from engine.addresses import networks
@@ -72,6 +72,30 @@ def _address_keys(address: str) -> tuple[str, ...]:
     net, net48 = _networks(address)
     keys = (bucket("address", address), bucket("net", net))
     return (*keys, bucket("net48", net48)) if net48 else keys
+
+
+class FoundSpent:
+    """Challenges Redis answered "spent", as this worker saw them: a replay of one can be
+    refused, or sent the way of a replay, without asking Redis to spend it again. Keyed as
+    each caller needs (a hold's: the challenge and the slot), each key forgotten once the
+    challenge can pay for nothing more (``until_ms``)."""
+
+    _KEPT = 100_000
+
+    def __init__(self) -> None:
+        self._found: dict[Hashable, tuple[int, int]] = {}
+
+    def times(self, key: Hashable, now_ms: int) -> int:
+        """How many times Redis said so, for a challenge still of use."""
+        found = self._found.get(key)
+        return found[0] if found is not None and found[1] > now_ms else 0
+
+    def add(self, key: Hashable, until_ms: int, now_ms: int) -> None:
+        if len(self._found) >= self._KEPT:
+            self._found = {k: v for k, v in self._found.items() if v[1] > now_ms}
+            if len(self._found) >= self._KEPT:
+                self._found.clear()
+        self._found[key] = (self.times(key, now_ms) + 1, until_ms)
 
 
 class Limiter:

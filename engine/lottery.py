@@ -19,14 +19,12 @@ from engine.errors import (
     IdentityAlreadyBooked,
     NotFound,
     NotOpen,
-    Overloaded,
-    RateLimited,
     StoreUnavailable,
     Unauthorized,
 )
 from engine.identity import Applicant
 from engine.keys import unspent_challenges
-from engine.limits import Client
+from engine.limits import Client, FoundSpent
 from engine.logs import log
 from engine.models import Booking, DrawOutcome, Entry, Release
 from engine.reservations import Reservations
@@ -66,6 +64,7 @@ class Lottery:
         self.domain = domain
         self.settings = domain.settings
         self.store = domain.store
+        self._spent = FoundSpent()  # entry challenges, by id
 
     def _now(self) -> datetime:
         return self.domain.now()
@@ -115,22 +114,22 @@ class Lottery:
                 f"Registration is open from {release.registration_opens_at.isoformat()} "
                 f"to {release.registration_closes_at.isoformat()}"
             )
-        if not await self.domain.inventory.spend_challenge(
-            release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
-        ):
-            # Spent before: this request's retry, or a replay, each a PostgreSQL lookup. The
-            # buckets of a confirm's replay bound it, not the global entry bucket, which a
-            # replayed challenge would otherwise drain for everyone.
+        if self._spent.times(paid.id, now_ms):
+            # Spent, as Redis told this worker: this request's retry, or a replay, each a
+            # PostgreSQL lookup. The buckets of a confirm's replay bound it, not the global
+            # entry bucket, which a replayed challenge would otherwise drain for everyone.
             await self.domain.limiter.replay(who, identity.hex())
             if replayed := await self._replayed(release, entry_id, token, identity):
                 return replayed
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
-        try:
-            await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
-        except (RateLimited, Overloaded):  # a refused attempt leaves its challenge unspent
-            with contextlib.suppress(StoreUnavailable):
-                await self.domain.inventory.unspend(release_id, paid.id)
-            raise
+        await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
+        if not await self.domain.inventory.spend_challenge(
+            release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
+        ):
+            self._spent.add(paid.id, paid.expires_ms, now_ms)
+            if replayed := await self._replayed(release, entry_id, token, identity):
+                return replayed
+            raise ChallengeExpired("This challenge was already spent; ask for a new one")
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who.net)
         except IdentityAlreadyBooked:
@@ -161,7 +160,11 @@ class Lottery:
         assert release.registration_opens_at and release.registration_closes_at
         identity = applicant.identity_hash(s.secret)
         key = idem_key if idem_key is not None else new_token()
-        entry_id = derived_id(s.secret, "staff-entry-id", "e", _ENTRY_ID_LENGTH, release.id, key)
+        # The person is part of the key's scope: two desks that reuse a key for two people
+        # register two entries, not a false "already entered".
+        entry_id = derived_id(
+            s.secret, "staff-entry-id", "e", _ENTRY_ID_LENGTH, release.id, key, identity.hex()
+        )
         token = derived_token(s.secret, "staff-entry", entry_id)
         if idem_key is not None and (
             replayed := await self._replayed(release, entry_id, token, identity)

@@ -95,7 +95,8 @@ class Metrics:
         )
         self.sweeps = Counter(
             "guichet_sweeps",
-            "Sweeper passes, by outcome: done, skipped (a store did not answer), failed.",
+            "Sweeper passes, by outcome: done, standby (another worker held the lock), "
+            "skipped (a store did not answer), failed.",
             ["outcome"],
             registry=r,
         )
@@ -103,7 +104,7 @@ class Metrics:
         # is otherwise its first sample, which increase() and rate() cannot see.
         for outcome in ("booked", "dropped", "skipped"):
             self.settled_confirms.labels(outcome)
-        for outcome in ("done", "skipped", "failed"):
+        for outcome in ("done", "standby", "skipped", "failed"):
             self.sweeps.labels(outcome)
         self.bookings_online = Gauge(
             "guichet_bookings_online",
@@ -156,13 +157,14 @@ class Metrics:
             registry=r,
         )
 
-    def expect_routes(self, routes: Iterable[tuple[str, str]]) -> None:
-        """Create the error and latency series of each (path, method) at 0, for the
-        alerts (above)."""
-        for path, method in routes:
-            self.latency.labels(path)
-            for status in ("500", "503"):
-                self.requests.labels(path, method, status)
+    def expect_routes(self, routes: Iterable[tuple[str, str, bool]]) -> None:
+        """Create at 0, for the alerts (above), each (path, method)'s 500 series, and for
+        the routes people book through (``True``), the 503 and latency series."""
+        for path, method, booking in routes:
+            self.requests.labels(path, method, "500")
+            if booking:
+                self.requests.labels(path, method, "503")
+                self.latency.labels(path)
 
     def redis_write(self, commands: int) -> None:
         """One write to Redis carrying ``commands`` commands."""

@@ -40,7 +40,7 @@ from engine.errors import (
 from engine.identity import Applicant
 from engine.inventory import HoldRecord, Inventory, InventoryMissing, SlotCounts
 from engine.keys import unspent_challenges
-from engine.limits import Client, Limiter
+from engine.limits import Client, FoundSpent, Limiter
 from engine.logs import log
 from engine.metrics import Metrics
 from engine.models import Booking, CancelledBy, Mode, Release, Site, Slot
@@ -59,10 +59,10 @@ from engine.tokens import (
 )
 
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
-# A hold challenge Redis answered "spent" this many times is refused in-process after: a
-# client that changed slots once, its first hold's answer lost, still gets that hold back.
+# A hold challenge Redis answered "spent" this many times for one slot is refused
+# in-process after. A retry of a hold it paid for is never answered "spent", whatever slots
+# were tried in between (a person whose first answer was lost, changing slots).
 _SPENT_ANSWERS = 3
-_SPENT_KEPT = 100_000
 # An id not among the known releases reads their list again if it is older than this: a
 # release another worker published is found within it, not within ``release_cache_s``.
 _MISS_REFRESH_S = 0.25
@@ -164,8 +164,7 @@ class Reservations:
         self._known: frozenset[str] = frozenset()
         self._known_at = float("-inf")
         self._known_refill: asyncio.Future[frozenset[str]] | None = None
-        # Challenges Redis found spent: id -> (times, until when a hold can use it, ms).
-        self._spent: dict[str, tuple[int, int]] = {}
+        self._spent = FoundSpent()  # (challenge id, slot id)
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -379,11 +378,10 @@ class Reservations:
         if now_ms >= usable_until_ms:
             # No hold it paid for can be alive: refused here, without a Redis call.
             raise ChallengeExpired("The challenge's time ran out; ask for a new one")
-        spent = self._spent.get(paid.id)
-        if spent is not None and spent[0] >= _SPENT_ANSWERS:
+        if self._spent.times((paid.id, slot_id), now_ms) >= _SPENT_ANSWERS:
             # A retry of the hold it paid for is answered with that hold, never "spent":
-            # what keeps being told so is a replay (with Idempotency-Key after key, each
-            # a new request for Redis), refused here from now on.
+            # what keeps being told so for this slot is a replay (with Idempotency-Key
+            # after key, each a new request for Redis), refused here from now on.
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
         release = await self.release(release_id)
         slot = self._open_slot(release, slot_id)
@@ -421,7 +419,7 @@ class Reservations:
         if result.outcome == "full":
             raise SlotFull("No free place left on this slot; the challenge is spent")
         if result.outcome == "spent":
-            self._found_spent(paid.id, usable_until_ms)
+            self._spent.add((paid.id, slot_id), usable_until_ms, now_ms)
             if now_ms >= paid.expires_ms:
                 raise ChallengeExpired("The challenge's time ran out; ask for a new one")
             raise ChallengeExpired("This challenge was already spent; ask for a new one")
@@ -436,15 +434,6 @@ class Reservations:
         # Debug level: a line per hold costs 6 % of the hold path (BENCHMARKS.md).
         log.debug("hold_granted", hold=result.hold_id, slot=slot_id, outcome=result.outcome)
         return Hold(result.hold_id, token, _from_ms(result.deadline_ms), slot, release.timezone)
-
-    def _found_spent(self, challenge_id: str, until_ms: int) -> None:
-        if len(self._spent) >= _SPENT_KEPT:
-            now_ms = self.now_ms()
-            self._spent = {k: v for k, v in self._spent.items() if v[1] > now_ms}
-            if len(self._spent) >= _SPENT_KEPT:
-                self._spent.clear()
-        times = self._spent.get(challenge_id, (0, 0))[0]
-        self._spent[challenge_id] = (times + 1, until_ms)
 
     def _open_slot(self, release: Release, slot_id: str) -> Slot:
         slot = release.slot(slot_id)

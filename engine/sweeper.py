@@ -29,6 +29,7 @@ class SweepReport:
     corrections: int = 0
     draws: int = 0
     purged: Purged | None = None  # when the purge ran
+    standby: bool = False  # another worker held the sweeper's lock: nothing was visited
 
 
 async def sweep_once(
@@ -40,7 +41,7 @@ async def sweep_once(
     lock_ms = int(max(domain.settings.sweep_interval_s * 5, 5) * 1000)
     lock = await domain.inventory.try_lock(SWEEPER_LOCK, lock_ms)
     if lock is None:
-        return SweepReport()
+        return SweepReport(standby=True)
     settled = corrections = 0
     try:
         releases = await domain.store.active_release_ids(domain.now())
@@ -90,7 +91,7 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
             due = time.monotonic() >= next_reconcile
             purge = time.monotonic() >= next_purge
             report = await sweep_once(domain, reconcile=due, lottery=lottery, purge=purge)
-            domain.metrics.sweeps.labels("done").inc()
+            domain.metrics.sweeps.labels("standby" if report.standby else "done").inc()
             if report.releases and due:
                 next_reconcile = time.monotonic() + settings.reconcile_interval_s
             if report.purged is not None:

@@ -190,7 +190,8 @@ async def test_a_cluster_that_lost_everything_is_rebuilt(
 async def test_a_primary_that_dies_is_replaced_by_its_replica(tmp_path: Path, clean: None) -> None:
     """A primary is killed (SIGKILL) and its replica takes its place: a Redis Cluster
     failover. Until then the engine answers that primary's releases with 503 and
-    Retry-After; then it serves them from the new primary, topology refreshed: a place
+    Retry-After, or waits within its timeout (redis-py retries a call whose node is gone),
+    and nothing else; then it serves them from the new primary, topology refreshed: a place
     booked before the failover stays taken, the last one is held and booked, and the
     sweeper's reconcile finds Redis agreeing with PostgreSQL."""
     nodes = await form_cluster(tmp_path, replicas=1)
@@ -231,6 +232,11 @@ async def test_a_primary_that_dies_is_replaced_by_its_replica(tmp_path: Path, cl
 
             await poll(served, lambda: "\n".join(n.describe() for n in nodes), within_s=30)
             assert statuses <= {200, 503}
+            replica = node_client(nodes[victim + 3])  # the replicas follow in primary order
+            try:
+                assert (await replica.execute_command("ROLE"))[0] == b"master"
+            finally:
+                await replica.aclose()
             hold = await api.hold(slot, ip(100))
             assert hold.status == 201, hold.body
             assert (await api.confirm(hold.body, applicant(100), ip(100))).status == 201

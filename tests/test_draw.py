@@ -765,7 +765,7 @@ async def test_people_at_the_counter_enter_the_draw(api: Api, clock: FakeClock) 
     the draw, and is refused. An entry's retry with its Idempotency-Key gets the same entry
     back; without one, the person's second entry is refused, as online."""
     await api.site()
-    release = (await api.publish_draw([1]))["id"]
+    release = (await api.publish_draw([2]))["id"]
     path = f"/v1/admin/releases/{release}/entries"
     person = applicant()
 
@@ -779,6 +779,8 @@ async def test_people_at_the_counter_enter_the_draw(api: Api, clock: FakeClock) 
     assert (again.status, again.body) == (201, first.body)
     second = await enter(person)
     assert (second.status, second.body["type"]) == (409, "/problems/identity-already-booked")
+    other_desk = await enter(applicant(), "counter-42")  # the same key, another person
+    assert other_desk.status == 201 and other_desk.body["entry_id"] != first.body["entry_id"]
     assert await entry_status(api, release, first.body) == {"status": "registered"}
     assert (await api.call("POST", path, {"applicant": applicant()})).status == 401
 

@@ -166,18 +166,19 @@ async def test_a_hold_refused_at_confirm_cannot_be_tried_in_name_after_name(
 
 
 async def test_a_spent_entry_challenge_replayed_is_limited_as_a_replay(clean: None) -> None:
-    """Each replay of a spent draw challenge is a PostgreSQL lookup: the address's bucket
-    bounds them, as a confirm's replays, and they take nothing from the global entry
-    bucket, which a replayed challenge would otherwise drain for everyone. An entry refused
-    by a bucket leaves its challenge unspent."""
-    async with engine(limit_address=Rate(3, 60), limit_global_confirm=Rate(2, 60)) as api:
+    """Each replay of a spent draw challenge is a PostgreSQL lookup. Once Redis has told
+    the worker it is spent, the address's bucket bounds its replays, as a confirm's, and
+    they take nothing more from the global entry bucket, which a replayed challenge would
+    otherwise drain for everyone. An entry refused by a bucket leaves its challenge
+    unspent."""
+    async with engine(limit_address=Rate(3, 60), limit_global_confirm=Rate(3, 60)) as api:
         release = (await api.publish_draw([1]))["id"]
         path = f"/v1/releases/{release}/entries"
         paid = await api.solved(release, "10.0.6.1")
         headers = {"X-Forwarded-For": "10.0.6.1"}
         first = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
         assert first.status == 201, first.body
-        for _ in range(2):
+        for _ in range(3):
             again = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
             assert again.body["type"] == "/problems/challenge-expired", again.body
         replay = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
@@ -364,10 +365,10 @@ async def test_a_network_flood_does_not_cost_a_person_the_attempt_they_paid_for(
 async def test_a_spent_hold_challenge_replayed_stops_costing_redis(
     clean: None, redis: aioredis.Redis
 ) -> None:
-    """A hold's challenge is spent once; its retry gets that hold back. Replayed with a new
-    Idempotency-Key each time, each a new request for Redis, it is told "spent" three
-    times, then refused in-process without a Redis command. The hold's own retry is not
-    affected before that: Redis answers it with its hold, never "spent"."""
+    """A hold's challenge is spent once; its retry gets that hold back. Replayed for another
+    slot with a new Idempotency-Key each time, each a new request for Redis, it is told
+    "spent" three times, then refused in-process without a Redis command. The hold's own
+    retry is not affected, before or after: Redis answers it with its hold, never "spent"."""
     async with engine() as api:
         release = await api.publish([3, 3])
         first, second = (s["id"] for s in release["slots"])
@@ -383,6 +384,8 @@ async def test_a_spent_hold_challenge_replayed_stops_costing_redis(
         for n in (4, 5):
             assert (await api.hold(second, "10.0.9.1", paid=paid, key=f"k-{n}")).status == 410
         assert await commands(redis) == before
+        again = await api.hold(first, "10.0.9.1", paid=paid, key="k-0")
+        assert (again.status, again.body["hold_id"]) == (201, held.body["hold_id"])
 
 
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(clean: None) -> None:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from engine.appkeys import RESERVATIONS
+from engine import sweeper
+from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.identity import Applicant
 from engine.inventory import Inventory
-from engine.keys import ReleaseKeys
+from engine.keys import SWEEPER_LOCK, ReleaseKeys
 from engine.reservations import Reservations
 from engine.settings import Settings
 from engine.sweeper import sweep_once
 from engine.tokens import new_reference, token_hash
 from tests.api import Api, applicant, ip
 from tests.conftest import FakeClock
+from tests.procs import poll
 
 
 def domain_of(api: Api) -> Reservations:
@@ -241,3 +244,37 @@ async def test_a_lock_is_released_only_by_its_owner(redis: aioredis.Redis, clean
     assert await inventory.try_lock("test:lock", 10_000) is None
     await inventory.unlock("test:lock", second)
     assert await inventory.try_lock("test:lock", 10_000) is not None
+
+
+async def test_sweeper_passes_are_counted_by_outcome(api: Api, redis: aioredis.Redis) -> None:
+    """A worker whose sweeper waits for the lock counts its passes as ``standby``, not
+    ``done``: with many workers, the standby passes would otherwise hide the failing passes
+    of the one holding the lock from the GuichetSweeperFailing alert."""
+    app = api.client.app
+    metrics = app[RESERVATIONS].metrics
+
+    def passes(outcome: str) -> float:
+        value = metrics.registry.get_sample_value("guichet_sweeps_total", {"outcome": outcome})
+        assert value is not None  # created at start, for the alerts
+        return value
+
+    assert (passes("done"), passes("standby")) == (0, 0)
+    await redis.set(SWEEPER_LOCK, "another worker", px=60_000)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sweeper.run(app[LOTTERY], stop))
+
+    def counted(outcome: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return passes(outcome) > 0
+
+        return check
+
+    try:
+        await poll(counted("standby"), lambda: "no standby pass")
+        assert passes("done") == 0
+        await redis.delete(SWEEPER_LOCK)
+        await poll(counted("done"), lambda: "no pass done")
+    finally:
+        stop.set()
+        await task
+    assert (passes("skipped"), passes("failed")) == (0, 0)
