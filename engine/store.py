@@ -556,8 +556,8 @@ class Store:
                 )
                 if etag not in if_match:
                     raise PreconditionFailed(
-                        f"The release's windows or capacities changed since you read them "
-                        f"(its ETag is now {etag}): read it again and redo your change"
+                        "The release's windows or capacities changed since you read them: "
+                        "read it again (GET) and redo your change on what it is now"
                     )
             if lowered:
                 await lower(lowered)
