@@ -110,6 +110,15 @@ async def test_every_alert_reads_what_the_engine_exports(client: TestClient) -> 
     assert checked >= 2  # the slow-booking alert's two routes
 
 
+def test_the_example_configuration_loads_these_rules_under_their_job() -> None:
+    """deploy/prometheus/prometheus.yml names the rules file and the job GuichetDown reads."""
+    config = yaml.safe_load((RULES.parent / "prometheus.yml").read_text())
+    assert config["rule_files"] == [RULES.name]
+    jobs = [job["job_name"] for job in config["scrape_configs"]]
+    down = next(rule for rule in alerts() if rule["alert"] == "GuichetDown")
+    assert jobs == ["guichet"] and 'job="guichet"' in down["expr"]
+
+
 def test_every_alert_is_complete_and_has_its_runbook() -> None:
     headings = set(re.findall(r"^## (\w+)$", RUNBOOK.read_text(), re.M))
     names = [rule["alert"] for rule in alerts()]
