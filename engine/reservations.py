@@ -55,10 +55,12 @@ from engine.tokens import (
     new_id,
     new_reference,
     signed_id,
+    token_fits,
     token_hash,
 )
 
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
+_TOKEN_BOUND = re.compile(r"^r[0-9a-z]{12}\.k")  # hold ids that carry their token's tag
 # A hold challenge Redis answered "spent" this many times for one slot is refused
 # in-process after. A retry of a hold it paid for is never answered "spent", whatever slots
 # were tried in between (a person whose first answer was lost, changing slots).
@@ -396,7 +398,10 @@ class Reservations:
         else:
             token = derived_token(self.settings.secret, "hold", client, idem_key, slot_id)
             idem_field = token_hash(f"{client}\x00{idem_key}\x00{slot_id}").hex()
-        hold_id = signed_id(self.settings.secret, "hold-id", f"{release_id}.h", 15)
+        # ".k": the id carries a tag of its token (``_hold_for``); ".h", before, did not.
+        # 11 random characters, not 15: the tag takes the other 4, so that the id keeps the
+        # length every worker's release_of accepts (a rolling deploy serves both).
+        hold_id = signed_id(self.settings.secret, "hold-id", f"{release_id}.k", 11, token)
         now_ms = self.now_ms()
         result = await self.recovery.with_inventory(
             release_id,
@@ -452,9 +457,15 @@ class Reservations:
     async def _hold_for(self, hold_id: str, token: str) -> tuple[Release, HoldRecord | None]:
         """The hold's release and record (None once Redis no longer has it). An id this
         service never issued (its signature does not verify) is refused before any store is
-        asked: bots can send made-up ids as fast as they like."""
-        if not is_signed(self.settings.secret, "hold-id", hold_id):
+        asked: bots can send made-up ids as fast as they like. So is a token the id was not
+        made with: it would otherwise cost a Redis read, or, once the hold is booked, a
+        PostgreSQL one and a token of the hold's own bucket, which its owner's retries
+        need."""
+        secret = self.settings.secret
+        if not is_signed(secret, "hold-id", hold_id):
             raise NotFound(f"No hold {hold_id!r}")
+        if _TOKEN_BOUND.match(hold_id) and not token_fits(secret, "hold-id", hold_id, token):
+            raise Unauthorized("Wrong hold token")
         release = await self.release(release_of(hold_id))
         record = await self.inventory.hold_record(release.id, hold_id)
         if record is not None and not matches(token, bytes.fromhex(record.token_hash)):

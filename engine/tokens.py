@@ -83,12 +83,32 @@ def derived_id(secret: bytes, purpose: str, prefix: str, length: int, *parts: st
 _SIGNATURE = 4  # characters of a signed id's MAC: 20 bits
 
 
-def signed_id(secret: bytes, purpose: str, prefix: str, length: int) -> str:
+def signed_id(
+    secret: bytes, purpose: str, prefix: str, length: int, token: str | None = None
+) -> str:
     """``prefix``, ``length`` random characters, and 4 characters of a MAC of both: the
     service can tell an id it issued from any other without keeping it (a wrong one passes
-    once in a million guesses). ``purpose``: 16 bytes at most."""
+    once in a million guesses). ``purpose``: 10 bytes at most.
+
+    With ``token``, 4 characters of a MAC of the token come before the signature (which
+    covers them): ``token_fits`` then tells a wrong token from the id alone, as rarely
+    wrong, and the stored hash of the token still decides."""
     body = new_id(prefix, length)
+    if token is not None:
+        body += _token_tag(secret, purpose, body, token)
     return body + _signature(secret, purpose, body)
+
+
+def token_fits(secret: bytes, purpose: str, identifier: str, token: str) -> bool:
+    """Whether ``token`` is the one ``identifier`` was made with (``signed_id``'s
+    ``token``); the identifier's own signature is ``is_signed``'s to check."""
+    body = identifier[:-_SIGNATURE]
+    base, tag = body[:-_SIGNATURE], body[-_SIGNATURE:]
+    return hmac.compare_digest(tag.encode(), _token_tag(secret, purpose, base, token).encode())
+
+
+def _token_tag(secret: bytes, purpose: str, base: str, token: str) -> str:
+    return _signature(secret, purpose + ":token", f"{base}\x00{token}")
 
 
 def is_signed(secret: bytes, purpose: str, identifier: str) -> bool:

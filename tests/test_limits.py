@@ -197,6 +197,30 @@ async def test_a_spent_entry_challenge_replayed_is_limited_as_a_replay(clean: No
         assert (await api.call("POST", path, {**paid, "applicant": person}, headers)).status == 201
 
 
+async def test_a_wrong_hold_token_is_told_without_a_store_or_the_holds_bucket(
+    clean: None, redis: aioredis.Redis
+) -> None:
+    """A hold's id carries a tag of its token: a confirm or a release with another token is
+    refused (401) without a Redis command, and without taking a token of the hold's own
+    bucket, which its owner's retries need."""
+    async with engine(limit_hold=Rate(2, 60)) as api:
+        release = await api.publish([1])
+        hold = (await api.hold(release["slots"][0]["id"], "10.0.3.1")).body
+        person = applicant()
+        assert (await api.confirm(hold, person, "10.0.3.1")).status == 201
+        forged = {**hold, "hold_token": hold["hold_token"][:-2] + "xx"}
+        before = await commands(redis)
+        for _ in range(5):
+            r = await api.confirm(forged, applicant(), "10.0.3.2")
+            assert (r.status, r.body["type"]) == (401, "/problems/unauthorized"), r.body
+            path = f"/v1/holds/{hold['hold_id']}"
+            auth = {"Authorization": f"Bearer {forged['hold_token']}"}
+            assert (await api.call("DELETE", path, headers=auth)).status == 401
+        assert await commands(redis) == before
+        again = await api.confirm(hold, person, "10.0.3.1")  # the owner's retry
+        assert again.status == 201, again.body
+
+
 async def test_one_booked_hold_replayed_from_many_networks_is_limited(clean: None) -> None:
     """A hold id is not bound to an address, so a botnet can replay one booked hold from a
     new network each time, in a new name each time: every other bucket is fresh. The hold's

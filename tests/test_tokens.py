@@ -18,6 +18,7 @@ from engine.tokens import (
     new_id,
     new_reference,
     signed_id,
+    token_fits,
 )
 
 
@@ -47,6 +48,23 @@ def test_references_use_crockford_base32() -> None:
     assert len(refs) == 2000
     assert all(REFERENCE.match(r) for r in refs)
     assert set("".join(r.replace("-", "") for r in refs)) == set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+
+
+def test_a_token_bound_id_tells_a_wrong_token() -> None:
+    secret = b"s" * 32
+    ids = {
+        f"token-{n}": signed_id(secret, "hold-id", "r0000000000ab.k", 15, f"token-{n}")
+        for n in range(200)
+    }
+    assert all(is_signed(secret, "hold-id", i) for i in ids.values())
+    assert all(token_fits(secret, "hold-id", i, token) for token, i in ids.items())
+    misfits = sum(
+        token_fits(secret, "hold-id", i, other)
+        for i in ids.values()
+        for other in ("token-x", "token-y")
+    )
+    assert misfits <= 1  # 400 tries of a 20-bit tag: one fits once in 2 600 runs
+    assert not token_fits(b"j" * 32, "hold-id", ids["token-0"], "token-0")
 
 
 def test_signed_ids_are_told_from_others() -> None:
