@@ -399,9 +399,10 @@ class Reservations:
             token = derived_token(self.settings.secret, "hold", client, idem_key, slot_id)
             idem_field = token_hash(f"{client}\x00{idem_key}\x00{slot_id}").hex()
         # ".k": the id carries a tag of its token (``_hold_for``); ".h", before, did not.
-        # 11 random characters, not 15: the tag takes the other 4, so that the id keeps the
-        # length every worker's release_of accepts (a rolling deploy serves both).
-        hold_id = signed_id(self.settings.secret, "hold-id", f"{release_id}.k", 11, token)
+        # 7 random characters, not 15: the tag takes the other 8, so that the id keeps the
+        # length every worker's release_of accepts (a rolling deploy serves both). Ids of
+        # different tokens differ by the tag as well: 75 bits, as before.
+        hold_id = signed_id(self.settings.secret, "hold-id", f"{release_id}.k", 7, token)
         now_ms = self.now_ms()
         result = await self.recovery.with_inventory(
             release_id,

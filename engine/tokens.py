@@ -90,9 +90,10 @@ def signed_id(
     service can tell an id it issued from any other without keeping it (a wrong one passes
     once in a million guesses). ``purpose``: 10 bytes at most.
 
-    With ``token``, 4 characters of a MAC of the token come before the signature (which
-    covers them): ``token_fits`` then tells a wrong token from the id alone, as rarely
-    wrong, and the stored hash of the token still decides."""
+    With ``token``, 8 characters of a MAC of the token (40 bits: too many to search for
+    one that fits by asking) come before the signature, which covers them:
+    ``token_fits`` then tells a wrong token from the id alone, and the stored hash of the
+    token still decides."""
     body = new_id(prefix, length)
     if token is not None:
         body += _token_tag(secret, purpose, body, token)
@@ -103,12 +104,15 @@ def token_fits(secret: bytes, purpose: str, identifier: str, token: str) -> bool
     """Whether ``token`` is the one ``identifier`` was made with (``signed_id``'s
     ``token``); the identifier's own signature is ``is_signed``'s to check."""
     body = identifier[:-_SIGNATURE]
-    base, tag = body[:-_SIGNATURE], body[-_SIGNATURE:]
+    base, tag = body[:-_TOKEN_TAG], body[-_TOKEN_TAG:]
     return hmac.compare_digest(tag.encode(), _token_tag(secret, purpose, base, token).encode())
 
 
+_TOKEN_TAG = 8  # characters of a token's MAC in an id: 40 bits
+
+
 def _token_tag(secret: bytes, purpose: str, base: str, token: str) -> str:
-    return _signature(secret, purpose + ":token", f"{base}\x00{token}")
+    return _signature(secret, purpose + ":token", f"{base}\x00{token}", _TOKEN_TAG)
 
 
 def is_signed(secret: bytes, purpose: str, identifier: str) -> bool:
@@ -118,10 +122,10 @@ def is_signed(secret: bytes, purpose: str, identifier: str) -> bool:
     )
 
 
-def _signature(secret: bytes, purpose: str, body: str) -> str:
+def _signature(secret: bytes, purpose: str, body: str, size: int = _SIGNATURE) -> str:
     # Keyed BLAKE2b is a MAC in one call: about half an HMAC's time, on every hold.
     mac = hashlib.blake2b(
-        body.encode(), digest_size=_SIGNATURE, key=_id_key(secret), person=purpose.encode()
+        body.encode(), digest_size=size, key=_id_key(secret), person=purpose.encode()
     )
     return mac.digest().translate(_ID_TABLE).decode()
 

@@ -201,15 +201,6 @@ def _config(seeded: Seeded) -> SchemathesisConfig:
                 # much data it calls valid is rightly refused with 400 or 413.
                 "positive_data_acceptance": {"enabled": False},
             },
-            "operations": [
-                {
-                    # Replayed with a wrong token after it released the hold, DELETE answers
-                    # 410 hold-expired, not 401: a released hold keeps no token to compare.
-                    "include-path": "/v1/holds/{hold_id}",
-                    "include-method": "DELETE",
-                    "checks": {"ignored_auth": {"enabled": False}},
-                },
-            ],
             "dictionaries": {
                 "sites": {"values": [SITE, "bobi\u0000gny"]},
                 "procedures": {"values": list(PROCEDURES)},

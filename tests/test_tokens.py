@@ -53,18 +53,23 @@ def test_references_use_crockford_base32() -> None:
 def test_a_token_bound_id_tells_a_wrong_token() -> None:
     secret = b"s" * 32
     ids = {
-        f"token-{n}": signed_id(secret, "hold-id", "r0000000000ab.k", 15, f"token-{n}")
+        f"token-{n}": signed_id(secret, "hold-id", "r0000000000ab.k", 7, f"token-{n}")
         for n in range(200)
     }
+    # The hold's layout: 20 characters after the release, as every worker's release_of takes.
+    assert all(re.fullmatch(r"r0000000000ab\.k[0-9a-hjkmnp-tv-z]{19}", i) for i in ids.values())
     assert all(is_signed(secret, "hold-id", i) for i in ids.values())
     assert all(token_fits(secret, "hold-id", i, token) for token, i in ids.items())
-    misfits = sum(
+    assert not any(
         token_fits(secret, "hold-id", i, other)
         for i in ids.values()
         for other in ("token-x", "token-y")
-    )
-    assert misfits <= 1  # 400 tries of a 20-bit tag: one fits once in 2 600 runs
+    )  # 400 tries of a 40-bit tag
     assert not token_fits(b"j" * 32, "hold-id", ids["token-0"], "token-0")
+    # The signature covers the tag: an id with another tag is no id of this service.
+    i = ids["token-0"]
+    tag_char = i[-5]
+    assert not is_signed(secret, "hold-id", i[:-5] + ("0" if tag_char != "0" else "1") + i[-4:])
 
 
 def test_signed_ids_are_told_from_others() -> None:
