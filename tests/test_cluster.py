@@ -237,6 +237,15 @@ async def test_a_primary_that_dies_is_replaced_by_its_replica(tmp_path: Path, cl
                 assert (await replica.execute_command("ROLE"))[0] == b"master"
             finally:
                 await replica.aclose()
+            survivors = [n for i, n in enumerate(nodes) if i != victim]
+
+            async def healed() -> bool:
+                # The other nodes learn of the promotion a little later: until then they
+                # answer CLUSTERDOWN (503 here) for the buckets a challenge takes there.
+                states = await on_each(survivors, "CLUSTER INFO")
+                return all(state["cluster_state"] == "ok" for state in states)
+
+            await poll(healed, lambda: "\n".join(n.describe() for n in nodes), within_s=30)
             hold = await api.hold(slot, ip(100))
             assert hold.status == 201, hold.body
             assert (await api.confirm(hold.body, applicant(100), ip(100))).status == 201
