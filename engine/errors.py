@@ -11,6 +11,7 @@
     ├── HoldConfirming             409 hold-confirming (a confirm of this hold is under way)
     ├── CancelledOtherwise         409 cancelled-otherwise (cancelled before, not as asked)
     ├── ChallengeExpired           410 challenge-expired
+    │   └── ChallengeSpent         the same, said of a challenge spent before
     ├── HoldExpired                410 hold-expired
     ├── PayloadTooLarge            413 payload-too-large
     ├── NotAcceptable              406 not-acceptable
@@ -122,6 +123,11 @@ class CancelledOtherwise(GuichetError):
 
 class ChallengeExpired(GuichetError):
     name, status, title = "challenge-expired", 410, "The challenge expired or was already spent"
+
+
+class ChallengeSpent(ChallengeExpired):
+    def __init__(self) -> None:
+        super().__init__("This challenge was already spent; ask for a new one")
 
 
 class HoldExpired(GuichetError):

@@ -16,6 +16,7 @@ from typing import Any
 from engine import draw
 from engine.errors import (
     ChallengeExpired,
+    ChallengeSpent,
     IdentityAlreadyBooked,
     NotFound,
     NotOpen,
@@ -119,17 +120,13 @@ class Lottery:
             # PostgreSQL lookup. The buckets of a confirm's replay bound it, not the global
             # entry bucket, which a replayed challenge would otherwise drain for everyone.
             await self.domain.limiter.replay(who, identity.hex())
-            if replayed := await self._replayed(release, entry_id, token, identity):
-                return replayed
-            raise ChallengeExpired("This challenge was already spent; ask for a new one")
+            return await self._replayed_or_spent(release, entry_id, token, identity)
         await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
         if not await self.domain.inventory.spend_challenge(
             release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
         ):
             self._spent.add(paid.id, paid.expires_ms, now_ms)
-            if replayed := await self._replayed(release, entry_id, token, identity):
-                return replayed
-            raise ChallengeExpired("This challenge was already spent; ask for a new one")
+            return await self._replayed_or_spent(release, entry_id, token, identity)
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who.net)
         except IdentityAlreadyBooked:
@@ -198,6 +195,14 @@ class Lottery:
             return None
         log.info("entry_replayed", release=release.id, entry=entry_id)
         return NewEntry(entry_id, token, status)
+
+    async def _replayed_or_spent(
+        self, release: Release, entry_id: str, token: str, identity: bytes
+    ) -> NewEntry:
+        """The entry a retry registered with its challenge, or 410 for a spent challenge."""
+        if replayed := await self._replayed(release, entry_id, token, identity):
+            return replayed
+        raise ChallengeSpent()
 
     async def _add_entry(
         self,

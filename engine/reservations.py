@@ -26,6 +26,7 @@ from engine import draw, pow, sessions
 from engine.errors import (
     CancelledOtherwise,
     ChallengeExpired,
+    ChallengeSpent,
     HoldConfirming,
     HoldExpired,
     NotCommitted,
@@ -384,7 +385,7 @@ class Reservations:
             # A retry of the hold it paid for is answered with that hold, never "spent":
             # what keeps being told so for this slot is a replay (with Idempotency-Key
             # after key, each a new request for Redis), refused here from now on.
-            raise ChallengeExpired("This challenge was already spent; ask for a new one")
+            raise ChallengeSpent()
         release = await self.release(release_id)
         slot = self._open_slot(release, slot_id)
         if idem_key is None:
@@ -428,7 +429,7 @@ class Reservations:
             self._spent.add((paid.id, slot_id), usable_until_ms, now_ms)
             if now_ms >= paid.expires_ms:
                 raise ChallengeExpired("The challenge's time ran out; ask for a new one")
-            raise ChallengeExpired("This challenge was already spent; ask for a new one")
+            raise ChallengeSpent()
         if result.outcome == "no-slot":
             raise NotFound(f"No slot {slot_id!r}")
         if result.outcome == "client-limit":

@@ -42,6 +42,11 @@ def applicant(n: int | None = None, **overrides: str) -> dict[str, str]:
     return person
 
 
+def other_than(text: str) -> str:
+    """``text`` with its last character changed: a wrong token, a broken signature."""
+    return text[:-1] + ("x" if text[-1] != "x" else "y")
+
+
 def ip(n: int) -> str:
     return f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
 
