@@ -116,8 +116,11 @@ _COUNTED = "b.cancelled_by IS DISTINCT FROM 'prefecture'"
 # What Store.purge erases: names, birth date, client network, and the keyed hashes, replaced
 # by hashes of the row's own key (unique, as the indexes on them need, and linked to no one).
 # It finds its rows through bookings_unpurged and entries_unpurged (sql/012): created before
-# the cutoff and not purged. An entry is purged once its draw has dealt with it and its
-# release's last appointment started a day (the longest slot) before the cutoff.
+# the cutoff and not purged. An entry is purged once its release's last appointment started
+# a day (the longest slot) before the cutoff, and its draw has dealt with it or was due
+# before the cutoff: a draw that keeps failing must not keep its entrants' data for ever.
+# If it runs at last, it passes over purged entries (Store._draw_exclusions), so that the
+# places it carries from other releases go to nobody without a name.
 
 
 def _purge_statement(table: str, key: str, due: str, also: str = "") -> str:
@@ -147,7 +150,9 @@ _PURGE_BOOKINGS = _purge_statement(
 _PURGE_ENTRIES = _purge_statement(
     "entries",
     "id",
-    """e.status <> 'registered'
+    """(e.status <> 'registered'
+            OR (SELECT r.draw_at FROM releases r WHERE r.id = e.release_id)
+               < now() - make_interval(days => $1))
        AND (SELECT max(s.starts_at) FROM slots s WHERE s.release_id = e.release_id)
            < now() - make_interval(days => $1) - interval '1 day'""",
 )
@@ -927,7 +932,8 @@ class Store:
         ranked: list[str],
         places: list[draw.Places],
     ) -> list[str]:
-        """The entries the draw passes over, keeping their rank: their person has an active
+        """The entries the draw passes over, keeping their rank: their personal data was
+        purged (a draw that failed for months), or their person has an active
         booking of the procedure, or is at a cap of book_hold's (bookings or cancellations
         over the period), or their email address would go over its cap of active bookings
         (those the draw gives counted in draw order: the best-ranked entries of an address
@@ -937,6 +943,7 @@ class Store:
             e["digest"]
             for e in entries
             if e["booked"]
+            or e["purged_at"] is not None
             or e["recent_bookings"] >= rules.max_bookings
             or e["recent_cancellations"] >= rules.max_cancellations
         }

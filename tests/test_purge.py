@@ -109,6 +109,37 @@ async def test_draw_entries_keep_no_personal_data_past_their_retention(
     assert record.status == 200 and len(record.body["entries"]) == 1
 
 
+async def test_entries_of_a_draw_that_never_ran_are_purged_and_then_passed_over(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    # A draw that fails for months must not keep its entrants' data past the retention; and
+    # if it runs at last, a purged entry must not win a place carried from another draw,
+    # which would book someone without a name.
+    await api.site()
+    clock.now -= 100 * DAY
+    late = (await api.publish_draw([1]))["id"]  # slots 97 days ago; its draw was due 99
+    entry = await api.enter(late, applicant(), ip(1))
+    assert entry.status == 201, entry.body
+    clock.now += 100 * DAY
+    await backdate(pg, 100)
+    store = api.client.app[RESERVATIONS].store
+    assert await store.purge(5) == Purged(0, 1, more=False)
+    row = await pg.fetchrow("SELECT * FROM entries WHERE id = $1", entry.body["entry_id"])
+    assert (row["family_name"], row["birth_date"], row["status"]) == ("", None, "registered")
+    # Another draw of the procedure, drawn with nobody entered: its place is carried.
+    carrier = (await api.publish_draw([1], closes_in_s=1, draw_in_s=2))["id"]
+    clock.advance(3)
+    lottery = api.client.app[LOTTERY]
+    assert (await lottery.run(carrier)) is not None
+    [outcome] = await lottery.run_due()
+    assert (outcome.entries, outcome.allocated) == (1, 0)
+    row = await pg.fetchrow("SELECT * FROM entries WHERE id = $1", entry.body["entry_id"])
+    assert (row["status"], row["excluded"]) == ("withdrawn", True)
+    assert await pg.fetchval("SELECT count(*) FROM bookings") == 0
+    record = await api.call("GET", f"/v1/releases/{late}/draw")
+    assert record.status == 200 and record.body["excluded"] == [row["digest"]]
+
+
 async def test_the_sweeper_purges_past_the_retention_it_is_set_to(
     clean: None, pg: asyncpg.Connection
 ) -> None:
@@ -151,7 +182,7 @@ async def test_a_registered_entry_is_kept_until_its_draw(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:
     """A draw whose own slots are long past (its places may come from other releases) keeps
-    its entries' data until the draw has dealt with them."""
+    its entries' data until the draw has dealt with them, or was due before the cutoff."""
     await api.site()
     clock.now -= 10 * DAY
     release = (await api.publish_draw([1], draw_in_s=30 * DAY))["id"]
