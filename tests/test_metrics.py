@@ -27,13 +27,13 @@ def direct(observed: list[tuple[str, int, float]]) -> bytes:
     latency = Histogram(
         "guichet_http_request_duration_seconds",
         "",
-        ["route"],
+        ["route", "status_class"],
         buckets=_LATENCY_BUCKETS,
         registry=registry,
     )
     for route, status, seconds in observed:
         requests.labels(route, "GET", str(status)).inc()
-        latency.labels(route).observe(seconds)
+        latency.labels(route, f"{status // 100}xx").observe(seconds)
     return generate_latest(registry)
 
 
@@ -78,8 +78,8 @@ def test_values_on_a_bound_go_in_that_bucket() -> None:
     for seconds in (0.001, 0.0010001, 5.0, 7.0):
         metrics.answered("/healthz", "GET", 200, seconds)
     text = metrics.render().decode()
-    assert 'duration_seconds_bucket{le="0.001",route="/healthz"} 1.0' in text
-    assert 'duration_seconds_bucket{le="0.0025",route="/healthz"} 2.0' in text
-    assert 'duration_seconds_bucket{le="5.0",route="/healthz"} 3.0' in text
-    assert 'duration_seconds_bucket{le="+Inf",route="/healthz"} 4.0' in text
-    assert 'duration_seconds_count{route="/healthz"} 4.0' in text
+    assert 'duration_seconds_bucket{le="0.001",route="/healthz",status_class="2xx"} 1.0' in text
+    assert 'duration_seconds_bucket{le="0.0025",route="/healthz",status_class="2xx"} 2.0' in text
+    assert 'duration_seconds_bucket{le="5.0",route="/healthz",status_class="2xx"} 3.0' in text
+    assert 'duration_seconds_bucket{le="+Inf",route="/healthz",status_class="2xx"} 4.0' in text
+    assert 'duration_seconds_count{route="/healthz",status_class="2xx"} 4.0' in text
