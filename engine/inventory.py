@@ -20,8 +20,8 @@ from typing import Any, Literal, NoReturn, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.autopipeline import AutoPipeline, Command
@@ -71,7 +71,16 @@ _UNAVAILABLE_REPLIES = frozenset(
 _UNAVAILABLE_MESSAGE = "max number of clients reached"
 
 AnyRedis = Redis | RedisCluster
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+_UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    TimeoutError,
+    OSError,
+    # redis-py's cluster client: no node reachable to learn the slots from
+    # (RedisClusterException), or its retries on a moved slot ran out (ClusterError).
+    RedisClusterException,
+    ClusterError,
+)
 
 
 def library_source() -> tuple[str, str]:

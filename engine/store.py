@@ -64,7 +64,10 @@ _UNAVAILABLE = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
+    # Class 53: out of connections, disk, memory or a configured limit; class 58: an I/O
+    # error. The server cannot serve now; nothing is wrong with the request.
+    asyncpg.InsufficientResourcesError,
+    asyncpg.PostgresSystemError,
     # Class 57: a timeout (query canceled), a shutdown (admin, crash: every backend ended after
     # another crashed), a server still starting, an idle session ended.
     asyncpg.OperatorInterventionError,

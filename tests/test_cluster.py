@@ -187,6 +187,25 @@ async def test_a_cluster_that_lost_everything_is_rebuilt(
     assert (report.releases, report.corrections) == (6, 0)
 
 
+async def test_a_cluster_that_is_down_is_answered_503(api: Api, cluster: list[RedisServer]) -> None:
+    """Every node gone: redis-py's cluster client says so with exceptions of its own (no
+    node to ask for the slots map), which must be 503 with Retry-After like a lone Redis's."""
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    assert (await api.hold(slot)).status == 201
+    for node in cluster:
+        node.kill()
+    api.client.app[RESERVATIONS].forget(release["id"])  # the listing asks Redis again
+    for reply in (
+        await api.call("POST", "/v1/challenges", {"release": release["id"]}),
+        await api.call("GET", f"/v1/releases/{release['id']}/slots"),
+        await api.call("GET", "/readyz"),
+    ):
+        assert reply.status == 503, reply.body
+        assert int(reply.headers["Retry-After"]) >= 1
+
+
 async def test_a_primary_that_dies_is_replaced_by_its_replica(tmp_path: Path, clean: None) -> None:
     """A primary is killed (SIGKILL) and its replica takes its place: a Redis Cluster
     failover. Until then the engine answers that primary's releases with 503 and

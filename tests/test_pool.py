@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from engine.store import create_pool
+from engine.errors import StoreUnavailable
+from engine.store import Store, create_pool
 
 
 async def test_a_connection_comes_back_without_locks_or_transaction(database: str) -> None:
@@ -49,5 +50,21 @@ async def test_the_reset_query_is_really_skipped(database: str) -> None:
         async with pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
         assert raw._protocol.queries_count == before + 1
+    finally:
+        await pool.close()
+
+
+async def test_a_server_out_of_resources_is_unavailable_not_a_bug(database: str) -> None:
+    """Class 53 (disk full, out of memory, a configured limit: here temp_file_limit, which
+    a real sort can go over) is PostgreSQL unable to serve now: 503, as a timeout is."""
+    pool = await create_pool(database, timeout_s=5.0, size=1)
+    store = Store(pool, timeout_s=5.0, retry_after_s=2)
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            async with store._transaction() as conn:
+                await conn.execute("SET LOCAL work_mem = '64kB'; SET LOCAL temp_file_limit = 64")
+                await conn.fetch("SELECT g FROM generate_series(1, 100000) g ORDER BY g DESC")
+        assert isinstance(raised.value.__cause__, asyncpg.InsufficientResourcesError)
+        assert raised.value.retry_after == 2
     finally:
         await pool.close()
