@@ -28,8 +28,8 @@ def issue(secret: bytes, now_ms: int) -> str:
 
 def session_id(secret: bytes, token: str | None, now_ms: int, ttl_s: int) -> str | None:
     """The session's id if ``token`` is ours and younger than ``ttl_s``, else None."""
-    if not token or len(token) > 100:
-        return None
+    if not token or len(token) > 100 or not token.isascii():
+        return None  # not ours (and bytes not UTF-8 reach here as surrogates, unencodable)
     body, _, mac = token.rpartition(".")
     if not hmac.compare_digest(_mac(secret, body).encode(), mac.encode()):
         return None

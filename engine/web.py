@@ -234,6 +234,10 @@ def bearer(request: web.Request) -> str:
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Missing bearer token")
+    if not token.isascii():
+        # Every token of ours is ASCII. Bytes that are not UTF-8 reach here as surrogates,
+        # which hashing the token could not encode (a 500).
+        raise Unauthorized("Malformed bearer token")
     return token.strip()
 
 
