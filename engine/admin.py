@@ -38,6 +38,11 @@ AGENDA_COLUMNS = (
 )
 
 
+def _limit(request: web.Request) -> int:
+    """Staff's bodies may be larger than the public ones: a release of many slots."""
+    return request.app[SETTINGS].max_admin_body_bytes
+
+
 def require_admin(request: web.Request) -> None:
     expected = request.app[SETTINGS].admin_token
     presented = bearer(request)
@@ -48,7 +53,7 @@ def require_admin(request: web.Request) -> None:
 async def put_site(request: web.Request) -> web.Response:
     require_admin(request)
     site_id = request.match_info["site"]
-    body = await parse_body(request, schemas.SiteIn)
+    body = await parse_body(request, schemas.SiteIn, _limit(request))
     schemas.parse_ident("site", site_id)
     site = Site(
         site_id, body.name, body.timezone, tuple(Procedure(p.id, p.name) for p in body.procedures)
@@ -60,7 +65,7 @@ async def put_site(request: web.Request) -> web.Response:
 
 async def create_release(request: web.Request) -> web.Response:
     require_admin(request)
-    body = await parse_body(request, schemas.ReleaseIn)
+    body = await parse_body(request, schemas.ReleaseIn, _limit(request))
     domain = request.app[RESERVATIONS]
     release = new_release(
         body.site,
@@ -108,7 +113,7 @@ def if_match(request: web.Request) -> frozenset[str] | None:
 
 async def patch_release(request: web.Request) -> web.Response:
     require_admin(request)
-    body = await parse_body(request, schemas.ReleasePatch)
+    body = await parse_body(request, schemas.ReleasePatch, _limit(request))
     domain = request.app[RESERVATIONS]
     release = await domain.release(request.match_info["release"])
     windows = {
@@ -124,14 +129,14 @@ async def patch_release(request: web.Request) -> web.Response:
 async def put_beacon(request: web.Request) -> web.Response:
     """Add the public beacon value to a draw, after registration closed."""
     require_admin(request)
-    body = await parse_body(request, schemas.BeaconIn)
+    body = await parse_body(request, schemas.BeaconIn, _limit(request))
     await request.app[LOTTERY].set_beacon(request.match_info["release"], body.beacon)
     return json_response({"beacon": body.beacon})
 
 
 async def staff_booking(request: web.Request) -> web.Response:
     require_admin(request)
-    body = await parse_body(request, schemas.StaffBookingRequest)
+    body = await parse_body(request, schemas.StaffBookingRequest, _limit(request))
     done = await request.app[RESERVATIONS].staff_book(body.slot_id, applicant(body.applicant))
     return json_response(
         {"booking": render.booking(done.booking), "cancel_token": done.cancel_token}, status=201
@@ -141,7 +146,7 @@ async def staff_booking(request: web.Request) -> web.Response:
 async def staff_entry(request: web.Request) -> web.Response:
     """Register a person in a draw at the counter or on the phone: no proof of work."""
     require_admin(request)
-    body = await parse_body(request, schemas.StaffEntryRequest)
+    body = await parse_body(request, schemas.StaffEntryRequest, _limit(request))
     entry = await request.app[LOTTERY].staff_enter(
         request.match_info["release"], applicant(body.applicant), idempotency_key(request)
     )

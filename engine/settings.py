@@ -85,6 +85,8 @@ class Settings:
     pg_pool_size: int = 10
     retry_after_s: int = 2
     max_body_bytes: int = 16 * 1024
+    # Staff's bodies: a release of the most slots the schema takes (2 000) is about 250 KiB.
+    max_admin_body_bytes: int = 1024 * 1024
     max_in_flight: int = 2000
     # Token buckets (see LIMITS and docs/abuse.md). Challenges are the gate of every
     # attempt: address, network, session and global buckets are taken when one is issued.
@@ -147,6 +149,10 @@ class Settings:
             port=_int(env, "GUICHET_PORT", 8080, 0, 65535),
             workers=_int(env, "GUICHET_WORKERS", 1, 1, 256),
             pg_pool_size=_int(env, "GUICHET_PG_POOL_SIZE", 10, 1, 1000),
+            max_body_bytes=_int(env, "GUICHET_MAX_BODY_BYTES", 16 * 1024, 1024, 1024 * 1024),
+            max_admin_body_bytes=_int(
+                env, "GUICHET_MAX_ADMIN_BODY_BYTES", 1024 * 1024, 16 * 1024, 64 * 1024 * 1024
+            ),
             hold_ttl_s=_int(env, "GUICHET_HOLD_TTL", 600, 10, 86400),
             trusted_proxies=_networks(env.get("GUICHET_TRUSTED_PROXIES", "")),
             pow_difficulty=_int(env, "GUICHET_POW_DIFFICULTY", 20, 0, 32),
@@ -186,6 +192,8 @@ KNOWN_VARIABLES = frozenset(
         "GUICHET_PORT",
         "GUICHET_WORKERS",
         "GUICHET_PG_POOL_SIZE",
+        "GUICHET_MAX_BODY_BYTES",
+        "GUICHET_MAX_ADMIN_BODY_BYTES",
         "GUICHET_HOLD_TTL",
         "GUICHET_TRUSTED_PROXIES",
         "GUICHET_POW_DIFFICULTY",

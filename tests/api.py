@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from aiohttp.test_utils import TestClient
 
@@ -62,7 +63,7 @@ class Api:
         path: str,
         json: Any = None,
         headers: dict[str, str] | None = None,
-        data: bytes | None = None,
+        data: bytes | BinaryIO | AsyncIterable[bytes] | None = None,
     ) -> Reply:
         kwargs: dict[str, Any] = {"headers": headers or {}}
         if json is not None:

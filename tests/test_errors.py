@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -15,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.pow import leading_zero_bits_ok, solve
-from engine.settings import Rate
+from engine.settings import Rate, Settings
 from engine.web import unmatched
 from tests.api import ADMIN, Api, Reply, applicant
 from tests.conftest import FakeClock, make_settings
@@ -348,6 +351,57 @@ async def test_payload_too_large(api: Api, pg: asyncpg.Connection, release: dict
         413,
     )
     assert await state(api, pg, release["id"]) == before
+
+
+async def test_staff_bodies_have_a_larger_limit_of_their_own(
+    api: Api, pg: asyncpg.Connection, settings: Settings
+) -> None:
+    # A release of the most slots the schema takes (2 000) is over the public 16 KiB.
+    await api.site()
+    first = datetime.fromtimestamp(int(api.clock.now), UTC) + timedelta(days=3)
+    slots = [
+        {
+            "starts_at": (first + timedelta(minutes=15 * i)).isoformat(),
+            "duration_minutes": 15,
+            "capacity": 1,
+        }
+        for i in range(2000)
+    ]
+    release = {
+        "site": "bobigny",
+        "procedure": "renouvellement",
+        "mode": "fcfs",
+        "opens_at": first.isoformat(),
+        "slots": slots,
+    }
+    body = json.dumps(release, indent=2).encode()
+    assert settings.max_body_bytes < len(body) < settings.max_admin_body_bytes
+    admin_json = {**ADMIN, "Content-Type": "application/json"}
+    published = await api.call("POST", "/v1/admin/releases", data=body, headers=admin_json)
+    assert published.status == 201, published.body
+    assert len(published.body["release"]["slots"]) == 2000
+    # Over staff's own limit: refused, whether its length is given or it comes in chunks.
+    huge = body + b" " * settings.max_admin_body_bytes
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(huge), 65536):
+            yield huge[start : start + 65536]
+
+    for data in (io.BytesIO(huge), chunks()):  # BytesIO: with Content-Length
+        refused = await api.call("POST", "/v1/admin/releases", data=data, headers=admin_json)
+        problem(refused, "payload-too-large", 413)
+    assert await pg.fetchval("SELECT count(*) FROM releases") == 1
+    # The public limit still holds on the public routes, in chunks too.
+    public = json.dumps({"slot_id": "x" * settings.max_body_bytes}).encode()
+
+    async def public_chunks() -> AsyncIterator[bytes]:
+        yield public[:1000]
+        yield public[1000:]
+
+    reply = await api.call(
+        "POST", "/v1/holds", data=public_chunks(), headers={"Content-Type": "application/json"}
+    )
+    problem(reply, "payload-too-large", 413)
 
 
 async def test_rate_limited(clean: None) -> None:
