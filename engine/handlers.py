@@ -103,7 +103,9 @@ async def list_sites(request: web.Request) -> web.Response:
 
 async def list_releases(request: web.Request) -> web.Response:
     domain = request.app[RESERVATIONS]
-    site, procedure = request.query.get("site"), request.query.get("procedure")
+    # An empty value filters nothing, as a form's "any" choice sends it (`?site=&procedure=`).
+    site = request.query.get("site") or None
+    procedure = request.query.get("procedure") or None
     for name, value in (("site", site), ("procedure", procedure)):
         if value is not None:
             schemas.parse_ident(name, value)

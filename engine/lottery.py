@@ -153,7 +153,9 @@ class Lottery:
         same request again (its answer lost) gets the same entry back, as a hold's
         Idempotency-Key does; without, it is refused as this person's second entry."""
         s = self.settings
-        release = await self._draw_release(release_id)
+        release = await self.domain.release(release_id)
+        if release.mode != "draw":  # as online
+            raise NotOpen("This release is first come, first served: book a place instead")
         assert release.registration_opens_at and release.registration_closes_at
         identity = applicant.identity_hash(s.secret)
         key = idem_key if idem_key is not None else new_token()

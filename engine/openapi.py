@@ -123,8 +123,10 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
             {"name": "release", "in": "query", "required": False, "schema": {"type": "string"}}
         )
     if route.path == "/v1/releases":
+        # Empty: no filter (handlers.list_releases).
+        any_or_ident = {"type": "string", "pattern": "^([a-z0-9][a-z0-9-]{0,62})?$"}
         params += [
-            {"name": n, "in": "query", "required": False, "schema": _IDENT}
+            {"name": n, "in": "query", "required": False, "schema": any_or_ident}
             for n in ("site", "procedure")
         ]
     if route.path == "/v1/admin/agenda":

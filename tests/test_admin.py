@@ -125,6 +125,9 @@ async def test_published_release_is_listed(api: Api) -> None:
     assert r.body["releases"][0]["slots_total"] == 5
     assert r.body["releases"][0]["mode"] == "fcfs"
     assert (await api.call("GET", "/v1/releases?site=elsewhere")).body == {"releases": []}
+    # Empty values filter nothing: API.md's own template, as a form sends it.
+    r = await api.call("GET", "/v1/releases?site=&procedure=")
+    assert r.status == 200 and [x["id"] for x in r.body["releases"]] == [release["id"]]
 
 
 async def test_capacity_never_below_booked_or_held(api: Api) -> None:

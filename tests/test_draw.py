@@ -793,7 +793,8 @@ async def test_people_at_the_counter_enter_the_draw(api: Api, clock: FakeClock) 
     elsewhere = await api.call(
         "POST", f"/v1/admin/releases/{fcfs}/entries", {"applicant": person}, ADMIN
     )
-    assert elsewhere.status == 404
+    # A first-come release has no draw to enter: 409 not-open, as online.
+    assert (elsewhere.status, elsewhere.body["type"]) == (409, "/problems/not-open")
 
     clock.advance(86400)  # registration closed
     late = await enter(applicant())
