@@ -246,14 +246,16 @@ class Lottery:
         return EntryView(entry.status, booking, self._cancel_token(entry.id))
 
     async def withdraw(self, release_id: str, entry_id: str, token: str) -> None:
+        """Withdraw before the draw (API.md), registration closed or not: after the close
+        the entry stays in the frozen list, and the draw passes it over."""
         release, entry = await self._entry(release_id, entry_id, token)
-        if entry.status == "withdrawn":
+        if entry.status == "registered" and await self.store.withdraw_entry(release.id, entry.id):
+            log.info("entry_withdrawn", release=release_id, entry=entry_id)
             return
-        assert release.registration_closes_at is not None
-        if entry.status != "registered" or self._now() >= release.registration_closes_at:
-            raise NotOpen("Registration has closed: the entry can no longer be withdrawn")
-        await self.store.withdraw_entry(release.id, entry.id)
-        log.info("entry_withdrawn", release=release_id, entry=entry_id)
+        if entry.status == "registered":  # changed meanwhile: by the draw, or a withdrawal
+            _, entry = await self._entry(release_id, entry_id, token)
+        if entry.status != "withdrawn" or entry.excluded:
+            raise NotOpen("The draw has run: the entry can no longer be withdrawn")
 
     # Draws --------------------------------------------------------------------------------
 

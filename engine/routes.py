@@ -257,7 +257,7 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/v1/releases/{release}/entries/{entry_id}",
         handlers.delete_entry,
-        "Withdraw an entry before registration closes",
+        "Withdraw an entry before the draw",
         204,
         errors=("unauthorized", "not-found", "not-open", *_STORE),
         auth="entry",

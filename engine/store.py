@@ -867,12 +867,21 @@ class Store:
         return None if row is None else Entry(*row.values())
 
     async def withdraw_entry(self, release_id: str, entry_id: str) -> bool:
+        """Withdraw a registered entry; False if it is not registered (any more). After the
+        freeze it stays among the draw's entries, flagged, and the draw passes it over
+        (sql/015_entry_withdrawn_frozen.sql). The release row's lock (FOR SHARE) orders this
+        with the freeze and with the draw, which take it FOR UPDATE: a withdrawal is either
+        before the freeze, or flagged, and never after the draw."""
         async with self._transaction() as conn:
-            await _require_unfrozen(conn, release_id)
+            frozen = await conn.fetchval(
+                "SELECT entries_digest IS NOT NULL FROM releases WHERE id = $1 FOR SHARE",
+                release_id,
+            )
             done = await conn.fetchval(
-                """UPDATE entries SET status = 'withdrawn'
+                """UPDATE entries SET status = 'withdrawn', withdrawn_frozen = $2
                    WHERE id = $1 AND status = 'registered' RETURNING id""",
                 entry_id,
+                bool(frozen),
             )
         return done is not None
 
@@ -935,8 +944,9 @@ class Store:
         ranked: list[str],
         places: list[draw.Places],
     ) -> list[str]:
-        """The entries the draw passes over, keeping their rank: their personal data was
-        purged (a draw that failed for months), or their person has an active
+        """The entries the draw passes over, keeping their rank: their person withdrew them
+        after registration closed, or their personal data was purged (a draw that failed
+        for months), or their person has an active
         booking of the procedure, or is at a cap of book_hold's (bookings or cancellations
         over the period), or their email address would go over its cap of active bookings
         (those the draw gives counted in draw order: the best-ranked entries of an address
@@ -945,7 +955,8 @@ class Store:
         out = {
             e["digest"]
             for e in entries
-            if e["booked"]
+            if e["withdrawn_frozen"]
+            or e["booked"]
             or e["purged_at"] is not None
             or e["recent_bookings"] >= rules.max_bookings
             or e["recent_cancellations"] >= rules.max_cancellations
@@ -1053,7 +1064,8 @@ class Store:
                                    AS cancellations
                         FROM bookings b
                         WHERE b.identity_hash = e.identity_hash AND {_COUNTED}) recent
-                    WHERE e.release_id = $1 AND e.status = 'registered'""",  # noqa: S608 (constants)
+                    WHERE e.release_id = $1
+                      AND (e.status = 'registered' OR e.withdrawn_frozen)""",  # noqa: S608 (constants)
                 release_id,
                 self._rules.period,
                 timeout=DRAW_TIMEOUT_S,

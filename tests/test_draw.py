@@ -18,7 +18,7 @@ from engine import draw
 from engine.app import create_app
 from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.sweeper import sweep_once
-from tests.api import ADMIN, Api, applicant, ip
+from tests.api import ADMIN, Api, Reply, applicant, ip
 from tests.conftest import DATABASE_URL, FakeClock, make_settings
 from tests.procs import HOST, TcpProxy, with_port
 
@@ -176,13 +176,6 @@ async def test_entries_and_windows(api: Api, clock: FakeClock) -> None:
     clock.advance(86400)
     late = await api.enter(release, applicant(), ip(7))
     assert late.status == 409 and late.body["type"] == "/problems/not-open"
-    assert (
-        await api.call(
-            "DELETE",
-            f"/v1/releases/{release}/entries/{entry.body['entry_id']}",
-            headers={"Authorization": f"Bearer {entry.body['entry_token']}"},
-        )
-    ).status == 409
     assert (await api.call("GET", f"/v1/releases/{release}/draw")).status == 409
 
 
@@ -605,6 +598,47 @@ async def test_an_entry_excluded_by_the_draw_says_so(api: Api, clock: FakeClock)
     assert {(await entry_status(api, release, e))["status"] for e in entries} == {"won"}
 
 
+async def test_an_entry_is_withdrawn_until_the_draw_and_passed_over_once_frozen(
+    api: Api, clock: FakeClock
+) -> None:
+    """API.md: withdraw "before the draw". Withdrawn after registration closed, the entry
+    stays in the frozen list (the record's entries, which a checker hashes) and the draw
+    passes it over, with places to spare. After the draw: 409 not-open, for a winner or
+    an entry the draw passed over alike."""
+    await api.site()
+    release = (await api.publish_draw([3]))["id"]
+    early, late, winner = [
+        (await api.enter(release, applicant(), ip(80 + i))).body for i in range(3)
+    ]
+
+    async def withdraw(entry: dict[str, str]) -> Reply:
+        path = f"/v1/releases/{release}/entries/{entry['entry_id']}"
+        auth = {"Authorization": f"Bearer {entry['entry_token']}"}
+        return await api.call("DELETE", path, headers=auth)
+
+    assert (await withdraw(early)).status == 204  # registration open: out of the list
+    clock.advance(86400)  # registration closed, the draw not yet run
+    lottery = api.client.app[LOTTERY]
+    await lottery.run_due()  # freezes the list; nothing due yet
+    assert (await withdraw(late)).status == 204
+    assert (await withdraw(late)).status == 204  # again: as asked
+    assert await entry_status(api, release, late) == {"status": "withdrawn"}
+    clock.advance(3601)
+    [outcome] = await lottery.run_due()
+    assert (outcome.entries, outcome.places, outcome.allocated) == (2, 3, 1)
+    rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
+    assert draw.verify(rec) == []
+    assert sorted(rec["entries"]) == sorted(
+        draw.entry_digest(e["entry_id"]) for e in (late, winner)
+    )
+    assert rec["excluded"] == [draw.entry_digest(late["entry_id"])]
+    assert await entry_status(api, release, late) == {"status": "withdrawn"}
+    assert (await entry_status(api, release, winner))["status"] == "won"
+    refused = await withdraw(winner)
+    assert (refused.status, refused.body["type"]) == (409, "/problems/not-open")
+    assert (await withdraw(early)).status == 204  # withdrawn before: as asked
+
+
 async def test_a_draw_record_is_read_once_and_kept(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:
@@ -740,8 +774,11 @@ async def test_beacon_window(api: Api, clock: FakeClock) -> None:
     assert (await api.call("PUT", path, {"beacon": "too-late"}, ADMIN)).status == 409
 
 
-async def test_no_entry_slips_in_after_the_list_is_frozen(api: Api, clock: FakeClock) -> None:
-    """A late request (a slow path, or a worker whose clock lags) finds the list frozen."""
+async def test_no_entry_slips_in_after_the_list_is_frozen(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A late request (a slow path, or a worker whose clock lags) finds the list frozen: no
+    entry is added, and a withdrawal keeps the entry in the list, to be passed over."""
     await api.site()
     release = (await api.publish_draw([1]))["id"]
     entry = (await api.enter(release, applicant(), ip(1))).body
@@ -756,7 +793,9 @@ async def test_no_entry_slips_in_after_the_list_is_frozen(api: Api, clock: FakeC
         f"/v1/releases/{release}/entries/{entry['entry_id']}",
         headers={"Authorization": f"Bearer {entry['entry_token']}"},
     )
-    assert r.status == 409
+    assert r.status == 204
+    row = await pg.fetchrow("SELECT status, withdrawn_frozen FROM entries")
+    assert tuple(row.values()) == ("withdrawn", True)
 
 
 async def test_people_at_the_counter_enter_the_draw(api: Api, clock: FakeClock) -> None:
