@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hmac
 import io
+import json
 import re
 from datetime import date
 
@@ -20,7 +21,7 @@ from engine.errors import NotAcceptable, NotFound, Unauthorized, ValidationFaile
 from engine.handlers import applicant, idempotency_key
 from engine.models import Procedure, Release, Site
 from engine.reservations import SlotSpec, new_release
-from engine.tokens import token_hash
+from engine.tokens import derived_id, token_hash
 from engine.web import bearer, json_response, parse_body, preferred_type
 
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
@@ -66,7 +67,15 @@ async def put_site(request: web.Request) -> web.Response:
 async def create_release(request: web.Request) -> web.Response:
     require_admin(request)
     body = await parse_body(request, schemas.ReleaseIn, _limit(request))
+    key = idempotency_key(request)
     domain = request.app[RESERVATIONS]
+    release_id = None
+    if key is not None:
+        # The same request again (its answer lost: a 503 after the commit) gets the release
+        # it made, instead of a second release of the same appointments. The body is part
+        # of the key's scope: a key sent again with other slots publishes those.
+        scope = json.dumps(body.model_dump(mode="json"), sort_keys=True)
+        release_id = derived_id(request.app[SETTINGS].secret, "release-id", "r", 12, key, scope)
     release = new_release(
         body.site,
         body.procedure,
@@ -76,6 +85,7 @@ async def create_release(request: web.Request) -> web.Response:
         registration_opens_at=body.registration_opens_at,
         registration_closes_at=body.registration_closes_at,
         draw_at=body.draw_at,
+        release_id=release_id,
     )
     await domain.publish(release)
     return _release_reply(await domain.release(release.id), status=201)

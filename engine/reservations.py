@@ -106,10 +106,11 @@ def new_release(
     registration_opens_at: datetime | None = None,
     registration_closes_at: datetime | None = None,
     draw_at: datetime | None = None,
+    release_id: str | None = None,
 ) -> Release:
-    """A new release with fresh ids; its slots are numbered in time order
-    (slot ids are ``<release>.<nnn>``, so any slot or hold id names its release)."""
-    release_id = new_id("r")
+    """A new release with fresh ids (or ``release_id``); its slots are numbered in time
+    order (slot ids are ``<release>.<nnn>``, so any slot or hold id names its release)."""
+    release_id = release_id or new_id("r")
     ordered = sorted(slots, key=lambda s: s.starts_at)
     return Release(
         release_id,
@@ -277,9 +278,12 @@ class Reservations:
 
     async def publish(self, release: Release) -> None:
         """Store a new release, then build its inventory in Redis (not counted as a rebuild).
-        If Redis does not answer, the first request that needs the inventory builds it."""
+        If Redis does not answer, the first request that needs the inventory builds it.
+        A release of that id published before (the retry of a request with its
+        Idempotency-Key) is left as it is."""
         release, seed = with_seed(release)
-        await self.store.create_release(release, seed)
+        if not await self.store.create_release(release, seed):
+            return
         self._known = self._known | {release.id}
         try:
             # From a snapshot, like any write of capacities to Redis: a capacity change

@@ -379,15 +379,17 @@ class Store:
 
     # Releases ----------------------------------------------------------------------------
 
-    async def create_release(self, release: Release, seed_hex: str | None = None) -> None:
-        """Store a new release; a draw release with its secret seed and its commitment."""
+    async def create_release(self, release: Release, seed_hex: str | None = None) -> bool:
+        """Store a new release; a draw release with its secret seed and its commitment.
+        False if a release of that id is there already (then nothing changes)."""
         async with self._transaction() as conn:
             try:
-                await conn.execute(
+                created = await conn.fetchval(
                     """INSERT INTO releases (id, site_id, procedure_id, mode, opens_at,
                            registration_opens_at, registration_closes_at, draw_at,
                            seed, seed_commitment)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                       ON CONFLICT (id) DO NOTHING RETURNING id""",
                     release.id,
                     release.site_id,
                     release.procedure_id,
@@ -403,6 +405,8 @@ class Store:
                 raise NotFound(
                     f"No procedure {release.procedure_id!r} at site {release.site_id!r}"
                 ) from None
+            if created is None:
+                return False
             await conn.executemany(
                 """INSERT INTO slots (id, release_id, starts_at, duration_minutes, capacity)
                    VALUES ($1, $2, $3, $4, $5)""",
@@ -418,6 +422,7 @@ class Store:
                 release.id,
                 {"slots": len(release.slots), "mode": release.mode},
             )
+        return True
 
     async def release(self, release_id: str) -> Release | None:
         async with self._connection() as conn:

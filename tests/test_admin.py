@@ -130,6 +130,47 @@ async def test_published_release_is_listed(api: Api) -> None:
     assert r.status == 200 and [x["id"] for x in r.body["releases"]] == [release["id"]]
 
 
+async def test_a_release_sent_again_with_its_idempotency_key_is_published_once(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """Staff whose POST got a 503 after the commit (or no answer) send it again: with the
+    same Idempotency-Key they get the release it made, not a second release of the same
+    appointments, which would offer each place twice."""
+    await api.site()
+    now = datetime.fromtimestamp(clock.now, UTC)
+    body = {
+        "site": "bobigny",
+        "procedure": "renouvellement",
+        "mode": "draw",
+        "registration_opens_at": now.isoformat(),
+        "registration_closes_at": (now + timedelta(days=1)).isoformat(),
+        "draw_at": (now + timedelta(days=2)).isoformat(),
+        "slots": [
+            {
+                "starts_at": (now + timedelta(days=3)).isoformat(),
+                "duration_minutes": 15,
+                "capacity": 2,
+            }
+        ],
+    }
+    keyed = {**ADMIN, "Idempotency-Key": "agenda-2026-12-week-49"}
+    first = await api.call("POST", "/v1/admin/releases", body, keyed)
+    again = await api.call("POST", "/v1/admin/releases", body, keyed)
+    assert (first.status, again.status) == (201, 201), (first.body, again.body)
+    assert again.body == first.body  # the same ids, and the draw's first seed commitment
+    assert await pg.fetchval("SELECT count(*) FROM releases") == 1
+    assert await pg.fetchval("SELECT count(*) FROM slots") == 1
+    # Another key, or none, or other slots under the same key: another release.
+    other = {**body, "slots": [{**body["slots"][0], "capacity": 3}]}
+    for reply in (
+        await api.call("POST", "/v1/admin/releases", body, {**ADMIN, "Idempotency-Key": "k2"}),
+        await api.call("POST", "/v1/admin/releases", body, ADMIN),
+        await api.call("POST", "/v1/admin/releases", other, keyed),
+    ):
+        assert reply.status == 201 and reply.body["release"]["id"] != first.body["release"]["id"]
+    assert await pg.fetchval("SELECT count(*) FROM releases") == 4
+
+
 async def test_capacity_never_below_booked_or_held(api: Api) -> None:
     await api.site()
     release = await api.publish([3])
