@@ -42,23 +42,42 @@ async def sweep_once(
     lock = await domain.inventory.try_lock(SWEEPER_LOCK, lock_ms)
     if lock is None:
         return SweepReport(standby=True)
-    settled = corrections = 0
+    settled = corrections = draws = 0
+    # A step that fails does not hold back the others: the draws and the purge need only
+    # PostgreSQL, and one release that cannot be swept (a bug, its data) must not keep the
+    # others' confirms unsettled. The pass still fails, with the first failure, at the end.
+    failure: Exception | None = None
     try:
         releases = await domain.store.active_release_ids(domain.now())
         for release_id in releases:
             try:
-                await domain.inventory.counts(release_id, domain.now_ms())
-            except InventoryMissing:
-                await domain.recovery.rebuild(release_id)
-            settled += await domain.recovery.settle_stale_confirms(release_id)
+                try:
+                    await domain.inventory.counts(release_id, domain.now_ms())
+                except InventoryMissing:
+                    await domain.recovery.rebuild(release_id)
+                settled += await domain.recovery.settle_stale_confirms(release_id)
+                if reconcile:
+                    corrections += await domain.recovery.reconcile(release_id)
+            except StoreUnavailable as exc:
+                # Redis is down for the next releases too, most likely: each would wait
+                # for its timeout. The next pass tries again.
+                failure = exc
+                break
+            except Exception as exc:
+                failure = failure or exc
+                log.exception("sweep_release_failed", release=release_id)
+        try:
+            draws = len(await lottery.run_due()) if lottery is not None else 0
             if reconcile:
-                corrections += await domain.recovery.reconcile(release_id)
-        draws = len(await lottery.run_due()) if lottery is not None else 0
-        if reconcile:
-            fairness.publish(domain.metrics, await fairness.measure(domain.store, domain.now()))
+                measured = await fairness.measure(domain.store, domain.now())
+                fairness.publish(domain.metrics, measured)
+        except Exception as exc:
+            failure = failure or exc
         purged = None
         if purge and domain.settings.retention_days:
             purged = await _purge(domain)
+        if failure is not None:
+            raise failure
         return SweepReport(len(releases), settled, corrections, draws, purged)
     finally:
         await domain.inventory.unlock(SWEEPER_LOCK, lock)
@@ -80,6 +99,18 @@ async def _purge(domain: Reservations) -> Purged:
     return purged
 
 
+def _after_failure(
+    due: bool, purge: bool, next_reconcile: float, next_purge: float, reconcile_every_s: float
+) -> tuple[float, float]:
+    """A failed pass's full reconcile and purge wait for their next turn, as after a
+    success: not every second against a struggling store (the purge ran, if it could)."""
+    now = time.monotonic()
+    return (
+        now + reconcile_every_s if due else next_reconcile,
+        now + _PURGE_INTERVAL_S if purge else next_purge,
+    )
+
+
 async def run(lottery: Lottery, stop: asyncio.Event) -> None:
     """Sweep every ``sweep_interval_s`` until ``stop`` is set; reconcile every
     ``reconcile_interval_s``."""
@@ -87,9 +118,9 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
     settings = domain.settings
     next_reconcile = next_purge = time.monotonic()
     while not stop.is_set():
+        due = time.monotonic() >= next_reconcile
+        purge = time.monotonic() >= next_purge
         try:
-            due = time.monotonic() >= next_reconcile
-            purge = time.monotonic() >= next_purge
             report = await sweep_once(domain, reconcile=due, lottery=lottery, purge=purge)
             domain.metrics.sweeps.labels("standby" if report.standby else "done").inc()
             if report.releases and due:
@@ -101,8 +132,14 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
         except StoreUnavailable as exc:
             domain.metrics.sweeps.labels("skipped").inc()
             log.warning("sweep_skipped", detail=exc.detail)
+            next_reconcile, next_purge = _after_failure(
+                due, purge, next_reconcile, next_purge, settings.reconcile_interval_s
+            )
         except Exception:
             domain.metrics.sweeps.labels("failed").inc()
             log.exception("sweep_failed")
+            next_reconcile, next_purge = _after_failure(
+                due, purge, next_reconcile, next_purge, settings.reconcile_interval_s
+            )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.sweep_interval_s)

@@ -6,7 +6,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from engine import sweeper
 from engine.appkeys import LOTTERY, RESERVATIONS
@@ -278,3 +280,27 @@ async def test_sweeper_passes_are_counted_by_outcome(api: Api, redis: aioredis.R
         stop.set()
         await task
     assert (passes("skipped"), passes("failed")) == (0, 0)
+
+
+async def test_a_release_that_cannot_be_swept_holds_back_no_other_work(
+    api: Api, clock: FakeClock, redis: aioredis.Redis
+) -> None:
+    """One release whose sweep fails (here its inventory key holds a value of another type:
+    Redis answers WRONGTYPE, as for data a bug left) must not keep the other releases'
+    confirms unsettled, nor the due draws from running. The pass still fails, at its end,
+    for the alert."""
+    await api.site()
+    broken, stale = await api.publish([1]), await api.publish([2])
+    slot = stale["slots"][0]["id"]
+    await _crash_after_commit(api, slot, applicant())
+    drawn = (await api.publish_draw([1]))["id"]
+    assert (await api.enter(drawn, applicant(), ip(9))).status == 201
+    await redis.delete(ReleaseKeys.of(broken["id"]).inv)
+    await redis.set(ReleaseKeys.of(broken["id"]).inv, "not a hash")
+    domain = domain_of(api)
+    clock.advance(90001)  # the confirm is past its grace, and the draw is due
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await sweep_once(domain, reconcile=True, lottery=api.client.app[LOTTERY])
+    counts = await domain.inventory.counts(stale["id"], domain.now_ms())
+    assert (counts[slot].booked, counts[slot].held) == (1, 0)  # settled
+    assert (await api.call("GET", f"/v1/releases/{drawn}/draw")).status == 200
