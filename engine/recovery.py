@@ -14,10 +14,11 @@ docs/consistency.md explains each crash window these close.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from engine.errors import Overloaded
+from engine.errors import StoreUnavailable
 from engine.inventory import Inventory, InventoryMissing, Reconciled
 from engine.keys import ReleaseKeys
 from engine.logs import log
@@ -32,7 +33,7 @@ Bookings = list[tuple[str, str]]
 
 _REBUILD_LOCK_MS = 5000
 _REBUILD_WAIT_S = 0.05
-_REBUILD_WAITS = 40
+_REBUILD_WAIT_FOR_S = 2.0  # how long a request waits for another worker's rebuild
 
 
 class Recovery:
@@ -54,7 +55,7 @@ class Recovery:
         try:
             return await op()
         except InventoryMissing:
-            raise Overloaded(
+            raise StoreUnavailable(
                 self.settings.retry_after_s, "The inventory is being rebuilt"
             ) from None
 
@@ -63,8 +64,11 @@ class Recovery:
         lock = ReleaseKeys.of(release_id).rebuild_lock
         token = await self.inventory.try_lock(lock, _REBUILD_LOCK_MS)
         if token is None:
-            # Another worker is rebuilding: wait (bounded) until the inventory is back.
-            for _ in range(_REBUILD_WAITS):
+            # Another worker is rebuilding: wait until the inventory is back, for a bounded
+            # time (a count of waits would not be: each check is a Redis call, up to its
+            # timeout when Redis is slow).
+            deadline = time.monotonic() + _REBUILD_WAIT_FOR_S
+            while time.monotonic() < deadline:
                 await asyncio.sleep(_REBUILD_WAIT_S)
                 if await self.inventory.exists(release_id):
                     return

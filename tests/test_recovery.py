@@ -304,3 +304,21 @@ async def test_a_release_that_cannot_be_swept_holds_back_no_other_work(
     counts = await domain.inventory.counts(stale["id"], domain.now_ms())
     assert (counts[slot].booked, counts[slot].held) == (1, 0)  # settled
     assert (await api.call("GET", f"/v1/releases/{drawn}/draw")).status == 200
+
+
+async def test_a_rebuild_by_another_worker_that_does_not_finish_is_a_503_of_the_store(
+    api: Api, redis: aioredis.Redis
+) -> None:
+    """Another worker holds the rebuild's lock and never finishes (it died): a request
+    waits a bounded time, then answers 503 with Retry-After, ``level: store`` (Redis cannot
+    serve this release now; ``engine`` is for a worker with too many requests)."""
+    await api.site()
+    release = await api.publish([1])
+    keys = ReleaseKeys.of(release["id"])
+    await redis.delete(keys.inv)
+    await redis.set(keys.rebuild_lock, "a worker that died", px=60_000)
+    reply = await api.call("GET", f"/v1/releases/{release['id']}/slots")
+    assert (reply.status, reply.body["level"]) == (503, "store"), reply.body
+    assert int(reply.headers["Retry-After"]) >= 1
+    await redis.delete(keys.rebuild_lock)
+    assert (await api.call("GET", f"/v1/releases/{release['id']}/slots")).status == 200
