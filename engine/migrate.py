@@ -91,8 +91,15 @@ def shipped_functions(sql_dir: Path = SQL_DIR) -> dict[str, int]:
     return {f.name: f.version for f in functions(sql_dir)}
 
 
-async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) -> Applied:
-    """Apply pending migrations, then the functions whose version is above the one in force."""
+async def migrate(
+    dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR, lock_timeout_s: float = 5.0
+) -> Applied:
+    """Apply pending migrations, then the functions whose version is above the one in force.
+
+    Each waits at most ``lock_timeout_s`` for a lock (a file may set less): a statement
+    queued behind a long transaction on a live table would otherwise hold every request on
+    that table behind it, up to ``timeout_s``. Then it fails, and can be run again."""
+    lock_timeout = f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'"
     conn = await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=timeout_s)
     applied = Applied()
     try:
@@ -113,6 +120,7 @@ async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) ->
             if version in done:
                 continue
             async with conn.transaction():
+                await conn.execute(lock_timeout)
                 await conn.execute(path.read_text())
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
@@ -136,6 +144,7 @@ async def migrate(dsn: str, timeout_s: float = 30.0, sql_dir: Path = SQL_DIR) ->
                     )
                 continue
             async with conn.transaction():
+                await conn.execute(lock_timeout)
                 await conn.execute(f.path.read_text(encoding="utf-8"))
                 await conn.execute(
                     """INSERT INTO schema_functions (name, version, checksum)

@@ -171,6 +171,24 @@ async def test_an_engine_starts_and_is_not_ready_without_its_database(scratch: s
         assert (body["postgresql"], body["redis"]) == ("unavailable", "ok")
 
 
+async def test_a_migration_waits_for_a_lock_a_bounded_time(scratch: str, tmp_path: Path) -> None:
+    """A transaction left open on a live table (a report, a console) holds a lock that a
+    migration needs: the migration gives up after its lock timeout, and does not queue
+    every request on the table behind itself until its own statement timeout."""
+    shutil.copy(migrations()[0][1], tmp_path / migrations()[0][1].name)
+    assert (await migrate(scratch, sql_dir=tmp_path)).versions == [1]
+    (tmp_path / "002_add.sql").write_text("ALTER TABLE sites ADD COLUMN note text;")
+    conn = await asyncpg.connect(scratch)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT * FROM sites")  # holds ACCESS SHARE until it ends
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await migrate(scratch, sql_dir=tmp_path, timeout_s=60, lock_timeout_s=0.2)
+        assert (await migrate(scratch, sql_dir=tmp_path)).versions == [2]
+    finally:
+        await conn.close()
+
+
 async def test_upgrade_keeps_and_seeds_existing_draw_releases(scratch: str, tmp_path: Path) -> None:
     for _, path in migrations()[:2]:
         shutil.copy(path, tmp_path / path.name)
