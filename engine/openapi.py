@@ -29,7 +29,17 @@ _PROBLEM = {
             },
         },
         "retry_after": {"type": "integer"},
+        "level": {
+            "type": "string",
+            "description": "Which limit refused (429), or what could not serve (503)",
+        },
     },
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Whole seconds to wait before trying again",
+        "schema": {"type": "integer", "minimum": 1},
+    }
 }
 
 
@@ -173,6 +183,8 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
             },
         )
         entry["description"] = " or ".join(filter(None, [entry["description"], name]))
+        if status in ("429", "503"):
+            entry["headers"] = _RETRY_AFTER
     if route.body is not None:
         op["responses"].setdefault(
             "413",

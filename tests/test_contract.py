@@ -49,6 +49,12 @@ async def test_openapi_document(api: Api) -> None:
     assert served >= API_MD_ROUTES
     hold = r.body["paths"]["/v1/holds"]["post"]
     assert {"201", "403", "404", "409", "410", "429", "503", "413"} <= set(hold["responses"])
+    # API.md: 429 and 503 carry Retry-After; and the problem's ``level`` says which limit.
+    for ops in r.body["paths"].values():
+        for op in ops.values():
+            for status in {"429", "503"} & set(op["responses"]):
+                assert "Retry-After" in op["responses"][status]["headers"]
+    assert "level" in r.body["components"]["schemas"]["Problem"]["properties"]
 
 
 def test_every_json_reply_has_its_schema() -> None:
