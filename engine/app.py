@@ -100,6 +100,8 @@ def create_app(
     for route in ROUTES:
         handler = guarded(route.handler, route.path, route.shed)
         app.router.add_route(route.method, route.path, handler)
+        if route.method == "GET":  # HTTP: a GET resource answers HEAD (aiohttp drops the body)
+            app.router.add_route("HEAD", route.path, handler)
     metrics.expect_routes(
         (route.path, route.method, route.shed and route.auth != "admin") for route in ROUTES
     )

@@ -624,6 +624,13 @@ async def test_draw_windows_move_together(api: Api, clock: FakeClock) -> None:
     assert moved.status == 200, moved.body
 
 
+async def test_a_get_resource_answers_head(api: Api) -> None:
+    for path in ("/healthz", "/v1/releases", "/openapi.json"):
+        reply = await api.call("HEAD", path)
+        assert (reply.status, reply.body) == (200, ""), path
+    assert (await api.call("HEAD", "/v1/admin/agenda?site=x&date=2026-01-01")).status == 401
+
+
 async def test_method_not_allowed_names_the_allowed_methods(api: Api) -> None:
     r = await api.call("TRACE", "/v1/sites")
     problem(r, "method-not-allowed", 405)
