@@ -13,8 +13,9 @@ on a record. docs/draw.md states the same algorithm for anyone writing their own
     places           one per free place: slots sorted by (starts_at, slot id), each slot
                      repeated as many times as it has places.
     allocation       the i-th entry in order gets the i-th place, while places last;
-                     an excluded entry (its person booked this procedure otherwise before
-                     the draw) is skipped.
+                     an excluded entry is skipped: its person booked this procedure
+                     otherwise before the draw, or is at a booking cap, or withdrew it
+                     after registration closed (docs/draw.md, step 8).
 """
 
 from __future__ import annotations

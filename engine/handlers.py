@@ -241,7 +241,7 @@ async def get_entry(request: web.Request) -> web.Response:
     )
     out: dict[str, object] = {"status": view.status}
     if view.excluded:
-        out["excluded"] = True  # withdrawn by the draw: this person had booked otherwise
+        out["excluded"] = True  # withdrawn by the draw, not by this person
     if view.booking is not None:
         out["booking"] = render.booking(view.booking)
         out["cancel_token"] = view.cancel_token

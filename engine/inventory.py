@@ -20,7 +20,12 @@ from typing import Any, Literal, NoReturn, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ClusterError, RedisClusterException, ResponseError
+from redis.exceptions import (
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -76,11 +81,17 @@ _UNREACHABLE = (
     RedisTimeoutError,
     TimeoutError,
     OSError,
-    # redis-py's cluster client: no node reachable to learn the slots from
-    # (RedisClusterException), or its retries on a moved slot ran out (ClusterError).
-    RedisClusterException,
+    # redis-py's cluster client: its retries on a moved or down slot ran out, or no node
+    # serves a slot. (No node reachable at all is a RedisClusterException: _cluster_down.)
     ClusterError,
+    SlotNotCoveredError,
 )
+
+
+def _cluster_down(exc: RedisClusterException) -> bool:
+    """redis-py's cluster client says "no node reachable" with the class it also raises
+    for a client-side bug (keys of one command in two slots): only its message tells."""
+    return "cannot be connected" in str(exc)
 
 
 def library_source() -> tuple[str, str]:
@@ -202,6 +213,10 @@ class Inventory:
                 return await aw
         except _UNREACHABLE as exc:
             raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+        except RedisClusterException as exc:
+            if _cluster_down(exc):
+                raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+            raise
         except ResponseError as exc:  # redis-py raises error replies: OOM, READONLY...
             self._raise(exc)
 
@@ -211,6 +226,10 @@ class Inventory:
             return await self.pipelining.run(commands)
         except _UNREACHABLE as exc:
             raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+        except RedisClusterException as exc:
+            if _cluster_down(exc):
+                raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+            raise
 
     async def _call(self, op: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
         return (await self._pipeline([(op, keys, args)]))[0]

@@ -139,7 +139,8 @@ class Entry(Reply):
 
 
 class EntryStatus(Reply):
-    """``excluded``: withdrawn by the draw, this person having booked otherwise."""
+    """``excluded``: withdrawn by the draw (this person had booked otherwise, or is at a
+    booking cap), not by its person."""
 
     status: Literal["registered", "won", "not-drawn", "withdrawn"]
     excluded: bool | None = None
@@ -164,7 +165,9 @@ class DrawRecord(Reply):
     entries: list[str]
     entries_digest: str
     places: list[DrawPlaces]
-    excluded: list[str]  # entry digests withdrawn by the draw: their person had booked
+    # Entry digests the draw passed over: booked otherwise, at a cap, or withdrawn by their
+    # person after registration closed (docs/draw.md, step 8).
+    excluded: list[str]
     allocation: dict[str, str]
     drawn_at: Moment
 

@@ -282,9 +282,10 @@ class Reservations:
         A release of that id published before (the retry of a request with its
         Idempotency-Key) is left as it is."""
         release, seed = with_seed(release)
-        if not await self.store.create_release(release, seed):
+        created = await self.store.create_release(release, seed)
+        self._known = self._known | {release.id}  # known here at once, made now or before
+        if not created:
             return
-        self._known = self._known | {release.id}
         try:
             # From a snapshot, like any write of capacities to Redis: a capacity change
             # committed meanwhile must not be written over (docs/consistency.md, section 8).

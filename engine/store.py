@@ -164,6 +164,8 @@ _PURGE_ENTRIES = _purge_statement(
 # alone to count them again, its winners booked, and commit (Store.run_draw).
 _CAPS_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('booking-caps', 0))"
 _CAPS_LOCK_SOON = "SET LOCAL lock_timeout = '500ms'"
+# A withdrawal waits this long for a release row a draw (or the freeze) holds.
+_WAIT_FOR_A_DRAW = "SET LOCAL lock_timeout = '500ms'"
 
 # Staff's capacity change takes this lock, and every write of capacities to Redis from a
 # snapshot shares it (Store.patch_release, Store.with_snapshot).
@@ -474,7 +476,8 @@ class Store:
         async with self._connection() as conn:
             rows = await conn.fetch(
                 """SELECT DISTINCT release_id FROM slots
-                   WHERE starts_at > $1::timestamptz - interval '1 day'""",
+                   WHERE starts_at > $1::timestamptz - interval '1 day'
+                   ORDER BY release_id""",
                 now,
             )
         return [r["release_id"] for r in rows]
@@ -876,12 +879,20 @@ class Store:
         freeze it stays among the draw's entries, flagged, and the draw passes it over
         (sql/015_entry_withdrawn_frozen.sql). The release row's lock (FOR SHARE) orders this
         with the freeze and with the draw, which take it FOR UPDATE: a withdrawal is either
-        before the freeze, or flagged, and never after the draw."""
+        before the freeze, or flagged, and never after the draw. A draw holds that lock for
+        seconds: a withdrawal does not wait for it (a pooled connection each), it is told
+        to try again."""
         async with self._transaction() as conn:
-            frozen = await conn.fetchval(
-                "SELECT entries_digest IS NOT NULL FROM releases WHERE id = $1 FOR SHARE",
-                release_id,
-            )
+            await conn.execute(_WAIT_FOR_A_DRAW)
+            try:
+                frozen = await conn.fetchval(
+                    "SELECT entries_digest IS NOT NULL FROM releases WHERE id = $1 FOR SHARE",
+                    release_id,
+                )
+            except asyncpg.LockNotAvailableError:
+                raise StoreUnavailable(
+                    self._retry_after_s, "The draw is running: try again shortly"
+                ) from None
             done = await conn.fetchval(
                 """UPDATE entries SET status = 'withdrawn', withdrawn_frozen = $2
                    WHERE id = $1 AND status = 'registered' RETURNING id""",

@@ -61,7 +61,7 @@ async def sweep_once(
             except StoreUnavailable as exc:
                 # Redis is down for the next releases too, most likely: each would wait
                 # for its timeout. The next pass tries again.
-                failure = exc
+                failure = failure or exc
                 break
             except Exception as exc:
                 failure = failure or exc
@@ -99,18 +99,6 @@ async def _purge(domain: Reservations) -> Purged:
     return purged
 
 
-def _after_failure(
-    due: bool, purge: bool, next_reconcile: float, next_purge: float, reconcile_every_s: float
-) -> tuple[float, float]:
-    """A failed pass's full reconcile and purge wait for their next turn, as after a
-    success: not every second against a struggling store (the purge ran, if it could)."""
-    now = time.monotonic()
-    return (
-        now + reconcile_every_s if due else next_reconcile,
-        now + _PURGE_INTERVAL_S if purge else next_purge,
-    )
-
-
 async def run(lottery: Lottery, stop: asyncio.Event) -> None:
     """Sweep every ``sweep_interval_s`` until ``stop`` is set; reconcile every
     ``reconcile_interval_s``."""
@@ -118,9 +106,9 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
     settings = domain.settings
     next_reconcile = next_purge = time.monotonic()
     while not stop.is_set():
-        due = time.monotonic() >= next_reconcile
-        purge = time.monotonic() >= next_purge
         try:
+            due = time.monotonic() >= next_reconcile
+            purge = time.monotonic() >= next_purge
             report = await sweep_once(domain, reconcile=due, lottery=lottery, purge=purge)
             domain.metrics.sweeps.labels("standby" if report.standby else "done").inc()
             if report.releases and due:
@@ -132,14 +120,8 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
         except StoreUnavailable as exc:
             domain.metrics.sweeps.labels("skipped").inc()
             log.warning("sweep_skipped", detail=exc.detail)
-            next_reconcile, next_purge = _after_failure(
-                due, purge, next_reconcile, next_purge, settings.reconcile_interval_s
-            )
         except Exception:
             domain.metrics.sweeps.labels("failed").inc()
             log.exception("sweep_failed")
-            next_reconcile, next_purge = _after_failure(
-                due, purge, next_reconcile, next_purge, settings.reconcile_interval_s
-            )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.sweep_interval_s)

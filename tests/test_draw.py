@@ -639,6 +639,28 @@ async def test_an_entry_is_withdrawn_until_the_draw_and_passed_over_once_frozen(
     assert (await withdraw(early)).status == 204  # withdrawn before: as asked
 
 
+async def test_a_withdrawal_does_not_wait_for_a_running_draw(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A draw holds its release's row for seconds: a withdrawal sent meanwhile must not hold
+    a pooled connection waiting for it (ten of them would take a worker's pool from every
+    confirm). It is answered 503 with Retry-After, and nothing changes."""
+    await api.site()
+    release = (await api.publish_draw([1]))["id"]
+    entry = (await api.enter(release, applicant(), ip(1))).body
+    path = f"/v1/releases/{release}/entries/{entry['entry_id']}"
+    auth = {"Authorization": f"Bearer {entry['entry_token']}"}
+    async with pg.transaction():  # as run_draw holds it
+        await pg.execute("SELECT 1 FROM releases WHERE id = $1 FOR UPDATE", release)
+        refused = await api.call("DELETE", path, headers=auth)
+        assert refused.status == 503, refused.body
+        assert int(refused.headers["Retry-After"]) >= 1
+        # Told at once (the lock's wait), not after the statement's 5 s timeout.
+        assert refused.body["detail"] == "The draw is running: try again shortly"
+    assert await entry_status(api, release, entry) == {"status": "registered"}
+    assert (await api.call("DELETE", path, headers=auth)).status == 204
+
+
 async def test_a_draw_record_is_read_once_and_kept(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:

@@ -290,7 +290,8 @@ async def test_a_release_that_cannot_be_swept_holds_back_no_other_work(
     confirms unsettled, nor the due draws from running. The pass still fails, at its end,
     for the alert."""
     await api.site()
-    broken, stale = await api.publish([1]), await api.publish([2])
+    # The sweeper goes through releases in id order: the broken one comes first.
+    broken, stale = sorted([await api.publish([2]), await api.publish([2])], key=lambda r: r["id"])
     slot = stale["slots"][0]["id"]
     await _crash_after_commit(api, slot, applicant())
     drawn = (await api.publish_draw([1]))["id"]
