@@ -88,10 +88,15 @@ _UNREACHABLE = (
 )
 
 
+# What redis-py's cluster client says when it cannot learn the slots' nodes (no node
+# reachable; a primary down before its replica took over; nodes that disagree meanwhile).
+_CLUSTER_DOWN = ("cannot be connected", "slots are not covered", "valid slots cache")
+
+
 def _cluster_down(exc: RedisClusterException) -> bool:
-    """redis-py's cluster client says "no node reachable" with the class it also raises
-    for a client-side bug (keys of one command in two slots): only its message tells."""
-    return "cannot be connected" in str(exc)
+    """redis-py says so with the class it also raises for a client-side bug (keys of one
+    command in two slots), which must stay a 500: only its message tells them apart."""
+    return any(words in str(exc) for words in _CLUSTER_DOWN)
 
 
 def library_source() -> tuple[str, str]:

@@ -48,9 +48,13 @@ class EventLog:
     def error(self, event: str, **fields: Any) -> None:
         self._emit(logging.ERROR, event, fields)
 
-    def exception(self, event: str, **fields: Any) -> None:
+    def exception(self, event: str, *, exc: BaseException | None = None, **fields: Any) -> None:
+        """An error with a traceback: of the exception being handled, or of ``exc``."""
         parts = [event] + [f"{k}={_format_value(v)}" for k, v in fields.items()]
-        _logger.exception(" ".join([*parts, f"request_id={request_id.get()}"]))
+        _logger.error(
+            " ".join([*parts, f"request_id={request_id.get()}"]),
+            exc_info=exc if exc is not None else True,
+        )
 
 
 log = EventLog()

@@ -321,5 +321,10 @@ class Lottery:
         for touched in outcome.releases_touched:
             self.domain.forget(touched)
             # Redis learns the draw's bookings now: expected changes, not corrections.
-            await self.domain.recovery.reconcile(touched, correction=False)
+            try:
+                await self.domain.recovery.reconcile(touched, correction=False)
+            except StoreUnavailable:
+                # The draw has committed; Redis (down) learns it at the sweeper's reconcile,
+                # and the next due draws must not wait for Redis.
+                log.warning("draw_reconcile_deferred", release=touched)
         return outcome

@@ -242,7 +242,8 @@ class Reservations:
     async def _read_release_ids(self, now: float) -> frozenset[str]:
         # Releases are never deleted: what this worker knew stays known, a release it
         # published while the read was under way included.
-        self._known = self._known | frozenset(await self.store.release_ids())
+        ids = frozenset(await self.store.release_ids())
+        self._known = self._known | ids  # read after the await: nothing added meanwhile lost
         self._known_at = now
         return self._known
 

@@ -891,8 +891,9 @@ class Store:
                 )
             except asyncpg.LockNotAvailableError:
                 raise StoreUnavailable(
-                    self._retry_after_s, "The draw is running: try again shortly"
+                    self._retry_after_s, "The release is being drawn or changed: try again"
                 ) from None
+            await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
             done = await conn.fetchval(
                 """UPDATE entries SET status = 'withdrawn', withdrawn_frozen = $2
                    WHERE id = $1 AND status = 'registered' RETURNING id""",

@@ -30,32 +30,51 @@ class SweepReport:
     draws: int = 0
     purged: Purged | None = None  # when the purge ran
     standby: bool = False  # another worker held the sweeper's lock: nothing was visited
+    # The pass's first failure, if any; ``swept``: it went through every release (so a
+    # full reconcile, if asked for, was done).
+    failure: Exception | None = None
+    swept: bool = True
 
 
 async def sweep_once(
     domain: Reservations, *, reconcile: bool, lottery: Lottery | None = None, purge: bool = False
 ) -> SweepReport:
+    """``sweep``, raising the pass's first failure, if any, once it is over."""
+    report = await sweep(domain, reconcile=reconcile, lottery=lottery, purge=purge)
+    if report.failure is not None:
+        raise report.failure
+    return report
+
+
+async def sweep(
+    domain: Reservations, *, reconcile: bool, lottery: Lottery | None = None, purge: bool = False
+) -> SweepReport:
     """One pass over the active releases, the due draws when ``lottery`` is given, and the
     purge of personal data past its retention when ``purge`` is (and a retention is set).
-    Visits none if another worker holds the lock (a draw runs once whoever runs it)."""
+    Visits none if another worker holds the lock (a draw runs once whoever runs it).
+
+    A step that fails does not hold back the others: the draws and the purge need only
+    PostgreSQL, and one release that cannot be swept (a bug, its data) must not keep the
+    others' confirms unsettled. The report says what was done, and the first failure."""
     lock_ms = int(max(domain.settings.sweep_interval_s * 5, 5) * 1000)
     try:
         lock = await domain.inventory.try_lock(SWEEPER_LOCK, lock_ms)
-    except StoreUnavailable:
+    except StoreUnavailable as exc:
         # The lock is in Redis, and Redis is down: the releases wait for it. But the draws
         # need only PostgreSQL, and each runs once whoever runs it (its release row's lock):
         # every worker tries them, so that a draw runs at its time through an outage.
+        draws = 0
         if lottery is not None:
-            with contextlib.suppress(StoreUnavailable):  # its reconcile, after the commit
-                await lottery.run_due()
-        raise
+            with contextlib.suppress(StoreUnavailable):
+                draws = len(await lottery.run_due())
+        return SweepReport(draws=draws, failure=exc, swept=False)
     if lock is None:
         return SweepReport(standby=True)
+    releases: list[str] = []
     settled = corrections = draws = 0
-    # A step that fails does not hold back the others: the draws and the purge need only
-    # PostgreSQL, and one release that cannot be swept (a bug, its data) must not keep the
-    # others' confirms unsettled. The pass still fails, with the first failure, at the end.
     failure: Exception | None = None
+    swept = False
+    purged = None
     try:
         releases = await domain.store.active_release_ids(domain.now())
         for release_id in releases:
@@ -75,6 +94,8 @@ async def sweep_once(
             except Exception as exc:
                 failure = failure or exc
                 log.exception("sweep_release_failed", release=release_id)
+        else:
+            swept = True
         try:
             draws = len(await lottery.run_due()) if lottery is not None else 0
             if reconcile:
@@ -82,14 +103,17 @@ async def sweep_once(
                 fairness.publish(domain.metrics, measured)
         except Exception as exc:
             failure = failure or exc
-        purged = None
         if purge and domain.settings.retention_days:
             purged = await _purge(domain)
-        if failure is not None:
-            raise failure
-        return SweepReport(len(releases), settled, corrections, draws, purged)
+    except Exception as exc:  # the releases' list: PostgreSQL
+        failure = failure or exc
     finally:
-        await domain.inventory.unlock(SWEEPER_LOCK, lock)
+        # The lock lapses by itself: Redis gone meanwhile must not hide the pass's failure.
+        with contextlib.suppress(StoreUnavailable):
+            await domain.inventory.unlock(SWEEPER_LOCK, lock)
+    return SweepReport(
+        len(releases), settled, corrections, draws, purged, failure=failure, swept=swept
+    )
 
 
 _PURGE_INTERVAL_S = 3600.0  # personal data is kept for days: an hour late is nothing
@@ -110,7 +134,10 @@ async def _purge(domain: Reservations) -> Purged:
 
 async def run(lottery: Lottery, stop: asyncio.Event) -> None:
     """Sweep every ``sweep_interval_s`` until ``stop`` is set; reconcile every
-    ``reconcile_interval_s``."""
+    ``reconcile_interval_s``, and purge every hour (at each pass through a backlog). A pass
+    that failed moves each of them on only if it did it: the first pass after a Redis outage
+    reconciles at once, and a release that keeps failing does not make every pass a full
+    one."""
     domain = lottery.domain
     settings = domain.settings
     next_reconcile = next_purge = time.monotonic()
@@ -118,18 +145,22 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
         try:
             due = time.monotonic() >= next_reconcile
             purge = time.monotonic() >= next_purge
-            report = await sweep_once(domain, reconcile=due, lottery=lottery, purge=purge)
-            domain.metrics.sweeps.labels("standby" if report.standby else "done").inc()
-            if report.releases and due:
+            report = await sweep(domain, reconcile=due, lottery=lottery, purge=purge)
+            if report.swept and report.releases and due:
                 next_reconcile = time.monotonic() + settings.reconcile_interval_s
             if report.purged is not None:
                 # A backlog is worked through at each pass, a bounded part at a time.
                 wait = 0.0 if report.purged.more else _PURGE_INTERVAL_S
                 next_purge = time.monotonic() + wait
-        except StoreUnavailable as exc:
-            domain.metrics.sweeps.labels("skipped").inc()
-            log.warning("sweep_skipped", detail=exc.detail)
-        except Exception:
+            if isinstance(report.failure, StoreUnavailable):
+                domain.metrics.sweeps.labels("skipped").inc()
+                log.warning("sweep_skipped", detail=report.failure.detail)
+            elif report.failure is not None:
+                domain.metrics.sweeps.labels("failed").inc()
+                log.exception("sweep_failed", exc=report.failure)
+            else:
+                domain.metrics.sweeps.labels("standby" if report.standby else "done").inc()
+        except Exception:  # a bug in the loop itself
             domain.metrics.sweeps.labels("failed").inc()
             log.exception("sweep_failed")
         with contextlib.suppress(TimeoutError):

@@ -41,8 +41,8 @@ def shipped_config(listen: int, upstream: int) -> str:
 
 
 def start_nginx(folder: Path, listen: int, upstream: int) -> subprocess.Popen[bytes]:
-    """nginx in the foreground, everything of its own in ``folder``. Bodies are kept in
-    memory: its workers (user nobody, under root) could not write to ``folder``."""
+    """nginx in the foreground, everything of its own in ``folder``. Bodies and replies are
+    kept in memory: its workers (user nobody, under root) could not write to ``folder``."""
     (folder / "logs").mkdir()
     (folder / "guichet.conf").write_text(shipped_config(listen, upstream))
     (folder / "nginx.conf").write_text(
@@ -53,6 +53,7 @@ events {{}}
 http {{
     access_log off;
     client_body_buffer_size 4m;
+    proxy_max_temp_file_size 0;
     include {folder}/guichet.conf;
 }}
 """

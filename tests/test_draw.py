@@ -656,7 +656,7 @@ async def test_a_withdrawal_does_not_wait_for_a_running_draw(
         assert refused.status == 503, refused.body
         assert int(refused.headers["Retry-After"]) >= 1
         # Told at once (the lock's wait), not after the statement's 5 s timeout.
-        assert refused.body["detail"] == "The draw is running: try again shortly"
+        assert refused.body["detail"] == "The release is being drawn or changed: try again"
     assert await entry_status(api, release, entry) == {"status": "registered"}
     assert (await api.call("DELETE", path, headers=auth)).status == 204
 
