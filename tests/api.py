@@ -237,3 +237,23 @@ class Api:
         r = await self.call("GET", f"/v1/releases/{release}/slots")
         assert r.status == 200, r.body
         return {s["id"]: s["free"] for s in r.body["slots"]}
+
+
+def largest_release(now: float) -> dict[str, Any]:
+    """The body of a first-come release of the most slots the schema takes (2 000): about
+    250 KiB of JSON, over the public body limit and under staff's."""
+    first = datetime.fromtimestamp(int(now), UTC) + timedelta(days=3)
+    return {
+        "site": "bobigny",
+        "procedure": "renouvellement",
+        "mode": "fcfs",
+        "opens_at": first.isoformat(),
+        "slots": [
+            {
+                "starts_at": (first + timedelta(minutes=15 * i)).isoformat(),
+                "duration_minutes": 15,
+                "capacity": 1,
+            }
+            for i in range(2000)
+        ],
+    }

@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import aiohttp
 import pytest
 
 from engine.settings import Rate
-from tests.api import ADMIN, Api
+from tests.api import ADMIN, Api, largest_release
 from tests.procs import HOST, READY_S, REPO_ROOT, free_port, poll
 from tests.test_limits import engine
 
@@ -119,23 +118,7 @@ async def test_nginx_as_shipped_in_front_of_the_engine(
     status, ctype, _ = await post("/v1/holds", {"slot_id": "x" * 17_000}, {})
     assert (status, ctype) == (413, "application/problem+json")
     # Staff's: a release of 2 000 slots (about 250 KiB) reaches the engine.
-    first = datetime.fromtimestamp(int(api.clock.now), UTC) + timedelta(days=3)
-    slots = [
-        {
-            "starts_at": (first + timedelta(minutes=15 * i)).isoformat(),
-            "duration_minutes": 15,
-            "capacity": 1,
-        }
-        for i in range(2000)
-    ]
-    big = {
-        "site": "bobigny",
-        "procedure": "renouvellement",
-        "mode": "fcfs",
-        "opens_at": first.isoformat(),
-        "slots": slots,
-    }
-    status, _, body = await post("/v1/admin/releases", big, ADMIN)
+    status, _, body = await post("/v1/admin/releases", largest_release(api.clock.now), ADMIN)
     assert status == 201, body[:300]
     # /metrics is for the monitoring network only.
     async with session.get("/metrics") as r:

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -20,7 +19,7 @@ from engine.appkeys import RESERVATIONS
 from engine.pow import leading_zero_bits_ok, solve
 from engine.settings import Rate, Settings
 from engine.web import unmatched
-from tests.api import ADMIN, Api, Reply, applicant
+from tests.api import ADMIN, Api, Reply, applicant, largest_release
 from tests.conftest import FakeClock, make_settings
 
 
@@ -358,23 +357,7 @@ async def test_staff_bodies_have_a_larger_limit_of_their_own(
 ) -> None:
     # A release of the most slots the schema takes (2 000) is over the public 16 KiB.
     await api.site()
-    first = datetime.fromtimestamp(int(api.clock.now), UTC) + timedelta(days=3)
-    slots = [
-        {
-            "starts_at": (first + timedelta(minutes=15 * i)).isoformat(),
-            "duration_minutes": 15,
-            "capacity": 1,
-        }
-        for i in range(2000)
-    ]
-    release = {
-        "site": "bobigny",
-        "procedure": "renouvellement",
-        "mode": "fcfs",
-        "opens_at": first.isoformat(),
-        "slots": slots,
-    }
-    body = json.dumps(release, indent=2).encode()
+    body = json.dumps(largest_release(api.clock.now), indent=2).encode()
     assert settings.max_body_bytes < len(body) < settings.max_admin_body_bytes
     admin_json = {**ADMIN, "Content-Type": "application/json"}
     published = await api.call("POST", "/v1/admin/releases", data=body, headers=admin_json)
