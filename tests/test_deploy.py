@@ -126,3 +126,13 @@ async def test_nginx_as_shipped_in_front_of_the_engine(
     # nginx's request id reaches the engine, which answers with it.
     async with session.get("/healthz", headers={"X-Request-Id": "from-the-client"}) as r:
         assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-Id"])
+    # What nginx answers itself is problem+json: a body over its own bound...
+    status, ctype, body = await post("/v1/holds", {"slot_id": "x" * 70_000}, {})
+    assert (status, ctype) == (413, "application/problem+json")
+    assert json.loads(body)["type"] == "/problems/payload-too-large"
+    # ... and an engine that does not answer: 503 with Retry-After, as a store's outage.
+    await api.client.server.close()
+    async with session.get("/v1/sites") as r:
+        assert (r.status, r.content_type) == (503, "application/problem+json")
+        assert int(r.headers["Retry-After"]) >= 1
+        assert (await r.json(content_type=None))["type"] == "/problems/overloaded"
