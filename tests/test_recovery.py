@@ -324,3 +324,30 @@ async def test_a_rebuild_by_another_worker_that_does_not_finish_is_a_503_of_the_
     assert int(reply.headers["Retry-After"]) >= 1
     await redis.delete(keys.rebuild_lock)
     assert (await api.call("GET", f"/v1/releases/{release['id']}/slots")).status == 200
+
+
+async def test_the_sweeper_counts_a_pass_that_failed_on_one_release_as_failed(
+    api: Api, redis: aioredis.Redis
+) -> None:
+    """The running sweeper (not one pass by hand): a release whose sweep fails makes each
+    pass count as ``failed`` (GuichetSweeperFailing reads it), and the others are swept."""
+    app = api.client.app
+    metrics = app[RESERVATIONS].metrics
+    await api.site()
+    broken = await api.publish([1])
+    await redis.delete(ReleaseKeys.of(broken["id"]).inv)
+    await redis.set(ReleaseKeys.of(broken["id"]).inv, "not a hash")
+    stop = asyncio.Event()
+    task = asyncio.create_task(sweeper.run(app[LOTTERY], stop))
+
+    async def failed() -> bool:
+        value = metrics.registry.get_sample_value("guichet_sweeps_total", {"outcome": "failed"})
+        return bool(value)
+
+    try:
+        await poll(failed, lambda: "no failed pass counted")
+    finally:
+        stop.set()
+        await task
+    done = metrics.registry.get_sample_value("guichet_sweeps_total", {"outcome": "done"})
+    assert done == 0
