@@ -97,6 +97,11 @@ class FoundSpent:
                 self._found.clear()
         self._found[key] = (self.times(key, now_ms) + 1, until_ms)
 
+    def forget(self, key: Hashable) -> None:
+        """Redis was told to give the challenge back (an attempt that failed after it):
+        what it answered "spent" before no longer holds."""
+        self._found.pop(key, None)
+
 
 class Limiter:
     def __init__(

@@ -137,9 +137,11 @@ class Lottery:
                 return replayed
             raise
         except StoreUnavailable:
-            # Nothing was registered: the attempt must not cost the challenge.
+            # Nothing was registered: the attempt must not cost the challenge. A retry that
+            # came meanwhile was told "spent", and this worker remembers so: no longer.
             with contextlib.suppress(StoreUnavailable):
                 await self.domain.inventory.unspend(release_id, paid.id)
+            self._spent.forget(paid.id)
             raise
         self.domain.metrics.entries.inc()
         log.info("entry_registered", release=release_id, entry=entry_id)

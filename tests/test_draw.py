@@ -20,7 +20,7 @@ from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, Reply, applicant, ip
 from tests.conftest import DATABASE_URL, FakeClock, make_settings
-from tests.procs import HOST, TcpProxy, with_port
+from tests.procs import HOST, TcpProxy, poll, with_port
 
 PLACES = [
     draw.Places("s2", "2026-12-02T09:00:00Z", 1),
@@ -284,6 +284,45 @@ async def test_an_entry_whose_commit_was_not_acknowledged_is_found_again(
     auth = {"Authorization": f"Bearer {retry.body['entry_token']}"}
     view = await api.call("GET", f"{path}/{retry.body['entry_id']}", headers=auth)
     assert view.status == 200 and view.body["status"] == "registered"
+    assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
+
+
+async def test_an_entry_given_back_its_challenge_is_not_remembered_as_spent(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A retry sent while the first try still waits on PostgreSQL is told the challenge is
+    spent (410), and the worker remembers it so. The first try then fails (503) and gives
+    the challenge back: the next retry must be able to spend it, not be refused from that
+    memory for a challenge Redis holds unspent."""
+    await api.site()
+    release = (await api.publish_draw([2]))["id"]
+    upstream = urlsplit(DATABASE_URL)
+    proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 5432)
+    await proxy.start()
+    dsn = with_port(DATABASE_URL, proxy.port)
+    app = create_app(make_settings(database_url=dsn, pg_timeout_s=0.5), clock=clock, sweep=False)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            phone = Api(client, clock)
+            paid = await phone.solved(release, ip(1))
+            body = {**paid, "applicant": applicant()}
+            path = f"/v1/releases/{release}/entries"
+            headers = {"X-Forwarded-For": ip(1)}
+            proxy.hold_back(b"INSERT INTO entries")  # the first try's insert never arrives
+            first = asyncio.create_task(phone.call("POST", path, body, headers))
+
+            async def held() -> bool:
+                return bool(proxy.held)
+
+            await poll(held, lambda: "the insert was never sent")
+            meanwhile = await phone.call("POST", path, body, headers)
+            assert meanwhile.status == 410, meanwhile.body
+            assert (await first).status == 503
+            proxy.hold_back(None)
+            retry = await phone.call("POST", path, body, headers)
+            assert retry.status == 201, retry.body
+    finally:
+        await proxy.stop()
     assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
 
 
