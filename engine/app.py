@@ -111,7 +111,10 @@ def create_app(
     async def stores(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client(settings)
         pool = await create_pool(
-            settings.database_url, settings.pg_timeout_s, settings.pg_pool_size
+            settings.database_url,
+            settings.pg_timeout_s,
+            settings.pg_pool_size,
+            settings.pg_statement_cache_size,
         )
         inventory = Inventory(
             redis,

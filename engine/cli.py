@@ -151,7 +151,9 @@ async def _domain(settings: Settings) -> AsyncIterator[Reservations]:
     from engine.reservations import Reservations
     from engine.store import IdentityRules, Store, create_pool
 
-    pool = await create_pool(settings.database_url, settings.pg_timeout_s, 2)
+    pool = await create_pool(
+        settings.database_url, settings.pg_timeout_s, 2, settings.pg_statement_cache_size
+    )
     redis = redis_client(settings)
     try:
         yield Reservations(

@@ -83,6 +83,9 @@ class Settings:
     redis_timeout_s: float = 1.0
     pg_timeout_s: float = 5.0
     pg_pool_size: int = 10
+    # asyncpg's prepared statements kept per connection; 0 behind pgbouncer in transaction
+    # mode, whose server connections change between transactions (deploy/README.md).
+    pg_statement_cache_size: int = 100
     retry_after_s: int = 2
     max_body_bytes: int = 16 * 1024
     # Staff's bodies: a release of the most slots the schema takes (2 000) is about 250 KiB.
@@ -149,6 +152,7 @@ class Settings:
             port=_int(env, "GUICHET_PORT", 8080, 0, 65535),
             workers=_int(env, "GUICHET_WORKERS", 1, 1, 256),
             pg_pool_size=_int(env, "GUICHET_PG_POOL_SIZE", 10, 1, 1000),
+            pg_statement_cache_size=_int(env, "GUICHET_PG_STATEMENT_CACHE_SIZE", 100, 0, 10000),
             max_body_bytes=_int(env, "GUICHET_MAX_BODY_BYTES", 16 * 1024, 1024, 1024 * 1024),
             max_admin_body_bytes=_int(
                 env, "GUICHET_MAX_ADMIN_BODY_BYTES", 1024 * 1024, 16 * 1024, 64 * 1024 * 1024
@@ -192,6 +196,7 @@ KNOWN_VARIABLES = frozenset(
         "GUICHET_PORT",
         "GUICHET_WORKERS",
         "GUICHET_PG_POOL_SIZE",
+        "GUICHET_PG_STATEMENT_CACHE_SIZE",
         "GUICHET_MAX_BODY_BYTES",
         "GUICHET_MAX_ADMIN_BODY_BYTES",
         "GUICHET_HOLD_TTL",

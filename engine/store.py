@@ -193,8 +193,12 @@ def below_floor(slot_id: str, floor: int, what: str) -> dict[str, str]:
     }
 
 
-async def create_pool(dsn: str, timeout_s: float, size: int) -> asyncpg.Pool:
-    """A pool that connects lazily, so the engine starts (and answers 503) without PostgreSQL."""
+async def create_pool(
+    dsn: str, timeout_s: float, size: int, statement_cache_size: int = 100
+) -> asyncpg.Pool:
+    """A pool that connects lazily, so the engine starts (and answers 503) without PostgreSQL.
+    ``statement_cache_size`` 0: behind pgbouncer in transaction mode (no prepared statement
+    outlives its transaction there)."""
     ms = str(int(timeout_s * 1000))
     pool = asyncpg.create_pool(
         dsn,
@@ -202,6 +206,7 @@ async def create_pool(dsn: str, timeout_s: float, size: int) -> asyncpg.Pool:
         max_size=size,
         timeout=timeout_s,
         command_timeout=timeout_s,
+        statement_cache_size=statement_cache_size,
         reset=_keep_session,
         server_settings={
             "statement_timeout": ms,
