@@ -115,18 +115,30 @@ class Lottery:
                 f"Registration is open from {release.registration_opens_at.isoformat()} "
                 f"to {release.registration_closes_at.isoformat()}"
             )
+        spend = (
+            release_id,
+            paid.id,
+            paid.expires_ms,
+            now_ms,
+            (unspent_challenges(client), paid.id),
+        )
         if self._spent.times(paid.id, now_ms):
             # Spent, as Redis told this worker: this request's retry, or a replay, each a
             # PostgreSQL lookup. The buckets of a confirm's replay bound it, not the global
             # entry bucket, which a replayed challenge would otherwise drain for everyone.
             await self.domain.limiter.replay(who, identity.hex())
-            return await self._replayed_or_spent(release, entry_id, token, identity)
-        await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
-        if not await self.domain.inventory.spend_challenge(
-            release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
-        ):
-            self._spent.add(paid.id, paid.expires_ms, now_ms)
-            return await self._replayed_or_spent(release, entry_id, token, identity)
+            if replayed := await self._replayed(release, entry_id, token, identity):
+                return replayed
+            # No entry: the attempt that spent it may have failed since and given it back,
+            # on another worker, which cannot clear this one's memory. Redis says.
+            if not await self.domain.inventory.spend_challenge(*spend):
+                raise ChallengeSpent()
+            self._spent.forget(paid.id)
+        else:
+            await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
+            if not await self.domain.inventory.spend_challenge(*spend):
+                self._spent.add(paid.id, paid.expires_ms, now_ms)
+                return await self._replayed_or_spent(release, entry_id, token, identity)
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who.net)
         except IdentityAlreadyBooked:

@@ -291,38 +291,38 @@ async def test_an_entry_given_back_its_challenge_is_not_remembered_as_spent(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:
     """A retry sent while the first try still waits on PostgreSQL is told the challenge is
-    spent (410), and the worker remembers it so. The first try then fails (503) and gives
-    the challenge back: the next retry must be able to spend it, not be refused from that
-    memory for a challenge Redis holds unspent."""
+    spent (410), and the worker it reached remembers it so. The first try, on another worker,
+    then fails (503) and gives the challenge back: a later retry reaching either worker must
+    be able to spend it, not be refused from a memory that Redis no longer agrees with."""
     await api.site()
     release = (await api.publish_draw([2]))["id"]
     upstream = urlsplit(DATABASE_URL)
     proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 5432)
     await proxy.start()
     dsn = with_port(DATABASE_URL, proxy.port)
-    app = create_app(make_settings(database_url=dsn, pg_timeout_s=0.5), clock=clock, sweep=False)
+    first_worker = create_app(make_settings(database_url=dsn), clock=clock, sweep=False)
     try:
-        async with TestClient(TestServer(app)) as client:
-            phone = Api(client, clock)
-            paid = await phone.solved(release, ip(1))
+        async with TestClient(TestServer(first_worker)) as client:
+            first = Api(client, clock)
+            paid = await first.solved(release, ip(1))
             body = {**paid, "applicant": applicant()}
             path = f"/v1/releases/{release}/entries"
             headers = {"X-Forwarded-For": ip(1)}
             proxy.hold_back(b"INSERT INTO entries")  # the first try's insert never arrives
-            first = asyncio.create_task(phone.call("POST", path, body, headers))
+            trying = asyncio.create_task(first.call("POST", path, body, headers))
 
             async def held() -> bool:
                 return bool(proxy.held)
 
             await poll(held, lambda: "the insert was never sent")
-            meanwhile = await phone.call("POST", path, body, headers)
+            meanwhile = await api.call("POST", path, body, headers)  # the other worker
             assert meanwhile.status == 410, meanwhile.body
-            assert (await first).status == 503
-            proxy.hold_back(None)
-            retry = await phone.call("POST", path, body, headers)
-            assert retry.status == 201, retry.body
+            await proxy.stop()  # the first try's connection breaks: 503, challenge given back
+            assert (await trying).status == 503
     finally:
         await proxy.stop()
+    retry = await api.call("POST", path, body, headers)
+    assert retry.status == 201, retry.body
     assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
 
 
