@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _migrate(settings: Settings) -> int:
     from engine.migrate import migrate
 
-    applied = await migrate(settings.database_url)
+    applied = await migrate(settings.migrate_database_url or settings.database_url)
     print(
         f"guichet: {len(applied.versions)} migration(s) applied"
         + (f": {applied.versions}" if applied.versions else "")

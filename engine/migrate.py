@@ -100,7 +100,15 @@ async def migrate(
     queued behind a long transaction on a live table would otherwise hold every request on
     that table behind it, up to ``timeout_s``. Then it fails, and can be run again."""
     lock_timeout = f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'"
-    conn = await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=timeout_s)
+    # Its own bounds, not those set on the role for the engine's short requests (behind
+    # pgbouncer, deploy/pgbouncer.ini): a migration may build an index for a while.
+    ms = str(int(timeout_s * 1000))
+    conn = await asyncpg.connect(
+        dsn,
+        timeout=timeout_s,
+        command_timeout=timeout_s,
+        server_settings={"statement_timeout": ms, "idle_in_transaction_session_timeout": ms},
+    )
     applied = Applied()
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)

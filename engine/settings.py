@@ -86,6 +86,9 @@ class Settings:
     # asyncpg's prepared statements kept per connection; 0 behind pgbouncer in transaction
     # mode, whose server connections change between transactions (deploy/README.md).
     pg_statement_cache_size: int = 100
+    # Where `guichet migrate` connects: PostgreSQL itself when the engine goes through
+    # pgbouncer (a migration's lock is a session's). None: database_url.
+    migrate_database_url: str | None = None
     retry_after_s: int = 2
     max_body_bytes: int = 16 * 1024
     # Staff's bodies: a release of the most slots the schema takes (2 000) is about 250 KiB.
@@ -145,6 +148,7 @@ class Settings:
         return cls(
             secret=raw_secret.encode(),
             database_url=env.get("GUICHET_DATABASE_URL", DEFAULT_DATABASE_URL),
+            migrate_database_url=env.get("GUICHET_MIGRATE_DATABASE_URL") or None,
             redis_url=_redis_url(env.get("GUICHET_REDIS_URL", DEFAULT_REDIS_URL)),
             admin_token=env.get("GUICHET_ADMIN_TOKEN") or None,
             env=mode,
@@ -190,6 +194,7 @@ KNOWN_VARIABLES = frozenset(
         "GUICHET_DATA_DIR",
         "GUICHET_SECRET",
         "GUICHET_DATABASE_URL",
+        "GUICHET_MIGRATE_DATABASE_URL",
         "GUICHET_REDIS_URL",
         "GUICHET_ADMIN_TOKEN",
         "GUICHET_HOST",

@@ -179,3 +179,27 @@ def test_the_engine_warns_of_unknown_settings(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "GUICHET_POOL_SIZE is not a setting" in done.stderr, done.stderr
+
+
+def test_migrations_go_where_guichet_migrate_database_url_says(
+    tmp_path: Path, database: str
+) -> None:
+    """Behind pgbouncer the engine's GUICHET_DATABASE_URL is pgbouncer's; `guichet migrate`
+    must reach PostgreSQL itself (deploy/pgbouncer.ini). Here the engine's URL is a port
+    nothing listens on: migrate succeeds through the other."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
+        "GUICHET_DATA_DIR": str(tmp_path),
+        "GUICHET_SECRET": "x" * 40,
+        "GUICHET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "GUICHET_MIGRATE_DATABASE_URL": database,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "migration(s) applied" in done.stdout

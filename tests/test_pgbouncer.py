@@ -40,6 +40,7 @@ def shipped_config(folder: Path, port: int) -> str:
     replacements = {
         r"^guichet = .*$": (
             f"guichet = host={db.hostname} port={db.port or 5432} dbname={db.path.lstrip('/')}"
+            + (f" password={db.password}" if db.password else "")
         ),
         r"^listen_port = .*$": f"listen_port = {port}",
         r"^auth_type = .*$": "auth_type = trust",
@@ -72,9 +73,11 @@ def pgbouncer() -> Iterator[str]:
     try:
         yield f"postgresql://{user}@{HOST}:{port}/guichet"
     finally:
-        proc.terminate()
-        proc.wait(timeout=READY_S)
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            proc.terminate()
+            proc.wait(timeout=READY_S)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -87,7 +90,11 @@ async def through_pgbouncer(pgbouncer: str, clean: None) -> AsyncIterator[Api]:
         await conn.close()
         return True
 
-    await poll(up, lambda: "pgbouncer did not answer")
+    def log() -> str:
+        logs = list(Path(tempfile.gettempdir()).glob("guichet-pgbouncer-*/pgbouncer.log"))
+        return "pgbouncer did not answer:\n" + "".join(p.read_text() for p in logs)
+
+    await poll(up, log)
     async with engine(database_url=pgbouncer, pg_statement_cache_size=0) as api:
         yield api
 
