@@ -134,6 +134,14 @@ class Lottery:
             if not await self.domain.inventory.spend_challenge(*spend):
                 raise ChallengeSpent()
             self._spent.forget(paid.id)
+            try:
+                # A new attempt after all: it takes what an entry takes (the global entry
+                # bucket sheds load), or gives the challenge back.
+                await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
+            except Exception:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.domain.inventory.unspend(release_id, paid.id)
+                raise
         else:
             await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
             if not await self.domain.inventory.spend_challenge(*spend):

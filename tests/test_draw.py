@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine import draw
 from engine.app import create_app
 from engine.appkeys import LOTTERY, RESERVATIONS
+from engine.settings import Rate
 from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, Reply, applicant, ip
 from tests.conftest import DATABASE_URL, FakeClock, make_settings
@@ -321,6 +322,63 @@ async def test_an_entry_given_back_its_challenge_is_not_remembered_as_spent(
             assert (await trying).status == 503
     finally:
         await proxy.stop()
+    retry = await api.call("POST", path, body, headers)
+    assert retry.status == 201, retry.body
+    assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
+
+
+async def test_an_entry_spent_again_after_a_give_back_takes_the_global_entry_bucket(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """The retry that spends a given-back challenge again, on a worker that remembered it
+    spent, is a new attempt: it takes the global entry bucket, which sheds entries under
+    load, and if that refuses it, gives the challenge back."""
+    await api.site()
+    release = (await api.publish_draw([2]))["id"]
+    upstream = urlsplit(DATABASE_URL)
+    proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 5432)
+    await proxy.start()
+    two_an_hour = Rate(2, 3600)  # the first try's, and the retry told "spent"
+    first_worker = create_app(
+        make_settings(
+            database_url=with_port(DATABASE_URL, proxy.port), limit_global_confirm=two_an_hour
+        ),
+        clock=clock,
+        bucket_clock=clock,
+        sweep=False,
+    )
+    other_worker = create_app(
+        make_settings(limit_global_confirm=two_an_hour),
+        clock=clock,
+        bucket_clock=clock,
+        sweep=False,
+    )
+    path = f"/v1/releases/{release}/entries"
+    headers = {"X-Forwarded-For": ip(1)}
+    try:
+        async with (
+            TestClient(TestServer(first_worker)) as first_client,
+            TestClient(TestServer(other_worker)) as other_client,
+        ):
+            first, other = Api(first_client, clock), Api(other_client, clock)
+            paid = await first.solved(release, ip(1))
+            body = {**paid, "applicant": applicant()}
+            proxy.hold_back(b"INSERT INTO entries")
+            trying = asyncio.create_task(first.call("POST", path, body, headers))
+
+            async def held() -> bool:
+                return bool(proxy.held)
+
+            await poll(held, lambda: "the insert was never sent")
+            assert (await other.call("POST", path, body, headers)).status == 410
+            await proxy.stop()
+            assert (await trying).status == 503
+            shed = await other.call("POST", path, body, headers)
+            assert (shed.status, shed.body["level"]) == (503, "global"), shed.body
+    finally:
+        await proxy.stop()
+    # The challenge was given back: a worker whose bucket has room registers the entry.
+    clock.advance(1)
     retry = await api.call("POST", path, body, headers)
     assert retry.status == 201, retry.body
     assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
