@@ -161,10 +161,11 @@ class TcpProxy:
         if self._server is None:
             return
         self._server.close()
-        await self._server.wait_closed()
-        self._server = None
+        # Connections first: from Python 3.12.1, wait_closed() waits for them to close.
         for writer in self._writers:
             writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

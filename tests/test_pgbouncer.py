@@ -1,9 +1,9 @@
 """deploy/pgbouncer.ini, run: the engine's PostgreSQL through a real pgbouncer in
 transaction pooling, on loopback.
 
-The file is used as shipped, but for its address, port, authentication and database (the
-test's). pgbouncer is not a Python package: where it is not installed (`apt-get install
-pgbouncer`) this test is skipped, and `.ci/run` installs it.
+The file is used as shipped, but for its port, authentication and database (the test's).
+pgbouncer is not a Python package: where it is not installed (`apt-get install pgbouncer`)
+this test is skipped, and `.ci/run` installs it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def shipped_config(folder: Path, port: int) -> str:
 
 
 @pytest.fixture
-def pgbouncer() -> Iterator[str]:
+def pgbouncer() -> Iterator[tuple[str, Path]]:
     """pgbouncer as shipped, in front of the test database: its DSN. It refuses to run as
     root: under root it runs as nobody, from a folder nobody can read (not pytest's)."""
     assert PGBOUNCER is not None
@@ -71,7 +71,7 @@ def pgbouncer() -> Iterator[str]:
             stderr=log,
         )
     try:
-        yield f"postgresql://{user}@{HOST}:{port}/guichet"
+        yield f"postgresql://{user}@{HOST}:{port}/guichet", folder
     finally:
         try:
             proc.terminate()
@@ -81,21 +81,22 @@ def pgbouncer() -> Iterator[str]:
 
 
 @pytest.fixture
-async def through_pgbouncer(pgbouncer: str, clean: None) -> AsyncIterator[Api]:
+async def through_pgbouncer(pgbouncer: tuple[str, Path], clean: None) -> AsyncIterator[Api]:
+    dsn, folder = pgbouncer
+
     async def up() -> bool:
         try:
-            conn = await asyncpg.connect(pgbouncer, statement_cache_size=0, timeout=1)
+            conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=1)
         except (OSError, asyncpg.PostgresError):
             return False
         await conn.close()
         return True
 
     def log() -> str:
-        logs = list(Path(tempfile.gettempdir()).glob("guichet-pgbouncer-*/pgbouncer.log"))
-        return "pgbouncer did not answer:\n" + "".join(p.read_text() for p in logs)
+        return "pgbouncer did not answer:\n" + (folder / "pgbouncer.log").read_text()
 
     await poll(up, log)
-    async with engine(database_url=pgbouncer, pg_statement_cache_size=0) as api:
+    async with engine(database_url=dsn, pg_statement_cache_size=0) as api:
         yield api
 
 
