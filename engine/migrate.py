@@ -107,10 +107,22 @@ async def migrate(
         dsn,
         timeout=timeout_s,
         command_timeout=timeout_s,
+        statement_cache_size=0,  # should it be pgbouncer after all, the check below answers
         server_settings={"statement_timeout": ms, "idle_in_transaction_session_timeout": ms},
     )
     applied = Applied()
     try:
+        in_force = await conn.fetchval(
+            "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'"
+        )
+        if in_force != ms:
+            # Settings sent at connect that did not arrive: a pooler (pgbouncer) between,
+            # through which the session lock below would stay held on a server connection.
+            raise RuntimeError(
+                f"guichet migrate must connect to PostgreSQL itself, not through a pooler: "
+                f"its statement_timeout is {in_force} ms, not {ms}; set "
+                "GUICHET_MIGRATE_DATABASE_URL (deploy/pgbouncer.ini)"
+            )
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (

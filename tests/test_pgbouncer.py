@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 
 from engine.appkeys import LOTTERY
+from engine.migrate import migrate
 from tests.api import ADMIN, Api, applicant, ip
 from tests.conftest import DATABASE_URL
 from tests.procs import HOST, READY_S, REPO_ROOT, free_port, poll
@@ -81,7 +82,8 @@ def pgbouncer() -> Iterator[tuple[str, Path]]:
 
 
 @pytest.fixture
-async def through_pgbouncer(pgbouncer: tuple[str, Path], clean: None) -> AsyncIterator[Api]:
+async def pgbouncer_up(pgbouncer: tuple[str, Path]) -> str:
+    """The DSN of pgbouncer (as the ``pgbouncer`` fixture), once it answers."""
     dsn, folder = pgbouncer
 
     async def up() -> bool:
@@ -96,8 +98,21 @@ async def through_pgbouncer(pgbouncer: tuple[str, Path], clean: None) -> AsyncIt
         return "pgbouncer did not answer:\n" + (folder / "pgbouncer.log").read_text()
 
     await poll(up, log)
-    async with engine(database_url=dsn, pg_statement_cache_size=0) as api:
+    return dsn
+
+
+@pytest.fixture
+async def through_pgbouncer(pgbouncer_up: str, clean: None) -> AsyncIterator[Api]:
+    async with engine(database_url=pgbouncer_up, pg_statement_cache_size=0) as api:
         yield api
+
+
+async def test_migrations_refuse_to_go_through_pgbouncer(pgbouncer_up: str) -> None:
+    """Their lock is a session's: through transaction pooling it would stay held on a
+    server connection, and every later migrate would wait for it. migrate sees that its
+    settings did not arrive, and says where to point it."""
+    with pytest.raises(RuntimeError, match="GUICHET_MIGRATE_DATABASE_URL"):
+        await migrate(pgbouncer_up)
 
 
 async def test_the_engine_through_pgbouncer_in_transaction_pooling(
