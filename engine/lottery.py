@@ -131,7 +131,7 @@ class Lottery:
                 return replayed
             # No entry: the attempt that spent it may have failed since and given it back,
             # on another worker, which cannot clear this one's memory. Redis says.
-            if not await self.domain.inventory.spend_challenge(*spend):
+            if not await self._spend(*spend):
                 raise ChallengeSpent()
             self._spent.forget(paid.id)
             try:
@@ -144,7 +144,7 @@ class Lottery:
                 raise
         else:
             await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
-            if not await self.domain.inventory.spend_challenge(*spend):
+            if not await self._spend(*spend):
                 self._spent.add(paid.id, paid.expires_ms, now_ms)
                 return await self._replayed_or_spent(release, entry_id, token, identity)
         try:
@@ -166,6 +166,28 @@ class Lottery:
         self.domain.metrics.entries.inc()
         log.info("entry_registered", release=release_id, entry=entry_id)
         return NewEntry(entry_id, token, "registered")
+
+    async def _spend(
+        self,
+        release_id: str,
+        challenge_id: str,
+        expiry_ms: int,
+        now_ms: int,
+        forget: tuple[str, str],
+    ) -> bool:
+        """Spend an entry's challenge. Redis may have spent it and its answer been lost (a
+        timeout): nothing is registered then, so it is given back before the 503, or every
+        retry would be told "spent". Giving back one a concurrent retry spent is harmless:
+        the entry's id comes from the challenge, and cannot be registered twice."""
+        inventory = self.domain.inventory
+        try:
+            return await inventory.spend_challenge(
+                release_id, challenge_id, expiry_ms, now_ms, forget
+            )
+        except StoreUnavailable:
+            with contextlib.suppress(StoreUnavailable):
+                await inventory.unspend(release_id, challenge_id)
+            raise
 
     async def staff_enter(
         self, release_id: str, applicant: Applicant, idem_key: str | None

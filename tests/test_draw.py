@@ -20,7 +20,7 @@ from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.settings import Rate
 from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, Reply, applicant, ip
-from tests.conftest import DATABASE_URL, FakeClock, make_settings
+from tests.conftest import DATABASE_URL, REDIS_URL, FakeClock, make_settings
 from tests.procs import HOST, TcpProxy, poll, with_port
 
 PLACES = [
@@ -381,6 +381,42 @@ async def test_an_entry_spent_again_after_a_give_back_takes_the_global_entry_buc
     clock.advance(1)
     retry = await api.call("POST", path, body, headers)
     assert retry.status == 201, retry.body
+    assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
+
+
+async def test_an_entry_whose_spend_answer_was_lost_gives_its_challenge_back(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """Redis spends the entry's challenge and its answer is lost (here, held back by a proxy):
+    the engine answers 503, having registered nothing, and gives the challenge back, so
+    that the retry registers the entry instead of being told "spent" for ever."""
+    await api.site()
+    release = (await api.publish_draw([2]))["id"]
+    upstream = urlsplit(REDIS_URL)
+    proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 6379)
+    await proxy.start()
+    app = create_app(
+        make_settings(redis_url=with_port(REDIS_URL, proxy.port), redis_timeout_s=0.5),
+        clock=clock,
+        sweep=False,
+    )
+    try:
+        async with TestClient(TestServer(app)) as client:
+            phone = Api(client, clock)
+            paid = await phone.solved(release, ip(1))
+            body = {**paid, "applicant": applicant()}
+            path = f"/v1/releases/{release}/entries"
+            headers = {"X-Forwarded-For": ip(1)}
+            proxy.hold_back(b"*1\r\n$2\r\nok\r\n", replies=True)  # spend_challenge's "ok"
+            lost = await phone.call("POST", path, body, headers)
+            assert lost.status == 503, lost.body
+            [spent] = proxy.held  # the spend's answer (and its unspent-list cleanup's)
+            assert spent.startswith(b"*1\r\n$2\r\nok\r\n")
+            proxy.hold_back(None)
+            retry = await phone.call("POST", path, body, headers)
+            assert retry.status == 201, retry.body
+    finally:
+        await proxy.stop()
     assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
 
 
