@@ -288,6 +288,30 @@ async def test_an_entry_whose_commit_was_not_acknowledged_is_found_again(
     assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
 
 
+async def spent_meanwhile_then_given_back(
+    proxy: TcpProxy,
+    first: Api,
+    other: Api,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> None:
+    """``first`` (its PostgreSQL through ``proxy``) tries to enter and waits on its insert;
+    meanwhile ``other`` is told the challenge is spent (410), and remembers it; then the
+    first try's connection breaks: 503, and the challenge is given back."""
+    proxy.hold_back(b"INSERT INTO entries")  # the first try's insert never arrives
+    trying = asyncio.create_task(first.call("POST", path, body, headers))
+
+    async def held() -> bool:
+        return bool(proxy.held)
+
+    await poll(held, lambda: "the insert was never sent")
+    meanwhile = await other.call("POST", path, body, headers)
+    assert meanwhile.status == 410, meanwhile.body
+    await proxy.stop()
+    assert (await trying).status == 503
+
+
 async def test_an_entry_given_back_its_challenge_is_not_remembered_as_spent(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:
@@ -309,17 +333,7 @@ async def test_an_entry_given_back_its_challenge_is_not_remembered_as_spent(
             body = {**paid, "applicant": applicant()}
             path = f"/v1/releases/{release}/entries"
             headers = {"X-Forwarded-For": ip(1)}
-            proxy.hold_back(b"INSERT INTO entries")  # the first try's insert never arrives
-            trying = asyncio.create_task(first.call("POST", path, body, headers))
-
-            async def held() -> bool:
-                return bool(proxy.held)
-
-            await poll(held, lambda: "the insert was never sent")
-            meanwhile = await api.call("POST", path, body, headers)  # the other worker
-            assert meanwhile.status == 410, meanwhile.body
-            await proxy.stop()  # the first try's connection breaks: 503, challenge given back
-            assert (await trying).status == 503
+            await spent_meanwhile_then_given_back(proxy, first, api, path, body, headers)
     finally:
         await proxy.stop()
     retry = await api.call("POST", path, body, headers)
@@ -363,16 +377,7 @@ async def test_an_entry_spent_again_after_a_give_back_takes_the_global_entry_buc
             first, other = Api(first_client, clock), Api(other_client, clock)
             paid = await first.solved(release, ip(1))
             body = {**paid, "applicant": applicant()}
-            proxy.hold_back(b"INSERT INTO entries")
-            trying = asyncio.create_task(first.call("POST", path, body, headers))
-
-            async def held() -> bool:
-                return bool(proxy.held)
-
-            await poll(held, lambda: "the insert was never sent")
-            assert (await other.call("POST", path, body, headers)).status == 410
-            await proxy.stop()
-            assert (await trying).status == 503
+            await spent_meanwhile_then_given_back(proxy, first, other, path, body, headers)
             shed = await other.call("POST", path, body, headers)
             assert (shed.status, shed.body["level"]) == (503, "global"), shed.body
     finally:
