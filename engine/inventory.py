@@ -82,7 +82,7 @@ _UNREACHABLE = (
     TimeoutError,
     OSError,
     # redis-py's cluster client: its retries on a moved or down slot ran out, or no node
-    # serves a slot. (No node reachable at all is a RedisClusterException: _cluster_down.)
+    # serves a slot. (No node reachable at all is a RedisClusterException: _unreachable.)
     ClusterError,
     SlotNotCoveredError,
 )
@@ -93,10 +93,15 @@ _UNREACHABLE = (
 _CLUSTER_DOWN = ("cannot be connected", "slots are not covered", "valid slots cache")
 
 
-def _cluster_down(exc: RedisClusterException) -> bool:
-    """redis-py says so with the class it also raises for a client-side bug (keys of one
-    command in two slots), which must stay a 500: only its message tells them apart."""
-    return any(words in str(exc) for words in _CLUSTER_DOWN)
+def _unreachable(exc: Exception) -> bool:
+    """Redis cannot be reached. redis-py's cluster client says "no node" with the class it
+    also raises for a client-side bug (keys of one command in two slots), which must stay
+    a 500: for that class, only its message tells them apart."""
+    if isinstance(exc, _UNREACHABLE):
+        return True
+    return isinstance(exc, RedisClusterException) and any(
+        words in str(exc) for words in _CLUSTER_DOWN
+    )
 
 
 def library_source() -> tuple[str, str]:
@@ -216,23 +221,19 @@ class Inventory:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await aw
-        except _UNREACHABLE as exc:
-            raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
-        except RedisClusterException as exc:
-            if _cluster_down(exc):
+        except Exception as exc:
+            if _unreachable(exc):
                 raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+            if isinstance(exc, ResponseError):  # redis-py raises error replies: OOM, READONLY...
+                self._raise(exc)
             raise
-        except ResponseError as exc:  # redis-py raises error replies: OOM, READONLY...
-            self._raise(exc)
 
     async def _run(self, commands: Sequence[Command]) -> list[Any]:
         # No timeout of our own here: the shared pipeline has one.
         try:
             return await self.pipelining.run(commands)
-        except _UNREACHABLE as exc:
-            raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
-        except RedisClusterException as exc:
-            if _cluster_down(exc):
+        except Exception as exc:
+            if _unreachable(exc):
                 raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
             raise
 

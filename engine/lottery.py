@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from engine import draw
+from engine import draw, pow
 from engine.errors import (
     ChallengeExpired,
     ChallengeSpent,
@@ -115,13 +115,6 @@ class Lottery:
                 f"Registration is open from {release.registration_opens_at.isoformat()} "
                 f"to {release.registration_closes_at.isoformat()}"
             )
-        spend = (
-            release_id,
-            paid.id,
-            paid.expires_ms,
-            now_ms,
-            (unspent_challenges(client), paid.id),
-        )
         if self._spent.times(paid.id, now_ms):
             # Spent, as Redis told this worker: this request's retry, or a replay, each a
             # PostgreSQL lookup. The buckets of a confirm's replay bound it, not the global
@@ -131,7 +124,7 @@ class Lottery:
                 return replayed
             # No entry: the attempt that spent it may have failed since and given it back,
             # on another worker, which cannot clear this one's memory. Redis says.
-            if not await self._spend(*spend):
+            if not await self._spend(release_id, paid, client, now_ms):
                 raise ChallengeSpent()
             self._spent.forget(paid.id)
             try:
@@ -139,12 +132,11 @@ class Lottery:
                 # bucket sheds load), or gives the challenge back.
                 await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
             except Exception:
-                with contextlib.suppress(StoreUnavailable):
-                    await self.domain.inventory.unspend(release_id, paid.id)
+                await self._give_back(release_id, paid.id)
                 raise
         else:
             await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
-            if not await self._spend(*spend):
+            if not await self._spend(release_id, paid, client, now_ms):
                 self._spent.add(paid.id, paid.expires_ms, now_ms)
                 return await self._replayed_or_spent(release, entry_id, token, identity)
         try:
@@ -157,37 +149,33 @@ class Lottery:
                 return replayed
             raise
         except StoreUnavailable:
-            # Nothing was registered: the attempt must not cost the challenge. A retry that
-            # came meanwhile was told "spent", and this worker remembers so: no longer.
-            with contextlib.suppress(StoreUnavailable):
-                await self.domain.inventory.unspend(release_id, paid.id)
-            self._spent.forget(paid.id)
+            # Nothing was registered: the attempt must not cost the challenge.
+            await self._give_back(release_id, paid.id)
             raise
         self.domain.metrics.entries.inc()
         log.info("entry_registered", release=release_id, entry=entry_id)
         return NewEntry(entry_id, token, "registered")
 
-    async def _spend(
-        self,
-        release_id: str,
-        challenge_id: str,
-        expiry_ms: int,
-        now_ms: int,
-        forget: tuple[str, str],
-    ) -> bool:
+    async def _spend(self, release_id: str, paid: pow.Challenge, client: str, now_ms: int) -> bool:
         """Spend an entry's challenge. Redis may have spent it and its answer been lost (a
         timeout): nothing is registered then, so it is given back before the 503, or every
         retry would be told "spent". Giving back one a concurrent retry spent is harmless:
         the entry's id comes from the challenge, and cannot be registered twice."""
-        inventory = self.domain.inventory
         try:
-            return await inventory.spend_challenge(
-                release_id, challenge_id, expiry_ms, now_ms, forget
+            return await self.domain.inventory.spend_challenge(
+                release_id, paid.id, paid.expires_ms, now_ms, (unspent_challenges(client), paid.id)
             )
         except StoreUnavailable:
-            with contextlib.suppress(StoreUnavailable):
-                await inventory.unspend(release_id, challenge_id)
+            await self._give_back(release_id, paid.id)
             raise
+
+    async def _give_back(self, release_id: str, challenge_id: str) -> None:
+        """Give an entry's challenge back (best effort: Redis may be what failed), its
+        attempt having registered nothing. A retry told "spent" meanwhile left this
+        worker remembering so: no longer."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.domain.inventory.unspend(release_id, challenge_id)
+        self._spent.forget(challenge_id)
 
     async def staff_enter(
         self, release_id: str, applicant: Applicant, idem_key: str | None

@@ -216,7 +216,7 @@ class Metrics:
         for (route, method, status), pending in answers.items():
             self.requests.labels(route, method, str(status)).inc(pending[0])
             # By class: in a flood, bots' quick refusals would hide how slow the answers
-            # that book are (the GuichetSlowBooking alert reads the 2xx).
+            # that book are (the GuichetSlowBooking alert reads the 2xx and the 5xx).
             _add(self.latency.labels(route, f"{status // 100}xx"), pending[1:])
 
     async def flushing(self, _app: object) -> AsyncIterator[None]:

@@ -163,9 +163,10 @@ _PURGE_ENTRIES = _purge_statement(
 # Every confirm counts the booking caps under this lock, shared (book_hold): a draw takes it
 # alone to count them again, its winners booked, and commit (Store.run_draw).
 _CAPS_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('booking-caps', 0))"
-_CAPS_LOCK_SOON = "SET LOCAL lock_timeout = '500ms'"
-# A withdrawal waits this long for a release row a draw (or the freeze) holds.
-_WAIT_FOR_A_DRAW = "SET LOCAL lock_timeout = '500ms'"
+# A short wait for a lock that may be held for seconds: the draw's for the caps lock, a
+# withdrawal's for a release row a draw (or the freeze) holds. Then back TO DEFAULT.
+_LOCK_SOON = "SET LOCAL lock_timeout = '500ms'"
+_LOCK_AS_USUAL = "SET LOCAL lock_timeout TO DEFAULT"
 
 # Staff's capacity change takes this lock, and every write of capacities to Redis from a
 # snapshot shares it (Store.patch_release, Store.with_snapshot).
@@ -888,7 +889,7 @@ class Store:
         seconds: a withdrawal does not wait for it (a pooled connection each), it is told
         to try again."""
         async with self._transaction() as conn:
-            await conn.execute(_WAIT_FOR_A_DRAW)
+            await conn.execute(_LOCK_SOON)
             try:
                 frozen = await conn.fetchval(
                     "SELECT entries_digest IS NOT NULL FROM releases WHERE id = $1 FOR SHARE",
@@ -898,7 +899,7 @@ class Store:
                 raise StoreUnavailable(
                     self._retry_after_s, "The release is being drawn or changed: try again"
                 ) from None
-            await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+            await conn.execute(_LOCK_AS_USUAL)
             done = await conn.fetchval(
                 """UPDATE entries SET status = 'withdrawn', withdrawn_frozen = $2
                    WHERE id = $1 AND status = 'registered' RETURNING id""",
@@ -1227,12 +1228,12 @@ class Store:
             # books the procedure online or at the counter): the draw gives way and reruns,
             # rather than wait for PostgreSQL's deadlock check while every confirm queues
             # behind it.
-            await conn.execute(_CAPS_LOCK_SOON, timeout=DRAW_TIMEOUT_S)
+            await conn.execute(_LOCK_SOON, timeout=DRAW_TIMEOUT_S)
             try:
                 await conn.execute(_CAPS_LOCK, timeout=DRAW_TIMEOUT_S)
             except asyncpg.LockNotAvailableError:
                 raise DrawRaced("confirms in flight kept the booking caps' lock") from None
-            await conn.execute("SET LOCAL lock_timeout TO DEFAULT", timeout=DRAW_TIMEOUT_S)
+            await conn.execute(_LOCK_AS_USUAL, timeout=DRAW_TIMEOUT_S)
             await self._check_draw_caps(conn, winners)
         return DrawOutcome(
             release_id,

@@ -365,20 +365,23 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
     """The body, within the app's ``client_max_size`` (the public limit), or within
     ``limit`` (staff's routes): read here, as aiohttp's ``read`` does, a chunk at a time,
     so that no more than the limit is ever held."""
-    too_large = PayloadTooLarge("The request body is over the limit")
     if limit is None:
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+            raise _too_large() from None
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
+        raise _too_large()
     body = bytearray()
     while chunk := await request.content.readany():
         body += chunk
         if len(body) > limit:
-            raise too_large
+            raise _too_large()
     return bytes(body)
+
+
+def _too_large() -> PayloadTooLarge:
+    return PayloadTooLarge("The request body is over the limit")
 
 
 async def parse_body(

@@ -144,6 +144,15 @@ class TcpProxy:
         self.held: list[bytes] = []
         self.port = 0
 
+    @classmethod
+    async def started(cls, url: str) -> tuple[TcpProxy, str]:
+        """A started proxy to the store ``url`` names, and ``url`` through it."""
+        parts = urlsplit(url)
+        default = 6379 if parts.scheme.startswith("redis") else 5432
+        proxy = cls(parts.hostname or HOST, parts.port or default)
+        await proxy.start()
+        return proxy, with_port(url, proxy.port)
+
     def hold_back(self, needle: bytes | None, *, replies: bool = False) -> None:
         self._needle, self._replies = needle, replies
 

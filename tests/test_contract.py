@@ -163,21 +163,26 @@ def test_every_variable_read_is_known() -> None:
     assert read and read <= KNOWN_VARIABLES, read - KNOWN_VARIABLES
 
 
-def test_the_engine_warns_of_unknown_settings(tmp_path: Path) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
-        "GUICHET_DATA_DIR": str(tmp_path),
-        "GUICHET_SECRET": "x" * 40,
-        "GUICHET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
-        "GUICHET_POOL_SIZE": "32",
-    }
-    done = subprocess.run(
+def migrate_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`guichet migrate` in a process of its own, with only ``env``'s GUICHET_ variables
+    (and an engine database URL nothing listens on, unless ``env`` names one)."""
+    return subprocess.run(
         [sys.executable, "-m", "engine", "migrate"],
-        env=env,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
+            "GUICHET_DATA_DIR": str(tmp_path),
+            "GUICHET_SECRET": "x" * 40,
+            "GUICHET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_the_engine_warns_of_unknown_settings(tmp_path: Path) -> None:
+    done = migrate_cli(tmp_path, GUICHET_POOL_SIZE="32")
     assert "GUICHET_POOL_SIZE is not a setting" in done.stderr, done.stderr
 
 
@@ -187,19 +192,6 @@ def test_migrations_go_where_guichet_migrate_database_url_says(
     """Behind pgbouncer the engine's GUICHET_DATABASE_URL is pgbouncer's; `guichet migrate`
     must reach PostgreSQL itself (deploy/pgbouncer.ini). Here the engine's URL is a port
     nothing listens on: migrate succeeds through the other."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
-        "GUICHET_DATA_DIR": str(tmp_path),
-        "GUICHET_SECRET": "x" * 40,
-        "GUICHET_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
-        "GUICHET_MIGRATE_DATABASE_URL": database,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "engine", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = migrate_cli(tmp_path, GUICHET_MIGRATE_DATABASE_URL=database)
     assert done.returncode == 0, done.stderr
     assert "migration(s) applied" in done.stdout

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from collections import Counter
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 from aiohttp.test_utils import TestClient, TestServer
@@ -21,7 +20,7 @@ from engine.settings import Rate
 from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, Reply, applicant, ip
 from tests.conftest import DATABASE_URL, REDIS_URL, FakeClock, make_settings
-from tests.procs import HOST, TcpProxy, poll, with_port
+from tests.procs import TcpProxy, poll
 
 PLACES = [
     draw.Places("s2", "2026-12-02T09:00:00Z", 1),
@@ -262,10 +261,7 @@ async def test_an_entry_whose_commit_was_not_acknowledged_is_found_again(
     its first try registered and answers it, instead of 409 identity-already-booked."""
     await api.site()
     release = (await api.publish_draw([2]))["id"]
-    upstream = urlsplit(DATABASE_URL)
-    proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 5432)
-    await proxy.start()
-    dsn = with_port(DATABASE_URL, proxy.port)
+    proxy, dsn = await TcpProxy.started(DATABASE_URL)
     app = create_app(make_settings(database_url=dsn, pg_timeout_s=0.5), clock=clock, sweep=False)
     try:
         async with TestClient(TestServer(app)) as client:
@@ -321,10 +317,7 @@ async def test_an_entry_given_back_its_challenge_is_not_remembered_as_spent(
     be able to spend it, not be refused from a memory that Redis no longer agrees with."""
     await api.site()
     release = (await api.publish_draw([2]))["id"]
-    upstream = urlsplit(DATABASE_URL)
-    proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 5432)
-    await proxy.start()
-    dsn = with_port(DATABASE_URL, proxy.port)
+    proxy, dsn = await TcpProxy.started(DATABASE_URL)
     first_worker = create_app(make_settings(database_url=dsn), clock=clock, sweep=False)
     try:
         async with TestClient(TestServer(first_worker)) as client:
@@ -349,14 +342,10 @@ async def test_an_entry_spent_again_after_a_give_back_takes_the_global_entry_buc
     load, and if that refuses it, gives the challenge back."""
     await api.site()
     release = (await api.publish_draw([2]))["id"]
-    upstream = urlsplit(DATABASE_URL)
-    proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 5432)
-    await proxy.start()
+    proxy, dsn = await TcpProxy.started(DATABASE_URL)
     two_an_hour = Rate(2, 3600)  # the first try's, and the retry told "spent"
     first_worker = create_app(
-        make_settings(
-            database_url=with_port(DATABASE_URL, proxy.port), limit_global_confirm=two_an_hour
-        ),
+        make_settings(database_url=dsn, limit_global_confirm=two_an_hour),
         clock=clock,
         bucket_clock=clock,
         sweep=False,
@@ -397,11 +386,9 @@ async def test_an_entry_whose_spend_answer_was_lost_gives_its_challenge_back(
     that the retry registers the entry instead of being told "spent" for ever."""
     await api.site()
     release = (await api.publish_draw([2]))["id"]
-    upstream = urlsplit(REDIS_URL)
-    proxy = TcpProxy(upstream.hostname or HOST, upstream.port or 6379)
-    await proxy.start()
+    proxy, redis_url = await TcpProxy.started(REDIS_URL)
     app = create_app(
-        make_settings(redis_url=with_port(REDIS_URL, proxy.port), redis_timeout_s=0.5),
+        make_settings(redis_url=redis_url, redis_timeout_s=0.5),
         clock=clock,
         sweep=False,
     )
