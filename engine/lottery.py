@@ -312,8 +312,17 @@ class Lottery:
         for release_id in await self.store.draws_due(now):
             try:
                 outcome = await self.run(release_id)
-            except StoreUnavailable:
-                raise
+            except StoreUnavailable as exc:
+                # PostgreSQL down: every next draw would wait for its timeouts, so the pass
+                # ends (the ping raises). But a store error of this draw alone (a lock it
+                # waited for too long, a limit its size goes over) must not hold back the
+                # draws after it, pass after pass: it is a failing draw, for the alert.
+                await self.store.ping()
+                log.warning(
+                    "draw_failed", release=release_id, detail=exc.detail, cause=repr(exc.__cause__)
+                )
+                self.domain.metrics.draw_failures.inc()
+                continue
             except DrawRaced as exc:
                 # Not a failure: the next sweep counts the booking that raced it.
                 log.warning("draw_raced", release=release_id, detail=str(exc))

@@ -11,9 +11,11 @@ from collections import Counter
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine import draw
+from engine import store as store_module
 from engine.app import create_app
 from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.settings import Rate
@@ -784,6 +786,32 @@ async def test_a_withdrawal_does_not_wait_for_a_running_draw(
         assert refused.body["detail"] == "The release is being drawn or changed: try again"
     assert await entry_status(api, release, entry) == {"status": "registered"}
     assert (await api.call("DELETE", path, headers=auth)).status == 204
+
+
+async def test_a_draw_failing_on_a_store_error_does_not_hold_back_the_next(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store error of one draw alone (here: its release row, locked elsewhere for longer
+    than the draw waits) is a failing draw, counted for the alert: the draws due after it
+    run in the same pass, and it runs once it can. Only PostgreSQL down ends the pass."""
+    await api.site()
+    stuck = (await api.publish_draw([1]))["id"]
+    later = (await api.publish_draw([1], draw_in_s=90060))["id"]
+    for n, release in enumerate((stuck, later)):
+        assert (await api.enter(release, applicant(), ip(n))).status == 201
+    clock.advance(86401)
+    lottery = api.client.app[LOTTERY]
+    assert await lottery.run_due() == []  # freezes both lists; nothing due yet
+    clock.advance(3700)
+    monkeypatch.setattr(store_module, "DRAW_TIMEOUT_S", 0.5)
+    registry = api.client.app[RESERVATIONS].metrics.registry
+    async with pg.transaction():
+        await pg.execute("SELECT 1 FROM releases WHERE id = $1 FOR UPDATE", stuck)
+        [outcome] = await lottery.run_due()
+    assert outcome.release_id == later
+    assert registry.get_sample_value("guichet_draw_failures_total") == 1
+    [outcome] = await lottery.run_due()
+    assert outcome.release_id == stuck
 
 
 async def test_a_draw_record_is_read_once_and_kept(
