@@ -662,7 +662,8 @@ class Reservations:
         return booking
 
     async def cancel(self, reference: str, cancel_token: str) -> None:
-        """Cancel (idempotent); the place returns to an fcfs slot at once."""
+        """Cancel (idempotent); the place returns at once: online for a first-come
+        release, to the next draw's places for a draw's (and to its listing, at once)."""
         await self._cancel(await self.booking(reference, cancel_token), "online")
 
     async def staff_cancel(
@@ -699,18 +700,19 @@ class Reservations:
 
         async def take_off(slot_id: str) -> None:
             # Before PostgreSQL commits, as a lower capacity: Redis never offers the place.
-            # A draw release's places are not in Redis: PostgreSQL's capacity is all.
-            if booking.mode == "fcfs":
-                await self.inventory.withdraw(booking.release_id, slot_id)
+            # (A draw's places are never offered by Redis, but its counts are its listing.)
+            await self.inventory.withdraw(booking.release_id, slot_id)
 
         if not await self.store.cancel(reference, actor, by, take_off if withdraw else None):
             return False
         self.metrics.cancellations.labels(actor).inc()
-        if booking.mode == "fcfs":
-            try:
-                await self.inventory.cancel_done(booking.release_id, reference)
-            except StoreUnavailable:
-                log.warning("cancel_done_deferred", booking=reference)
+        # A draw's bookings are in Redis's counts too (the draw's reconcile): its listing
+        # shows the place free for the next draw at once, not at the next reconcile, which
+        # would count a correction.
+        try:
+            await self.inventory.cancel_done(booking.release_id, reference)
+        except StoreUnavailable:
+            log.warning("cancel_done_deferred", booking=reference)
         log.info("booking_cancelled", booking=reference, by=by, withdrawn=withdraw)
         return True
 

@@ -899,6 +899,37 @@ async def test_a_crash_mid_draw_recovers_to_the_same_result(
     assert rec["allocation"] == expected
 
 
+async def test_a_drawn_slot_is_listed_free_at_once_when_its_booking_is_cancelled(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A draw's bookings are in Redis's counts (its listing) from the draw on: a cancel
+    frees the place there at once, for the listing's next second (API.md), and a place
+    the prefecture withdraws with its cancel is not shown free. Redis, told at each
+    cancel, has nothing for the reconcile to correct (each correction counts for an
+    alert)."""
+    await api.site()
+    release, _, _ = await run_draw_flow(api, clock, 3, [2])
+    assert (await api.client.app[LOTTERY].run(release)).allocated == 2  # type: ignore[union-attr]
+    listing = f"/v1/releases/{release}/slots"
+
+    async def free() -> list[int]:
+        clock.advance(1.5)  # past the listing's cache
+        return [s["free"] for s in (await api.call("GET", listing)).body["slots"]]
+
+    assert await free() == [0]
+    query = "SELECT reference FROM bookings WHERE release_id = $1 ORDER BY reference"
+    refs = [r["reference"] for r in await pg.fetch(query, release)]
+    returned = await api.call("DELETE", f"/v1/admin/bookings/{refs[0]}", headers=ADMIN)
+    assert returned.status == 204
+    assert await free() == [1]
+    withdrawn = await api.call(
+        "DELETE", f"/v1/admin/bookings/{refs[1]}?by=prefecture&place=withdraw", headers=ADMIN
+    )
+    assert withdrawn.status == 204
+    assert await free() == [1]
+    assert await api.client.app[RESERVATIONS].recovery.reconcile(release) == 0
+
+
 async def test_a_cancelled_draw_place_goes_to_the_next_draw(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:
