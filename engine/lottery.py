@@ -305,38 +305,43 @@ class Lottery:
         self.domain.forget(release.id)
 
     async def run_due(self) -> list[DrawOutcome]:
-        """Freeze closed registrations, then run every due draw (each exactly once)."""
+        """Freeze closed registrations, then run every due draw (each exactly once). One
+        release that cannot be frozen or drawn does not hold back the others."""
         now = self._now()
-        await self.store.freeze_entries(now)
+        for release_id in await self.store.closed_unfrozen(now):
+            try:
+                await self.store.freeze_entries(release_id, now)
+            except Exception as exc:
+                # Its draw computes the digest itself, if it comes to run before a freeze.
+                await self._failed("freeze_failed", release_id, exc)
         outcomes = []
         for release_id in await self.store.draws_due(now):
             try:
                 outcome = await self.run(release_id)
-            except StoreUnavailable as exc:
-                # PostgreSQL down: every next draw would wait for its timeouts, so the pass
-                # ends (the ping raises). But a store error of this draw alone (a lock it
-                # waited for too long, a limit its size goes over) must not hold back the
-                # draws after it, pass after pass: it is a failing draw, for the alert.
-                await self.store.ping()
-                log.warning(
-                    "draw_failed", release=release_id, detail=exc.detail, cause=repr(exc.__cause__)
-                )
-                self.domain.metrics.draw_failures.inc()
-                continue
             except DrawRaced as exc:
                 # Not a failure: the next sweep counts the booking that raced it.
                 log.warning("draw_raced", release=release_id, detail=str(exc))
                 self.domain.metrics.draws_raced.inc()
                 continue
-            except Exception:
-                # One draw that cannot run must not hold back the others: log it (the
-                # alert), and try again at the next sweep.
-                log.exception("draw_failed", release=release_id)
-                self.domain.metrics.draw_failures.inc()
+            except Exception as exc:
+                await self._failed("draw_failed", release_id, exc)
                 continue
             if outcome is not None:
                 outcomes.append(outcome)
         return outcomes
+
+    async def _failed(self, event: str, release_id: str, exc: Exception) -> None:
+        """One draw (or its freeze) that cannot run must not hold back the others: log it
+        and count it, for the alert, and try again at the next sweep. But with PostgreSQL
+        down (the ping raises), every next one would wait for its timeouts: the pass ends.
+        A store error of this draw alone (a lock it waited for too long, a limit its size
+        goes over) is a failing draw."""
+        if isinstance(exc, StoreUnavailable):
+            await self.store.ping()
+            log.warning(event, release=release_id, detail=exc.detail, cause=repr(exc.__cause__))
+        else:
+            log.exception(event, exc=exc, release=release_id)
+        self.domain.metrics.draw_failures.inc()
 
     async def run(self, release_id: str) -> DrawOutcome | None:
         outcome = await self.store.run_draw(

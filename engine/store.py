@@ -49,6 +49,9 @@ from engine.models import (
 from engine.settings import Settings
 
 DRAW_TIMEOUT_S = 300.0
+_DRAW_LIMITS = (
+    "SET LOCAL statement_timeout = '300s'; SET LOCAL idle_in_transaction_session_timeout = '300s'"
+)
 
 
 class DrawRaced(Exception):
@@ -935,25 +938,44 @@ class Store:
             )
         return [r["id"] for r in rows]
 
-    async def freeze_entries(self, now: datetime) -> int:
-        """Record the entries digest of every draw whose registration has closed."""
-        async with self._transaction() as conn:
+    async def closed_unfrozen(self, now: datetime) -> list[str]:
+        """Draw releases whose registration has closed and whose entries are not frozen."""
+        async with self._connection() as conn:
             rows = await conn.fetch(
                 """SELECT id FROM releases WHERE mode = 'draw' AND entries_digest IS NULL
-                     AND registration_closes_at <= $1 FOR UPDATE""",
+                     AND registration_closes_at <= $1 ORDER BY registration_closes_at, id""",
                 now,
             )
-            for row in rows:
-                digests = await conn.fetch(
-                    "SELECT digest FROM entries WHERE release_id = $1 AND status <> 'withdrawn'",
-                    row["id"],
-                )
-                await conn.execute(
-                    "UPDATE releases SET entries_digest = $2 WHERE id = $1",
-                    row["id"],
-                    draw.entries_digest([d["digest"] for d in digests]),
-                )
-        return len(rows)
+        return [r["id"] for r in rows]
+
+    async def freeze_entries(self, release_id: str, now: datetime) -> bool:
+        """Record the entries digest of a draw whose registration has closed; False if it
+        is not closed, or frozen already. Each release in its own transaction, with the
+        draw's bounds: a list of hundreds of thousands of entries takes seconds to read."""
+        async with self._transaction() as conn:
+            await conn.execute(_DRAW_LIMITS, timeout=DRAW_TIMEOUT_S)
+            closed = await conn.fetchval(
+                """SELECT true FROM releases WHERE id = $1 AND mode = 'draw'
+                     AND entries_digest IS NULL AND registration_closes_at <= $2 FOR UPDATE""",
+                release_id,
+                now,
+                timeout=DRAW_TIMEOUT_S,
+            )
+            if not closed:
+                return False
+            digests = await conn.fetch(
+                "SELECT digest FROM entries WHERE release_id = $1 AND status <> 'withdrawn'",
+                release_id,
+                timeout=DRAW_TIMEOUT_S,
+            )
+            frozen = await asyncio.to_thread(draw.entries_digest, [d["digest"] for d in digests])
+            await conn.execute(
+                "UPDATE releases SET entries_digest = $2 WHERE id = $1",
+                release_id,
+                frozen,
+                timeout=DRAW_TIMEOUT_S,
+            )
+        return True
 
     async def draw_record(self, release_id: str) -> dict[str, Any] | None:
         async with self._connection() as conn:
@@ -1051,11 +1073,7 @@ class Store:
             # between its statements the allocation runs here, in Python (0.8 s for 100 000
             # entries on a slow machine, docs/draw.md): the session's idle-in-transaction
             # limit, a few seconds, would end a draw of a few hundred thousand at every try.
-            await conn.execute(
-                "SET LOCAL statement_timeout = '300s';"
-                " SET LOCAL idle_in_transaction_session_timeout = '300s'",
-                timeout=DRAW_TIMEOUT_S,
-            )
+            await conn.execute(_DRAW_LIMITS, timeout=DRAW_TIMEOUT_S)
             rel = await conn.fetchrow(
                 "SELECT * FROM releases WHERE id = $1 AND mode = 'draw' FOR UPDATE",
                 release_id,

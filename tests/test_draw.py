@@ -792,26 +792,31 @@ async def test_a_draw_failing_on_a_store_error_does_not_hold_back_the_next(
     api: Api, clock: FakeClock, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A store error of one draw alone (here: its release row, locked elsewhere for longer
-    than the draw waits) is a failing draw, counted for the alert: the draws due after it
-    run in the same pass, and it runs once it can. Only PostgreSQL down ends the pass."""
+    than the draw waits) is a failing draw, counted for the alert, when its list is frozen
+    as when it is drawn: the others are frozen and drawn in the same pass, and it is once
+    it can be. Only PostgreSQL down ends the pass."""
     await api.site()
     stuck = (await api.publish_draw([1]))["id"]
     later = (await api.publish_draw([1], draw_in_s=90060))["id"]
     for n, release in enumerate((stuck, later)):
         assert (await api.enter(release, applicant(), ip(n))).status == 201
-    clock.advance(86401)
     lottery = api.client.app[LOTTERY]
-    assert await lottery.run_due() == []  # freezes both lists; nothing due yet
-    clock.advance(3700)
     monkeypatch.setattr(store_module, "DRAW_TIMEOUT_S", 0.5)
     registry = api.client.app[RESERVATIONS].metrics.registry
+    frozen = "SELECT id FROM releases WHERE entries_digest IS NOT NULL"
     async with pg.transaction():
         await pg.execute("SELECT 1 FROM releases WHERE id = $1 FOR UPDATE", stuck)
+        clock.advance(86401)
+        assert await lottery.run_due() == []  # nothing due yet
+        assert [r["id"] for r in await pg.fetch(frozen)] == [later]
+        assert registry.get_sample_value("guichet_draw_failures_total") == 1
+        clock.advance(3700)
         [outcome] = await lottery.run_due()
     assert outcome.release_id == later
-    assert registry.get_sample_value("guichet_draw_failures_total") == 1
+    assert registry.get_sample_value("guichet_draw_failures_total") == 3  # freeze, draw
     [outcome] = await lottery.run_due()
     assert outcome.release_id == stuck
+    assert draw.verify((await api.call("GET", f"/v1/releases/{stuck}/draw")).body) == []
 
 
 async def test_a_draw_record_is_read_once_and_kept(
@@ -991,7 +996,9 @@ async def test_no_entry_slips_in_after_the_list_is_frozen(
     lottery = api.client.app[LOTTERY]
     from datetime import UTC, datetime, timedelta
 
-    await lottery.store.freeze_entries(datetime.fromtimestamp(clock.now, UTC) + timedelta(days=2))
+    later = datetime.fromtimestamp(clock.now, UTC) + timedelta(days=2)
+    assert await lottery.store.freeze_entries(release, later)
+    assert not await lottery.store.freeze_entries(release, later)  # frozen once
     late = await api.enter(release, applicant(), ip(2))
     assert late.status == 409 and late.body["type"] == "/problems/not-open"
     r = await api.call(
