@@ -99,6 +99,8 @@ async def _sweep(settings: Settings) -> int:
         while settings.retention_days:
             purged = await domain.store.purge(settings.retention_days)
             bookings, entries = bookings + purged.bookings, entries + purged.entries
+            if purged.failures:
+                raise purged.failures[0][1]
             if not purged.more:
                 break
     print(

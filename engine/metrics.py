@@ -100,12 +100,21 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.purge_failures = Counter(
+            "guichet_purge_failures",
+            "Hourly purges of personal data past its retention that failed, by kind "
+            "(bookings, entries): the data is kept until one succeeds.",
+            ["kind"],
+            registry=r,
+        )
         # Series an alert reads exist from the start, at 0: a counter's first increment
         # is otherwise its first sample, which increase() and rate() cannot see.
         for outcome in ("booked", "dropped", "skipped"):
             self.settled_confirms.labels(outcome)
         for outcome in ("done", "standby", "skipped", "failed"):
             self.sweeps.labels(outcome)
+        for kind in ("bookings", "entries"):
+            self.purge_failures.labels(kind)
         self.bookings_online = Gauge(
             "guichet_bookings_online",
             "Confirmed online bookings of appointments still to come.",

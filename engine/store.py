@@ -181,11 +181,13 @@ _CAPACITY_LOCK_SHARED = (
 
 @dataclass(frozen=True, slots=True)
 class Purged:
-    """What one call of Store.purge erased; ``more``: it stopped at its batch limit."""
+    """What one call of Store.purge erased; ``more``: it stopped at its batch limit;
+    ``failures``: the kinds (bookings, entries) whose purge failed, and why."""
 
     bookings: int
     entries: int
     more: bool
+    failures: tuple[tuple[str, Exception], ...] = ()
 
 
 def below_floor(slot_id: str, floor: int, what: str) -> dict[str, str]:
@@ -313,20 +315,27 @@ class Store:
         PostgreSQL's clock (sql/011_personal_data_purge.sql). At most ``batches`` batches of
         ``batch`` rows of each, each batch its own short statement, so that a backlog (the
         first run, say) is worked through over several calls; rows another transaction holds
-        are left for the next call."""
+        are left for the next call. One kind failing (a timeout, a bug) does not keep the
+        other's data: each is tried, and its failure returned."""
         counts = [0, 0]
         more = False
-        for i, statement in enumerate((_PURGE_BOOKINGS, _PURGE_ENTRIES)):
-            for _ in range(batches):
-                async with self._connection() as conn:
-                    status = await conn.execute(statement, days, batch)
-                n = int(status.split()[-1])  # "UPDATE <n>"
-                counts[i] += n
-                if n < batch:
-                    break
-            else:
-                more = True
-        return Purged(counts[0], counts[1], more)
+        failures = []
+        for i, (kind, statement) in enumerate(
+            (("bookings", _PURGE_BOOKINGS), ("entries", _PURGE_ENTRIES))
+        ):
+            try:
+                for _ in range(batches):
+                    async with self._connection() as conn:
+                        status = await conn.execute(statement, days, batch)
+                    n = int(status.split()[-1])  # "UPDATE <n>"
+                    counts[i] += n
+                    if n < batch:
+                        break
+                else:
+                    more = True
+            except Exception as exc:
+                failures.append((kind, exc))
+        return Purged(counts[0], counts[1], more, tuple(failures))
 
     # Sites -------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -120,16 +121,16 @@ _PURGE_INTERVAL_S = 3600.0  # personal data is kept for days: an hour late is no
 
 
 async def _purge(domain: Reservations) -> Purged:
-    """One bounded purge; a failure is logged and waits for the next hour, like a success
-    (the sweeper's other work must not be held up, nor a failing purge retried each pass)."""
-    try:
-        purged = await domain.store.purge(domain.settings.retention_days)
-    except Exception:
-        log.exception("purge_failed")
-        return Purged(0, 0, more=False)
+    """One bounded purge; a failure is logged, counted (personal data kept past its
+    retention, for the alert) and waits for the next hour, like a success (the sweeper's
+    other work must not be held up, nor a failing purge retried each pass)."""
+    purged = await domain.store.purge(domain.settings.retention_days)
     if purged.bookings or purged.entries:
         log.info("personal_data_purged", bookings=purged.bookings, entries=purged.entries)
-    return purged
+    for kind, exc in purged.failures:
+        log.exception("purge_failed", exc=exc, kind=kind)
+        domain.metrics.purge_failures.labels(kind).inc()
+    return dataclasses.replace(purged, more=False) if purged.failures else purged
 
 
 async def run(lottery: Lottery, stop: asyncio.Event) -> None:

@@ -14,7 +14,7 @@ from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.identity import Applicant
 from engine.settings import Settings
 from engine.store import Purged
-from engine.sweeper import sweep_once
+from engine.sweeper import sweep, sweep_once
 from tests.api import ADMIN, Api, applicant, ip
 from tests.conftest import FakeClock
 from tests.test_limits import engine
@@ -192,3 +192,34 @@ async def test_a_registered_entry_is_kept_until_its_draw(
     store = api.client.app[RESERVATIONS].store
     assert await store.purge(0) == Purged(0, 0, more=False)
     assert await pg.fetchval("SELECT count(*) FROM entries WHERE purged_at IS NULL") == 1
+
+
+async def test_the_purge_of_one_kind_failing_keeps_none_of_the_other(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """The bookings' purge failing (here: its statement waits on a table lock past its
+    limit) does not keep the draw entries' personal data: each kind is tried on its own,
+    and each failure is counted by kind, for the alert GuichetPurgeFailing."""
+    await api.site()
+    clock.now -= 100 * DAY
+    past = await api.publish([1], starts_in_days=2)
+    await api.book(past["slots"][0]["id"], applicant(), ip(1))
+    release = (await api.publish_draw([1]))["id"]  # its draw was due 99 days ago
+    assert (await api.enter(release, applicant(), ip(2))).status == 201
+    clock.now += 100 * DAY
+    await backdate(pg, 100)
+    domain = api.client.app[RESERVATIONS]
+
+    def failures(kind: str) -> float | None:
+        return domain.metrics.registry.get_sample_value(
+            "guichet_purge_failures_total", {"kind": kind}
+        )
+
+    async with pg.transaction():
+        await pg.execute("LOCK TABLE bookings IN EXCLUSIVE MODE")  # reads go on
+        purged = (await sweep(domain, reconcile=False, purge=True)).purged
+    assert purged is not None and (purged.bookings, purged.entries) == (0, 1)
+    assert [kind for kind, _ in purged.failures] == ["bookings"]
+    assert (failures("bookings"), failures("entries")) == (1, 0)
+    assert not purged.more  # tried again the next hour, not at every pass
+    assert (await sweep(domain, reconcile=False, purge=True)).purged == Purged(1, 0, more=False)
