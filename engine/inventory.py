@@ -506,14 +506,14 @@ class Inventory:
         release_id: str,
         fence: str,
         capacities: Sequence[tuple[str, int]],
-        bookings: Sequence[tuple[str, str]],
+        bookings: Sequence[tuple[str, str, str]],
     ) -> Literal["rebuilt", "present", "stale"]:
         """Recreate the inventory if still missing and the fence still where it was."""
         k = ReleaseKeys.of(release_id)
         args: list[str | int] = [fence, len(capacities)]
         for slot_id, capacity in capacities:
             args += [slot_id, capacity]
-        for ref, slot_id in bookings:
+        for ref, slot_id, _ in bookings:
             args += [ref, slot_id]
         reply = await self._call(
             "rebuild",
@@ -537,20 +537,21 @@ class Inventory:
         release_id: str,
         fence: str,
         capacities: Sequence[tuple[str, int]],
-        add: Sequence[tuple[str, str]],
+        add: Sequence[tuple[str, str, str]],
         remove: Sequence[str],
         recount_limit: int = RECOUNT_LIMIT,
     ) -> Reconciled:
         """Correct the inventory toward PostgreSQL: the capacities only if the fence is still
-        where it was. Live-hold counters are recounted only while at most ``recount_limit``
-        holds live."""
+        where it was; ``add``: bookings (reference, slot, hold) to count, but those whose hold
+        is still confirming here, which are that confirm's to count. Live-hold counters are
+        recounted only while at most ``recount_limit`` holds live."""
         k = ReleaseKeys.of(release_id)
         args: list[str | int] = [recount_limit, fence, len(capacities)]
         for slot_id, capacity in capacities:
             args += [slot_id, capacity]
         args.append(len(add))
-        for ref, slot_id in add:
-            args += [ref, slot_id]
+        for ref, slot_id, hold_id in add:
+            args += [ref, slot_id, hold_id]
         args += list(remove)
         reply = await self._call("reconcile", (k.inv, k.hold, k.booked, k.clients, k.fence), args)
         if _text(reply[0]) == "rebuild":

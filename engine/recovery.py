@@ -29,7 +29,7 @@ from engine.store import Store
 T = TypeVar("T")
 Clock = Callable[[], float]
 Capacities = list[tuple[str, int]]
-Bookings = list[tuple[str, str]]
+Bookings = list[tuple[str, str, str]]  # reference, slot, the hold it confirmed (or '')
 
 _REBUILD_LOCK_MS = 5000
 _REBUILD_WAIT_S = 0.05
@@ -127,14 +127,16 @@ class Recovery:
 
         Redis is read before PostgreSQL: a booking Redis counts was committed before that
         read, so if PostgreSQL no longer has it active it was cancelled and may be uncounted.
-        A booking PostgreSQL has and Redis lacks is counted; if its confirm is still in
-        flight, the place is counted twice for a moment: a place shown taken, never one
-        shown free that is not.
+        A booking PostgreSQL has and Redis lacks is counted, unless its hold is still
+        confirming: that confirm is at work (a rush makes its worker late to report), and
+        counts it, or the settle does, past the grace; the hold counts the place meanwhile.
+        Counted here too, the place would be counted twice, and each confirm at work
+        counted as a correction, for the alert.
         """
 
         async def correct(fence: str, capacities: Capacities, active: Bookings) -> Reconciled:
-            active_refs = {ref for ref, _ in active}
-            add = [(ref, slot) for ref, slot in active if ref not in counted]
+            active_refs = {ref for ref, _, _ in active}
+            add = [(ref, slot, hold) for ref, slot, hold in active if ref not in counted]
             remove = sorted(counted - active_refs)
             return await self.inventory.reconcile(release_id, fence, capacities, add, remove)
 

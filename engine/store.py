@@ -613,9 +613,10 @@ class Store:
     async def with_snapshot(
         self,
         release_id: str,
-        apply: Callable[[list[tuple[str, int]], list[tuple[str, str]]], Awaitable[T]],
+        apply: Callable[[list[tuple[str, int]], list[tuple[str, str, str]]], Awaitable[T]],
     ) -> T:
-        """Read a release's capacities and active bookings in one snapshot, and run ``apply``
+        """Read a release's capacities and active bookings (reference, slot, and the hold
+        it confirmed, '' for a draw's) in one snapshot, and run ``apply``
         on them (it writes them to Redis) before a capacity change can commit: the change
         waits for the shared capacity lock, so an older capacity is never written over a
         newer one. One statement, so one snapshot, taken once the lock is granted: under
@@ -624,15 +625,19 @@ class Store:
         async with self._transaction() as conn:
             await conn.execute(_CAPACITY_LOCK_SHARED, release_id)
             rows = await conn.fetch(
-                """SELECT id AS slot_id, capacity, NULL AS reference FROM slots
+                """SELECT id AS slot_id, capacity, NULL AS reference, NULL AS hold_id FROM slots
                    WHERE release_id = $1
                    UNION ALL
-                   SELECT slot_id, NULL, reference FROM bookings
+                   SELECT slot_id, NULL, reference, coalesce(hold_id, '') FROM bookings
                    WHERE release_id = $1 AND status = 'confirmed'""",
                 release_id,
             )
             capacities = [(r["slot_id"], r["capacity"]) for r in rows if r["reference"] is None]
-            bookings = [(r["reference"], r["slot_id"]) for r in rows if r["reference"] is not None]
+            bookings = [
+                (r["reference"], r["slot_id"], r["hold_id"])
+                for r in rows
+                if r["reference"] is not None
+            ]
             return await apply(capacities, bookings)
 
     # Bookings ----------------------------------------------------------------------------

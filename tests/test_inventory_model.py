@@ -126,9 +126,10 @@ class Model:
     def pg_count(self, slot: str) -> int:
         return sum(1 for b in self.pg.values() if b.active and b.slot == slot)
 
-    def pg_snapshot(self) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-        """What ``Store.with_snapshot`` reads."""
-        return sorted(self.pg_caps.items()), sorted(self.pg_active().items())
+    def pg_snapshot(self) -> tuple[list[tuple[str, int]], list[tuple[str, str, str]]]:
+        """What ``Store.with_snapshot`` reads: capacities, and (reference, slot, hold)."""
+        active = sorted((ref, b.slot, b.hold_id) for ref, b in self.pg.items() if b.active)
+        return sorted(self.pg_caps.items()), active
 
     def pg_book(self, ref: str, slot: str, hold_id: str) -> bool:
         """Insert a confirmed booking; False where the CHECK ``booked <= capacity`` refuses."""
@@ -171,7 +172,7 @@ class Model:
         self.fence = None
 
     def rebuild(
-        self, fence: str, caps: list[tuple[str, int]], bookings: list[tuple[str, str]]
+        self, fence: str, caps: list[tuple[str, int]], bookings: list[tuple[str, str, str]]
     ) -> str:
         """From a snapshot (the model's PostgreSQL may have moved on since)."""
         if self.present:
@@ -181,10 +182,10 @@ class Model:
         self.present = True
         self.caps = dict(caps)
         self.holds, self.idem = {}, {}
-        self.booked = dict(bookings)
+        self.booked = {ref: slot for ref, slot, _ in bookings}
         # A snapshot older than a cancel (a late rebuild) counts that booking: one place fewer
         # offered until the reconcile, as a cancel_done that never ran.
-        self.stale_counts = {ref for ref, _ in bookings if not self.pg[ref].active}
+        self.stale_counts = {ref for ref, _, _ in bookings if not self.pg[ref].active}
         return "rebuilt"
 
     def _drop(self, hold_id: str) -> ModelHold:
@@ -332,18 +333,22 @@ class Model:
         self,
         fence: str,
         caps: list[tuple[str, int]],
-        add: list[tuple[str, str]],
+        add: list[tuple[str, str, str]],
         remove: list[str],
     ) -> Reconciled:
         """Corrections as reconcile.lua counts them. ``h`` never needs one here: a drifted
-        Redis counter shows up as a correction the model did not expect."""
+        Redis counter shows up as a correction the model did not expect. A booking whose
+        hold is still confirming is that confirm's to count: no correction."""
         corrections = 0
         stale = fence != self.fence
         for slot, cap in caps:
             if not stale and self.caps.get(slot) != cap:
                 self.caps[slot] = cap
                 corrections += 1
-        for ref, slot in add:
+        for ref, slot, hold_id in add:
+            hold = self.holds.get(hold_id)
+            if hold is not None and hold.state == "c":
+                continue
             if ref not in self.booked:
                 corrections += 1
             self.booked[ref] = slot
@@ -543,8 +548,8 @@ class InventoryMachine(RuleBasedStateMachine):
         counted = self.run(self.inventory.booked_refs(RELEASE))
         capacities, active = self.model.pg_snapshot()
         fence = self.read_fence()
-        add = [(ref, slot) for ref, slot in active if ref not in counted]
-        remove = sorted(counted - {ref for ref, _ in active})
+        add = [(ref, slot, hold) for ref, slot, hold in active if ref not in counted]
+        remove = sorted(counted - {ref for ref, _, _ in active})
         try:
             done = self.run(self.inventory.reconcile(RELEASE, fence, capacities, add, remove))
         except InventoryMissing:

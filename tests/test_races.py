@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from engine.appkeys import RESERVATIONS
 from engine.errors import StoreUnavailable
 from engine.identity import Applicant
-from engine.inventory import Inventory, Reconciled
+from engine.inventory import Inventory, Reconciled, SlotCounts
 from engine.multiplex import Multiplexed
 from engine.recovery import Recovery
 from tests.api import ADMIN, Api, Reply, applicant, ip
@@ -387,3 +387,31 @@ async def test_a_capacity_write_that_reaches_redis_late_sets_no_capacity(
         await proxy.stop()
     counts = await domain.inventory.counts(release["id"], domain.now_ms())
     assert counts[slot].capacity == 2
+
+
+async def test_a_reconcile_between_a_confirms_commit_and_its_report_corrects_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a rush a worker reports late: the sweeper's reconcile can come between a confirm's
+    commit and its confirm_done. The booking is that confirm's to count, and its hold counts
+    the place meanwhile: the reconcile leaves it, so the place is counted once, not twice,
+    and no correction is counted (GuichetReconcileCorrections would fire at every rush)."""
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    domain = api.client.app[RESERVATIONS]
+    hold = (await api.hold(slot, ip(1))).body
+    confirm_done = domain.inventory.confirm_done
+    meanwhile: list[Any] = []
+
+    async def late(*args: Any) -> Any:
+        meanwhile.append(await domain.recovery.reconcile(release["id"]))
+        meanwhile.append((await domain.inventory.counts(release["id"], domain.now_ms()))[slot])
+        return await confirm_done(*args)
+
+    monkeypatch.setattr(domain.inventory, "confirm_done", late)
+    assert (await api.confirm(hold)).status == 201
+    assert meanwhile == [0, SlotCounts(2, 0, 1)]  # no correction; the hold counts the place
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert counts[slot] == SlotCounts(2, 1, 0)
+    assert await domain.recovery.reconcile(release["id"]) == 0

@@ -1,6 +1,8 @@
 -- reconcile: move a release's inventory toward PostgreSQL's truth, and count each correction.
--- Capacities are set; bookings PostgreSQL has and Redis lacks are counted; bookings PostgreSQL
--- no longer has active are uncounted; live-hold counters (per slot and per client) are
+-- Capacities are set; bookings PostgreSQL has and Redis lacks are counted, but for one whose
+-- hold is still confirming here: that confirm is at work, and its confirm_done counts the
+-- booking (or, if it never reports, the settle past the grace), while the hold keeps the
+-- place counted meanwhile; bookings PostgreSQL no longer has active are uncounted; live-hold counters (per slot and per client) are
 -- recounted from the hold records, but only while there are at most `recount` of them. The
 -- hold functions keep those counters in step atomically, so the recount is a safety net, and
 -- walking every record during a rush blocked Redis for tens of milliseconds (BENCHMARKS.md);
@@ -9,8 +11,8 @@
 -- capacity was lowered since, and this snapshot's may be older (its call reached Redis late).
 -- KEYS: 1 inv, 2 hold, 3 booked, 4 clients, 5 fence (see lib.lua)
 -- ARGV: 1 recount, 2 the fence read with the snapshot, 3 number of slots n, then n times
---       (slot id, capacity), 4+2n number of additions a, then a times (reference, slot id),
---       then references to remove
+--       (slot id, capacity), 4+2n number of additions a, then a times (reference, slot id,
+--       the hold it confirmed or ''), then references to remove
 -- Returns: {'reconciled', corrections, stale} (stale 1 if the capacities were left alone) or
 --          {'rebuild'}
 local function reconcile(keys, argv)
@@ -33,14 +35,16 @@ local function reconcile(keys, argv)
   end
   local at = 4 + 2 * n
   local a = tonumber(argv[at])
-  for i = at + 1, at + 2 * a, 2 do
-    local ref, slot = argv[i], argv[i + 1]
-    if redis.call('HSET', booked, ref, slot) == 1 then
+  for i = at + 1, at + 3 * a, 3 do
+    local ref, slot, hold_id = argv[i], argv[i + 1], argv[i + 2]
+    local rec = hold_id ~= '' and redis.call('HGET', hold, hold_id)
+    local at_work = rec and split_hold(rec).state == 'c'
+    if not at_work and redis.call('HSET', booked, ref, slot) == 1 then
       redis.call('HINCRBY', inv, 'b:' .. slot, 1)
       corrections = corrections + 1
     end
   end
-  for i = at + 2 * a + 1, #argv do
+  for i = at + 3 * a + 1, #argv do
     local slot = redis.call('HGET', booked, argv[i])
     if slot then
       redis.call('HDEL', booked, argv[i])
