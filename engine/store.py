@@ -579,7 +579,10 @@ class Store:
                     raise ValidationFailed([below_floor(slot_id, current["booked"], "booked")])
                 if capacity < current["capacity"]:
                     lowered[slot_id] = current["booked"]
-            if lowered or if_match is not None:
+            if capacities or if_match is not None:
+                # A raise too: a snapshot's write in progress, of the capacity from before,
+                # would land after this change's own and put Redis back below PostgreSQL
+                # (the fence moves only for a lowering) until the next reconcile.
                 await conn.execute(_CAPACITY_LOCK, release_id)
             if if_match is not None and "*" not in if_match:
                 slots = await conn.fetch(

@@ -415,3 +415,34 @@ async def test_a_reconcile_between_a_confirms_commit_and_its_report_corrects_not
     counts = await domain.inventory.counts(release["id"], domain.now_ms())
     assert counts[slot] == SlotCounts(2, 1, 0)
     assert await domain.recovery.reconcile(release["id"]) == 0
+
+
+async def test_a_raised_capacity_waits_for_a_snapshot_being_written(api: Api) -> None:
+    """As for a lower capacity: the sweeper read capacities (2) and is writing them when
+    staff raise the slot to 5. The raise waits for that write; else the older capacity
+    lands after the raise's own write and hides the new places until the next reconcile,
+    which counts them as a correction."""
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    domain = api.client.app[RESERVATIONS]
+    read, write = asyncio.Event(), asyncio.Event()
+
+    async def late_write(fence: str, capacities: list[tuple[str, int]], _: object) -> Reconciled:
+        read.set()
+        await write.wait()
+        return await domain.inventory.reconcile(release["id"], fence, capacities, [], [])
+
+    sweeper = asyncio.create_task(domain.recovery.from_snapshot(release["id"], late_write))
+    await read.wait()
+    path = f"/v1/admin/releases/{release['id']}"
+    patch = asyncio.create_task(
+        api.call("PATCH", path, {"slots": [{"id": slot, "capacity": 5}]}, ADMIN)
+    )
+    await asyncio.wait([patch], timeout=0.5)  # without the lock, the raise lands meanwhile
+    write.set()
+    await sweeper
+    assert (await patch).status == 200
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert counts[slot].capacity == 5
+    assert await domain.recovery.reconcile(release["id"]) == 0
