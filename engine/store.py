@@ -1082,9 +1082,12 @@ class Store:
         new_ref: Callable[[], str],
     ) -> DrawOutcome | None:
         """Run a due draw, once: allocate, book the winners, publish the record, in one
-        transaction. The release row's lock makes concurrent runners wait and then find it
-        drawn; a crash anywhere rolls it all back, and running again gives the same result,
-        since its inputs were frozen when registration closed. None if not due, or drawn."""
+        transaction. A crash anywhere rolls it all back, and running again gives the same
+        result, since its inputs were frozen when registration closed. None if not due,
+        drawn, or busy: its release row locked (another worker running it, a change to the
+        release), or another draw of its procedure at its site running. A busy draw is not
+        waited for (a draw takes seconds, and every worker's sweeper would queue behind
+        it): the next sweep runs it, or finds it drawn."""
         async with self._transaction() as conn:
             # A big draw outlives the pool's per-call timeout: each call passes its own. And
             # between its statements the allocation runs here, in Python (0.8 s for 100 000
@@ -1092,7 +1095,7 @@ class Store:
             # limit, a few seconds, would end a draw of a few hundred thousand at every try.
             await conn.execute(_DRAW_LIMITS, timeout=DRAW_TIMEOUT_S)
             rel = await conn.fetchrow(
-                "SELECT * FROM releases WHERE id = $1 AND mode = 'draw' FOR UPDATE",
+                "SELECT * FROM releases WHERE id = $1 AND mode = 'draw' FOR UPDATE SKIP LOCKED",
                 release_id,
                 timeout=DRAW_TIMEOUT_S,
             )
@@ -1102,11 +1105,12 @@ class Store:
             if await conn.fetchval(drawn, release_id, timeout=DRAW_TIMEOUT_S):
                 return None
             # Draws of one procedure at one site share their carried places: one at a time.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
                 f"draw:{rel['site_id']}:{rel['procedure_id']}",
                 timeout=DRAW_TIMEOUT_S,
-            )
+            ):
+                return None
             # Each entry's person: an active booking of the procedure, and their bookings and
             # cancellations over the caps' period (book_hold's caps, sql/010).
             entries = await conn.fetch(

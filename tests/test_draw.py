@@ -791,8 +791,8 @@ async def test_a_withdrawal_does_not_wait_for_a_running_draw(
 async def test_a_draw_failing_on_a_store_error_does_not_hold_back_the_next(
     api: Api, clock: FakeClock, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A store error of one draw alone (here: its release row, locked elsewhere for longer
-    than the draw waits) is a failing draw, counted for the alert, when its list is frozen
+    """A store error of one draw alone (here: a row it must lock, locked elsewhere for
+    longer than it waits) is a failing draw, counted for the alert, when its list is frozen
     as when it is drawn: the others are frozen and drawn in the same pass, and it is once
     it can be. Only PostgreSQL down ends the pass."""
     await api.site()
@@ -804,19 +804,49 @@ async def test_a_draw_failing_on_a_store_error_does_not_hold_back_the_next(
     monkeypatch.setattr(store_module, "DRAW_TIMEOUT_S", 0.5)
     registry = api.client.app[RESERVATIONS].metrics.registry
     frozen = "SELECT id FROM releases WHERE entries_digest IS NOT NULL"
-    async with pg.transaction():
+    async with pg.transaction():  # its release row: the freeze waits for it
         await pg.execute("SELECT 1 FROM releases WHERE id = $1 FOR UPDATE", stuck)
         clock.advance(86401)
         assert await lottery.run_due() == []  # nothing due yet
         assert [r["id"] for r in await pg.fetch(frozen)] == [later]
         assert registry.get_sample_value("guichet_draw_failures_total") == 1
-        clock.advance(3700)
+    clock.advance(3700)
+    async with pg.transaction():  # its slot: the draw waits for it
+        await pg.execute("SELECT 1 FROM slots WHERE release_id = $1 FOR UPDATE", stuck)
         [outcome] = await lottery.run_due()
     assert outcome.release_id == later
-    assert registry.get_sample_value("guichet_draw_failures_total") == 3  # freeze, draw
+    assert registry.get_sample_value("guichet_draw_failures_total") == 2
     [outcome] = await lottery.run_due()
     assert outcome.release_id == stuck
     assert draw.verify((await api.call("GET", f"/v1/releases/{stuck}/draw")).body) == []
+
+
+async def test_a_draw_being_run_elsewhere_is_not_waited_for(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A draw takes seconds, and another worker's sweeper may come to it meanwhile (the
+    sweeper's lock lapses): it passes it by, and the next draws, rather than queue behind
+    it (for up to the draw's 300 s), with every other worker's sweeper after it. So for a
+    draw of the same procedure at the same site, which shares its carried places."""
+    await api.site()
+    release = (await api.publish_draw([2]))["id"]
+    for n in range(3):
+        assert (await api.enter(release, applicant(), ip(n))).status == 201
+    clock.advance(86401)
+    lottery = api.client.app[LOTTERY]
+    assert await lottery.run_due() == []  # frozen, as that worker's pass did first
+    clock.advance(3600)
+    registry = api.client.app[RESERVATIONS].metrics.registry
+    async with pg.transaction():  # as another worker's run_draw holds it
+        await pg.execute("SELECT 1 FROM releases WHERE id = $1 FOR UPDATE", release)
+        assert await asyncio.wait_for(lottery.run_due(), 5) == []
+    async with pg.transaction():  # another draw of the procedure at the site is running
+        key = "draw:bobigny:renouvellement"
+        await pg.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+        assert await asyncio.wait_for(lottery.run_due(), 5) == []
+    assert registry.get_sample_value("guichet_draw_failures_total") == 0
+    [outcome] = await lottery.run_due()
+    assert outcome.release_id == release
 
 
 async def test_a_draw_record_is_read_once_and_kept(
