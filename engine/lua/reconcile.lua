@@ -2,11 +2,12 @@
 -- Capacities are set; bookings PostgreSQL has and Redis lacks are counted, but for one whose
 -- hold is still confirming here: that confirm is at work, and its confirm_done counts the
 -- booking (or, if it never reports, the settle past the grace), while the hold keeps the
--- place counted meanwhile; bookings PostgreSQL no longer has active are uncounted; live-hold counters (per slot and per client) are
--- recounted from the hold records, but only while there are at most `recount` of them. The
--- hold functions keep those counters in step atomically, so the recount is a safety net, and
--- walking every record during a rush blocked Redis for tens of milliseconds (BENCHMARKS.md);
--- it runs again once the rush's holds have expired.
+-- place counted meanwhile; bookings PostgreSQL no longer has active are uncounted; live-hold
+-- counters (per slot and per client) are recounted from the hold records, but only while
+-- there are at most `recount` of them. The hold functions keep those counters in step
+-- atomically, so the recount is a safety net, and walking every record during a rush blocked
+-- Redis for tens of milliseconds (BENCHMARKS.md); it runs again once the rush's holds have
+-- expired.
 -- Capacities are set only if the fence is where it was when the snapshot was read: else a
 -- capacity was lowered since, and this snapshot's may be older (its call reached Redis late).
 -- KEYS: 1 inv, 2 hold, 3 booked, 4 clients, 5 fence (see lib.lua)
