@@ -41,7 +41,7 @@ from engine.recovery import Clock
 from engine.reservations import Reservations
 from engine.routes import ROUTES
 from engine.settings import Settings
-from engine.store import IdentityRules, Store, create_pool
+from engine.store import IdentityRules, SchemaState, Store, create_pool
 from engine.web import UNMATCHED, Body, guard, unmatched
 
 
@@ -78,6 +78,37 @@ def pipelining(settings: Settings, redis: AnyRedis, metrics: Metrics) -> Pipelin
         return AutoPipeline(redis, settings.redis_timeout_s, on_write=metrics.redis_write)
 
 
+_SCHEMA_RECHECK_S = 2.0
+
+
+async def schema_current(store: Store, *, quiet: bool = False) -> bool:
+    """Whether PostgreSQL answers with this engine's schema (``Store.ping``, which keeps
+    what it finds in ``store.schema``)."""
+    try:
+        await store.ping()
+    except SchemaBehind as exc:
+        if not quiet:
+            log.error("schema_behind", missing=exc.missing, functions=exc.functions)
+        return False
+    except Exception as exc:
+        if not quiet:
+            log.warning("postgresql_not_ready", error=repr(exc))
+        return False
+    return True
+
+
+async def watch_schema(store: Store) -> None:
+    """Check again every 2 s until the schema is this engine's: ``guichet migrate`` may run
+    after the worker started, in a deploy. Meanwhile the worker is not ready, and refuses
+    the requests that need the schema (503 with Retry-After) instead of failing them on a
+    column or function it does not find; its sweeper waits."""
+    while True:
+        await asyncio.sleep(_SCHEMA_RECHECK_S)
+        if await schema_current(store, quiet=True):
+            log.info("schema_current")
+            return
+
+
 def create_app(
     settings: Settings,
     *,
@@ -96,9 +127,10 @@ def create_app(
     app[BODIES] = {}
     app[REFILLS] = {}
     app[DRAW_RECORDS] = {}
-    guarded = guard(metrics, settings.max_in_flight)
+    schema = SchemaState()
+    guarded = guard(metrics, settings.max_in_flight, schema)
     for route in ROUTES:
-        handler = guarded(route.handler, route.path, route.shed)
+        handler = guarded(route.handler, route.path, route.shed, route.schema)
         app.router.add_route(route.method, route.path, handler)
         if route.method == "GET":  # HTTP: a GET resource answers HEAD (aiohttp drops the body)
             app.router.add_route("HEAD", route.path, handler)
@@ -106,7 +138,7 @@ def create_app(
         (route.path, route.method, route.shed and route.auth != "admin") for route in ROUTES
     )
     catch_all = unmatched(route.path for route in ROUTES)
-    app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED, True))
+    app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED, True, False))
 
     async def stores(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client(settings)
@@ -123,22 +155,25 @@ def create_app(
             pipelining(settings, redis, metrics),
         )
         store = Store(
-            pool, settings.pg_timeout_s, settings.retry_after_s, IdentityRules.of(settings)
+            pool,
+            settings.pg_timeout_s,
+            settings.retry_after_s,
+            IdentityRules.of(settings),
+            schema,
         )
         app[RESERVATIONS] = Reservations(settings, store, inventory, metrics, clock, bucket_clock)
         app[LOTTERY] = Lottery(app[RESERVATIONS])
         with contextlib.suppress(Exception):
             # Functions are also loaded on first use, so a Redis that is down now is fine.
             await inventory.load()
-        try:
-            await store.ping()
-        except SchemaBehind as exc:
-            # Served all the same (an older schema may be on its way up), but not ready.
-            log.error("schema_behind", missing=exc.missing, functions=exc.functions)
-        except Exception as exc:
-            # PostgreSQL unreachable or refusing: /readyz says so until it answers.
-            log.warning("postgresql_not_ready", error=repr(exc))
+        # Checked before the first request is served; then watched, if not current.
+        current = await schema_current(store)
+        watch = None if current else asyncio.create_task(watch_schema(store))
         yield
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         await pool.close()
         await inventory.pipelining.aclose()
         await redis.aclose()

@@ -27,6 +27,9 @@ class Route:
     # Refused with 503 "overloaded" past ``max_in_flight``; not the probes and the metrics,
     # which must answer most when the worker is busiest.
     shed: bool = True
+    # Refused with 503 while PostgreSQL's schema is behind this engine's (SchemaState);
+    # not the probes, the metrics and this contract, which do not read it.
+    schema: bool = True
 
 
 _STORE = ("overloaded",)
@@ -289,7 +292,15 @@ ROUTES: tuple[Route, ...] = (
         auth="admin",
         reply=replies.Fairness,
     ),
-    Route("GET", "/healthz", ops.healthz, "The process runs", reply=replies.Health, shed=False),
+    Route(
+        "GET",
+        "/healthz",
+        ops.healthz,
+        "The process runs",
+        reply=replies.Health,
+        shed=False,
+        schema=False,
+    ),
     Route(
         "GET",
         "/readyz",
@@ -298,7 +309,15 @@ ROUTES: tuple[Route, ...] = (
         errors=_STORE,
         reply=replies.Ready,
         shed=False,
+        schema=False,
     ),
-    Route("GET", "/metrics", ops.metrics, "Prometheus metrics of the whole engine", shed=False),
-    Route("GET", "/openapi.json", ops.openapi, "This contract as OpenAPI 3.1"),
+    Route(
+        "GET",
+        "/metrics",
+        ops.metrics,
+        "Prometheus metrics of the whole engine",
+        shed=False,
+        schema=False,
+    ),
+    Route("GET", "/openapi.json", ops.openapi, "This contract as OpenAPI 3.1", schema=False),
 )

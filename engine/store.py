@@ -258,6 +258,16 @@ class IdentityRules:
         )
 
 
+@dataclass
+class SchemaState:
+    """What this worker last learnt of PostgreSQL's schema (``Store.ping``): ``behind``
+    while it lacks a migration or function of this engine. Requests that need the schema
+    are refused with it meanwhile (503), rather than fail on a column or function they do
+    not find (500s), and the sweeper waits."""
+
+    behind: SchemaBehind | None = None
+
+
 class Store:
     def __init__(
         self,
@@ -265,11 +275,13 @@ class Store:
         timeout_s: float,
         retry_after_s: int,
         rules: IdentityRules | None = None,
+        schema: SchemaState | None = None,
     ) -> None:
         self._pool = pool
         self._timeout_s = timeout_s
         self._retry_after_s = retry_after_s
         self._rules = rules or IdentityRules()
+        self.schema = schema or SchemaState()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
@@ -289,7 +301,8 @@ class Store:
     async def ping(self) -> None:
         """PostgreSQL answers and has every migration and function of this engine's
         ``sql/``: a worker started before ``guichet migrate`` ran (or without it) is not
-        ready, rather than failing requests on a column or function it does not find."""
+        ready, rather than failing requests on a column or function it does not find. What
+        it finds is kept in ``schema``."""
         async with self._connection() as conn:
             try:
                 rows = await conn.fetch("SELECT version FROM schema_migrations")
@@ -304,8 +317,11 @@ class Store:
         # newer migration may be there.
         versions = {row["name"]: row["version"] for row in in_force}
         behind = sorted(n for n, v in shipped_functions().items() if versions.get(n, 0) < v)
-        if missing or behind:
-            raise SchemaBehind(self._retry_after_s, missing, behind)
+        self.schema.behind = (
+            SchemaBehind(self._retry_after_s, missing, behind) if missing or behind else None
+        )
+        if self.schema.behind is not None:
+            raise self.schema.behind
 
     # Personal data -------------------------------------------------------------------
 

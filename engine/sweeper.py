@@ -56,7 +56,11 @@ async def sweep(
 
     A step that fails does not hold back the others: the draws and the purge need only
     PostgreSQL, and one release that cannot be swept (a bug, its data) must not keep the
-    others' confirms unsettled. The report says what was done, and the first failure."""
+    others' confirms unsettled. The report says what was done, and the first failure.
+    Nothing is done while PostgreSQL's schema is behind this engine's (``guichet migrate``
+    to come): every step would fail on what it does not find."""
+    if (behind := domain.store.schema.behind) is not None:
+        return SweepReport(failure=behind, swept=False)
     lock_ms = int(max(domain.settings.sweep_interval_s * 5, 5) * 1000)
     try:
         lock = await domain.inventory.try_lock(SWEEPER_LOCK, lock_ms)

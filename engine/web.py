@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -36,6 +36,9 @@ from engine.errors import (
 from engine.logs import log, request_id
 from engine.metrics import Metrics
 from engine.settings import Network
+
+if TYPE_CHECKING:
+    from engine.store import SchemaState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROBLEM_TYPE = "application/problem+json"
@@ -97,9 +100,12 @@ def _from_http(exc: web.HTTPException) -> GuichetError:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str, bool], Handler]:
-    """``wrap(handler, route, shed)`` puts one route's handler behind the guard; ``shed``
-    False: never refused as overloaded (the probes, the metrics).
+def guard(
+    metrics: Metrics, max_in_flight: int, schema: SchemaState
+) -> Callable[[Handler, str, bool, bool], Handler]:
+    """``wrap(handler, route, shed, gated)`` puts one route's handler behind the guard;
+    ``shed`` False: never refused as overloaded (the probes, the metrics); ``gated``:
+    refused while PostgreSQL's schema is behind this engine's (``schema``).
 
     A wrapper per route rather than an aiohttp middleware: a middleware adds two coroutine
     layers and a route lookup to every request, about 5 % of a listing (BENCHMARKS.md).
@@ -108,7 +114,7 @@ def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str, bool]
     # Request ids: random per process, then counted (unique, and no system call each).
     prefix, counter = secrets.token_hex(5) + "-", itertools.count(1)
 
-    def wrap(handler: Handler, route: str, shed: bool) -> Handler:
+    def wrap(handler: Handler, route: str, shed: bool, gated: bool) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             nonlocal in_flight
             rid = request.headers.get("X-Request-Id", "")
@@ -120,6 +126,8 @@ def guard(metrics: Metrics, max_in_flight: int) -> Callable[[Handler, str, bool]
             try:
                 if in_flight > max_in_flight and shed:
                     raise Overloaded(1, "Too many requests in progress; try again shortly")
+                if gated and schema.behind is not None:
+                    raise schema.behind.with_traceback(None)
                 response = await handler(request)
                 response.headers["X-Request-Id"] = rid
             except GuichetError as exc:

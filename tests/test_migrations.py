@@ -18,8 +18,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine import draw
 from engine.app import create_app
+from engine.appkeys import RESERVATIONS
+from engine.errors import SchemaBehind
 from engine.migrate import SQL_DIR, VERSION_LINE, Applied, functions, migrate, migrations
+from engine.sweeper import sweep
 from tests.conftest import DATABASE_URL, make_settings
+from tests.procs import poll
 
 SCRATCH = "guichet_migrations_test"
 
@@ -62,7 +66,10 @@ async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
 ) -> None:
     """A worker started before `guichet migrate` (or against a database it never ran on)
     answers /readyz 503 and says which migration is missing, so that no traffic is sent
-    to it; once migrated it is ready."""
+    to it. It may get traffic all the same (a proxy that does not read /readyz): what needs
+    the schema is refused, 503 with Retry-After, rather than failed on a column or function
+    it does not find (500), and its sweeper waits. Once migrated it serves, without a
+    restart."""
     for _, path in migrations()[:-1]:
         shutil.copy(path, tmp_path / path.name)
     await migrate(scratch, sql_dir=tmp_path)
@@ -71,7 +78,19 @@ async def test_an_engine_is_not_ready_on_a_schema_behind_its_own(
         body = await not_ready(client)
         assert (body["postgresql"], body["redis"]) == ("schema-behind", "ok")
         assert f"lacks migration(s) {latest} and function(s) book_hold of" in body["detail"]
+        refused = await client.get("/v1/sites")
+        assert refused.status == 503 and refused.headers["Retry-After"]
+        assert "run `guichet migrate`" in (await refused.json())["detail"]
+        for ops in ("/healthz", "/metrics", "/openapi.json"):
+            assert (await client.get(ops)).status == 200
+        report = await sweep(client.app[RESERVATIONS], reconcile=True)
+        assert isinstance(report.failure, SchemaBehind) and not report.swept
         await migrate(scratch)
+
+        async def serving() -> bool:  # the worker checks again by itself, every 2 s
+            return (await client.get("/v1/sites")).status == 200
+
+        await poll(serving, lambda: "the worker did not notice the migration", within_s=10)
         r = await client.get("/readyz")
         assert r.status == 200, await r.text()
 
