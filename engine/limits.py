@@ -154,7 +154,7 @@ class Limiter:
         """Take the tokens one challenge costs; return the difficulty it gets (bits)."""
         s = self.settings
         self.refuse_known(client)
-        self._refuse_blocked([bucket("global", "challenge")])
+        self._refuse_blocked([bucket("global", "challenge"), unspent_challenges(client.address)])
         takes = {
             "address": _take(
                 bucket("address", client.address),
@@ -245,11 +245,14 @@ class Limiter:
         for level, result in taken.items():
             if result.outcome == "ok":
                 continue
-            if result.outcome == "stockpile":
+            if result.outcome == "stockpile" and result.take.unspent is not None:
+                # Remembered for a second only: an address that keeps asking then costs
+                # Redis (and its network's and the global buckets, taken in the same trip)
+                # once a second per worker, and a person who spends one of their challenges
+                # waits a second at most for the next.
+                self._block(result.take.unspent[0], _STOCKPILE_BLOCK_MS, "unspent")
                 raise RateLimited(
-                    max(1, math.ceil(result.wait_ms / 1000)),
-                    "Spend or let expire the challenges you have before asking for more",
-                    level="unspent",
+                    max(1, math.ceil(result.wait_ms / 1000)), _DETAILS["unspent"], level="unspent"
                 )
             self._block(result.take.key, result.wait_ms, level)
             _refuse(level, max(1, math.ceil(result.wait_ms / 1000)))
@@ -279,7 +282,10 @@ def _refuse(level: str, seconds: int) -> None:
     raise RateLimited(seconds, _detail(level), level=level)
 
 
+_STOCKPILE_BLOCK_MS = 1000
+
 _DETAILS = {
+    "unspent": "Spend or let expire the challenges you have before asking for more",
     "address": "Too many attempts from this address",
     "net": "Too many attempts from this network",
     "net48": "Too many attempts from this network",

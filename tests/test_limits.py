@@ -13,10 +13,12 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine.app import create_app
+from engine.appkeys import RESERVATIONS
 from engine.settings import Rate
 from engine.web import client_address
 from tests.api import ADMIN, Api, Reply, applicant, other_than
 from tests.conftest import REDIS_URL, FakeClock, make_settings
+from tests.test_caches import count_calls
 
 
 @asynccontextmanager
@@ -285,7 +287,13 @@ async def test_global_buckets_shed_load(clean: None) -> None:
         assert (await api.confirm(h2, applicant(), "10.0.0.2")).status == 201
 
 
-async def test_no_stockpile_of_unspent_challenges(clean: None) -> None:
+async def test_no_stockpile_of_unspent_challenges(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An address holding its most unspent challenges is refused more. The refusal is
+    remembered in-process for a second: an address that keeps asking costs Redis (and its
+    network's and the global challenge buckets) once a second, not at each request, and a
+    person who spends a challenge waits a second at most for the next."""
     async with engine(max_unspent_challenges=2) as api:
         release = await api.publish([5])
         slot = release["slots"][0]["id"]
@@ -293,7 +301,15 @@ async def test_no_stockpile_of_unspent_challenges(clean: None) -> None:
         r = await challenge(api, release["id"], "10.0.0.1")
         assert r.status == 429 and r.body["level"] == "unspent"
         assert int(r.headers["Retry-After"]) == r.body["retry_after"] <= 300
+        inventory = api.client.app[RESERVATIONS].inventory
+        calls = count_calls(monkeypatch, inventory, "take_tokens")
+        for _ in range(5):
+            again = await challenge(api, release["id"], "10.0.0.1")
+            assert (again.status, again.body["level"]) == (429, "unspent")
+        assert calls == [0]
+        assert (await challenge(api, release["id"], "10.0.0.2")).status == 201  # its own
         assert (await api.hold(slot, "10.0.0.1", paid=paid[0])).status == 201
+        api.clock.advance(1)
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
         api.clock.advance(301)  # the other one expired unspent
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
