@@ -8,6 +8,7 @@ is left to ``ipaddress``. ``tests/test_addresses.py`` checks both agree on every
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -28,6 +29,29 @@ def ipv4(text: str) -> int | None:
     return int.from_bytes(socket.inet_aton(text), "big")
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``ipaddress.ip_address``, but an IPv4 address written as IPv6 (``::ffff:a.b.c.d``,
+    as a dual-stack socket or a proxy may give it) as its IPv4 self."""
+    ip = ipaddress.ip_address(text)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@functools.lru_cache(maxsize=16384)
+def canonical(address: str) -> str:
+    """The client address the limits and challenges key on: an IPv4 address written as
+    IPv6 as its IPv4 self, else every IPv4 client would share one IPv6 /64's buckets, and
+    a proxy at ``::ffff:127.0.0.1`` would not be found trusted. Anything else as given."""
+    if ":" not in address:
+        return address
+    try:
+        ip = _ip(address)
+    except ValueError:
+        return address
+    return str(ip) if ip.version == 4 else address
+
+
 def membership(networks: Iterable[Network]) -> Callable[[str], bool | None]:
     """``within(text)``: whether the address ``text`` is in one of ``networks``; None if
     ``text`` is not an address."""
@@ -39,7 +63,7 @@ def membership(networks: Iterable[Network]) -> Callable[[str], bool | None]:
         if value is not None:
             return any(value & mask == base for base, mask in v4)
         try:
-            ip = ipaddress.ip_address(text)
+            ip = _ip(text)
         except ValueError:
             return None
         return any(ip in net for net in nets)
@@ -53,7 +77,7 @@ def networks(address: str) -> tuple[str, str | None]:
     if ipv4(address) is not None:
         return f"{address.rpartition('.')[0]}.0/24", None  # the input is canonical
     try:
-        ip = ipaddress.ip_address(address)
+        ip = _ip(address)
     except ValueError:
         return address, None
     if ip.version == 4:

@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 
 from engine import schemas
-from engine.addresses import membership
+from engine.addresses import canonical, membership
 from engine.errors import (
     GuichetError,
     NotFound,
@@ -192,7 +192,7 @@ def client_address(request: web.Request, trusted: frozenset[Network]) -> str:
     """The client's address: the peer, or, behind a trusted proxy, the last address in
     X-Forwarded-For that is not one of our proxies."""
     if not trusted:
-        return request.remote or "unknown"
+        return canonical(request.remote or "unknown")
     return _resolver(trusted)(request.remote or "unknown", request.headers.get(_XFF, ""))
 
 
@@ -220,16 +220,16 @@ def _resolver(trusted: frozenset[Network]) -> Callable[[str, str], str]:
                 continue
             inside = within(hop)
             if inside is None:
-                return peer  # not an address: the header cannot be trusted past here
+                return canonical(peer)  # not an address: the header is not trusted past here
             if not inside:
-                return hop
-        return peer
+                return canonical(hop)
+        return canonical(peer)
 
     cached_walk = functools.lru_cache(maxsize=16384)(walk)
 
     def resolve(peer: str, forwarded: str) -> str:
         if not is_trusted(peer):
-            return peer  # an untrusted peer's header is never read, nor cached
+            return canonical(peer)  # an untrusted peer's header is never read, nor cached
         if len(forwarded) > _CACHED_HEADER_MAX:
             return walk(peer, forwarded)  # a client can lengthen the header: not cached
         return cached_walk(peer, forwarded)

@@ -1,4 +1,5 @@
-"""The fast address reading agrees with ``ipaddress`` on every string."""
+"""The fast address reading agrees with ``ipaddress`` on every string, an IPv4 address
+written as IPv6 (``::ffff:a.b.c.d``) read as the IPv4 address it is."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ipaddress
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from engine.addresses import ipv4, membership, networks
+from engine.addresses import canonical, ipv4, membership, networks
 from engine.settings import Network
 from engine.web import _resolver
 
@@ -33,9 +34,16 @@ NETS: tuple[Network, ...] = (
 
 def parsed(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(text)
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def canon(text: str) -> str:
+    """The address as the limits key on it: a mapped IPv4 address as itself."""
+    ip = parsed(text)
+    return str(ip) if ip is not None and ip.version == 4 and ":" in text else text
 
 
 @settings(max_examples=2000)
@@ -46,13 +54,19 @@ def parsed(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 @example("\u0661.\u0662.\u0663.\u0664")  # Arabic-Indic digits
 def test_ipv4_reads_what_ipaddress_reads(text: str) -> None:
     ip = parsed(text)
-    assert ipv4(text) == (int(ip) if ip is not None and ip.version == 4 else None)
+    assert ipv4(text) == (
+        int(ip) if ip is not None and ip.version == 4 and ":" not in text else None
+    )
 
 
 @settings(max_examples=1000)
 @given(addresses)
+@example("::ffff:10.1.2.3")
+@example("::FFFF:127.0.0.1")
+@example("::ffff:0a01:0203")
 def test_networks_and_membership_agree_with_ipaddress(text: str) -> None:
     ip = parsed(text)
+    assert canonical(text) == canon(text)
     if ip is None:
         assert networks(text) == (text, None)
         assert membership(NETS)(text) is None
@@ -72,23 +86,30 @@ def reference_client(peer: str, forwarded: str, trusted: frozenset[Network]) -> 
     """The client address as the engine read it with ipaddress alone."""
     ip = parsed(peer)
     if ip is None or not any(ip in net for net in trusted):
-        return peer
+        return canon(peer)
     for hop in reversed(forwarded.split(",")):
         hop = hop.strip()
         if not hop:
             continue
         ip = parsed(hop)
         if ip is None:
-            return peer
+            return canon(peer)
         if not any(ip in net for net in trusted):
-            return hop
-    return peer
+            return canon(hop)
+    return canon(peer)
 
 
 @settings(max_examples=1000)
 @given(
-    st.sampled_from(["127.0.0.1", "10.1.2.3", "203.0.113.9", "fd00::1", "nonsense"]),
-    st.lists(st.one_of(addresses, st.sampled_from(["10.9.9.9", "fd00::2", " 127.0.0.1 "]))),
+    st.sampled_from(
+        ["127.0.0.1", "10.1.2.3", "203.0.113.9", "fd00::1", "nonsense", "::ffff:127.0.0.1"]
+    ),
+    st.lists(
+        st.one_of(
+            addresses,
+            st.sampled_from(["10.9.9.9", "fd00::2", " 127.0.0.1 ", "::ffff:203.0.113.7"]),
+        )
+    ),
 )
 def test_client_address_behind_proxies(peer: str, hops: list[str]) -> None:
     trusted = frozenset(NETS)

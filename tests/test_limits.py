@@ -484,6 +484,10 @@ def test_client_address_from_headers() -> None:
     assert addr("198.51.100.7", long) == "198.51.100.7"
     assert addr("192.0.2.1", "garbage") == "192.0.2.1"
     assert addr("192.0.2.1", None) == "192.0.2.1"
+    # IPv4 written as IPv6 (a dual-stack socket, a proxy): read as IPv4, so that its /24's
+    # buckets are its own, not one IPv6 /64 every such client would share.
+    assert addr("::ffff:192.0.2.1", "::ffff:10.0.0.1") == "10.0.0.1"
+    assert addr("::ffff:198.51.100.7", "10.0.0.1") == "198.51.100.7"
 
 
 async def test_a_flood_from_one_network_leaves_others_at_base_difficulty(clean: None) -> None:
