@@ -144,13 +144,21 @@ class Settings:
             raw_secret = _local_secret(data_dir)
         if len(raw_secret) < 32:
             raise ConfigError("GUICHET_SECRET must be at least 32 characters")
+        admin_token = env.get("GUICHET_ADMIN_TOKEN") or None
+        if mode == "production" and admin_token is not None and len(admin_token) < 32:
+            # It books without proof of work, cancels anyone's booking and reads the
+            # agendas' personal data, from wherever the admin routes are reachable.
+            raise ConfigError(
+                "GUICHET_ADMIN_TOKEN must be at least 32 characters when GUICHET_ENV=production"
+                " (for example `openssl rand -base64 32`)"
+            )
         period = _int(env, "GUICHET_IDENTITY_PERIOD_DAYS", 30, 1, 3650)
         return cls(
             secret=raw_secret.encode(),
             database_url=env.get("GUICHET_DATABASE_URL", DEFAULT_DATABASE_URL),
             migrate_database_url=env.get("GUICHET_MIGRATE_DATABASE_URL") or None,
             redis_url=_redis_url(env.get("GUICHET_REDIS_URL", DEFAULT_REDIS_URL)),
-            admin_token=env.get("GUICHET_ADMIN_TOKEN") or None,
+            admin_token=admin_token,
             env=mode,
             host=env.get("GUICHET_HOST", "127.0.0.1"),
             port=_int(env, "GUICHET_PORT", 8080, 0, 65535),
