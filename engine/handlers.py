@@ -114,7 +114,14 @@ async def list_releases(request: web.Request) -> web.Response:
         releases = await domain.releases(site, procedure)
         return {"releases": [render.release(r) for r in releases]}
 
-    return await _cached_json(request, ("releases", site, procedure), build)
+    key = ("releases", site, procedure)
+    if (fresh := _fresh(request, key)) is not None:
+        return fresh
+    if (site or procedure) and not await domain.releases(site, procedure):
+        # Nothing to list, as for made-up values: answered, not kept, so that random
+        # filters cannot fill the listings' cache (which is emptied when full).
+        return json_response({"releases": []})
+    return await _cached_json(request, key, build)
 
 
 async def list_slots(request: web.Request) -> web.Response:

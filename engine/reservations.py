@@ -168,6 +168,8 @@ class Reservations:
         self._known: frozenset[str] = frozenset()
         self._known_at = float("-inf")
         self._known_refill: asyncio.Future[frozenset[str]] | None = None
+        self._listed: tuple[float, list[Release]] = (float("-inf"), [])
+        self._listed_refill: asyncio.Future[tuple[float, list[Release]]] | None = None
         self._spent = FoundSpent()  # (challenge id, slot id)
 
     def now(self) -> datetime:
@@ -257,8 +259,36 @@ class Reservations:
         return await self.store.sites()
 
     async def releases(self, site_id: str | None, procedure_id: str | None) -> list[Release]:
-        """Releases with slots to come (cached, rendered, by the HTTP layer)."""
-        return await self.store.releases(site_id, procedure_id, self.now())
+        """Releases with slots to come, of a site and a procedure if given: every one read
+        at most once per ``listing_cache_s`` (one read at a time), then filtered here, so
+        that filters of made-up values cost PostgreSQL nothing. (The HTTP layer keeps the
+        rendered listings.)"""
+        now = self.clock()
+        listed = self._listed
+        if listed[0] <= now:
+            refill = self._listed_refill
+            if refill is None:
+                refill = self._listed_refill = asyncio.ensure_future(self._read_listed(now))
+                refill.add_done_callback(self._listed_refilled)
+            listed = await asyncio.shield(refill)
+        return [
+            r
+            for r in listed[1]
+            if site_id in (None, r.site_id) and procedure_id in (None, r.procedure_id)
+        ]
+
+    async def _read_listed(self, now: float) -> tuple[float, list[Release]]:
+        forgotten = self._forgotten
+        releases = await self.store.releases(None, None, self.now())
+        listed = (now + self.settings.listing_cache_s, releases)
+        if self._forgotten == forgotten:
+            self._listed = listed
+        return listed
+
+    def _listed_refilled(self, refill: asyncio.Future[tuple[float, list[Release]]]) -> None:
+        self._listed_refill = None
+        if not refill.cancelled():
+            refill.exception()  # retrieved here; the requests get it from the shield
 
     async def upsert_site(self, site: Site) -> Site:
         return await self.store.upsert_site(site)
@@ -269,6 +299,7 @@ class Reservations:
         the release before the change."""
         self._releases.pop(release_id, None)
         self._release_refills.pop(release_id, None)
+        self._listed = (float("-inf"), [])
         self._forgotten += 1
 
     async def slot_counts(self, release_id: str) -> dict[str, SlotCounts]:

@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine.app import create_app
-from engine.appkeys import RESERVATIONS
+from engine.appkeys import BODIES, RESERVATIONS
 from engine.web import accepts_gzip, body_of
 from tests.api import Api
 from tests.conftest import FakeClock, make_settings
@@ -68,6 +68,31 @@ async def test_a_release_another_worker_published_is_found_at_once(
             r = await other.call("GET", f"/v1/releases/r{n:012d}/slots")
             assert r.status == 404
         assert reads == [0]  # the same instant: no read again
+
+
+async def test_release_filters_of_made_up_values_cost_no_query_and_keep_no_body(
+    api: Api, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone can list releases by site and procedure: each made-up value was a new cache
+    entry and a PostgreSQL query, and 10 000 of them emptied every cached listing. The
+    releases are read once per listing_cache_s and filtered in the worker; an empty
+    filtered listing is answered without being kept."""
+    await api.site()
+    await api.publish([2])
+    domain = client.app[RESERVATIONS]
+    reads = count_calls(monkeypatch, domain.store, "releases")
+    everything = await api.call("GET", "/v1/releases")
+    [listed] = everything.body["releases"]
+    mine = await api.call("GET", "/v1/releases?site=bobigny&procedure=renouvellement")
+    assert mine.body["releases"] == [listed]
+    for n in range(50):
+        made_up = await api.call("GET", f"/v1/releases?site=s{n}&procedure=renouvellement")
+        assert (made_up.status, made_up.body) == (200, {"releases": []})
+    assert reads == [1]
+    assert set(client.app[BODIES]) == {
+        ("releases", None, None),
+        ("releases", "bobigny", "renouvellement"),
+    }
 
 
 async def test_an_expired_listing_is_rebuilt_once_for_all_waiting_requests(

@@ -84,7 +84,7 @@ async def proxied(tmp_path: Path) -> AsyncIterator[tuple[Api, aiohttp.ClientSess
 
                 async def up() -> bool:
                     try:
-                        async with session.get("/healthz") as r:
+                        async with session.get("/v1/sites") as r:
                             return r.status == 200
                     except aiohttp.ClientError:
                         return False
@@ -132,11 +132,12 @@ async def test_nginx_as_shipped_in_front_of_the_engine(
     # Staff's: a release of 2 000 slots (about 250 KiB) reaches the engine.
     status, _, body = await post("/v1/admin/releases", largest_release(api.clock.now), ADMIN)
     assert status == 201, body[:300]
-    # /metrics is for the monitoring network only.
-    async with session.get("/metrics") as r:
-        assert r.status == 403
+    # The metrics and the probes are for the monitoring network only.
+    for private in ("/metrics", "/readyz", "/healthz"):
+        async with session.get(private) as r:
+            assert r.status == 403, private
     # nginx's request id reaches the engine, which answers with it.
-    async with session.get("/healthz", headers={"X-Request-Id": "from-the-client"}) as r:
+    async with session.get("/v1/sites", headers={"X-Request-Id": "from-the-client"}) as r:
         assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-Id"])
     # What nginx answers itself is problem+json: a body over its own bound...
     async with session.post(
