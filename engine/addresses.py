@@ -40,16 +40,24 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 @functools.lru_cache(maxsize=16384)
 def canonical(address: str) -> str:
-    """The client address the limits and challenges key on: an IPv4 address written as
-    IPv6 as its IPv4 self, else every IPv4 client would share one IPv6 /64's buckets, and
-    a proxy at ``::ffff:127.0.0.1`` would not be found trusted. Anything else as given."""
+    """The client address the limits and challenges key on.
+
+    - An IPv4 address written as IPv6 (``::ffff:a.b.c.d``) as its IPv4 self: else every
+      IPv4 client would share one IPv6 /64's buckets.
+    - An IPv6 address as its /64 (``2001:db8:1:2::/64``), one subscriber's, as an IPv4
+      address is one household's: a host picks any of its /64's addresses at will (and a
+      phone's rotate), so per address, the caps of one per address (unspent challenges,
+      live holds) would cap nothing.
+    - Anything else as given."""
     if ":" not in address:
         return address
     try:
         ip = _ip(address)
     except ValueError:
         return address
-    return str(ip) if ip.version == 4 else address
+    if ip.version == 4:
+        return str(ip)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
 def membership(networks: Iterable[Network]) -> Callable[[str], bool | None]:
@@ -72,14 +80,20 @@ def membership(networks: Iterable[Network]) -> Callable[[str], bool | None]:
 
 
 def networks(address: str) -> tuple[str, str | None]:
-    """An address's networks for the limits: its IPv4 /24, or its IPv6 /64 and /48; the
-    address itself if it is not one."""
+    """An address's networks for the limits: its IPv4 /24, or its IPv6 /64 and /48 (of an
+    IPv6 address, or of the /64 ``canonical`` gives for it); the address itself if it is
+    not one."""
     if ipv4(address) is not None:
         return f"{address.rpartition('.')[0]}.0/24", None  # the input is canonical
     try:
         ip = _ip(address)
     except ValueError:
-        return address, None
+        if not address.endswith("/64"):
+            return address, None
+        try:
+            ip = ipaddress.IPv6Network(address).network_address
+        except ValueError:
+            return address, None
     if ip.version == 4:
         return f"{str(ip).rpartition('.')[0]}.0/24", None
     return (

@@ -330,6 +330,21 @@ async def test_one_live_hold_per_client(clean: None) -> None:
         assert (await api.hold(release["slots"][1]["id"], "10.0.0.1", paid=paid)).status == 201
 
 
+async def test_an_ipv6_client_is_its_64(clean: None) -> None:
+    """A host picks any address of its /64 at will (and a phone's rotate): per address,
+    the caps of one per address would cap nothing there. An IPv6 client is its /64, as an
+    IPv4 client is its address: the live-hold cap holds across the /64, and a challenge
+    paid from one of its addresses is good from another."""
+    async with engine(max_live_holds=1) as api:
+        release = await api.publish([5, 5])
+        first = await api.hold(release["slots"][0]["id"], "2001:db8:1:2::1")
+        assert first.status == 201
+        paid = await api.solved(release["id"], "2001:db8:1:2::98")
+        second = await api.hold(release["slots"][1]["id"], "2001:db8:1:2::99", paid=paid)
+        assert second.status == 429 and second.body["level"] == "holds"
+        assert (await api.hold(release["slots"][1]["id"], "2001:db8:1:3::1")).status == 201
+
+
 async def cancel(api: Api, booked: dict[str, Any]) -> None:
     r = await api.call(
         "DELETE",
