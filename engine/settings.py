@@ -281,15 +281,25 @@ def _redis_url(url: str) -> str:
     return url
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def _networks(raw: str) -> frozenset[Network]:
-    nets = []
+    """The trusted proxies; IPv4 written as IPv6 (``::ffff:127.0.0.1``) as IPv4, as client
+    addresses are read (engine/addresses.py)."""
+    nets: list[Network] = []
     for item in raw.replace(",", " ").split():
         try:
-            nets.append(ipaddress.ip_network(item, strict=False))
+            net = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ConfigError(
                 f"GUICHET_TRUSTED_PROXIES has a bad address or CIDR: {item!r}"
             ) from None
+        if net.version == 6 and net.subnet_of(_MAPPED):
+            mapped = net.network_address.ipv4_mapped
+            assert mapped is not None
+            net = ipaddress.IPv4Network((int(mapped), max(net.prefixlen - 96, 0)))
+        nets.append(net)
     return frozenset(nets)
 
 

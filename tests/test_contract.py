@@ -3,6 +3,7 @@ ops endpoints answer; configuration errors name the variable."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import subprocess
@@ -141,6 +142,21 @@ def test_configuration_errors_name_the_variable(
         base.pop("GUICHET_SECRET")
     with pytest.raises(ConfigError, match=message):
         Settings.from_env({**base, **env})
+
+
+def test_trusted_proxies_written_as_ipv6_are_read_as_ipv4(tmp_path: object) -> None:
+    """Client addresses written ``::ffff:a.b.c.d`` are read as IPv4: so are the proxies,
+    else a proxy configured that way would never be found trusted."""
+    env = {
+        "GUICHET_DATA_DIR": str(tmp_path),
+        "GUICHET_SECRET": "x" * 40,
+        "GUICHET_TRUSTED_PROXIES": "::ffff:127.0.0.1, ::ffff:192.0.2.0/120 fd00::/8",
+    }
+    assert Settings.from_env(env).trusted_proxies == {
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("192.0.2.0/24"),
+        ipaddress.ip_network("fd00::/8"),
+    }
 
 
 def test_development_secret_is_generated_once(tmp_path: object) -> None:
