@@ -18,6 +18,7 @@ from engine.errors import (
     ChallengeExpired,
     ChallengeSpent,
     IdentityAlreadyBooked,
+    NotCommitted,
     NotFound,
     NotOpen,
     StoreUnavailable,
@@ -336,6 +337,12 @@ class Lottery:
         down (the ping raises), every next one would wait for its timeouts: the pass ends.
         A store error of this draw alone (a lock it waited for too long, a limit its size
         goes over) is a failing draw."""
+        if isinstance(exc, NotCommitted):
+            # Rolled back for certain (a deadlock with a confirm, a serialisation failure):
+            # given way, as to a confirm that raced it, not failed.
+            log.warning("draw_raced", release=release_id, detail=exc.detail)
+            self.domain.metrics.draws_raced.inc()
+            return
         if isinstance(exc, StoreUnavailable):
             await self.store.ping()
             log.warning(event, release=release_id, detail=exc.detail, cause=repr(exc.__cause__))

@@ -286,7 +286,8 @@ class Reservations:
         return listed
 
     def _listed_refilled(self, refill: asyncio.Future[tuple[float, list[Release]]]) -> None:
-        self._listed_refill = None
+        if self._listed_refill is refill:  # not one started since a forget()
+            self._listed_refill = None
         if not refill.cancelled():
             refill.exception()  # retrieved here; the requests get it from the shield
 
@@ -299,7 +300,7 @@ class Reservations:
         the release before the change."""
         self._releases.pop(release_id, None)
         self._release_refills.pop(release_id, None)
-        self._listed = (float("-inf"), [])
+        self._listed, self._listed_refill = (float("-inf"), []), None
         self._forgotten += 1
 
     async def slot_counts(self, release_id: str) -> dict[str, SlotCounts]:
@@ -316,6 +317,7 @@ class Reservations:
         release, seed = with_seed(release)
         created = await self.store.create_release(release, seed)
         self._known = self._known | {release.id}  # known here at once, made now or before
+        self.forget(release.id)  # listed here at once
         if not created:
             return
         try:
@@ -731,8 +733,15 @@ class Reservations:
 
         async def take_off(slot_id: str) -> None:
             # Before PostgreSQL commits, as a lower capacity: Redis never offers the place.
-            # (A draw's places are never offered by Redis, but its counts are its listing.)
-            await self.inventory.withdraw(booking.release_id, slot_id)
+            if booking.mode == "fcfs":
+                await self.inventory.withdraw(booking.release_id, slot_id)
+                return
+            # A draw's places are never offered by Redis, whose counts are only its
+            # listing: with Redis down, the reconcile sets them right later.
+            try:
+                await self.inventory.withdraw(booking.release_id, slot_id)
+            except StoreUnavailable:
+                log.warning("withdraw_deferred", booking=reference)
 
         if not await self.store.cancel(reference, actor, by, take_off if withdraw else None):
             return False

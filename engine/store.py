@@ -983,13 +983,16 @@ class Store:
 
     async def freeze_entries(self, release_id: str, now: datetime) -> bool:
         """Record the entries digest of a draw whose registration has closed; False if it
-        is not closed, or frozen already. Each release in its own transaction, with the
-        draw's bounds: a list of hundreds of thousands of entries takes seconds to read."""
+        is not closed, frozen already, or busy (its row locked: being changed, frozen or
+        drawn elsewhere; the next sweep comes back to it, rather than wait). Each release
+        in its own transaction, with the draw's bounds: a list of hundreds of thousands of
+        entries takes seconds to read."""
         async with self._transaction() as conn:
             await conn.execute(_DRAW_LIMITS, timeout=DRAW_TIMEOUT_S)
             closed = await conn.fetchval(
                 """SELECT true FROM releases WHERE id = $1 AND mode = 'draw'
-                     AND entries_digest IS NULL AND registration_closes_at <= $2 FOR UPDATE""",
+                     AND entries_digest IS NULL AND registration_closes_at <= $2
+                   FOR UPDATE SKIP LOCKED""",
                 release_id,
                 now,
                 timeout=DRAW_TIMEOUT_S,

@@ -788,13 +788,14 @@ async def test_a_withdrawal_does_not_wait_for_a_running_draw(
     assert (await api.call("DELETE", path, headers=auth)).status == 204
 
 
-async def test_a_draw_failing_on_a_store_error_does_not_hold_back_the_next(
+async def test_a_draw_failing_does_not_hold_back_the_next(
     api: Api, clock: FakeClock, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A store error of one draw alone (here: a row it must lock, locked elsewhere for
-    longer than it waits) is a failing draw, counted for the alert, when its list is frozen
-    as when it is drawn: the others are frozen and drawn in the same pass, and it is once
-    it can be. Only PostgreSQL down ends the pass."""
+    """One draw that fails, at its freeze (here: PostgreSQL refuses the update of its row,
+    as a bug or its data could) or at its draw (a store error of its own: a slot row it
+    must lock, locked elsewhere for longer than it waits), is counted for the alert: the
+    others are frozen and drawn in the same pass, and it is once it can be. Only
+    PostgreSQL down ends the pass."""
     await api.site()
     stuck = (await api.publish_draw([1]))["id"]
     later = (await api.publish_draw([1], draw_in_s=90060))["id"]
@@ -804,12 +805,22 @@ async def test_a_draw_failing_on_a_store_error_does_not_hold_back_the_next(
     monkeypatch.setattr(store_module, "DRAW_TIMEOUT_S", 0.5)
     registry = api.client.app[RESERVATIONS].metrics.registry
     frozen = "SELECT id FROM releases WHERE entries_digest IS NOT NULL"
-    async with pg.transaction():  # its release row: the freeze waits for it
-        await pg.execute("SELECT 1 FROM releases WHERE id = $1 FOR UPDATE", stuck)
+    await pg.execute(
+        """CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql
+           AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"""
+    )
+    try:
+        await pg.execute(
+            f"""CREATE TRIGGER test_refuse BEFORE UPDATE OF entries_digest ON releases
+                FOR EACH ROW WHEN (OLD.id = '{stuck}') EXECUTE FUNCTION test_refuse()"""
+        )
         clock.advance(86401)
         assert await lottery.run_due() == []  # nothing due yet
         assert [r["id"] for r in await pg.fetch(frozen)] == [later]
         assert registry.get_sample_value("guichet_draw_failures_total") == 1
+    finally:
+        await pg.execute("DROP TRIGGER IF EXISTS test_refuse ON releases")
+        await pg.execute("DROP FUNCTION test_refuse()")
     clock.advance(3700)
     async with pg.transaction():  # its slot: the draw waits for it
         await pg.execute("SELECT 1 FROM slots WHERE release_id = $1 FOR UPDATE", stuck)
@@ -825,21 +836,21 @@ async def test_a_draw_being_run_elsewhere_is_not_waited_for(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:
     """A draw takes seconds, and another worker's sweeper may come to it meanwhile (the
-    sweeper's lock lapses): it passes it by, and the next draws, rather than queue behind
-    it (for up to the draw's 300 s), with every other worker's sweeper after it. So for a
-    draw of the same procedure at the same site, which shares its carried places."""
+    sweeper's lock lapses): it passes it by, its freeze as its draw, and the next draws,
+    rather than queue behind it (for up to the draw's 300 s), with every other worker's
+    sweeper after it. So for a draw of the same procedure at the same site, which shares
+    its carried places."""
     await api.site()
     release = (await api.publish_draw([2]))["id"]
     for n in range(3):
         assert (await api.enter(release, applicant(), ip(n))).status == 201
-    clock.advance(86401)
+    clock.advance(90001)
     lottery = api.client.app[LOTTERY]
-    assert await lottery.run_due() == []  # frozen, as that worker's pass did first
-    clock.advance(3600)
     registry = api.client.app[RESERVATIONS].metrics.registry
-    async with pg.transaction():  # as another worker's run_draw holds it
+    async with pg.transaction():  # as another worker's run_draw (or freeze) holds it
         await pg.execute("SELECT 1 FROM releases WHERE id = $1 FOR UPDATE", release)
         assert await asyncio.wait_for(lottery.run_due(), 5) == []
+    assert await pg.fetchval("SELECT entries_digest FROM releases") is None  # next time
     async with pg.transaction():  # another draw of the procedure at the site is running
         key = "draw:bobigny:renouvellement"
         await pg.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
