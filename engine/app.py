@@ -79,6 +79,7 @@ def pipelining(settings: Settings, redis: AnyRedis, metrics: Metrics) -> Pipelin
 
 
 _SCHEMA_RECHECK_S = 2.0
+_SCHEMA_WATCH_S = 30.0
 
 
 async def schema_current(store: Store, *, quiet: bool = False) -> bool:
@@ -97,16 +98,26 @@ async def schema_current(store: Store, *, quiet: bool = False) -> bool:
     return True
 
 
-async def watch_schema(store: Store) -> None:
-    """Check again every 2 s until the schema is this engine's: ``guichet migrate`` may run
-    after the worker started, in a deploy. Meanwhile the worker is not ready, and refuses
-    the requests that need the schema (503 with Retry-After) instead of failing them on a
-    column or function it does not find; its sweeper waits."""
+async def watch_schema(store: Store, current: bool) -> None:
+    """Check again every 2 s while the schema is not this engine's (``guichet migrate`` may
+    run after the worker started, in a deploy), and every 30 s once it is (a database
+    restored from an older backup). Meanwhile the worker is not ready, and refuses the
+    requests that need the schema (503 with Retry-After) instead of failing them on a
+    column or function it does not find; its sweeper waits. Each change is logged."""
+    behind = store.schema.behind is not None
     while True:
-        await asyncio.sleep(_SCHEMA_RECHECK_S)
-        if await schema_current(store, quiet=True):
-            log.info("schema_current")
-            return
+        await asyncio.sleep(_SCHEMA_RECHECK_S if not current else _SCHEMA_WATCH_S)
+        current = await schema_current(store, quiet=True)
+        if (store.schema.behind is not None) != behind:
+            behind = not behind
+            if behind and store.schema.behind is not None:
+                log.error(
+                    "schema_behind",
+                    missing=store.schema.behind.missing,
+                    functions=store.schema.behind.functions,
+                )
+            else:
+                log.info("schema_current")
 
 
 def create_app(
@@ -166,14 +177,12 @@ def create_app(
         with contextlib.suppress(Exception):
             # Functions are also loaded on first use, so a Redis that is down now is fine.
             await inventory.load()
-        # Checked before the first request is served; then watched, if not current.
-        current = await schema_current(store)
-        watch = None if current else asyncio.create_task(watch_schema(store))
+        # Checked before the first request is served; then watched.
+        watch = asyncio.create_task(watch_schema(store, await schema_current(store)))
         yield
-        if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
         await pool.close()
         await inventory.pipelining.aclose()
         await redis.aclose()
