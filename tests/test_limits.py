@@ -315,34 +315,32 @@ async def test_no_stockpile_of_unspent_challenges(
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
 
 
-async def test_one_live_hold_per_client(clean: None) -> None:
+@pytest.mark.parametrize(
+    ("holder", "solver", "again", "elsewhere"),
+    [
+        ("10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2"),
+        # A host picks any address of its /64 at will (and a phone's rotate): per address,
+        # the caps of one per address would cap nothing there. An IPv6 client is its /64,
+        # as an IPv4 client is its address: the cap holds across the /64, and a challenge
+        # paid from one of its addresses is good from another.
+        ("2001:db8:1:2::1", "2001:db8:1:2::98", "2001:db8:1:2::99", "2001:db8:1:3::1"),
+    ],
+)
+async def test_one_live_hold_per_client(
+    clean: None, holder: str, solver: str, again: str, elsewhere: str
+) -> None:
     async with engine(max_live_holds=1) as api:
         release = await api.publish([5, 5])
-        first = await api.hold(release["slots"][0]["id"], "10.0.0.1")
+        first = await api.hold(release["slots"][0]["id"], holder)
         assert first.status == 201
-        paid = await api.solved(release["id"], "10.0.0.1")
-        second = await api.hold(release["slots"][1]["id"], "10.0.0.1", paid=paid)
+        paid = await api.solved(release["id"], solver)
+        second = await api.hold(release["slots"][1]["id"], again, paid=paid)
         assert second.status == 429 and second.body["level"] == "holds"
-        assert (await api.hold(release["slots"][1]["id"], "10.0.0.2")).status == 201
+        assert (await api.hold(release["slots"][1]["id"], elsewhere)).status == 201
         auth = {"Authorization": f"Bearer {first.body['hold_token']}"}
         await api.call("DELETE", f"/v1/holds/{first.body['hold_id']}", headers=auth)
         # The refusal left the challenge unspent.
-        assert (await api.hold(release["slots"][1]["id"], "10.0.0.1", paid=paid)).status == 201
-
-
-async def test_an_ipv6_client_is_its_64(clean: None) -> None:
-    """A host picks any address of its /64 at will (and a phone's rotate): per address,
-    the caps of one per address would cap nothing there. An IPv6 client is its /64, as an
-    IPv4 client is its address: the live-hold cap holds across the /64, and a challenge
-    paid from one of its addresses is good from another."""
-    async with engine(max_live_holds=1) as api:
-        release = await api.publish([5, 5])
-        first = await api.hold(release["slots"][0]["id"], "2001:db8:1:2::1")
-        assert first.status == 201
-        paid = await api.solved(release["id"], "2001:db8:1:2::98")
-        second = await api.hold(release["slots"][1]["id"], "2001:db8:1:2::99", paid=paid)
-        assert second.status == 429 and second.body["level"] == "holds"
-        assert (await api.hold(release["slots"][1]["id"], "2001:db8:1:3::1")).status == 201
+        assert (await api.hold(release["slots"][1]["id"], again, paid=paid)).status == 201
 
 
 async def cancel(api: Api, booked: dict[str, Any]) -> None:
