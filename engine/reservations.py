@@ -317,7 +317,7 @@ class Reservations:
         release, seed = with_seed(release)
         created = await self.store.create_release(release, seed)
         self._known = self._known | {release.id}  # known here at once, made now or before
-        self.forget(release.id)  # listed here at once
+        self.forget(release.id)  # the list of releases is read again, not kept from before
         if not created:
             return
         try:
