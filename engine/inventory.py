@@ -484,6 +484,11 @@ class Inventory:
         refs = await self._command("HKEYS", ReleaseKeys.of(release_id).booked)
         return {_text(r) for r in refs}
 
+    async def move_fence(self, release_id: str) -> None:
+        """A new capacity fence, for a raise: a write of capacities from a snapshot read
+        before it sets none (``reconcile``, ``rebuild``)."""
+        await self._command("SET", ReleaseKeys.of(release_id).fence, _new_fence())
+
     async def fence(self, release_id: str, new: str | None = None) -> str:
         """The release's capacity fence: read with a PostgreSQL snapshot, and given back
         with its write of capacities (``rebuild``, ``reconcile``), which sets none if the

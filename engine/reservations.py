@@ -14,6 +14,7 @@ docs/consistency.md walks through every crash window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import secrets
@@ -363,7 +364,17 @@ class Reservations:
                     [below_floor(s, floor, "booked and held") for s, floor in refused.items()]
                 )
 
-        await self.store.patch_release(release_id, windows, capacities, self.now(), lower, if_match)
+        async def raised() -> None:
+            # The fence moves for a raise too: a snapshot's write given up on before it, and
+            # reaching Redis later, carries the older capacity and must set none. Redis down:
+            # a raise needs no Redis (the reconcile passes it on), and such a late write, if
+            # one comes, is set right by the next reconcile.
+            with contextlib.suppress(StoreUnavailable):
+                await self.inventory.move_fence(release_id)
+
+        await self.store.patch_release(
+            release_id, windows, capacities, self.now(), lower, if_match, raised
+        )
         self.forget(release_id)
         try:
             await self.recovery.from_snapshot(

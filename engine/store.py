@@ -524,12 +524,14 @@ class Store:
         now: datetime,
         lower: Callable[[dict[str, int]], Awaitable[None]],
         if_match: frozenset[str] | None = None,
+        raised: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Change windows not yet started, and capacities never below what is booked.
 
         ``lower`` is given the bookings of each slot whose capacity goes down, while the
         slots' rows are locked and before anything commits, so that Redis can lower them
-        with its holds counted; it raises to refuse the change. The capacity lock orders
+        with its holds counted; it raises to refuse the change. ``raised`` is called there
+        too if a capacity goes up (Redis's fence moves). The capacity lock orders
         this change against every write of capacities to Redis from a snapshot
         (``with_snapshot``).
 
@@ -582,6 +584,7 @@ class Store:
                     ]
                 ) from None
             lowered: dict[str, int] = {}
+            rises = False
             for slot_id, capacity in capacities.items():
                 current = await conn.fetchrow(
                     """SELECT booked, capacity FROM slots
@@ -595,6 +598,7 @@ class Store:
                     raise ValidationFailed([below_floor(slot_id, current["booked"], "booked")])
                 if capacity < current["capacity"]:
                     lowered[slot_id] = current["booked"]
+                rises = rises or capacity > current["capacity"]
             if capacities or if_match is not None:
                 # A raise too: a snapshot's write in progress, of the capacity from before,
                 # would land after this change's own and put Redis back below PostgreSQL
@@ -614,6 +618,8 @@ class Store:
                     )
             if lowered:
                 await lower(lowered)
+            if rises and raised is not None:
+                await raised()
             for slot_id, capacity in capacities.items():
                 await conn.execute(
                     "UPDATE slots SET capacity = $2 WHERE id = $1", slot_id, capacity
