@@ -110,17 +110,18 @@ async def list_releases(request: web.Request) -> web.Response:
         if value is not None:
             schemas.parse_ident(name, value)
 
-    async def build() -> Any:
-        releases = await domain.releases(site, procedure)
-        return {"releases": [render.release(r) for r in releases]}
-
     key = ("releases", site, procedure)
     if (fresh := _fresh(request, key)) is not None:
         return fresh
-    if (site or procedure) and not await domain.releases(site, procedure):
+    releases = await domain.releases(site, procedure)  # the worker's list, filtered
+    if (site or procedure) and not releases:
         # Nothing to list, as for made-up values: answered, not kept, so that random
         # filters cannot fill the listings' cache (which is emptied when full).
         return json_response({"releases": []})
+
+    async def build() -> Any:
+        return {"releases": [render.release(r) for r in releases]}
+
     return await _cached_json(request, key, build)
 
 

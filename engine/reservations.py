@@ -744,14 +744,13 @@ class Reservations:
 
         async def take_off(slot_id: str) -> None:
             # Before PostgreSQL commits, as a lower capacity: Redis never offers the place.
-            if booking.mode == "fcfs":
-                await self.inventory.withdraw(booking.release_id, slot_id)
-                return
-            # A draw's places are never offered by Redis, whose counts are only its
-            # listing: with Redis down, the reconcile sets them right later.
             try:
                 await self.inventory.withdraw(booking.release_id, slot_id)
             except StoreUnavailable:
+                if booking.mode == "fcfs":
+                    raise
+                # A draw's places are never offered by Redis, whose counts are only its
+                # listing: with Redis down, the reconcile sets them right later.
                 log.warning("withdraw_deferred", booking=reference)
 
         if not await self.store.cancel(reference, actor, by, take_off if withdraw else None):
