@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -120,6 +120,51 @@ async def watch_schema(store: Store, current: bool) -> None:
                 log.info("schema_current")
 
 
+_RESTART_WAIT_S = 1.0
+
+
+async def supervised(
+    task: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event, metrics: Metrics
+) -> None:
+    """Run ``run()`` until ``stop`` is set, and start it again if it ends before. A
+    background task that ended (a bug, or a cancellation that a library let out of one of
+    its timeouts) would leave the worker serving without it, and say nothing: no draw run,
+    no stale confirm settled, a schema change unseen. Each restart is logged
+    (``background_task_ended``) and counted (``guichet_background_restarts_total``, the
+    GuichetBackgroundRestarted alert). A cancellation of this task (the worker stopping)
+    ends it."""
+    while True:
+        try:
+            await run()
+            if stop.is_set():
+                return
+            log.error("background_task_ended", task=task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if stop.is_set() or (current is not None and current.cancelling()):
+                raise
+            log.exception("background_task_ended", task=task)  # not this task's cancel
+        except Exception:
+            log.exception("background_task_ended", task=task)
+        if stop.is_set():
+            return
+        metrics.background_restarts.labels(task).inc()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _RESTART_WAIT_S)
+
+
+async def _stopped(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    """Stop a ``supervised`` task and wait for it. The stop event ends it even if a
+    cancellation is lost: on Python 3.11, asyncio.wait_for (which redis-py uses for socket
+    timeouts) can swallow one."""
+    stop.set()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(
     settings: Settings,
     *,
@@ -178,11 +223,13 @@ def create_app(
             # Functions are also loaded on first use, so a Redis that is down now is fine.
             await inventory.load()
         # Checked before the first request is served; then watched.
-        watch = asyncio.create_task(watch_schema(store, await schema_current(store)))
+        starts = iter([await schema_current(store)])  # a restart checks again in 2 s
+        stop = asyncio.Event()
+        watch = asyncio.create_task(
+            supervised("schema", lambda: watch_schema(store, next(starts, False)), stop, metrics)
+        )
         yield
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch
+        await _stopped(watch, stop)
         await pool.close()
         await inventory.pipelining.aclose()
         await redis.aclose()
@@ -192,16 +239,11 @@ def create_app(
             yield
             return
         stop = asyncio.Event()
-        task = asyncio.create_task(sweeper.run(app[LOTTERY], stop))
+        task = asyncio.create_task(
+            supervised("sweeper", lambda: sweeper.run(app[LOTTERY], stop), stop, metrics)
+        )
         yield
-        # The stop event ends the loop even if a cancellation is lost: on Python 3.11,
-        # asyncio.wait_for (which redis-py uses for socket timeouts) can swallow one.
-        stop.set()
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.05)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _stopped(task, stop)
 
     app.cleanup_ctx.append(metrics.flushing)
     app.cleanup_ctx.append(stores)

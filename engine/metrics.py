@@ -107,6 +107,13 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.background_restarts = Counter(
+            "guichet_background_restarts",
+            "Background tasks of a worker (sweeper, schema watch) that ended while it was "
+            "serving, and were started again: a bug.",
+            ["task"],
+            registry=r,
+        )
         # Series an alert reads exist from the start, at 0: a counter's first increment
         # is otherwise its first sample, which increase() and rate() cannot see.
         for outcome in ("booked", "dropped", "skipped"):
@@ -115,6 +122,8 @@ class Metrics:
             self.sweeps.labels(outcome)
         for kind in ("bookings", "entries"):
             self.purge_failures.labels(kind)
+        for task in ("sweeper", "schema"):
+            self.background_restarts.labels(task)
         self.bookings_online = Gauge(
             "guichet_bookings_online",
             "Confirmed online bookings of appointments still to come.",

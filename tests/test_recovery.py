@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import ResponseError
 
+from engine import app as app_module
 from engine import sweeper
-from engine.appkeys import LOTTERY, RESERVATIONS
+from engine.app import create_app
+from engine.appkeys import LOTTERY, METRICS, RESERVATIONS
 from engine.identity import Applicant
 from engine.inventory import Inventory
 from engine.keys import SWEEPER_LOCK, ReleaseKeys
@@ -19,7 +24,7 @@ from engine.settings import Settings
 from engine.sweeper import sweep_once
 from engine.tokens import new_reference, token_hash
 from tests.api import Api, applicant, ip
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, make_settings
 from tests.procs import poll
 
 
@@ -351,3 +356,48 @@ async def test_the_sweeper_counts_a_pass_that_failed_on_one_release_as_failed(
         await task
     done = metrics.registry.get_sample_value("guichet_sweeps_total", {"outcome": "done"})
     assert done == 0
+
+
+async def test_a_background_task_that_ends_is_started_again(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation that a library lets out of one of its timeouts (or any bug) ended the
+    sweeper's task, and the worker served on without one: no draw run, no stale confirm
+    settled, and nothing said. So did the schema's watch. Each is now started again, and
+    each restart counted for the alert; the worker's stop still ends them."""
+    real_sweep, real_check = sweeper.sweep, app_module.schema_current
+    calls = {"sweep": 0, "schema": 0}
+
+    async def sweep_once_leaking(*args: Any, **kwargs: Any) -> sweeper.SweepReport:
+        calls["sweep"] += 1
+        if calls["sweep"] == 1:
+            raise asyncio.CancelledError()  # not the task's: nobody cancelled it
+        return await real_sweep(*args, **kwargs)
+
+    async def check_leaking(*args: Any, **kwargs: Any) -> bool:
+        calls["schema"] += 1
+        if calls["schema"] == 2:  # the first is the check before serving
+            raise asyncio.CancelledError()
+        return await real_check(*args, **kwargs)
+
+    monkeypatch.setattr(sweeper, "sweep", sweep_once_leaking)
+    monkeypatch.setattr(app_module, "schema_current", check_leaking)
+    monkeypatch.setattr(app_module, "_SCHEMA_WATCH_S", 0.01)
+    monkeypatch.setattr(app_module, "_SCHEMA_RECHECK_S", 0.01)
+    monkeypatch.setattr(app_module, "_RESTART_WAIT_S", 0.01)
+    app = create_app(make_settings(sweep_interval_s=0.01), sweep=True)
+    metrics = app[METRICS]
+
+    def sample(name: str, labels: dict[str, str]) -> float:
+        value = metrics.registry.get_sample_value(name, labels)
+        assert value is not None
+        return value
+
+    async def both_going() -> bool:
+        done = sample("guichet_sweeps_total", {"outcome": "done"})
+        return done > 0 and calls["schema"] > 3
+
+    async with TestClient(TestServer(app)):
+        await poll(both_going, lambda: f"calls {calls}")
+    for task in ("sweeper", "schema"):
+        assert sample("guichet_background_restarts_total", {"task": task}) == 1, task
