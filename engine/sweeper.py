@@ -92,10 +92,15 @@ async def sweep(
                 if reconcile:
                     corrections += await domain.recovery.reconcile(release_id)
             except StoreUnavailable as exc:
-                # Redis is down for the next releases too, most likely: each would wait
-                # for its timeout. The next pass tries again.
                 failure = failure or exc
-                break
+                if not await _stores_answer(domain):
+                    # Down for the next releases too: each would wait for its timeouts.
+                    # The next pass tries again.
+                    break
+                # This release's alone (a script or a query over its time limit, one shard
+                # of a cluster): the releases after it must not wait for it, pass after
+                # pass.
+                log.warning("sweep_release_failed", release=release_id, detail=exc.detail)
             except Exception as exc:
                 failure = failure or exc
                 log.exception("sweep_release_failed", release=release_id)
@@ -119,6 +124,15 @@ async def sweep(
     return SweepReport(
         len(releases), settled, corrections, draws, purged, failure=failure, swept=swept
     )
+
+
+async def _stores_answer(domain: Reservations) -> bool:
+    try:
+        await domain.inventory.ping()
+        await domain.store.ping()
+    except Exception:
+        return False
+    return True
 
 
 _PURGE_INTERVAL_S = 3600.0  # personal data is kept for days: an hour late is nothing

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,10 +23,11 @@ from engine import draw
 from engine.app import create_app
 from engine.appkeys import LOTTERY, RESERVATIONS
 from engine.errors import StoreUnavailable
+from engine.keys import ReleaseKeys
 from engine.sweeper import sweep
 from engine.tokens import signed_id
 from tests.api import ADMIN, Api, Reply, applicant, ip, other_than
-from tests.conftest import DATABASE_URL, FakeClock, make_settings
+from tests.conftest import DATABASE_URL, REDIS_URL, FakeClock, make_settings
 from tests.procs import HOST, Blackhole, RedisServer, TcpProxy, dead_port, poll, with_port
 
 # A hang shows up as a failure well before the suite's own 120 s limit.
@@ -391,3 +393,39 @@ async def test_a_draw_runs_at_its_time_while_redis_is_down(api: Api, clock: Fake
         record = await api.call("GET", f"/v1/releases/{release}/draw")
         assert record.status == 200, record.body
         assert record.body["allocation"] == {draw.entry_digest(entry_id): f"{release}.000"}
+
+
+@pytest.mark.parametrize("gone", [False, True], ids=["one-release", "redis-gone"])
+async def test_a_release_whose_redis_calls_time_out_holds_back_no_other(
+    api: Api, clock: FakeClock, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, gone: bool
+) -> None:
+    """One release's Redis calls time out while Redis answers the rest (a script over its
+    time limit; in a Redis Cluster serving without full coverage, that release's shard
+    down). The sweeper goes on to the releases after it: it ended its walk there, pass
+    after pass, and the releases after it were never rebuilt, settled or reconciled. With
+    Redis gone, it still ends the walk there (each release would wait for its timeout)."""
+    await api.site()
+    first, second = sorted([await api.publish([1]), await api.publish([1])], key=lambda r: r["id"])
+    proxy, url = await TcpProxy.started(REDIS_URL)
+    try:
+        async with engine(clock, redis_url=url, redis_timeout_s=0.2) as other:
+            domain = other.client.app[RESERVATIONS]
+            await redis.delete(ReleaseKeys.of(second["id"]).inv)  # lost: a sweep rebuilds it
+            if gone:
+                counts = domain.inventory.counts
+
+                async def redis_gone(*args: Any) -> Any:
+                    await proxy.stop()
+                    return await counts(*args)
+
+                monkeypatch.setattr(domain.inventory, "counts", redis_gone)
+            else:
+                proxy.hold_back(first["id"].encode())  # its calls never reach Redis
+            report = await sweep(domain, reconcile=True)
+    finally:
+        await proxy.stop()
+    assert isinstance(report.failure, StoreUnavailable), report
+    assert (report.releases, report.swept) == (2, not gone)
+    assert bool(await redis.exists(ReleaseKeys.of(second["id"]).inv)) is not gone
+    if not gone:
+        assert proxy.held, "the first release's calls were not held back"
