@@ -215,13 +215,15 @@ async def delete_hold(request: web.Request) -> web.Response:
 
 async def get_booking(request: web.Request) -> web.Response:
     token = bearer(request)
-    booking = await request.app[RESERVATIONS].booking(request.match_info["reference"], token)
+    booking = await request.app[RESERVATIONS].booking(
+        request.match_info["reference"], token, _client(request)
+    )
     return json_response({"booking": render.booking(booking)})
 
 
 async def cancel_booking(request: web.Request) -> web.Response:
     token = bearer(request)
-    await request.app[RESERVATIONS].cancel(request.match_info["reference"], token)
+    await request.app[RESERVATIONS].cancel(request.match_info["reference"], token, _client(request))
     return web.Response(status=204)
 
 
@@ -245,7 +247,7 @@ async def create_entry(request: web.Request) -> web.Response:
 async def get_entry(request: web.Request) -> web.Response:
     token = bearer(request)
     view = await request.app[LOTTERY].view(
-        request.match_info["release"], request.match_info["entry_id"], token
+        request.match_info["release"], request.match_info["entry_id"], token, _client(request)
     )
     out: dict[str, object] = {"status": view.status}
     if view.excluded:
@@ -259,7 +261,7 @@ async def get_entry(request: web.Request) -> web.Response:
 async def delete_entry(request: web.Request) -> web.Response:
     token = bearer(request)
     await request.app[LOTTERY].withdraw(
-        request.match_info["release"], request.match_info["entry_id"], token
+        request.match_info["release"], request.match_info["entry_id"], token, _client(request)
     )
     return web.Response(status=204)
 

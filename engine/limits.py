@@ -7,6 +7,8 @@ would be full again). Levels:
     net        its IPv4 /24 or IPv6 /64                challenges
     net48      its IPv6 /48                            challenges
     session    the engine's signed session token       challenges
+    lookup     one client address                      lookups that found nothing
+    lookup-net its /24 or /64 (lookup-net48: its /48)  lookups that found nothing
     identity   the applicant's document number         confirms
     hold       one hold id                             confirms of that hold, replays too
     global     the whole engine, per endpoint          challenges, confirms (503 overloaded)
@@ -72,6 +74,14 @@ def _address_keys(address: str) -> tuple[str, ...]:
     net, net48 = _networks(address)
     keys = (bucket("address", address), bucket("net", net))
     return (*keys, bucket("net48", net48)) if net48 else keys
+
+
+_LOOKUP_LEVELS = ("lookup", "lookup-net", "lookup-net48")
+
+
+def _lookup_keys(client: Client) -> tuple[str, ...]:
+    subjects = (client.address, client.net, client.net48)
+    return tuple(bucket(lv, s) for lv, s in zip(_LOOKUP_LEVELS, subjects, strict=True) if s)
 
 
 class FoundSpent:
@@ -233,6 +243,25 @@ class Limiter:
             takes["net48"] = _take(bucket("net48", client.net48), s.limit_net48)
         self._enforce(await self._take_all(takes))
 
+    # Lookups -----------------------------------------------------------------------------
+
+    def refuse_lookups(self, client: Client) -> None:
+        """Refuse, without any store call, a lookup (of a booking, an entry) from a client
+        whose lookups that found nothing emptied its bucket."""
+        self._refuse_blocked(_lookup_keys(client))
+
+    async def lookup_missed(self, client: Client) -> None:
+        """Take the tokens of a lookup that found nothing: a reference or an entry id that
+        does not exist, or a wrong token. Anyone can make up references, and each lookup
+        is a PostgreSQL query; a person mistypes a few. A lookup that finds what it asks
+        for takes nothing: a person behind a shared address can always read their booking,
+        unless that address is found guessing."""
+        s = self.settings
+        rates = (s.limit_lookup, s.limit_lookup_net, s.limit_lookup_net)
+        keys = _lookup_keys(client)  # no /48 for an IPv4 client
+        takes = {lv: _take(k, r) for lv, k, r in zip(_LOOKUP_LEVELS, keys, rates, strict=False)}
+        self._enforce(await self._take_all(takes))
+
     async def _take_all(self, takes: dict[str, Take]) -> dict[str, Taken]:
         """Take every bucket of ``takes`` in one round trip; each result under its level."""
         now_us = None if self._bucket_clock is None else int(self._bucket_clock() * 1_000_000)
@@ -292,6 +321,9 @@ _DETAILS = {
     "session": "Too many attempts in this session",
     "identity": "Too many attempts for this person",
     "hold": "Too many attempts to confirm this hold",
+    "lookup": "Too many lookups of bookings or entries that do not exist from this address",
+    "lookup-net": "Too many lookups of bookings or entries that do not exist from this network",
+    "lookup-net48": "Too many lookups of bookings or entries that do not exist from this network",
 }
 
 

@@ -271,17 +271,21 @@ class Lottery:
             raise Unauthorized("Wrong entry token")
         return release, entry
 
-    async def view(self, release_id: str, entry_id: str, token: str) -> EntryView:
-        _, entry = await self._entry(release_id, entry_id, token)
+    async def view(self, release_id: str, entry_id: str, token: str, client: str) -> EntryView:
+        _, entry = await self.domain.looked_up(
+            client, lambda: self._entry(release_id, entry_id, token)
+        )
         if entry.status != "won" or entry.booking_reference is None:
             return EntryView(entry.status, None, None, entry.excluded)
         booking = await self.store.booking(entry.booking_reference)
         return EntryView(entry.status, booking, self._cancel_token(entry.id))
 
-    async def withdraw(self, release_id: str, entry_id: str, token: str) -> None:
+    async def withdraw(self, release_id: str, entry_id: str, token: str, client: str) -> None:
         """Withdraw before the draw (API.md), registration closed or not: after the close
         the entry stays in the frozen list, and the draw passes it over."""
-        release, entry = await self._entry(release_id, entry_id, token)
+        release, entry = await self.domain.looked_up(
+            client, lambda: self._entry(release_id, entry_id, token)
+        )
         if entry.status == "registered" and await self.store.withdraw_entry(release.id, entry.id):
             log.info("entry_withdrawn", release=release_id, entry=entry_id)
             return

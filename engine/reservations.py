@@ -19,9 +19,10 @@ import dataclasses
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 from engine import draw, pow, sessions
 from engine.errors import (
@@ -61,6 +62,7 @@ from engine.tokens import (
     token_hash,
 )
 
+_T = TypeVar("_T")
 _RELEASE_ID = re.compile(r"^r[0-9a-z]{12}$")
 _TOKEN_BOUND = re.compile(r"^r[0-9a-z]{12}\.k")  # hold ids that carry their token's tag
 # A hold challenge Redis answered "spent" this many times for one slot is refused
@@ -691,11 +693,29 @@ class Reservations:
 
     # Bookings ----------------------------------------------------------------------------
 
-    async def booking(self, reference: str, cancel_token: str) -> Booking:
+    async def booking(self, reference: str, cancel_token: str, client: str) -> Booking:
+        return await self.looked_up(client, lambda: self._booking_of(reference, cancel_token))
+
+    async def _booking_of(self, reference: str, cancel_token: str) -> Booking:
         booking = await self._booking(reference)
         if not matches(cancel_token, booking.cancel_token_hash):
             raise Unauthorized("Wrong cancel token")
         return booking
+
+    async def looked_up(self, client: str, find: Callable[[], Awaitable[_T]]) -> _T:
+        """``find()``, a lookup by reference (a booking, an entry) that ``client`` asked
+        for. Anyone can make up references, and each lookup is a PostgreSQL query: one that
+        finds nothing, or takes a wrong token, takes tokens from the client's lookup
+        buckets, and a client that empties one is refused from memory (429) until it
+        refills. Redis down, the miss is still a 404 (or 401)."""
+        who = Client.of(client)
+        self.limiter.refuse_lookups(who)
+        try:
+            return await find()
+        except (NotFound, Unauthorized):
+            with contextlib.suppress(StoreUnavailable):
+                await self.limiter.lookup_missed(who)
+            raise
 
     async def _booking(self, reference: str) -> Booking:
         if not REFERENCE.match(reference):
@@ -705,10 +725,10 @@ class Reservations:
             raise NotFound(f"No booking {reference!r}")
         return booking
 
-    async def cancel(self, reference: str, cancel_token: str) -> None:
+    async def cancel(self, reference: str, cancel_token: str, client: str) -> None:
         """Cancel (idempotent); the place returns at once: online for a first-come
         release, to the next draw's places for a draw's (and to its listing, at once)."""
-        await self._cancel(await self.booking(reference, cancel_token), "online")
+        await self._cancel(await self.booking(reference, cancel_token, client), "online")
 
     async def staff_cancel(
         self, reference: str, by: CancelledBy = "person", withdraw: bool = False

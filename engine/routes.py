@@ -34,6 +34,8 @@ class Route:
 
 _STORE = ("overloaded",)
 _ATTEMPT = ("validation-error", "rate-limited", "overloaded")
+# By reference: lookups that find nothing are limited (Limiter.lookup_missed).
+_LOOKUP = ("rate-limited", "overloaded")
 
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -113,7 +115,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/bookings/{reference}",
         handlers.get_booking,
         "Read a booking",
-        errors=("unauthorized", "not-found", *_STORE),
+        errors=("unauthorized", "not-found", *_LOOKUP),
         auth="cancel",
         reply=replies.BookingOnly,
     ),
@@ -123,7 +125,7 @@ ROUTES: tuple[Route, ...] = (
         handlers.cancel_booking,
         "Cancel a booking",
         204,
-        errors=("unauthorized", "not-found", "not-open", *_STORE),
+        errors=("unauthorized", "not-found", "not-open", *_LOOKUP),
         auth="cancel",
     ),
     Route(
@@ -252,7 +254,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/releases/{release}/entries/{entry_id}",
         handlers.get_entry,
         "An entry's status, and its booking once won",
-        errors=("unauthorized", "not-found", *_STORE),
+        errors=("unauthorized", "not-found", *_LOOKUP),
         auth="entry",
         reply=replies.EntryStatus,
     ),
@@ -262,7 +264,7 @@ ROUTES: tuple[Route, ...] = (
         handlers.delete_entry,
         "Withdraw an entry before the draw",
         204,
-        errors=("unauthorized", "not-found", "not-open", *_STORE),
+        errors=("unauthorized", "not-found", "not-open", *_LOOKUP),
         auth="entry",
     ),
     Route(

@@ -60,6 +60,8 @@ LIMITS = {
     "limit_hold": ("GUICHET_LIMIT_HOLD", Rate(20, 3600)),
     "limit_global_challenge": ("GUICHET_LIMIT_GLOBAL_CHALLENGE", Rate(50_000, 10)),
     "limit_global_confirm": ("GUICHET_LIMIT_GLOBAL_CONFIRM", Rate(10_000, 10)),
+    "limit_lookup": ("GUICHET_LIMIT_LOOKUP", Rate(10, 60)),
+    "limit_lookup_net": ("GUICHET_LIMIT_LOOKUP_NET", Rate(100, 60)),
 }
 
 
@@ -104,6 +106,10 @@ class Settings:
     limit_hold: Rate = LIMITS["limit_hold"][1]
     limit_global_challenge: Rate = LIMITS["limit_global_challenge"][1]
     limit_global_confirm: Rate = LIMITS["limit_global_confirm"][1]
+    # Lookups of a booking or an entry that find nothing (or take a wrong token), by
+    # address and by network: each was a PostgreSQL query.
+    limit_lookup: Rate = LIMITS["limit_lookup"][1]
+    limit_lookup_net: Rate = LIMITS["limit_lookup_net"][1]
     # Adaptive proof of work: up to this many bits more as a client's buckets empty, and
     # this many more again under global pressure, for clients already escalated.
     pow_max_extra_bits: int = 6
@@ -192,6 +198,8 @@ class Settings:
             limit_hold=_rate(env, "limit_hold"),
             limit_global_challenge=_rate(env, "limit_global_challenge"),
             limit_global_confirm=_rate(env, "limit_global_confirm"),
+            limit_lookup=_rate(env, "limit_lookup"),
+            limit_lookup_net=_rate(env, "limit_lookup_net"),
         )
 
 

@@ -4,7 +4,7 @@ lets the client through again once refilled (time is injected, nobody sleeps).""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -268,6 +268,70 @@ async def test_one_booked_hold_replayed_from_many_networks_is_limited(clean: Non
         assert (await api.confirm(other, applicant(), next(networks))).status == 201
         api.clock.advance(20)
         assert (await api.confirm(hold, applicant(), next(networks))).status == 201
+
+
+async def test_lookups_that_find_nothing_are_limited(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone can make up booking references, and each lookup was a PostgreSQL query with
+    no bucket. Those that find nothing (or take a wrong token) now take the address's and
+    its network's lookup buckets; an address that empties one is refused without any
+    store call until it refills. Lookups that find the booking take nothing."""
+    async with engine(limit_lookup=Rate(3, 60), limit_lookup_net=Rate(100, 60)) as api:
+        release = await api.publish([1])
+        done = await api.book(release["slots"][0]["id"], applicant(), "10.0.0.1")
+        path = f"/v1/bookings/{done['booking']['reference']}"
+        own = {"Authorization": f"Bearer {done['cancel_token']}", "X-Forwarded-For": "10.0.0.9"}
+        for _ in range(5):
+            assert (await api.call("GET", path, headers=own)).status == 200
+
+        def made_up(address: str = "10.0.0.9") -> Awaitable[Reply]:
+            headers = {**own, "X-Forwarded-For": address}
+            return api.call("GET", "/v1/bookings/AB-CDEF-GHJK", headers=headers)
+
+        for _ in range(2):
+            assert (await made_up()).status == 404
+        wrong = {**own, "Authorization": f"Bearer {other_than(done['cancel_token'])}"}
+        assert (await api.call("DELETE", path, headers=wrong)).status == 401
+        limited(await made_up(), "lookup", 20)
+        reads = count_calls(monkeypatch, api.client.app[RESERVATIONS].store, "booking")
+        limited(await api.call("GET", path, headers=own), "lookup", 20)
+        limited(await api.call("DELETE", path, headers=own), "lookup", 20)
+        assert reads == [0]  # refused from memory
+        assert (await made_up("10.0.1.9")).status == 404  # another network
+        api.clock.advance(20)
+        assert (await api.call("GET", path, headers=own)).status == 200
+
+
+async def test_entry_lookups_that_find_nothing_are_limited_by_network(clean: None) -> None:
+    """The same for draw entries, here by network: addresses of one /24 guessing entry
+    ids, or entry tokens, share its bucket."""
+    async with engine(limit_lookup=Rate(100, 60), limit_lookup_net=Rate(4, 60)) as api:
+        release = (await api.publish_draw([1]))["id"]
+        entry = (await api.enter(release, applicant(), "10.0.0.1")).body
+        path = f"/v1/releases/{release}/entries/{entry['entry_id']}"
+        addresses = iter(f"10.0.7.{i}" for i in range(1, 100))
+
+        def look(method: str, entry_path: str, token: str) -> Awaitable[Reply]:
+            headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": next(addresses)}
+            return api.call(method, entry_path, headers=headers)
+
+        made_up = f"/v1/releases/{release}/entries/e{'a' * 20}"
+        assert (await look("GET", made_up, entry["entry_token"])).status == 404
+        assert (await look("DELETE", made_up, entry["entry_token"])).status == 404
+        for method in ("GET", "DELETE"):
+            assert (await look(method, path, other_than(entry["entry_token"]))).status == 401
+        limited(await look("GET", made_up, entry["entry_token"]), "lookup-net", 15)
+        limited(await look("GET", path, entry["entry_token"]), "lookup-net", 15)
+        ok = await api.call(
+            "GET",
+            path,
+            headers={
+                "Authorization": f"Bearer {entry['entry_token']}",
+                "X-Forwarded-For": "10.0.8.1",
+            },
+        )
+        assert ok.status == 200, ok.body
 
 
 async def test_global_buckets_shed_load(clean: None) -> None:

@@ -121,6 +121,23 @@ async def test_redis_refused_answers_503(api: Api, clock: FakeClock) -> None:
     assert hold.status == 201, hold.body
 
 
+async def test_bookings_are_read_while_redis_is_down(api: Api, clock: FakeClock) -> None:
+    """Reading a booking needs only PostgreSQL. A lookup that finds nothing takes tokens
+    from Redis's buckets (Limiter.lookup_missed); Redis down, it is still a 404 (or a 401),
+    not a 503: what the lookup found stands."""
+    await api.site()
+    done = await api.book((await api.publish([1]))["slots"][0]["id"])
+    path = f"/v1/bookings/{done['booking']['reference']}"
+    own = {"Authorization": f"Bearer {done['cancel_token']}"}
+    with dead_port() as port:
+        async with engine(clock, redis_url=f"redis://{HOST}:{port}/0") as down:
+            assert (await down.call("GET", path, headers=own)).status == 200
+            made_up = await down.call("GET", "/v1/bookings/AB-CDEF-GHJK", headers=own)
+            assert made_up.status == 404, made_up.body
+            wrong = {"Authorization": f"Bearer {other_than(done['cancel_token'])}"}
+            assert (await down.call("GET", path, headers=wrong)).status == 401
+
+
 async def test_postgresql_refused_answers_503(api: Api, clock: FakeClock) -> None:
     await api.site()
     release = await api.publish([2])
