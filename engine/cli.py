@@ -30,7 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="guichet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve the HTTP API")
-    sub.add_parser("migrate", help="apply pending SQL migrations")
+    migrating = sub.add_parser("migrate", help="apply pending SQL migrations")
+    migrating.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        help="most seconds a statement may take (default 30; an index on a large table "
+        "may need more)",
+    )
+    migrating.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        default=5.0,
+        help="most seconds to wait for a table's lock, then fail and leave the table to "
+        "its requests (default 5)",
+    )
     sub.add_parser("demo", help="seed demo sites and releases")
     sub.add_parser("sweep", help="run one sweeper pass, with a reconcile, due draws and the purge")
     verify = sub.add_parser("verify-draw", help="recompute a draw from its public record")
@@ -59,17 +73,40 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     commands: dict[str, Callable[[Settings], Coroutine[Any, Any, int]]] = {
-        "migrate": _migrate,
+        "migrate": lambda s: _migrate(s, args.timeout, args.lock_timeout),
         "demo": _demo,
         "sweep": _sweep,
     }
     return asyncio.run(commands[args.command](settings))
 
 
-async def _migrate(settings: Settings) -> int:
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text}: seconds, above 0 and at most 86400")
+    return value
+
+
+async def _migrate(settings: Settings, timeout_s: float, lock_timeout_s: float) -> int:
+    import asyncpg
+
     from engine.migrate import migrate
 
-    applied = await migrate(settings.migrate_database_url or settings.database_url)
+    try:
+        applied = await migrate(
+            settings.migrate_database_url or settings.database_url,
+            timeout_s=timeout_s,
+            lock_timeout_s=lock_timeout_s,
+        )
+    except (RuntimeError, ValueError) as exc:  # what to do about it, in its message
+        print(f"guichet: {exc}", file=sys.stderr)
+        return 1
+    except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        # Nothing of the migration that failed stayed: each file commits with its record.
+        print(
+            f"guichet: migrate failed, run it again: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
+        return 1
     print(
         f"guichet: {len(applied.versions)} migration(s) applied"
         + (f": {applied.versions}" if applied.versions else "")

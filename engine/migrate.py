@@ -2,7 +2,10 @@
 
 Two kinds of files:
 - ``sql/NNN_name.sql``, numbered migrations: each applied once, in order, never edited after
-  it shipped (a database that ran it would never see the edit).
+  it shipped (a database that ran it would never see the edit). Each is recorded with the
+  SHA-256 of its text, and ``migrate`` refuses to go on if a file it applied has changed
+  since: the change belongs in a new migration. (Databases migrated before the checksums
+  were recorded take the text they find then as the one applied.)
 - ``sql/functions/name.sql``, one stored function each (``CREATE OR REPLACE``), whose first
   line is ``-- version: N``: applied after the numbered migrations, and again when its
   version is above the one in force. A function is changed by editing its file and raising
@@ -28,7 +31,7 @@ import asyncpg
 from engine.logs import log
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-_LOCK_KEY = 0x6775696368  # "guich"
+MIGRATIONS_LOCK = 0x6775696368  # "guich"
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _FUNCTION = re.compile(r"^([a-z0-9_]+)\.sql$")
 VERSION_LINE = re.compile(r"\A-- version: ([1-9][0-9]*)\n")
@@ -50,6 +53,12 @@ class Applied:
 
     versions: list[int] = field(default_factory=list)
     functions: list[str] = field(default_factory=list)
+
+
+def checksum(path: Path) -> str:
+    """SHA-256 of a file's text (read in text mode: a checkout with CRLF line ends has the
+    same)."""
+    return hashlib.sha256(path.read_text(encoding="utf-8").encode()).hexdigest()
 
 
 def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
@@ -74,8 +83,7 @@ def functions(sql_dir: Path = SQL_DIR) -> list[Function]:
             version = VERSION_LINE.match(text)
             if version is None:
                 raise ValueError(f"{path} must begin with a '-- version: N' line")
-            checksum = hashlib.sha256(text.encode()).hexdigest()
-            found.append(Function(m.group(1), int(version.group(1)), checksum, path))
+            found.append(Function(m.group(1), int(version.group(1)), checksum(path), path))
     return found
 
 
@@ -123,29 +131,35 @@ async def migrate(
                 f"its statement_timeout is {in_force} ms, not {ms}; set "
                 "GUICHET_MIGRATE_DATABASE_URL (deploy/pgbouncer.ini)"
             )
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATIONS_LOCK)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
                    name text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now());
+               ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text;
                CREATE TABLE IF NOT EXISTS schema_functions (
                    name text PRIMARY KEY,
                    version integer NOT NULL,
                    checksum text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        done = {
+            r["version"]: r["checksum"]
+            for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
         for version, path in migrations(sql_dir):
             if version in done:
+                await _check_applied(conn, version, path, done[version])
                 continue
             async with conn.transaction():
                 await conn.execute(lock_timeout)
-                await conn.execute(path.read_text())
+                await conn.execute(path.read_text(encoding="utf-8"))
                 await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                     version,
                     path.name,
+                    checksum(path),
                 )
             log.info("migration_applied", version=version, name=path.name)
             applied.versions.append(version)
@@ -154,11 +168,11 @@ async def migrate(
             for r in await conn.fetch("SELECT name, version, checksum FROM schema_functions")
         }
         for f in functions(sql_dir):
-            version, checksum = in_force.get(f.name, (0, ""))
+            version, recorded = in_force.get(f.name, (0, ""))
             if f.version < version:
                 continue  # a newer engine's version is in force: keep it
             if f.version == version:
-                if f.checksum != checksum:
+                if f.checksum != recorded:
                     raise RuntimeError(
                         f"{f.path} changed without a new version: raise its '-- version:'"
                     )
@@ -180,3 +194,21 @@ async def migrate(
     finally:
         await conn.close()
     return applied
+
+
+async def _check_applied(
+    conn: asyncpg.Connection, version: int, path: Path, recorded: str | None
+) -> None:
+    """Refuse a migration file changed since it was applied: the databases that ran it
+    would never see the change, and the others would differ from them."""
+    found = checksum(path)
+    if recorded is None:
+        # Applied before checksums were recorded: the text found now is taken as applied.
+        await conn.execute(
+            "UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, found
+        )
+    elif recorded != found:
+        raise RuntimeError(
+            f"{path} changed after this database applied it (SHA-256 {recorded[:12]}..., now "
+            f"{found[:12]}...): put it back as it was, and make the change in a new migration"
+        )

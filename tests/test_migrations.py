@@ -4,9 +4,12 @@ behind its own is not ready."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +23,15 @@ from engine import draw
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.errors import SchemaBehind
-from engine.migrate import SQL_DIR, VERSION_LINE, Applied, functions, migrate, migrations
+from engine.migrate import (
+    MIGRATIONS_LOCK,
+    SQL_DIR,
+    VERSION_LINE,
+    Applied,
+    functions,
+    migrate,
+    migrations,
+)
 from engine.sweeper import sweep
 from tests.conftest import DATABASE_URL, make_settings
 from tests.procs import poll
@@ -340,3 +351,68 @@ async def test_book_hold_plans_made_on_an_empty_table_stay_good(scratch: str) ->
     assert scans_after - scans_before >= 20  # the counts were taken
     assert seq_after - seq_before == 0
     assert (idx_after - idx_before) / 20 < 10  # a handful per confirm, not 5 000
+
+
+async def test_a_migration_changed_after_it_was_applied_is_refused(
+    scratch: str, tmp_path: Path
+) -> None:
+    """A numbered migration is applied once: an edit after that never reaches the
+    databases that ran it, and they would differ from those migrated after. Each is
+    recorded with its text's SHA-256, and migrate refuses to go on, saying which file.
+    A database migrated before the checksums were kept takes the text it finds then."""
+    for _, path in migrations()[:2]:
+        shutil.copy(path, tmp_path / path.name)
+    assert (await migrate(scratch, sql_dir=tmp_path)).versions == [1, 2]
+    second = tmp_path / migrations()[1][1].name
+    text = second.read_text()
+    second.write_text(text + "\n-- a comment added after it shipped\n")
+    with pytest.raises(RuntimeError, match=f"{second.name} changed after"):
+        await migrate(scratch, sql_dir=tmp_path)
+    second.write_text(text.replace("\n", "\r\n"))  # a Windows checkout: the same text
+    assert await migrate(scratch, sql_dir=tmp_path) == Applied()
+    conn = await asyncpg.connect(scratch)
+    try:
+        await conn.execute("UPDATE schema_migrations SET checksum = NULL")  # an older migrate
+        assert await migrate(scratch, sql_dir=tmp_path) == Applied()
+        recorded = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        assert {r["version"]: r["checksum"] for r in recorded} == {
+            v: hashlib.sha256(p.read_text().encode()).hexdigest() for v, p in migrations()[:2]
+        }
+    finally:
+        await conn.close()
+    second.write_text(text + "\n-- and now\n")
+    with pytest.raises(RuntimeError, match="changed after"):
+        await migrate(scratch, sql_dir=tmp_path)
+
+
+async def test_migrate_takes_its_time_limits_and_says_what_is_wrong(scratch: str) -> None:
+    """`guichet migrate --timeout --lock-timeout`: a migration building an index on a
+    large table may need more than 30 s. Here another migrate holds the migrations' lock
+    (a deploy on another host), so one with a 1 s limit gives up, in one line that says
+    what happened, not a traceback."""
+    env = {**os.environ, "GUICHET_DATABASE_URL": scratch}
+    env.pop("GUICHET_MIGRATE_DATABASE_URL", None)
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "engine", "migrate", *args),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    other = await asyncpg.connect(scratch)
+    try:
+        await other.execute("SELECT pg_advisory_lock($1)", MIGRATIONS_LOCK)
+        code, _, err = await run("--timeout", "1")
+        assert code == 1, err
+        assert "statement timeout" in err and "Traceback" not in err, err
+    finally:
+        await other.close()
+    code, out, err = await run("--timeout", "600", "--lock-timeout", "0.5")
+    assert code == 0, err
+    assert f"{len(migrations())} migration(s) applied" in out
+    assert (await run("--timeout", "0"))[0] == 2  # not a time limit
