@@ -85,6 +85,11 @@ _UNAVAILABLE = (
     # engine starts and /readyz answers 503 until it is there.
     asyncpg.InvalidCatalogNameError,
     asyncpg.InvalidAuthorizationSpecificationError,
+    # A statement this connection prepared before a migration changed what it returns (a
+    # column added to a table it reads with *, a function's result): in a transaction,
+    # asyncpg cannot prepare it again and go on, so the transaction fails, once per pooled
+    # connection. It rolled back, and the statement is prepared anew at the next try.
+    asyncpg.InvalidCachedStatementError,
 )
 # Of those, the ones after which nothing was written for certain (NotCommitted). Not a timeout
 # (the COMMIT may have gone through) and not 40003, "statement completion unknown".
@@ -93,7 +98,13 @@ _ROLLED_BACK = (
     asyncpg.SerializationError,
     asyncpg.ReadOnlySQLTransactionError,
     asyncpg.IdleInTransactionSessionTimeoutError,
+    asyncpg.InvalidCachedStatementError,
 )
+
+# A release's own columns, named: read with * in a transaction, a column a migration adds
+# would fail the transaction once per pooled connection (InvalidCachedStatementError).
+_RELEASE_COLUMNS = """id, site_id, procedure_id, mode, opens_at, registration_opens_at,
+    registration_closes_at, draw_at, seed, seed_commitment, beacon, entries_digest"""
 
 _BOOKING_COLUMNS = """
     b.reference, b.status, b.release_id, b.slot_id, s.starts_at, s.duration_minutes,
@@ -544,7 +555,8 @@ class Store:
             # NO KEY UPDATE: changes to a release serialise on its row, while the bookings
             # inserted meanwhile (their foreign key takes KEY SHARE on it) go on.
             row = await conn.fetchrow(
-                "SELECT * FROM releases WHERE id = $1 FOR NO KEY UPDATE", release_id
+                f"SELECT {_RELEASE_COLUMNS} FROM releases WHERE id = $1 FOR NO KEY UPDATE",  # noqa: S608
+                release_id,
             )
             if row is None:
                 raise NotFound(f"No release {release_id!r}")
@@ -1120,7 +1132,8 @@ class Store:
             # limit, a few seconds, would end a draw of a few hundred thousand at every try.
             await conn.execute(_DRAW_LIMITS, timeout=DRAW_TIMEOUT_S)
             rel = await conn.fetchrow(
-                "SELECT * FROM releases WHERE id = $1 AND mode = 'draw' FOR UPDATE SKIP LOCKED",
+                f"""SELECT {_RELEASE_COLUMNS} FROM releases
+                    WHERE id = $1 AND mode = 'draw' FOR UPDATE SKIP LOCKED""",  # noqa: S608
                 release_id,
                 timeout=DRAW_TIMEOUT_S,
             )

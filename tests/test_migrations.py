@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine import draw
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
-from engine.errors import SchemaBehind
+from engine.errors import NotCommitted, SchemaBehind
 from engine.migrate import (
     MIGRATIONS_LOCK,
     SQL_DIR,
@@ -33,7 +33,8 @@ from engine.migrate import (
     migrations,
 )
 from engine.sweeper import sweep
-from tests.conftest import DATABASE_URL, make_settings
+from tests.api import ADMIN, Api
+from tests.conftest import DATABASE_URL, FakeClock, make_settings
 from tests.procs import poll
 
 SCRATCH = "guichet_migrations_test"
@@ -416,3 +417,39 @@ async def test_migrate_takes_its_time_limits_and_says_what_is_wrong(scratch: str
     assert code == 0, err
     assert f"{len(migrations())} migration(s) applied" in out
     assert (await run("--timeout", "0"))[0] == 2  # not a time limit
+
+
+async def test_a_column_added_while_workers_serve_fails_no_transaction(scratch: str) -> None:
+    """A migration adds a column to a table the workers read in transactions, while they
+    serve (a rolling deploy). A statement read with * that a pooled connection prepared
+    before then no longer returns what it did: asyncpg cannot prepare it again in a
+    transaction, and the staff's next change of the release failed with 500, once per
+    pooled connection. The release's columns are named now; and any statement of the
+    kind left (a function's result changed) is a 503 to retry, not a 500."""
+    await migrate(scratch)
+    clock = FakeClock()
+    app = create_app(make_settings(database_url=scratch, pg_pool_size=1), clock=clock, sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        api = Api(client, clock)
+        await api.site()
+        release = await api.publish([2])
+        path = f"/v1/admin/releases/{release['id']}"
+        change = {"slots": [{"id": release["slots"][0]["id"], "capacity": 3}]}
+        assert (await api.call("PATCH", path, change, ADMIN)).status == 200
+        conn = await asyncpg.connect(scratch)
+        try:
+            await conn.execute("ALTER TABLE releases ADD COLUMN note text")
+            change["slots"][0]["capacity"] = 4
+            reply = await api.call("PATCH", path, change, ADMIN)
+            assert reply.status == 200, reply.body
+            store = client.app[RESERVATIONS].store
+            async with store._transaction() as pooled:  # the pool's one connection
+                await pooled.fetch("SELECT * FROM releases")
+            await conn.execute("ALTER TABLE releases ADD COLUMN other_note text")
+            with pytest.raises(NotCommitted):
+                async with store._transaction() as pooled:
+                    await pooled.fetch("SELECT * FROM releases")
+            async with store._transaction() as pooled:  # prepared again
+                assert "other_note" in (await pooled.fetch("SELECT * FROM releases"))[0]
+        finally:
+            await conn.close()
