@@ -17,6 +17,22 @@ def normalise_id_number(raw: str) -> str:
     return _IGNORED.sub("", raw).upper()
 
 
+_GMAIL = frozenset({"gmail.com", "googlemail.com"})
+
+
+def normalise_email(raw: str) -> str:
+    """The inbox an address reaches, as far as can be told without asking: lower case,
+    without a ``+tag`` (Gmail, Outlook, iCloud, Fastmail, Proton and most mail servers
+    deliver ``name+anything`` to ``name``), and at Gmail without dots (it ignores them;
+    googlemail.com is gmail.com). The cap on active bookings per email address counts
+    inboxes: one inbox written endless ways would otherwise pass it."""
+    local, _, domain = raw.strip().lower().partition("@")
+    local = local.split("+", 1)[0] or local
+    if domain in _GMAIL:
+        local, domain = local.replace(".", "") or local, "gmail.com"
+    return f"{local}@{domain}"
+
+
 @dataclass(frozen=True, slots=True)
 class Applicant:
     family_name: str
@@ -30,4 +46,5 @@ class Applicant:
         return keyed_hash(secret, "identity", normalise_id_number(self.id_number))
 
     def email_hash(self, secret: bytes) -> bytes:
-        return keyed_hash(secret, "email", self.email.strip().lower())
+        """Keyed hash of the inbox (``normalise_email``): the key of the email cap."""
+        return keyed_hash(secret, "email", normalise_email(self.email))

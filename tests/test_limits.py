@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
+from engine.identity import normalise_email
 from engine.settings import Rate
 from engine.web import client_address
 from tests.api import ADMIN, Api, Reply, applicant, other_than
@@ -452,6 +453,42 @@ async def test_active_bookings_per_email(clean: None) -> None:
         hold = (await api.hold(slots[2], "10.0.0.3")).body
         r = await api.confirm(hold, applicant(email=email), "10.0.0.3")
         assert r.status == 429 and r.body["level"] == "email"
+
+
+async def test_one_inbox_written_many_ways_is_one_email_address(clean: None) -> None:
+    """A farm with one inbox passed the cap on active bookings per email address with
+    "+tags" (delivered to the same inbox almost everywhere) or, at Gmail, dots."""
+    async with engine(max_active_per_email=2) as api:
+        release = await api.publish([1] * 6)
+        slots = iter(s["id"] for s in release["slots"])
+        addresses = iter(f"10.0.0.{i}" for i in range(1, 100))
+
+        async def confirm(email: str) -> Reply:
+            hold = (await api.hold(next(slots), next(addresses))).body
+            return await api.confirm(hold, applicant(email=email), next(addresses))
+
+        for ways in (
+            ("farm+1@example.org", "Farm+2@Example.org", "farm@example.org"),
+            ("f.arm@gmail.com", "farm+x@googlemail.com", "FA.R.M@gmail.com"),
+        ):
+            for email in ways[:2]:
+                assert (await confirm(email)).status == 201
+            refused = await confirm(ways[2])
+            assert refused.status == 429 and refused.body["level"] == "email", refused.body
+
+
+def test_inboxes_are_told_apart_where_providers_tell_them_apart() -> None:
+    same = [
+        ("Name+tag@Example.org", "name@example.org"),
+        ("first.last+booking@gmail.com", "firstlast@gmail.com"),
+        ("first.last@googlemail.com", "firstlast@gmail.com"),
+        (" name@example.org ", "name@example.org"),
+    ]
+    for raw, inbox in same:
+        assert normalise_email(raw) == inbox, raw
+    # Dots count everywhere but at Gmail; a "+" that begins the address is kept.
+    assert normalise_email("first.last@example.org") != normalise_email("firstlast@example.org")
+    assert normalise_email("+team@example.org") == "+team@example.org"
 
 
 async def commands(redis: aioredis.Redis) -> int:
