@@ -31,7 +31,11 @@ def ipv4(text: str) -> int | None:
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """``ipaddress.ip_address``, but an IPv4 address written as IPv6 (``::ffff:a.b.c.d``,
-    as a dual-stack socket or a proxy may give it) as its IPv4 self."""
+    as a dual-stack socket or a proxy may give it) as its IPv4 self. Not an address with a
+    scope (``fe80::1%eth0``), which Python takes whatever its length: a client-written hop
+    of kilobytes would become a key of the worker's caches."""
+    if "%" in text:
+        raise ValueError(f"{text[:64]!r}: an address with a scope")
     ip = ipaddress.ip_address(text)
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped

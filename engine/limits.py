@@ -29,10 +29,13 @@ the base difficulty during a flood.
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from engine.addresses import networks
 from engine.errors import Overloaded, RateLimited
@@ -84,6 +87,48 @@ def _lookup_keys(client: Client) -> tuple[str, ...]:
     return tuple(bucket(lv, s) for lv, s in zip(_LOOKUP_LEVELS, subjects, strict=True) if s)
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Expiring(Generic[K, V]):
+    """A map whose entries each lapse at a time of their own, holding at most ``cap`` of
+    them. What lapsed is dropped as entries are put, by a heap of the ends: O(log n) a
+    put. Past the cap, the entry nearest its end makes room. (These memories of refusals
+    were dicts swept whole at each put once full, and kept full under a flood: a core's
+    worth of sweeping; or cleared, losing every refusal they remembered.)"""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._items: dict[K, tuple[V, float]] = {}
+        self._ends: list[tuple[float, int, K]] = []  # (end, order, key): keys need no order
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: K, now: float) -> tuple[V, float] | None:
+        """The value and its end, unless it has lapsed by ``now``."""
+        item = self._items.get(key)
+        return item if item is not None and item[1] > now else None
+
+    def put(self, key: K, value: V, until: float, now: float) -> None:
+        items, ends = self._items, self._ends
+        while ends and (ends[0][0] <= now or (len(items) >= self.cap and key not in items)):
+            end, _, old = heapq.heappop(ends)
+            item = items.get(old)
+            if item is not None and item[1] == end:  # not put again since, with a new end
+                del items[old]
+        items[key] = (value, until)
+        heapq.heappush(ends, (until, next(self._order), key))
+        if len(ends) > 2 * self.cap:  # ends left behind by entries put again
+            self._ends = [(end, next(self._order), k) for k, (_, end) in items.items()]
+            heapq.heapify(self._ends)
+
+    def pop(self, key: K) -> None:
+        self._items.pop(key, None)
+
+
 class FoundSpent:
     """Challenges Redis answered "spent", as this worker saw them: a replay of one can be
     refused, or sent the way of a replay, without asking Redis to spend it again. Keyed as
@@ -93,24 +138,20 @@ class FoundSpent:
     _KEPT = 100_000
 
     def __init__(self) -> None:
-        self._found: dict[Hashable, tuple[int, int]] = {}
+        self._found: Expiring[Hashable, int] = Expiring(self._KEPT)
 
     def times(self, key: Hashable, now_ms: int) -> int:
         """How many times Redis said so, for a challenge still of use."""
-        found = self._found.get(key)
-        return found[0] if found is not None and found[1] > now_ms else 0
+        found = self._found.get(key, now_ms)
+        return found[0] if found is not None else 0
 
     def add(self, key: Hashable, until_ms: int, now_ms: int) -> None:
-        if len(self._found) >= self._KEPT:
-            self._found = {k: v for k, v in self._found.items() if v[1] > now_ms}
-            if len(self._found) >= self._KEPT:
-                self._found.clear()
-        self._found[key] = (self.times(key, now_ms) + 1, until_ms)
+        self._found.put(key, self.times(key, now_ms) + 1, until_ms, now_ms)
 
     def forget(self, key: Hashable) -> None:
         """Redis was told to give the challenge back (an attempt that failed after it):
         what it answered "spent" before no longer holds."""
-        self._found.pop(key, None)
+        self._found.pop(key)
 
 
 class Limiter:
@@ -128,7 +169,8 @@ class Limiter:
         self.metrics = metrics
         self._bucket_clock = bucket_clock
         self._monotonic = bucket_clock or time.monotonic
-        self._blocked: dict[str, tuple[float, str]] = {}
+        # Past the cap a block is forgotten early: only its shortcut is lost, Redis refuses.
+        self._blocked: Expiring[str, str] = Expiring(_MAX_BLOCKED)
 
     # In-process refusals ------------------------------------------------------------------
 
@@ -147,16 +189,14 @@ class Limiter:
     def _refuse_blocked(self, keys: Iterable[str]) -> None:
         now = self._monotonic()
         for key in keys:
-            entry = self._blocked.get(key)
-            if entry is not None and entry[0] > now:
-                until, level = entry
+            entry = self._blocked.get(key, now)
+            if entry is not None:
+                level, until = entry
                 _refuse(level, max(1, math.ceil(until - now)))
 
     def _block(self, key: str, wait_ms: int, level: str) -> None:
-        if len(self._blocked) >= _MAX_BLOCKED:
-            now = self._monotonic()
-            self._blocked = {k: v for k, v in self._blocked.items() if v[0] > now}
-        self._blocked[key] = (self._monotonic() + wait_ms / 1000, level)
+        now = self._monotonic()
+        self._blocked.put(key, level, now + wait_ms / 1000, now)
 
     # Buckets ------------------------------------------------------------------------------
 

@@ -56,7 +56,9 @@ def _problem_json(body: dict[str, Any]) -> bytes:
     # Refusals under attack repeat the same few bodies (the retry_after changes each
     # second): serialising each afresh was a tenth of a refusal's cost. Only bodies of
     # strings and integers are cached (True == 1 as a key; lists are not hashable).
-    if _CACHEABLE.issuperset(map(type, body.values())):
+    # Not one that quotes kilobytes of the client's input (a made-up id in a detail): it
+    # would take the cache's room from the refusals that repeat.
+    if _CACHEABLE.issuperset(map(type, body.values())) and len(body.get("detail", "")) < 256:
         return _cached_problem_json(tuple(body.items()))
     return json.dumps(body).encode()
 
@@ -280,6 +282,10 @@ class Body:
 
     plain: bytes
     gzipped: bytes | None
+
+    @property
+    def size(self) -> int:
+        return len(self.plain) + len(self.gzipped or b"")
 
     @classmethod
     def of(cls, plain: bytes) -> Body:

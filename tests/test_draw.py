@@ -1098,3 +1098,31 @@ async def test_people_at_the_counter_enter_the_draw(api: Api, clock: FakeClock) 
     assert (await sweep_once(domain, reconcile=False, lottery=api.client.app[LOTTERY])).draws == 1
     won = await entry_status(api, release, first.body)
     assert won["status"] == "won" and won["booking"]["status"] == "confirmed", won
+
+
+async def test_draw_records_read_in_turn_are_read_once_each(api: Api, clock: FakeClock) -> None:
+    """Every record is public. Kept by count (the last four), a client asking for five
+    in turn made each of its requests a read of the whole record from PostgreSQL, then
+    JSON and gzip: megabytes, and a tenth of a second of the worker, for a large draw.
+    They are kept by size now."""
+    await api.site()
+    releases = [(await api.publish_draw([1]))["id"] for _ in range(6)]
+    for n, release in enumerate(releases):
+        assert (await api.enter(release, applicant(), ip(n + 1))).status == 201
+    clock.advance(90001)
+    lottery = api.client.app[LOTTERY]
+    done = await sweep_once(api.client.app[RESERVATIONS], reconcile=False, lottery=lottery)
+    assert done.draws == len(releases)
+    reads: list[str] = []
+    record = lottery.record
+
+    async def counted(release_id: str) -> dict[str, Any]:
+        reads.append(release_id)
+        return await record(release_id)
+
+    lottery.record = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        for release in releases:
+            reply = await api.call("GET", f"/v1/releases/{release}/draw")
+            assert reply.status == 200 and draw.verify(reply.body) == [], reply.body
+    assert sorted(reads) == sorted(releases)

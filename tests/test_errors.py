@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from engine import web as web_module
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.pow import leading_zero_bits_ok, solve
@@ -648,3 +649,16 @@ def test_the_catch_all_refuses_routes_it_could_not_shortcut() -> None:
     # With a variable first segment, "no route starts like this" would not prove a 404.
     with pytest.raises(ValueError, match="first segment"):
         unmatched(["/v1/sites", "/{tenant}/sites"])
+
+
+async def test_a_refusal_quoting_kilobytes_of_input_is_not_kept(api: Api) -> None:
+    """Refusal bodies are kept for the floods that repeat them, but not one whose detail
+    quotes kilobytes of a made-up id: a thousand of them would take the room of those that
+    repeat, and 8 MB."""
+    web_module._cached_problem_json.cache_clear()
+    kept = 0
+    reply = await api.call("GET", f"/v1/releases/r{'x' * 4000}/slots")
+    assert reply.status == 404 and reply.body["type"] == "/problems/not-found", reply.body
+    assert web_module._cached_problem_json.cache_info().currsize == kept
+    assert (await api.call("GET", "/v1/releases/rnothinghere/slots")).status == 404
+    assert web_module._cached_problem_json.cache_info().currsize == kept + 1

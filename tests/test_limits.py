@@ -11,10 +11,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
+from engine.errors import RateLimited
 from engine.identity import normalise_email
+from engine.limits import Expiring, FoundSpent, Limiter
 from engine.settings import Rate
 from engine.web import client_address
 from tests.api import ADMIN, Api, Reply, applicant, other_than
@@ -629,3 +633,65 @@ async def test_a_refused_challenge_is_not_counted_as_unspent(clean: None) -> Non
         limited(await challenge(api, release, "10.0.0.2"), "net", 10)
         api.clock.advance(11)
         assert (await challenge(api, release, "10.0.0.2")).status == 201
+
+
+# The in-process memories of refusals -------------------------------------------------------
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "get", "pop", "wait"]),
+        st.integers(0, 9),  # the key
+        st.integers(1, 50),  # a lifetime, or a wait
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=300)
+@given(_OPS, st.integers(1, 12))
+def test_an_expiring_map_forgets_only_what_lapsed_or_made_room(
+    ops: list[tuple[str, int, int]], cap: int
+) -> None:
+    """Against a plain dict of (value, end): never a lapsed or a wrong value, never more
+    than ``cap`` entries, the entry just put always kept, and with room for every key,
+    exactly the dict."""
+    kept: Expiring[int, int] = Expiring(cap)
+    model: dict[int, tuple[int, float]] = {}
+    now = 0.0
+    for n, (op, key, span) in enumerate(ops):
+        if op == "put":
+            kept.put(key, n, now + span, now)
+            model[key] = (n, now + span)
+            assert kept.get(key, now) == model[key]
+        elif op == "pop":
+            kept.pop(key)
+            model.pop(key, None)
+        elif op == "wait":
+            now += span
+        live = {k: v for k, v in model.items() if v[1] > now}
+        got = {k: v for k in range(10) if (v := kept.get(k, now)) is not None}
+        assert got.items() <= live.items()
+        assert len(kept) <= cap
+        if cap >= 10:
+            assert got == live
+
+
+def test_a_flood_of_refusals_keeps_the_memory_bounded_and_the_latest() -> None:
+    """Refusals remembered past the cap, each for minutes (an identity's bucket emptied
+    name after name): the memory was swept whole at each refusal past 100 000, and kept
+    growing, or was cleared whole and forgot every spent challenge it knew."""
+    clock = FakeClock()
+    limiter = Limiter(make_settings(), None, None, bucket_clock=clock)  # type: ignore[arg-type]
+    limiter._blocked = Expiring(1000)
+    for i in range(2500):
+        limiter._block(f"key-{i}", 360_000, "identity")
+    assert len(limiter._blocked) == 1000
+    with pytest.raises(RateLimited):
+        limiter._refuse_blocked(["key-2499"])
+    limiter._refuse_blocked(["key-0"])  # made room
+    spent = FoundSpent()
+    spent._found = Expiring(1000)
+    for i in range(1001):
+        spent.add(i, until_ms=600_000 + i, now_ms=0)
+    assert spent.times(1000, now_ms=1) == 1
+    assert spent.times(999, now_ms=1) == 1  # not cleared with the rest
