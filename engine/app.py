@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -165,6 +166,24 @@ async def _stopped(task: asyncio.Task[None], stop: asyncio.Event) -> None:
         await task
 
 
+async def close_stores(
+    pool: asyncpg.Pool, pipelining: Pipelining, redis: AnyRedis, timeout_s: float
+) -> None:
+    """Close each store's connections, each within ``timeout_s`` and whatever the others
+    do: a PostgreSQL that stopped answering failed the pool's close (asyncpg waits for the
+    server to end each connection), and the Redis connections were left open."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except Exception as exc:
+        log.warning("store_close_failed", store="postgresql", error=repr(exc))
+        pool.terminate()
+    for name, close in (("redis", pipelining.aclose), ("redis", redis.aclose)):
+        try:
+            await asyncio.wait_for(close(), timeout_s)
+        except Exception as exc:
+            log.warning("store_close_failed", store=name, error=repr(exc))
+
+
 def create_app(
     settings: Settings,
     *,
@@ -230,9 +249,7 @@ def create_app(
         )
         yield
         await _stopped(watch, stop)
-        await pool.close()
-        await inventory.pipelining.aclose()
-        await redis.aclose()
+        await close_stores(pool, inventory.pipelining, redis, settings.pg_timeout_s)
 
     async def background(app: web.Application) -> AsyncIterator[None]:
         if not sweep:

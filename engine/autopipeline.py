@@ -77,15 +77,20 @@ class AutoPipeline:
     async def _send(self, batch: list[_Waiter]) -> None:
         self.batches += 1
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
+            # The timeout covers the pipeline's opening too: a cluster client finds its
+            # nodes there again after an error, asking each in turn under a lock that the
+            # next batches wait on, so that the k-th waited k times the nodes' timeouts.
+            async with (
+                asyncio.timeout(self._timeout_s),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
                 for commands, _ in batch:
                     for command in commands:
                         pipe.execute_command(*command)
                 self.commands += len(pipe)
                 if self._on_write is not None:
                     self._on_write(len(pipe))
-                async with asyncio.timeout(self._timeout_s):
-                    replies = await pipe.execute(raise_on_error=False)
+                replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # every caller must hear of it, even of a cancellation
             failure = exc if isinstance(exc, Exception) else TimeoutError("cancelled")
             for _, future in batch:

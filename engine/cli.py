@@ -20,6 +20,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from engine.errors import StoreUnavailable
 from engine.settings import ConfigError, Settings, unknown_variables
 
 if TYPE_CHECKING:
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _demo,
         "sweep": _sweep,
     }
-    return asyncio.run(commands[args.command](settings))
+    try:
+        return asyncio.run(commands[args.command](settings))
+    except StoreUnavailable as exc:
+        print(f"guichet: {exc.detail}; try again", file=sys.stderr)
+        return 1
 
 
 def _seconds(text: str) -> float:
@@ -101,7 +106,7 @@ async def _migrate(settings: Settings, timeout_s: float, lock_timeout_s: float) 
     except (RuntimeError, ValueError) as exc:  # what to do about it, in its message
         print(f"guichet: {exc}", file=sys.stderr)
         return 1
-    except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         # Nothing of the migration that failed stayed: each file commits with its record.
         print(
             f"guichet: migrate failed, run it again: {type(exc).__name__}: {exc}", file=sys.stderr
@@ -184,7 +189,7 @@ def _verify_draw(source: str) -> int:
 @contextlib.asynccontextmanager
 async def _domain(settings: Settings) -> AsyncIterator[Reservations]:
     """The domain with its stores, for one command."""
-    from engine.app import redis_client
+    from engine.app import close_stores, redis_client
     from engine.inventory import Inventory
     from engine.metrics import Metrics
     from engine.reservations import Reservations
@@ -194,13 +199,13 @@ async def _domain(settings: Settings) -> AsyncIterator[Reservations]:
         settings.database_url, settings.pg_timeout_s, 2, settings.pg_statement_cache_size
     )
     redis = redis_client(settings)
+    inventory = Inventory(redis, settings.redis_timeout_s, settings.retry_after_s)
     try:
         yield Reservations(
             settings,
             Store(pool, settings.pg_timeout_s, settings.retry_after_s, IdentityRules.of(settings)),
-            Inventory(redis, settings.redis_timeout_s, settings.retry_after_s),
+            inventory,
             Metrics(),
         )
     finally:
-        await pool.close()
-        await redis.aclose()
+        await close_stores(pool, inventory.pipelining, redis, settings.pg_timeout_s)

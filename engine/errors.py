@@ -140,7 +140,7 @@ class PayloadTooLarge(GuichetError):
 
 class RateLimited(GuichetError):
     """``level`` names the limit: address, net, net48, session, identity, hold, email,
-    unspent, holds."""
+    unspent, holds, lookup, lookup-net, lookup-net48."""
 
     name, status, title = "rate-limited", 429, "Too many requests"
 

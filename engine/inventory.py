@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     ClusterError,
+    InvalidResponse,
     RedisClusterException,
     ResponseError,
     SlotNotCoveredError,
@@ -85,6 +86,9 @@ _UNREACHABLE = (
     # serves a slot. (No node reachable at all is a RedisClusterException: _unreachable.)
     ClusterError,
     SlotNotCoveredError,
+    # Not Redis's protocol: something else on its port (the multiplexed connection says
+    # the same).
+    InvalidResponse,
 )
 
 
@@ -235,6 +239,8 @@ class Inventory:
         except Exception as exc:
             if _unreachable(exc):
                 raise StoreUnavailable(self._retry_after_s, "Redis did not answer") from exc
+            if isinstance(exc, ResponseError):  # of the whole batch: a connection's set-up
+                self._raise(exc)
             raise
 
     async def _call(self, op: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:

@@ -49,6 +49,8 @@ from engine.models import (
 from engine.settings import Settings
 
 DRAW_TIMEOUT_S = 300.0
+# A use of a pooled connection may take this many of its statements' limits in all.
+_CALLS_PER_DEADLINE = 4
 _DRAW_LIMITS = (
     "SET LOCAL statement_timeout = '300s'; SET LOCAL idle_in_transaction_session_timeout = '300s'"
 )
@@ -85,6 +87,9 @@ _UNAVAILABLE = (
     # engine starts and /readyz answers 503 until it is there.
     asyncpg.InvalidCatalogNameError,
     asyncpg.InvalidAuthorizationSpecificationError,
+    # target_session_attrs in the URL (several hosts, for a failover) and none of them
+    # fits now: every host a standby while one is promoted.
+    asyncpg.TargetServerAttributeNotMatched,
     # A statement this connection prepared before a migration changed what it returns (a
     # column added to a table it reads with *, a function's result): in a transaction,
     # asyncpg cannot prepare it again and go on, so the transaction fails, once per pooled
@@ -224,6 +229,9 @@ async def create_pool(
         timeout=timeout_s,
         command_timeout=timeout_s,
         statement_cache_size=statement_cache_size,
+        # The engine's statements are a fixed set, which the cache holds: none needs to be
+        # let go of (and closed) after five minutes, as asyncpg does by default.
+        max_cached_statement_lifetime=0,
         reset=_keep_session,
         server_settings={
             "statement_timeout": ms,
@@ -295,9 +303,19 @@ class Store:
         self.schema = schema or SchemaState()
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+    async def _connection(
+        self, deadline_s: float | None = None
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A pooled connection, for ``deadline_s`` at most in all (by default, four of
+        its statements' limits: the wait for it included). Each statement has its limit,
+        but some of asyncpg's own waits have none (the Close of a statement its cache lets
+        go of): a PostgreSQL that stops answering in one of them held the request, and
+        every request waiting on the same refill, until TCP gave up."""
         try:
-            async with self._pool.acquire(timeout=self._timeout_s) as conn:
+            async with (
+                asyncio.timeout(deadline_s or _CALLS_PER_DEADLINE * self._timeout_s),
+                self._pool.acquire(timeout=self._timeout_s) as conn,
+            ):
                 yield conn
         except _ROLLED_BACK as exc:
             raise NotCommitted(self._retry_after_s, "PostgreSQL cannot write now") from exc
@@ -305,8 +323,10 @@ class Store:
             raise StoreUnavailable(self._retry_after_s, "PostgreSQL did not answer") from exc
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        async with self._connection() as conn, conn.transaction():
+    async def _transaction(
+        self, deadline_s: float | None = None
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        async with self._connection(deadline_s) as conn, conn.transaction():
             yield conn
 
     async def ping(self) -> None:
@@ -1005,7 +1025,7 @@ class Store:
         drawn elsewhere; the next sweep comes back to it, rather than wait). Each release
         in its own transaction, with the draw's bounds: a list of hundreds of thousands of
         entries takes seconds to read."""
-        async with self._transaction() as conn:
+        async with self._transaction(_CALLS_PER_DEADLINE * DRAW_TIMEOUT_S) as conn:
             await conn.execute(_DRAW_LIMITS, timeout=DRAW_TIMEOUT_S)
             closed = await conn.fetchval(
                 """SELECT true FROM releases WHERE id = $1 AND mode = 'draw'
@@ -1125,7 +1145,7 @@ class Store:
         release), or another draw of its procedure at its site running. A busy draw is not
         waited for (a draw takes seconds, and every worker's sweeper would queue behind
         it): the next sweep runs it, or finds it drawn."""
-        async with self._transaction() as conn:
+        async with self._transaction(2 * _CALLS_PER_DEADLINE * DRAW_TIMEOUT_S) as conn:
             # A big draw outlives the pool's per-call timeout: each call passes its own. And
             # between its statements the allocation runs here, in Python (0.8 s for 100 000
             # entries on a slow machine, docs/draw.md): the session's idle-in-transaction

@@ -138,6 +138,18 @@ async def test_bookings_are_read_while_redis_is_down(api: Api, clock: FakeClock)
             assert (await down.call("GET", path, headers=wrong)).status == 401
 
 
+async def test_no_postgresql_host_fit_to_write_answers_503(api: Api, clock: FakeClock) -> None:
+    """With ``target_session_attrs=read-write`` in the URL (several hosts, for a
+    failover), asyncpg refuses every host that cannot write, as all are while a standby is
+    promoted. That error was no store error of the engine's: 500 on every request, and on
+    /readyz. Here the one host says it cannot write (its sessions read only)."""
+    await api.site()
+    url = f"{DATABASE_URL}?target_session_attrs=read-write&default_transaction_read_only=on"
+    async with engine(clock, database_url=url) as down:
+        assert_overloaded(await down.call("GET", "/v1/sites"))
+        assert_overloaded(await down.call("GET", "/readyz"))
+
+
 async def test_postgresql_refused_answers_503(api: Api, clock: FakeClock) -> None:
     await api.site()
     release = await api.publish([2])
@@ -218,6 +230,76 @@ async def test_a_redis_refusing_writes_defers_a_new_release_inventory(
         assert_overloaded(await api.call("GET", f"/v1/releases/{release['id']}/slots"))
 
 
+@HANG
+async def test_postgresql_that_stops_answering_within_asyncpg_answers_503(
+    api: Api, clock: FakeClock
+) -> None:
+    """Some of asyncpg's own waits have no time limit: the Close of a prepared statement
+    its cache lets go of (when full, or after five minutes by default) is one. A
+    PostgreSQL that stopped answering just then held the request until TCP gave up, and
+    every request waiting on the same refill with it. Here the cache holds one statement,
+    and the proxy keeps the Close: the request answers 503 within its deadline."""
+    await api.site()
+    proxy, url = await TcpProxy.started(DATABASE_URL)
+    try:
+        async with engine(
+            clock, database_url=url, pg_timeout_s=0.5, pg_pool_size=1, pg_statement_cache_size=1
+        ) as stalled:
+            assert (await stalled.call("GET", "/v1/sites")).status == 200  # one statement kept
+            proxy.hold_back(b"C\x00\x00\x00")  # a Close message, and nothing after it
+            assert_overloaded(await stalled.call("GET", f"/v1/releases/r{'0' * 12}/slots"))
+            assert proxy.held and all(data.startswith(b"C") for data in proxy.held), proxy.held
+    finally:
+        await proxy.stop()
+
+
+@HANG
+async def test_a_worker_stopping_as_postgresql_stops_answering_closes_redis_too(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    """asyncpg closes a connection by asking PostgreSQL to end it, and waits for that: a
+    PostgreSQL that stopped answering as the worker stopped failed the pool's close, and
+    the Redis connections after it were never closed. Each store is closed on its own
+    now, each within its time."""
+    proxy, url = await TcpProxy.started(DATABASE_URL)
+    async with running(RedisServer(tmp_path)) as own:
+        watch = aioredis.Redis.from_url(own.url)
+        try:
+            async with engine(clock, database_url=url, redis_url=own.url, pg_timeout_s=0.5) as api:
+                assert (await api.call("GET", "/readyz")).status in (200, 503)
+                assert (await api.call("GET", "/v1/sites")).status == 200
+                proxy.hold_back(b"X\x00\x00\x00\x04")  # asyncpg's Terminate, never delivered
+
+            async def closed() -> bool:
+                clients = await watch.execute_command("CLIENT", "LIST")
+                return clients.count(b"\n") <= 1  # this connection alone
+
+            await poll(closed, lambda: "the engine's Redis connections are still open")
+            assert proxy.held, "no Terminate was held back"
+        finally:
+            await watch.aclose()
+            await proxy.stop()
+
+
+async def test_a_redis_that_refuses_a_connections_set_up_answers_503(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    """Through redis-py's own pipelines (here for a URL with options), an error reply to a
+    connection's set-up (SELECT refused by the user's ACL) came out of the batch as it
+    was: a 500, where the same reply to a command, or the multiplexed connection, gives
+    503 with Retry-After."""
+    async with running(RedisServer(tmp_path)) as acl:
+        admin = aioredis.Redis.from_url(acl.url)
+        try:
+            await admin.execute_command("ACL", "SETUSER", "guichet", "on", ">secret", "~*")
+            await admin.execute_command("ACL", "SETUSER", "guichet", "+@all", "-select")
+        finally:
+            await admin.aclose()
+        url = f"redis://guichet:secret@{HOST}:{acl.port}/1?health_check_interval=0"
+        async with engine(clock, redis_url=url) as api:
+            assert_overloaded(await api.call("GET", "/readyz"))
+
+
 async def test_a_made_up_hold_id_asks_no_store(api: Api, clock: FakeClock) -> None:
     """Bots can send confirms and releases of made-up hold ids as fast as they like: an id
     without this service's signature is refused (404) before either store is asked, so it
@@ -262,6 +344,30 @@ async def test_redis_that_hangs_answers_503(api: Api, clock: FakeClock) -> None:
         assert hole.accepted > 0  # the engine did reach the store, which then said nothing
     hold = await api.hold(slot, paid=paid)
     assert hold.status == 201, hold.body
+
+
+@HANG
+async def test_a_redis_cluster_that_hangs_answers_each_request_in_its_time(
+    clock: FakeClock,
+) -> None:
+    """A cluster client finds its nodes again after an error, asking each under a lock
+    that every next batch of commands waits on. That search was outside the batch's
+    timeout: with nodes that accept connections and never answer, the k-th request
+    waited k searches, and under load the 503s came minutes late. Here sixty requests
+    one after another: each is answered 503 within its own time."""
+    async with (
+        Blackhole() as hole,
+        engine(clock, redis_url=f"redis+cluster://{HOST}:{hole.port}", redis_timeout_s=0.5) as hung,
+    ):
+
+        async def ready(delay: float) -> Reply:
+            await asyncio.sleep(delay)
+            return await hung.call("GET", "/readyz")
+
+        replies = await asyncio.gather(*(ready(n * 0.01) for n in range(60)))
+        for reply in replies:
+            assert_overloaded(reply)
+        assert hole.accepted > 0
 
 
 @HANG
