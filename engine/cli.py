@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text}: seconds, above 0 and at most 86400")
+    if not 0.001 <= value <= 86400:  # PostgreSQL counts milliseconds, and 0 is no limit
+        raise argparse.ArgumentTypeError(f"{text}: seconds, from 0.001 to 86400")
     return value
 
 
@@ -108,8 +108,9 @@ async def _migrate(settings: Settings, timeout_s: float, lock_timeout_s: float) 
         return 1
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         # Nothing of the migration that failed stayed: each file commits with its record.
+        why = str(exc) or "no answer within the time limit"
         print(
-            f"guichet: migrate failed, run it again: {type(exc).__name__}: {exc}", file=sys.stderr
+            f"guichet: migrate failed, run it again: {type(exc).__name__}: {why}", file=sys.stderr
         )
         return 1
     print(

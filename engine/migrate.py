@@ -107,14 +107,16 @@ async def migrate(
     Each waits at most ``lock_timeout_s`` for a lock (a file may set less): a statement
     queued behind a long transaction on a live table would otherwise hold every request on
     that table behind it, up to ``timeout_s``. Then it fails, and can be run again."""
-    lock_timeout = f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'"
+    lock_timeout = f"SET LOCAL lock_timeout = '{_ms(lock_timeout_s)}ms'"
     # Its own bounds, not those set on the role for the engine's short requests (behind
     # pgbouncer, deploy/pgbouncer.ini): a migration may build an index for a while.
-    ms = str(int(timeout_s * 1000))
+    ms = str(_ms(timeout_s))
     conn = await asyncpg.connect(
         dsn,
         timeout=timeout_s,
-        command_timeout=timeout_s,
+        # The server's limit first, which says which statement it cancelled and why; the
+        # client's, a little later, for a server that does not answer at all.
+        command_timeout=timeout_s + 5,
         statement_cache_size=0,  # should it be pgbouncer after all, the check below answers
         server_settings={"statement_timeout": ms, "idle_in_transaction_session_timeout": ms},
     )
@@ -136,14 +138,26 @@ async def migrate(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
                    name text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now());
-               ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text;
+                   applied_at timestamptz NOT NULL DEFAULT now(),
+                   checksum text);
                CREATE TABLE IF NOT EXISTS schema_functions (
                    name text PRIMARY KEY,
                    version integer NOT NULL,
                    checksum text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
+        has_checksums = await conn.fetchval(
+            """SELECT true FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = 'schema_migrations'
+                 AND column_name = 'checksum'"""
+        )
+        if not has_checksums:
+            # Once, on a database of an engine before checksums. ALTER takes the table's
+            # exclusive lock, which every worker's schema check then waits behind: not at
+            # every migrate, and not for longer than a lock may be waited for.
+            async with conn.transaction():
+                await conn.execute(lock_timeout)
+                await conn.execute("ALTER TABLE schema_migrations ADD COLUMN checksum text")
         done = {
             r["version"]: r["checksum"]
             for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")
@@ -194,6 +208,11 @@ async def migrate(
     finally:
         await conn.close()
     return applied
+
+
+def _ms(seconds: float) -> int:
+    """Milliseconds for a PostgreSQL limit, never 0 (which is none)."""
+    return max(1, round(seconds * 1000))
 
 
 async def _check_applied(

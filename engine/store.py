@@ -571,7 +571,9 @@ class Store:
         capacity lock, taken after the changed slots' rows as a withdrawing cancel takes
         them: a withdrawal committed before is seen, one still running on a slot this
         change does not touch comes after it, and one on a slot it touches waits for it."""
-        async with self._transaction() as conn:
+        # Two statements a changed slot, and a release may have 2 000: its own deadline.
+        deadline_s = (_CALLS_PER_DEADLINE + 2 * len(capacities)) * self._timeout_s
+        async with self._transaction(deadline_s) as conn:
             # NO KEY UPDATE: changes to a release serialise on its row, while the bookings
             # inserted meanwhile (their foreign key takes KEY SHARE on it) go on.
             row = await conn.fetchrow(

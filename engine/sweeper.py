@@ -82,6 +82,7 @@ async def sweep(
     purged = None
     try:
         releases = await domain.store.active_release_ids(domain.now())
+        timed_out = False  # the release before this one
         for release_id in releases:
             try:
                 try:
@@ -93,17 +94,21 @@ async def sweep(
                     corrections += await domain.recovery.reconcile(release_id)
             except StoreUnavailable as exc:
                 failure = failure or exc
-                if not await _stores_answer(domain):
-                    # Down for the next releases too: each would wait for its timeouts.
-                    # The next pass tries again.
+                if timed_out or not await _stores_answer(domain):
+                    # Down for the next releases too, or swamped (two in a row: a Redis a
+                    # flood keeps busy still answers a ping): each would wait for its
+                    # timeouts, and add to the load. The next pass tries again.
                     break
                 # This release's alone (a script or a query over its time limit, one shard
                 # of a cluster): the releases after it must not wait for it, pass after
                 # pass.
                 log.warning("sweep_release_failed", release=release_id, detail=exc.detail)
+                timed_out = True
             except Exception as exc:
                 failure = failure or exc
                 log.exception("sweep_release_failed", release=release_id)
+            else:
+                timed_out = False
         else:
             swept = True
         try:

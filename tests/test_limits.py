@@ -303,8 +303,26 @@ async def test_lookups_that_find_nothing_are_limited(
         limited(await api.call("GET", path, headers=own), "lookup", 20)
         limited(await api.call("DELETE", path, headers=own), "lookup", 20)
         assert reads == [0]  # refused from memory
-        assert (await made_up("10.0.1.9")).status == 404  # another network
+        assert (await made_up("10.0.0.10")).status == 404  # another address: its own bucket
         api.clock.advance(20)
+        assert (await api.call("GET", path, headers=own)).status == 200
+
+
+async def test_one_guessing_address_does_not_lock_its_network_out(clean: None) -> None:
+    """Behind a carrier's NAT, one client guessing references is held to its own
+    address's bucket: its refused lookups take nothing from the network's, and the
+    others there still read their bookings."""
+    async with engine(limit_lookup=Rate(2, 60), limit_lookup_net=Rate(5, 60)) as api:
+        release = await api.publish([1])
+        done = await api.book(release["slots"][0]["id"], applicant(), "10.0.0.1")
+        guess = {"Authorization": "Bearer guess", "X-Forwarded-For": "10.0.0.66"}
+        statuses = [
+            (await api.call("GET", "/v1/bookings/AB-CDEF-GHJK", headers=guess)).status
+            for _ in range(20)
+        ]
+        assert statuses[:2] == [404, 404] and set(statuses[2:]) == {429}, statuses
+        own = {"Authorization": f"Bearer {done['cancel_token']}", "X-Forwarded-For": "10.0.0.7"}
+        path = f"/v1/bookings/{done['booking']['reference']}"
         assert (await api.call("GET", path, headers=own)).status == 200
 
 

@@ -453,3 +453,30 @@ async def test_a_column_added_while_workers_serve_fails_no_transaction(scratch: 
                 assert "other_note" in (await pooled.fetch("SELECT * FROM releases"))[0]
         finally:
             await conn.close()
+
+
+async def test_migrate_takes_no_lock_on_its_records_when_nothing_is_to_add(scratch: str) -> None:
+    """Every worker's schema check reads schema_migrations. A migrate that took the table's
+    exclusive lock at each run (to add the checksum column if missing) waited behind any
+    open reader of it, a backup's say, and every worker's check waited behind the migrate:
+    not ready, all of them. It adds the column once, waiting for the lock no longer than
+    any migration does."""
+    await migrate(scratch)
+    reader = await asyncpg.connect(scratch, statement_cache_size=0)
+    try:
+        async with reader.transaction():
+            await reader.fetch("SELECT * FROM schema_migrations")  # a backup, a console
+            assert await migrate(scratch, timeout_s=2) == Applied()
+            await reader.execute("SELECT 1")
+        await reader.execute("ALTER TABLE schema_migrations DROP COLUMN checksum")  # older
+        async with reader.transaction():
+            await reader.fetch("SELECT * FROM schema_migrations")
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await migrate(scratch, timeout_s=60, lock_timeout_s=0.2)
+        assert await migrate(scratch) == Applied()
+        assert (
+            await reader.fetchval("SELECT count(*) FROM schema_migrations WHERE checksum IS NULL")
+            == 0
+        )
+    finally:
+        await reader.close()

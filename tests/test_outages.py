@@ -518,23 +518,25 @@ async def test_a_draw_runs_at_its_time_while_redis_is_down(api: Api, clock: Fake
         assert record.body["allocation"] == {draw.entry_digest(entry_id): f"{release}.000"}
 
 
-@pytest.mark.parametrize("gone", [False, True], ids=["one-release", "redis-gone"])
+@pytest.mark.parametrize("mode", ["one-release", "swamped", "redis-gone"])
 async def test_a_release_whose_redis_calls_time_out_holds_back_no_other(
-    api: Api, clock: FakeClock, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, gone: bool
+    api: Api, clock: FakeClock, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """One release's Redis calls time out while Redis answers the rest (a script over its
     time limit; in a Redis Cluster serving without full coverage, that release's shard
     down). The sweeper goes on to the releases after it: it ended its walk there, pass
-    after pass, and the releases after it were never rebuilt, settled or reconciled. With
-    Redis gone, it still ends the walk there (each release would wait for its timeout)."""
+    after pass, and the releases after it were never rebuilt, settled or reconciled. But
+    with Redis gone, or two releases in a row timing out (a Redis swamped by a flood still
+    answers a ping), it ends the walk there: each release would wait for its timeouts."""
     await api.site()
-    first, second = sorted([await api.publish([1]), await api.publish([1])], key=lambda r: r["id"])
+    releases = sorted([await api.publish([1]) for _ in range(3)], key=lambda r: r["id"])
+    last = ReleaseKeys.of(releases[-1]["id"]).inv
     proxy, url = await TcpProxy.started(REDIS_URL)
     try:
         async with engine(clock, redis_url=url, redis_timeout_s=0.2) as other:
             domain = other.client.app[RESERVATIONS]
-            await redis.delete(ReleaseKeys.of(second["id"]).inv)  # lost: a sweep rebuilds it
-            if gone:
+            await redis.delete(last)  # lost: a sweep rebuilds it
+            if mode == "redis-gone":
                 counts = domain.inventory.counts
 
                 async def redis_gone(*args: Any) -> Any:
@@ -542,13 +544,17 @@ async def test_a_release_whose_redis_calls_time_out_holds_back_no_other(
                     return await counts(*args)
 
                 monkeypatch.setattr(domain.inventory, "counts", redis_gone)
+            elif mode == "swamped":
+                proxy.hold_back(b"inventory_")  # every release's count, never the pings
             else:
-                proxy.hold_back(first["id"].encode())  # its calls never reach Redis
+                proxy.hold_back(releases[0]["id"].encode())  # its calls never reach Redis
             report = await sweep(domain, reconcile=True)
     finally:
         await proxy.stop()
     assert isinstance(report.failure, StoreUnavailable), report
-    assert (report.releases, report.swept) == (2, not gone)
-    assert bool(await redis.exists(ReleaseKeys.of(second["id"]).inv)) is not gone
-    if not gone:
+    assert (report.releases, report.swept) == (3, mode == "one-release")
+    assert bool(await redis.exists(last)) is (mode == "one-release")
+    if mode == "swamped":
+        assert len(proxy.held) == 2, proxy.held  # the third release was not asked for
+    elif mode == "one-release":
         assert proxy.held, "the first release's calls were not held back"
