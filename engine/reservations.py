@@ -651,6 +651,11 @@ class Reservations:
                 "This release is allocated by draw: register the person's entry instead "
                 f"(POST /v1/admin/releases/{release.id}/entries)"
             )
+        assert release.opens_at is not None
+        if self.now() < release.opens_at:
+            # Not before the public: a place taken at the counter before the opening is
+            # one the people online never had a chance at (and what an insider would sell).
+            raise NotOpen(f"This release opens at {release.opens_at.isoformat()}")
         if slot.starts_at <= self.now():
             raise NotOpen("This slot has already started")
         token = derived_token(self.settings.secret, "staff", new_id("", 24))

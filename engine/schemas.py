@@ -151,6 +151,10 @@ class ReleaseIn(Body):
         if self.mode == "fcfs":
             if self.opens_at is None or any(draw):
                 raise ValueError("an fcfs release has opens_at and no registration or draw times")
+            # (A draw may come after its own slots: it gives the places other draws of its
+            # procedure carried over, docs/draw.md.)
+            if self.opens_at >= max(slot.starts_at for slot in self.slots):
+                raise ValueError("opens_at must come before the last slot starts")
         else:
             if self.opens_at is not None or not all(draw):
                 raise ValueError(
@@ -175,6 +179,13 @@ class ReleasePatch(Body):
     registration_closes_at: Moment | None = None
     draw_at: Moment | None = None
     slots: list[SlotCapacity] = Field(default_factory=list, max_length=2000)
+
+    @field_validator("slots")
+    @classmethod
+    def _unique(cls, value: list[SlotCapacity]) -> list[SlotCapacity]:
+        if len({s.id for s in value}) != len(value):
+            raise ValueError("each slot at most once: which capacity would it get?")
+        return value
 
 
 class StaffBookingRequest(Body):

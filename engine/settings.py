@@ -150,7 +150,11 @@ class Settings:
             raw_secret = _local_secret(data_dir)
         if len(raw_secret) < 32:
             raise ConfigError("GUICHET_SECRET must be at least 32 characters")
-        admin_token = env.get("GUICHET_ADMIN_TOKEN") or None
+        # As the token comes in a header, stripped: a file's trailing newline would
+        # otherwise lock every agent out with a plain 401.
+        admin_token = env.get("GUICHET_ADMIN_TOKEN", "").strip() or None
+        if admin_token is not None and not admin_token.isascii():
+            raise ConfigError("GUICHET_ADMIN_TOKEN must be ASCII: it is sent in a header")
         if mode == "production" and admin_token is not None and len(admin_token) < 32:
             # It books without proof of work, cancels anyone's booking and reads the
             # agendas' personal data, from wherever the admin routes are reachable.

@@ -15,8 +15,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Literal, TypeVar
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -858,6 +859,13 @@ class Store:
         return [(r["client_net"], r["n"]) for r in rows]
 
     async def agenda(self, site_id: str, day: date, timezone: str) -> list[dict[str, Any]]:
+        """The confirmed bookings of ``day`` at a site, from its midnight to the next in
+        the site's zone (23 or 25 hours on the days the clocks change). A range of times,
+        not the local date of each slot: the slots' index finds it, where the date was
+        computed for every booking the site ever had."""
+        zone = ZoneInfo(timezone)
+        start = datetime.combine(day, time(), zone)
+        end = datetime.combine(day + timedelta(days=1), time(), zone)
         async with self._connection() as conn:
             rows = await conn.fetch(
                 """SELECT s.starts_at, s.duration_minutes, b.reference, b.family_name,
@@ -865,11 +873,11 @@ class Store:
                    FROM bookings b JOIN slots s ON s.id = b.slot_id
                    JOIN releases r ON r.id = b.release_id
                    WHERE r.site_id = $1 AND b.status = 'confirmed'
-                     AND (s.starts_at AT TIME ZONE $3)::date = $2
+                     AND s.starts_at >= $2 AND s.starts_at < $3
                    ORDER BY s.starts_at, s.id, b.family_name, b.reference""",
                 site_id,
-                day,
-                timezone,
+                start,
+                end,
             )
         return [dict(r) for r in rows]
 
@@ -985,18 +993,27 @@ class Store:
         return done is not None
 
     async def set_beacon(self, release_id: str, beacon: str, now: datetime) -> None:
-        """Add the public beacon value: only between registration's close and the draw."""
+        """Add the public beacon value, once: between registration's close and the draw.
+        The same value again changes nothing (a retry). Another is refused: with the seed
+        and the entries digest, an insider could try values until one ranks the entries
+        they want, and set that one."""
         async with self._transaction() as conn:
-            done = await conn.fetchval(
-                """UPDATE releases SET beacon = $2
-                   WHERE id = $1 AND mode = 'draw' AND registration_closes_at <= $3
-                     AND draw_at > $3 RETURNING id""",
+            row = await conn.fetchrow(
+                """SELECT beacon, registration_closes_at <= $2 AND draw_at > $2 AS open,
+                          EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id) AS drawn
+                   FROM releases r WHERE id = $1 AND mode = 'draw' FOR NO KEY UPDATE""",
                 release_id,
-                beacon,
                 now,
             )
-            if done is None:
+            if row is None:
+                raise NotFound(f"No draw release {release_id!r}")
+            if row["beacon"] == beacon:
+                return
+            if row["beacon"] is not None:
+                raise NotOpen("The beacon is set already: it cannot change")
+            if not row["open"] or row["drawn"]:
                 raise NotOpen("A beacon is added after registration closes and before the draw")
+            await conn.execute("UPDATE releases SET beacon = $2 WHERE id = $1", release_id, beacon)
             await _audit(conn, "admin", "draw.beacon", release_id, {"beacon": beacon})
 
     async def draws_due(self, now: datetime) -> list[str]:

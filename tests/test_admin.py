@@ -10,6 +10,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
+import pytest
 
 from engine.appkeys import RESERVATIONS
 from engine.sweeper import sweep_once
@@ -215,6 +216,19 @@ async def test_windows_change_only_before_they_start(api: Api, clock: FakeClock)
     assert r.status == 200, r.body
     clock.advance(61)
     assert (await api.hold(later["slots"][0]["id"])).status == 201
+
+
+async def test_staff_cannot_book_before_the_public(api: Api) -> None:
+    """A first-come release opens to everyone at once: a place taken at the counter
+    before the opening is one the people online never had a chance at (and what an
+    insider would sell). The counter books from the opening, as the public does."""
+    await api.site()
+    release = await api.publish([1], opens_in_s=3600)
+    staff = {"slot_id": release["slots"][0]["id"], "applicant": applicant()}
+    early = await api.call("POST", "/v1/admin/bookings", staff, ADMIN)
+    assert early.status == 409 and early.body["type"] == "/problems/not-open", early.body
+    api.clock.advance(3600)
+    assert (await api.call("POST", "/v1/admin/bookings", staff, ADMIN)).status == 201
 
 
 async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> None:
@@ -552,3 +566,69 @@ async def test_identity_is_hashed_and_only_staff_fields_are_clear(
         if isinstance(value, bytes):
             assert b"AB123456" not in value and b"example.org" not in value.lower()
     assert len(row["identity_hash"]) == 32 and len(row["cancel_token_hash"]) == 32
+
+
+async def test_an_opening_after_every_slot_and_a_slot_named_twice_are_refused(
+    api: Api,
+) -> None:
+    """A first-come release opening after its last slot starts has nothing to offer. (A
+    draw may come after its own slots: it gives places its procedure carried over.) And
+    a change naming one slot twice gave it the last capacity named."""
+    await api.site()
+    now = datetime.fromtimestamp(api.clock.now, UTC)
+    slot = {"starts_at": (now + timedelta(days=2)).isoformat(), "duration_minutes": 15}
+    late_opening = {
+        "site": "bobigny",
+        "procedure": "renouvellement",
+        "mode": "fcfs",
+        "opens_at": (now + timedelta(days=3)).isoformat(),
+        "slots": [{**slot, "capacity": 1}],
+    }
+    r = await api.call("POST", "/v1/admin/releases", late_opening, ADMIN)
+    assert r.status == 400 and "opens_at" in str(r.body["errors"]), r.body
+    release = await api.publish([1])
+    slot_id = release["slots"][0]["id"]
+    twice = {"slots": [{"id": slot_id, "capacity": 5}, {"id": slot_id, "capacity": 2}]}
+    r = await api.call("PATCH", f"/v1/admin/releases/{release['id']}", twice, ADMIN)
+    assert r.status == 400 and r.body["type"] == "/problems/validation-error", r.body
+    now_is = await api.call("GET", f"/v1/admin/releases/{release['id']}", headers=ADMIN)
+    assert now_is.body["release"]["slots"][0]["capacity"] == 1, now_is.body
+
+
+@pytest.mark.parametrize(
+    ("day", "inside", "outside"),
+    [
+        # Clocks forward: a day of 23 hours.
+        ("2027-03-28", ["2027-03-28T00:30:00+01:00", "2027-03-28T23:30:00+02:00"],
+         ["2027-03-27T23:45:00+01:00", "2027-03-29T00:15:00+02:00"]),
+        # Clocks back: a day of 25 hours.
+        ("2027-10-31", ["2027-10-31T00:30:00+02:00", "2027-10-31T23:30:00+01:00"],
+         ["2027-10-30T23:45:00+02:00", "2027-11-01T00:15:00+01:00"]),
+    ],
+)  # fmt: skip
+async def test_the_agenda_of_a_day_the_clocks_change(
+    api: Api, day: str, inside: list[str], outside: list[str]
+) -> None:
+    """A day's agenda runs from the site's midnight to the next, 23 or 25 hours when the
+    clocks change: read as a range of times (the slots' index finds it), where the local
+    date of every booking the site ever had was computed."""
+    await api.site()
+    now = datetime.fromtimestamp(api.clock.now, UTC)
+    body = {
+        "site": "bobigny",
+        "procedure": "renouvellement",
+        "mode": "fcfs",
+        "opens_at": (now - timedelta(minutes=1)).isoformat(),
+        "slots": [
+            {"starts_at": at, "duration_minutes": 15, "capacity": 1} for at in inside + outside
+        ],
+    }
+    published = await api.call("POST", "/v1/admin/releases", body, ADMIN)
+    assert published.status == 201, published.body
+    for slot in published.body["release"]["slots"]:
+        booking = {"slot_id": slot["id"], "applicant": applicant()}
+        assert (await api.call("POST", "/v1/admin/bookings", booking, ADMIN)).status == 201
+    agenda = await api.call("GET", f"/v1/admin/agenda?site=bobigny&date={day}", headers=ADMIN)
+    assert agenda.status == 200, agenda.body
+    starts = [datetime.fromisoformat(b["starts_at"]) for b in agenda.body["bookings"]]
+    assert starts == [datetime.fromisoformat(at) for at in inside]

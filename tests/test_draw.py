@@ -1019,6 +1019,10 @@ async def test_beacon_window(api: Api, clock: FakeClock) -> None:
     await api.enter(release, applicant(), ip(1))
     clock.advance(86401)
     assert (await api.call("PUT", path, {"beacon": "loto-2026-11-28"}, ADMIN)).status == 200
+    # Set once: the same value again is a retry; another, tried for a better rank, is not.
+    assert (await api.call("PUT", path, {"beacon": "loto-2026-11-28"}, ADMIN)).status == 200
+    changed = await api.call("PUT", path, {"beacon": "loto-2026-11-29"}, ADMIN)
+    assert changed.status == 409 and "cannot change" in changed.body["detail"], changed.body
     clock.advance(3600)
     await api.client.app[LOTTERY].run_due()
     rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body

@@ -417,6 +417,12 @@ async def test_overloaded_when_shedding_load(clean: None) -> None:
         assert (await api.call("GET", "/healthz")).status == 200
         assert (await api.call("GET", "/metrics")).status == 200
         assert (await api.call("GET", "/readyz")).body.get("type") != "overloaded"
+        # Nor the staff: the counter serves people in person during the rush.
+        await api.site()
+        day = "2026-12-01"
+        agenda = await api.call("GET", f"/v1/admin/agenda?site=bobigny&date={day}", headers=ADMIN)
+        assert agenda.status == 200, agenda.body
+        problem(await api.call("GET", "/v1/admin/agenda", headers={}), "unauthorized", 401)
 
 
 async def test_method_not_allowed_is_a_problem(api: Api) -> None:
