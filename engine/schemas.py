@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import zoneinfo
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -46,6 +46,20 @@ Email = Annotated[
 ]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+Identified = TypeVar("Identified", bound=_HasId)
+
+
+def _each_id_once(items: list[Identified], message: str) -> list[Identified]:
+    if len({item.id for item in items}) != len(items):
+        raise ValueError(message)
+    return items
 
 
 class Body(BaseModel):
@@ -124,9 +138,7 @@ class SiteIn(Body):
     @field_validator("procedures")
     @classmethod
     def _unique(cls, value: list[ProcedureIn]) -> list[ProcedureIn]:
-        if len({p.id for p in value}) != len(value):
-            raise ValueError("procedure ids must be unique")
-        return value
+        return _each_id_once(value, "procedure ids must be unique")
 
 
 class SlotIn(Body):
@@ -183,9 +195,7 @@ class ReleasePatch(Body):
     @field_validator("slots")
     @classmethod
     def _unique(cls, value: list[SlotCapacity]) -> list[SlotCapacity]:
-        if len({s.id for s in value}) != len(value):
-            raise ValueError("each slot at most once: which capacity would it get?")
-        return value
+        return _each_id_once(value, "each slot at most once: which capacity would it get?")
 
 
 class StaffBookingRequest(Body):
