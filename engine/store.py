@@ -929,6 +929,8 @@ class Store:
                     birth_date,
                     client_net,
                 )
+                if client_net is None:  # at the counter or on the phone, by staff
+                    await _audit(conn, "staff", "entry.create", entry_id, {"release": release.id})
             except asyncpg.UniqueViolationError as exc:
                 # The id (and the digest made from it) too: it comes from the challenge, so the
                 # same one is this request's retry (Lottery.enter tells).

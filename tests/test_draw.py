@@ -1056,11 +1056,14 @@ async def test_no_entry_slips_in_after_the_list_is_frozen(
     assert tuple(row.values()) == ("withdrawn", True)
 
 
-async def test_people_at_the_counter_enter_the_draw(api: Api, clock: FakeClock) -> None:
+async def test_people_at_the_counter_enter_the_draw(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
     """The non-digital channel of a draw release is an entry, registered by staff without
     proof of work, drawn like every other: a booking by staff would take a place outside
     the draw, and is refused. An entry's retry with its Idempotency-Key gets the same entry
-    back; without one, the person's second entry is refused, as online."""
+    back; without one, the person's second entry is refused, as online. Each entry staff
+    register is in the audit log, as their bookings are."""
     await api.site()
     release = (await api.publish_draw([2]))["id"]
     path = f"/v1/admin/releases/{release}/entries"
@@ -1078,6 +1081,13 @@ async def test_people_at_the_counter_enter_the_draw(api: Api, clock: FakeClock) 
     assert (second.status, second.body["type"]) == (409, "/problems/identity-already-booked")
     other_desk = await enter(applicant(), "counter-42")  # the same key, another person
     assert other_desk.status == 201 and other_desk.body["entry_id"] != first.body["entry_id"]
+    audited = await pg.fetch(
+        "SELECT actor, subject FROM audit_log WHERE action = 'entry.create' ORDER BY id"
+    )
+    assert [tuple(r.values()) for r in audited] == [
+        ("staff", first.body["entry_id"]),
+        ("staff", other_desk.body["entry_id"]),
+    ]
     assert await entry_status(api, release, first.body) == {"status": "registered"}
     assert (await api.call("POST", path, {"applicant": applicant()})).status == 401
 
