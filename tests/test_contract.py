@@ -18,7 +18,9 @@ from engine.openapi import document
 from engine.routes import ROUTES
 from engine.settings import KNOWN_VARIABLES, ConfigError, Settings, unknown_variables
 from tests.api import Api
+from tests.conftest import DATABASE_URL
 from tests.contract import check_reply
+from tests.procs import HOST, dead_port
 
 API_MD_ROUTES = {
     ("get", "/v1/sites"),
@@ -208,6 +210,28 @@ def migrate_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def test_a_command_whose_store_does_not_answer_says_so_in_one_line(tmp_path: Path) -> None:
+    """`guichet sweep` (as `guichet demo`) with a Redis nothing listens on: one line that
+    says which store and to try again, and exit code 1, not a traceback."""
+    with dead_port() as port:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine", "sweep"],
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
+                "GUICHET_DATA_DIR": str(tmp_path),
+                "GUICHET_SECRET": "x" * 40,
+                "GUICHET_DATABASE_URL": DATABASE_URL,
+                "GUICHET_REDIS_URL": f"redis://{HOST}:{port}/0",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "guichet: Redis did not answer; try again" in done.stderr, done.stderr
 
 
 def test_the_engine_warns_of_unknown_settings(tmp_path: Path) -> None:
