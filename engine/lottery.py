@@ -89,8 +89,11 @@ class Lottery:
         s = self.settings
         who = Client.of(client)
         now_ms = self.domain.now_ms()
-        paid = self.domain.paid(challenge, nonces, release_id, client, now_ms)
+        # The release first (from the worker's memory, unknown ids too): a challenge can
+        # only be for a release that exists, so one for an unknown release was a 403 for
+        # the challenge, where the release is what is missing.
         release = await self.domain.release(release_id)
+        paid = self.domain.paid(challenge, nonces, release_id, client, now_ms)
         if release.mode != "draw":
             raise NotOpen("This release is first come, first served: hold a place instead")
         assert release.registration_opens_at and release.registration_closes_at

@@ -179,6 +179,14 @@ async def test_entries_and_windows(api: Api, clock: FakeClock) -> None:
     late = await api.enter(release, applicant(), ip(7))
     assert late.status == 409 and late.body["type"] == "/problems/not-open"
     assert (await api.call("GET", f"/v1/releases/{release}/draw")).status == 409
+    # An entry for a release that does not exist: 404, not 403 for the challenge (which
+    # can only have been made for another release).
+    paid = await api.solved(release, ip(8))
+    body = {**paid, "applicant": applicant()}
+    nowhere = await api.call(
+        "POST", f"/v1/releases/r{'0' * 12}/entries", body, {"X-Forwarded-For": ip(8)}
+    )
+    assert nowhere.status == 404 and nowhere.body["type"] == "/problems/not-found", nowhere.body
 
 
 def listed_slot(reply: Any) -> str:
