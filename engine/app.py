@@ -42,6 +42,7 @@ from engine.recovery import Clock
 from engine.reservations import Reservations
 from engine.routes import ROUTES
 from engine.settings import Settings
+from engine.singleflight import SingleFlight
 from engine.store import IdentityRules, SchemaState, Store, create_pool
 from engine.web import UNMATCHED, Body, guard, unmatched
 
@@ -200,21 +201,16 @@ def create_app(
     app[CLOCK] = clock
     app[OPENAPI] = Body.of(json.dumps(document(ROUTES)).encode())
     app[BODIES] = {}
-    app[REFILLS] = {}
+    app[REFILLS] = SingleFlight()
     app[DRAW_RECORDS] = {}
     schema = SchemaState()
     guarded = guard(metrics, settings.max_in_flight, schema)
     for route in ROUTES:
-        # Staff are never shed with the public: the counter serves people in person during
-        # the rush, and a request without the token costs its check, as a 503 would.
-        shed = route.shed and route.auth != "admin"
-        handler = guarded(route.handler, route.path, shed, route.schema)
+        handler = guarded(route.handler, route.path, route.sheds, route.schema)
         app.router.add_route(route.method, route.path, handler)
         if route.method == "GET":  # HTTP: a GET resource answers HEAD (aiohttp drops the body)
             app.router.add_route("HEAD", route.path, handler)
-    metrics.expect_routes(
-        (route.path, route.method, route.shed and route.auth != "admin") for route in ROUTES
-    )
+    metrics.expect_routes((route.path, route.method, route.sheds) for route in ROUTES)
     catch_all = unmatched(route.path for route in ROUTES)
     app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED, True, False))
 

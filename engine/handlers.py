@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -70,13 +69,7 @@ async def _single_flight(
 ) -> tuple[float, Body]:
     """One request makes the body for ``key``; the others in flight wait for it instead of
     each asking the stores again."""
-    refills = request.app[REFILLS]
-    pending = refills.get(key)
-    if pending is None:
-        pending = asyncio.ensure_future(make())
-        refills[key] = pending
-        pending.add_done_callback(lambda _: refills.pop(key, None))
-    return await asyncio.shield(pending)
+    return await request.app[REFILLS].run(key, make)
 
 
 async def _refill(

@@ -13,7 +13,6 @@ docs/consistency.md walks through every crash window.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import re
@@ -49,6 +48,7 @@ from engine.metrics import Metrics
 from engine.models import Booking, CancelledBy, Mode, Release, Site, Slot
 from engine.recovery import Clock, Recovery
 from engine.settings import Settings
+from engine.singleflight import SingleFlight
 from engine.store import Store, below_floor
 from engine.tokens import (
     REFERENCE,
@@ -166,13 +166,13 @@ class Reservations:
         self.recovery = Recovery(settings, store, inventory, metrics, clock)
         self.limiter = Limiter(settings, inventory, metrics, bucket_clock)
         self._releases: dict[str, tuple[float, Release | None]] = {}
-        self._release_refills: dict[str, asyncio.Future[tuple[float, Release | None]]] = {}
+        self._release_reads: SingleFlight[tuple[float, Release | None]] = SingleFlight()
         self._forgotten = 0  # counts forget() calls: a refill that spans one is not kept
         self._known: frozenset[str] = frozenset()
         self._known_at = float("-inf")
-        self._known_refill: asyncio.Future[frozenset[str]] | None = None
+        self._known_read: SingleFlight[frozenset[str]] = SingleFlight()
         self._listed: tuple[float, list[Release]] = (float("-inf"), [])
-        self._listed_refill: asyncio.Future[tuple[float, list[Release]]] | None = None
+        self._listed_read: SingleFlight[tuple[float, list[Release]]] = SingleFlight()
         self._spent = FoundSpent()  # (challenge id, slot id)
 
     def now(self) -> datetime:
@@ -210,12 +210,9 @@ class Reservations:
         if cached is None or cached[0] <= now:
             # Single flight: when the entry expires, one request reads PostgreSQL and the
             # others in flight wait for it, instead of all of them queueing on the pool.
-            pending = self._release_refills.get(release_id)
-            if pending is None:
-                pending = asyncio.ensure_future(self._load_release(release_id, now))
-                self._release_refills[release_id] = pending
-                pending.add_done_callback(lambda _: self._release_refills.pop(release_id, None))
-            cached = await asyncio.shield(pending)
+            cached = await self._release_reads.run(
+                release_id, lambda: self._load_release(release_id, now)
+            )
         if cached[1] is None:
             raise NotFound(f"No release {release_id!r}")
         return cached[1]
@@ -239,10 +236,7 @@ class Reservations:
         time: requests in flight meanwhile share it)."""
         if self._known_at + max_age_s > now:
             return self._known
-        if self._known_refill is None:
-            self._known_refill = asyncio.ensure_future(self._read_release_ids(now))
-            self._known_refill.add_done_callback(self._refilled)
-        return await asyncio.shield(self._known_refill)
+        return await self._known_read.run(None, lambda: self._read_release_ids(now))
 
     async def _read_release_ids(self, now: float) -> frozenset[str]:
         # Releases are never deleted: what this worker knew stays known, a release it
@@ -251,11 +245,6 @@ class Reservations:
         self._known = self._known | ids  # read after the await: nothing added meanwhile lost
         self._known_at = now
         return self._known
-
-    def _refilled(self, refill: asyncio.Future[frozenset[str]]) -> None:
-        self._known_refill = None
-        if not refill.cancelled():
-            refill.exception()  # retrieved here; the requests get it from the shield
 
     async def sites(self) -> list[Site]:
         """All sites (the HTTP layer keeps the rendered listing for ``listing_cache_s``)."""
@@ -269,11 +258,7 @@ class Reservations:
         now = self.clock()
         listed = self._listed
         if listed[0] <= now:
-            refill = self._listed_refill
-            if refill is None:
-                refill = self._listed_refill = asyncio.ensure_future(self._read_listed(now))
-                refill.add_done_callback(self._listed_refilled)
-            listed = await asyncio.shield(refill)
+            listed = await self._listed_read.run(None, lambda: self._read_listed(now))
         return [
             r
             for r in listed[1]
@@ -288,12 +273,6 @@ class Reservations:
             self._listed = listed
         return listed
 
-    def _listed_refilled(self, refill: asyncio.Future[tuple[float, list[Release]]]) -> None:
-        if self._listed_refill is refill:  # not one started since a forget()
-            self._listed_refill = None
-        if not refill.cancelled():
-            refill.exception()  # retrieved here; the requests get it from the shield
-
     async def upsert_site(self, site: Site) -> Site:
         return await self.store.upsert_site(site)
 
@@ -302,8 +281,9 @@ class Reservations:
         ``release_cache_s``). A refill already under way is dropped too: it may have read
         the release before the change."""
         self._releases.pop(release_id, None)
-        self._release_refills.pop(release_id, None)
-        self._listed, self._listed_refill = (float("-inf"), []), None
+        self._release_reads.forget(release_id)
+        self._listed = (float("-inf"), [])
+        self._listed_read.forget(None)
         self._forgotten += 1
 
     async def slot_counts(self, release_id: str) -> dict[str, SlotCounts]:

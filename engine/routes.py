@@ -25,11 +25,18 @@ class Route:
     auth: str | None = None  # "admin", "hold", "cancel"
     reply: type[BaseModel] | None = None  # the JSON body of ``ok`` (engine/replies.py)
     # Refused with 503 "overloaded" past ``max_in_flight``; not the probes and the metrics,
-    # which must answer most when the worker is busiest.
+    # which must answer most when the worker is busiest (nor staff: ``sheds``).
     shed: bool = True
     # Refused with 503 while PostgreSQL's schema is behind this engine's (SchemaState);
     # not the probes, the metrics and this contract, which do not read it.
     schema: bool = True
+
+    @property
+    def sheds(self) -> bool:
+        """Refused past ``max_in_flight``. Never staff's: the counter serves people in
+        person during the rush, and a request without the token costs its check, as a 503
+        would."""
+        return self.shed and self.auth != "admin"
 
 
 _STORE = ("overloaded",)
