@@ -147,7 +147,9 @@ async def put_beacon(request: web.Request) -> web.Response:
 async def staff_booking(request: web.Request) -> web.Response:
     require_admin(request)
     body = await parse_body(request, schemas.StaffBookingRequest, _limit(request))
-    done = await request.app[RESERVATIONS].staff_book(body.slot_id, applicant(body.applicant))
+    done = await request.app[RESERVATIONS].staff_book(
+        body.slot_id, applicant(body.applicant), idempotency_key(request)
+    )
     return json_response(
         {"booking": render.booking(done.booking), "cancel_token": done.cancel_token}, status=201
     )

@@ -75,6 +75,7 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
     if route.method == "POST" and route.path in (
         "/v1/holds",
         "/v1/admin/releases",
+        "/v1/admin/bookings",
         "/v1/admin/releases/{release}/entries",
     ):
         params.append(

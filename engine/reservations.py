@@ -52,6 +52,7 @@ from engine.singleflight import SingleFlight
 from engine.store import Store, below_floor
 from engine.tokens import (
     REFERENCE,
+    derived_id,
     derived_token,
     is_signed,
     matches,
@@ -616,9 +617,14 @@ class Reservations:
 
     # Staff bookings ----------------------------------------------------------------------
 
-    async def staff_book(self, slot_id: str, applicant: Applicant) -> Confirmation:
+    async def staff_book(
+        self, slot_id: str, applicant: Applicant, idem_key: str | None = None
+    ) -> Confirmation:
         """Book at the counter: the same protocol as online (a hold, then a confirm), minus
-        the proof of work, so staff never take a place an online applicant is holding."""
+        the proof of work, so staff never take a place an online applicant is holding.
+        With ``idem_key``, the same request again (its answer lost) gets the same booking
+        and cancel token back, as a confirm's retry does; without, it is refused as the
+        person's second booking, and the person's cancel token is lost with the answer."""
         release = await self.release(release_of(slot_id))
         slot = release.slot(slot_id)
         if slot is None:
@@ -631,6 +637,19 @@ class Reservations:
                 "This release is allocated by draw: register the person's entry instead "
                 f"(POST /v1/admin/releases/{release.id}/entries)"
             )
+        secret = self.settings.secret
+        if idem_key is None:
+            hold_id = f"{release.id}.{new_id('s', 16)}"
+        else:
+            # The hold's id comes from the key, the slot and the person: a retry books the
+            # same hold, which PostgreSQL books once (its hold id is unique). Two desks
+            # that reuse a key for two people book two places, not a false "already booked".
+            identity = applicant.identity_hash(secret).hex()
+            keyed = derived_id(secret, "staff-hold", "s", 16, slot_id, idem_key, identity)
+            hold_id = f"{release.id}.{keyed}"
+        token = derived_token(secret, "staff", hold_id)
+        if idem_key is not None and (booked := await self._staff_booked(hold_id, token)):
+            return booked  # even once the slot started: nothing else passes then
         assert release.opens_at is not None
         if self.now() < release.opens_at:
             # Not before the public: a place taken at the counter before the opening is
@@ -638,8 +657,26 @@ class Reservations:
             raise NotOpen(f"This release opens at {release.opens_at.isoformat()}")
         if slot.starts_at <= self.now():
             raise NotOpen("This slot has already started")
-        token = derived_token(self.settings.secret, "staff", new_id("", 24))
-        hold_id = f"{release.id}.{new_id('s', 16)}"
+        try:
+            return await self._staff_hold_and_book(release, slot_id, hold_id, token, applicant)
+        except (SlotFull, HoldExpired):
+            # A concurrent retry with the key booked the place (and let go of its hold)
+            # since this one looked: the place it took is this request's.
+            if idem_key is not None and (booked := await self._staff_booked(hold_id, token)):
+                return booked
+            raise
+
+    async def _staff_booked(self, hold_id: str, token: str) -> Confirmation | None:
+        """The booking a staff request with this hold id made before, if any."""
+        booking = await self.store.booking_by_hold(hold_id)
+        if booking is None:
+            return None
+        log.info("booking_replayed", booking=booking.reference, hold=hold_id, channel="staff")
+        return Confirmation(booking, self._cancel_token(token))
+
+    async def _staff_hold_and_book(
+        self, release: Release, slot_id: str, hold_id: str, token: str, applicant: Applicant
+    ) -> Confirmation:
         now_ms = self.now_ms()
         result = await self.recovery.with_inventory(
             release.id,
@@ -650,8 +687,10 @@ class Reservations:
                 hold_id=hold_id,
                 token_hash=token_hash(token).hex(),
                 deadline_ms=now_ms + 60_000,
-                idem_field="",
-                challenge_id=hold_id,
+                # The hold id: a retry finds the hold its first try left (a timeout between
+                # the hold and the booking), and books that one.
+                idem_field=hold_id,
+                challenge_id=new_id("s", 16),  # none: each attempt's own, never spent before
                 challenge_expiry_ms=now_ms + 60_000,
                 client_tag=hold_id,  # its own: counter holds are never limited per client
                 max_live_holds=1,
@@ -659,7 +698,7 @@ class Reservations:
         )
         if result.outcome == "full":
             raise SlotFull("No free place left on this slot")
-        if result.outcome != "granted":
+        if result.outcome not in ("granted", "replayed"):
             raise NotFound(f"No slot {slot_id!r}")
         if await self.inventory.confirm_begin(release.id, hold_id, self.now_ms()) is None:
             raise HoldExpired("The counter's hold expired before it was confirmed")

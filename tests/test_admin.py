@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -229,6 +230,47 @@ async def test_staff_cannot_book_before_the_public(api: Api) -> None:
     assert early.status == 409 and early.body["type"] == "/problems/not-open", early.body
     api.clock.advance(3600)
     assert (await api.call("POST", "/v1/admin/bookings", staff, ADMIN)).status == 201
+
+
+async def test_a_counter_booking_sent_again_with_its_key_is_booked_once(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """A counter booking whose answer is lost (the agent's network, a 503 after the
+    commit) and that is sent again was refused as the person's second booking, and their
+    cancel token was lost with the first answer. With an Idempotency-Key, the same request
+    again gets the same booking and cancel token back, once or many at a time, even on a
+    full slot; the key used again for another person books that person."""
+    await api.site()
+    release = await api.publish([1, 1])
+    first, second = (s["id"] for s in release["slots"])
+    person = applicant()
+
+    async def book(slot: str, who: dict[str, str], key: str) -> Any:
+        body = {"slot_id": slot, "applicant": who}
+        return await api.call("POST", "/v1/admin/bookings", body, {**ADMIN, "Idempotency-Key": key})
+
+    sent = await asyncio.gather(*(book(first, person, "desk-3-0915") for _ in range(12)))
+    booked = sent[0]
+    assert booked.status == 201, booked.body
+    assert [(r.status, r.body) for r in sent] == [(201, booked.body)] * 12
+    assert (await book(first, person, "desk-3-0915")).body == booked.body
+    reference = booked.body["booking"]["reference"]
+    cancel = {"Authorization": f"Bearer {booked.body['cancel_token']}"}
+    assert (await api.call("GET", f"/v1/bookings/{reference}", headers=cancel)).status == 200
+    other = await book(second, applicant(), "desk-3-0915")  # the same key, another person
+    assert other.status == 201 and other.body["booking"]["reference"] != reference
+    elsewhere = await book(second, person, "desk-3-0915")  # this person, another slot
+    assert elsewhere.status == 409, elsewhere.body
+    rows = await pg.fetch("SELECT reference FROM bookings ORDER BY reference")
+    assert sorted(r["reference"] for r in rows) == sorted(
+        [reference, other.body["booking"]["reference"]]
+    )
+    audited = await pg.fetchval("SELECT count(*) FROM audit_log WHERE action = 'booking.confirm'")
+    assert audited == 2
+    domain = api.client.app[RESERVATIONS]
+    counts = await domain.inventory.counts(release["id"], domain.now_ms())
+    assert {s: (c.booked, c.held) for s, c in counts.items()} == {first: (1, 0), second: (1, 0)}
+    assert await domain.recovery.reconcile(release["id"]) == 0
 
 
 async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> None:
