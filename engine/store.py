@@ -593,6 +593,16 @@ class Store:
                     errors.append({"field": name, "message": "this window has already started"})
                 elif value <= now:
                     errors.append({"field": name, "message": "must be in the future"})
+            if "opens_at" in windows and not errors:
+                # As at publishing: a first-come release opening after its last slot
+                # starts has nothing to offer. (A draw may come after its own slots.)
+                last = await conn.fetchval(
+                    "SELECT max(starts_at) FROM slots WHERE release_id = $1", release_id
+                )
+                if windows["opens_at"] >= last:
+                    errors.append(
+                        {"field": "opens_at", "message": "must come before the last slot starts"}
+                    )
             if errors:
                 raise ValidationFailed(errors)
             try:
@@ -619,6 +629,7 @@ class Store:
                     ]
                 ) from None
             lowered: dict[str, int] = {}
+            before: dict[str, int] = {}
             rises = False
             for slot_id, capacity in capacities.items():
                 current = await conn.fetchrow(
@@ -631,6 +642,7 @@ class Store:
                     raise NotFound(f"No slot {slot_id!r} in release {release_id!r}")
                 if capacity < current["booked"]:
                     raise ValidationFailed([below_floor(slot_id, current["booked"], "booked")])
+                before[slot_id] = current["capacity"]
                 if capacity < current["capacity"]:
                     lowered[slot_id] = current["booked"]
                 rises = rises or capacity > current["capacity"]
@@ -667,6 +679,11 @@ class Store:
                 {
                     "windows": {k: v.isoformat() for k, v in windows.items()},
                     "capacities": capacities,
+                    # What they were: who changed what from what, without a second source.
+                    "before": {
+                        "windows": {k: row[k].isoformat() for k in windows},
+                        "capacities": before,
+                    },
                 },
             )
 

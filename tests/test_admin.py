@@ -206,15 +206,32 @@ async def test_a_refused_capacity_change_changes_no_slot(api: Api, pg: asyncpg.C
     assert await api.free(release["id"]) == {first: 3, second: 2}
 
 
-async def test_windows_change_only_before_they_start(api: Api, clock: FakeClock) -> None:
+async def test_windows_change_only_before_they_start(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """And each change is in the audit log, with what it changed from."""
     await api.site()
     opened = await api.publish([1])
     later = await api.publish([1], opens_in_s=3600)
     soon = datetime.fromtimestamp(clock.now + 60, UTC).isoformat()
     r = await api.call("PATCH", f"/v1/admin/releases/{opened['id']}", {"opens_at": soon}, ADMIN)
     assert r.status == 400 and r.body["errors"][0]["field"] == "opens_at"
-    r = await api.call("PATCH", f"/v1/admin/releases/{later['id']}", {"opens_at": soon}, ADMIN)
+    slot = later["slots"][0]["id"]
+    change = {"opens_at": soon, "slots": [{"id": slot, "capacity": 4}]}
+    r = await api.call("PATCH", f"/v1/admin/releases/{later['id']}", change, ADMIN)
     assert r.status == 200, r.body
+    audited = await pg.fetch(
+        "SELECT actor, subject, detail FROM audit_log WHERE action = 'release.patch'"
+    )
+    assert [(a["actor"], a["subject"]) for a in audited] == [("admin", later["id"])]
+    detail = json.loads(audited[0]["detail"])
+    was = detail["before"]["windows"].pop("opens_at")
+    assert datetime.fromisoformat(was) == datetime.fromisoformat(later["opens_at"])
+    assert detail == {
+        "windows": {"opens_at": soon},
+        "capacities": {slot: 4},
+        "before": {"windows": {}, "capacities": {slot: 1}},
+    }
     clock.advance(61)
     assert (await api.hold(later["slots"][0]["id"])).status == 201
 
@@ -613,9 +630,10 @@ async def test_identity_is_hashed_and_only_staff_fields_are_clear(
 async def test_an_opening_after_every_slot_and_a_slot_named_twice_are_refused(
     api: Api,
 ) -> None:
-    """A first-come release opening after its last slot starts has nothing to offer. (A
-    draw may come after its own slots: it gives places its procedure carried over.) And
-    a change naming one slot twice gave it the last capacity named."""
+    """A first-come release opening after its last slot starts has nothing to offer, as
+    published or moved there by a change. (A draw may come after its own slots: it gives
+    places its procedure carried over.) And a change naming one slot twice gave it the
+    last capacity named."""
     await api.site()
     now = datetime.fromtimestamp(api.clock.now, UTC)
     slot = {"starts_at": (now + timedelta(days=2)).isoformat(), "duration_minutes": 15}
@@ -628,6 +646,12 @@ async def test_an_opening_after_every_slot_and_a_slot_named_twice_are_refused(
     }
     r = await api.call("POST", "/v1/admin/releases", late_opening, ADMIN)
     assert r.status == 400 and "opens_at" in str(r.body["errors"]), r.body
+    early = await api.publish([1], opens_in_s=3600)
+    path = f"/v1/admin/releases/{early['id']}"
+    moved = await api.call("PATCH", path, {"opens_at": late_opening["opens_at"]}, ADMIN)
+    assert moved.status == 400 and moved.body["errors"][0]["field"] == "opens_at", moved.body
+    unchanged = (await api.call("GET", path, headers=ADMIN)).body["release"]
+    assert unchanged["opens_at"] == early["opens_at"], unchanged
     release = await api.publish([1])
     slot_id = release["slots"][0]["id"]
     twice = {"slots": [{"id": slot_id, "capacity": 5}, {"id": slot_id, "capacity": 2}]}
