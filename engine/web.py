@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from engine import schemas
 from engine.addresses import canonical, membership
@@ -378,20 +379,24 @@ def _accepts_gzip(header: str) -> bool:
 async def read_body(request: web.Request, limit: int | None = None) -> bytes:
     """The body, within the app's ``client_max_size`` (the public limit), or within
     ``limit`` (staff's routes): read here, as aiohttp's ``read`` does, a chunk at a time,
-    so that no more than the limit is ever held."""
-    if limit is None:
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _too_large() from None
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large()
-    body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > limit:
+    so that no more than the limit is ever held. A body aiohttp cannot read (a
+    ``Content-Encoding`` it fails to decode, one cut short) is a 400, not a 500."""
+    try:
+        if limit is None:
+            try:
+                return await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise _too_large() from None
+        if request.content_length is not None and request.content_length > limit:
             raise _too_large()
-    return bytes(body)
+        body = bytearray()
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large()
+        return bytes(body)
+    except RequestPayloadError as exc:
+        raise ValidationFailed([{"field": "body", "message": f"unreadable: {exc}"[:200]}]) from None
 
 
 def _too_large() -> PayloadTooLarge:

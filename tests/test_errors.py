@@ -353,6 +353,22 @@ async def test_payload_too_large(api: Api, pg: asyncpg.Connection, release: dict
     assert await state(api, pg, release["id"]) == before
 
 
+async def test_a_body_that_cannot_be_decoded_is_a_400(api: Api, pg: asyncpg.Connection) -> None:
+    """A body whose Content-Encoding does not decode was a 500 and a traceback, for anyone
+    to send: a 400 now, public routes and staff's alike, and nothing changes."""
+    await api.site()
+    before = await pg.fetchval("SELECT count(*) FROM releases")
+    for path, auth in (("/v1/challenges", b""), ("/v1/admin/releases", b"Authorization: Bearer ")):
+        head = b"POST %s HTTP/1.1\r\nContent-Type: application/json\r\n" % path.encode()
+        if auth:
+            head += auth + ADMIN["Authorization"].split()[1].encode() + b"\r\n"
+        head += b"Content-Encoding: gzip\r\n"
+        status, body = await raw_status(api, head, b"not gzip at all")
+        assert status == 400, body
+        assert json.loads(body)["type"] == "/problems/validation-error", body
+    assert await pg.fetchval("SELECT count(*) FROM releases") == before
+
+
 async def test_staff_bodies_have_a_larger_limit_of_their_own(
     api: Api, pg: asyncpg.Connection, settings: Settings
 ) -> None:
