@@ -75,6 +75,16 @@ def test_every_json_reply_has_its_schema() -> None:
                 assert "$ref" in content["application/json"]["schema"], (method, path)
 
 
+def test_every_route_that_sheds_documents_its_503() -> None:
+    """A route refused past the worker's in-flight cap answers 503 overloaded: its
+    operation must say so (``/openapi.json`` itself did not)."""
+    doc = document(ROUTES)
+    for route in ROUTES:
+        if route.sheds:
+            responses = doc["paths"][route.path][route.method.lower()]["responses"]
+            assert "503" in responses, (route.method, route.path)
+
+
 async def test_a_reply_unlike_its_schema_fails_the_tests(api: Api) -> None:
     """``Api.call`` checks every 2xx reply against the document: a reply with a missing
     field, an extra field, a wrong type or a status other than the documented one fails."""
