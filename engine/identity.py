@@ -41,6 +41,16 @@ class Applicant:
     id_number: str
     email: str
 
+    def fields(self) -> tuple[str, ...]:
+        """Every field as sent: what a retry under an Idempotency-Key sends again."""
+        return (
+            self.family_name,
+            self.given_names,
+            self.birth_date.isoformat(),
+            self.id_number,
+            self.email,
+        )
+
     def identity_hash(self, secret: bytes) -> bytes:
         """Keyed hash of the normalised document number: the uniqueness key, never reversible."""
         return keyed_hash(secret, "identity", normalise_id_number(self.id_number))

@@ -195,10 +195,11 @@ class Lottery:
         assert release.registration_opens_at and release.registration_closes_at
         identity = applicant.identity_hash(s.secret)
         key = idem_key if idem_key is not None else new_token()
-        # The person is part of the key's scope: two desks that reuse a key for two people
-        # register two entries, not a false "already entered".
+        # The person, as sent, is part of the key's scope: two desks that reuse a key for
+        # two people register two entries, not a false "already entered"; a name corrected
+        # is another request, not the first one's replay.
         entry_id = derived_id(
-            s.secret, "staff-entry-id", "e", _ENTRY_ID_LENGTH, release.id, key, identity.hex()
+            s.secret, "staff-entry-id", "e", _ENTRY_ID_LENGTH, release.id, key, *applicant.fields()
         )
         token = derived_token(s.secret, "staff-entry", entry_id)
         if idem_key is not None and (

@@ -356,7 +356,16 @@ class Reservations:
                 await self.inventory.move_fence(release_id)
 
         await self.store.patch_release(
-            release_id, windows, capacities, self.now(), lower, if_match, raised
+            release_id,
+            windows,
+            capacities,
+            self.now(),
+            lower,
+            if_match,
+            raised,
+            # Other workers keep the release for up to release_cache_s: a window moved
+            # nearer than that would open (or close) on some of them at its old time.
+            settle_s=2 * self.settings.release_cache_s,
         )
         self.forget(release_id)
         try:
@@ -641,11 +650,13 @@ class Reservations:
         if idem_key is None:
             hold_id = f"{release.id}.{new_id('s', 16)}"
         else:
-            # The hold's id comes from the key, the slot and the person: a retry books the
+            # The hold's id comes from the key and the whole request: a retry books the
             # same hold, which PostgreSQL books once (its hold id is unique). Two desks
-            # that reuse a key for two people book two places, not a false "already booked".
-            identity = applicant.identity_hash(secret).hex()
-            keyed = derived_id(secret, "staff-hold", "s", 16, slot_id, idem_key, identity)
+            # that reuse a key for two people book two places, not a false "already
+            # booked"; a name corrected is another request, not the first one's replay.
+            keyed = derived_id(
+                secret, "staff-hold", "s", 16, slot_id, idem_key, *applicant.fields()
+            )
             hold_id = f"{release.id}.{keyed}"
         token = derived_token(secret, "staff", hold_id)
         if idem_key is not None and (booked := await self._staff_booked(hold_id, token)):

@@ -557,8 +557,11 @@ class Store:
         lower: Callable[[dict[str, int]], Awaitable[None]],
         if_match: frozenset[str] | None = None,
         raised: Callable[[], Awaitable[None]] | None = None,
+        settle_s: float = 0.0,
     ) -> None:
         """Change windows not yet started, and capacities never below what is booked.
+        A window is changed only from and to times more than ``settle_s`` away: the time
+        every worker takes to see the change.
 
         ``lower`` is given the bookings of each slot whose capacity goes down, while the
         slots' rows are locked and before anything commits, so that Redis can lower them
@@ -584,6 +587,7 @@ class Store:
             if row is None:
                 raise NotFound(f"No release {release_id!r}")
             errors = []
+            settled = now + timedelta(seconds=settle_s)
             for name, value in windows.items():
                 if row[name] is None:
                     errors.append(
@@ -591,8 +595,18 @@ class Store:
                     )
                 elif row[name] <= now:
                     errors.append({"field": name, "message": "this window has already started"})
-                elif value <= now:
-                    errors.append({"field": name, "message": "must be in the future"})
+                elif row[name] <= settled:
+                    errors.append(
+                        {
+                            "field": name,
+                            "message": f"this window starts within {settle_s:g} s: too late "
+                            "for every worker to see a change",
+                        }
+                    )
+                elif value <= settled:
+                    errors.append(
+                        {"field": name, "message": f"must be more than {settle_s:g} s from now"}
+                    )
             if "opens_at" in windows and not errors:
                 # As at publishing: a first-come release opening after its last slot
                 # starts has nothing to offer. (A draw may come after its own slots.)

@@ -1087,6 +1087,9 @@ async def test_people_at_the_counter_enter_the_draw(
     assert (again.status, again.body) == (201, first.body)
     second = await enter(person)
     assert (second.status, second.body["type"]) == (409, "/problems/identity-already-booked")
+    corrected = await enter({**person, "given_names": "Corrigé"}, "counter-42")
+    # Another request, not the first one's replay with the name silently dropped.
+    assert (corrected.status, corrected.body["type"]) == (409, "/problems/identity-already-booked")
     other_desk = await enter(applicant(), "counter-42")  # the same key, another person
     assert other_desk.status == 201 and other_desk.body["entry_id"] != first.body["entry_id"]
     audited = await pg.fetch(

@@ -1,4 +1,4 @@
--- version: 3
+-- version: 4
 -- book_hold: a confirm's whole PostgreSQL step, in one round trip.
 --
 -- Applied by `guichet migrate` after the numbered migrations, and again when the version
@@ -22,6 +22,10 @@
 --   under their locks, before the counts (sql/010_past_appointments.sql).
 -- - Its caps are counted under a lock every confirm shares and a draw takes alone to count
 --   them again, its winners booked (docs/draw.md, step 8).
+-- - The hold is looked up again once the person's locks are taken (version 4): a second
+--   call for the same hold (a retry, its first call still running or timed out) that waited
+--   there for the first to commit must answer 'existing', not count the first's booking
+--   against the person's caps and refuse it.
 CREATE OR REPLACE FUNCTION book_hold(
     p_reference text, p_slot_id text, p_release_id text, p_procedure_id text,
     p_channel text, p_hold_id text, p_hold_token_hash bytea, p_identity_hash bytea,
@@ -59,6 +63,10 @@ BEGIN
             ('x' || substr(encode(p_identity_hash, 'hex'), 1, 15))::bit(60)::bigint);
         PERFORM pg_advisory_xact_lock(
             ('x' || substr(encode(p_email_hash, 'hex'), 1, 15))::bit(60)::bigint);
+        -- A statement's own snapshot: a call for this hold that held the locks has committed.
+        SELECT b.reference INTO v_reference FROM bookings b WHERE b.hold_id = p_hold_id;
+    END IF;
+    IF v_reference IS NULL THEN
         -- A booking the prefecture cancelled counts toward neither cap (sql/013), and is
         -- not confirmed, so the last count does not miss it either.
         SELECT count(*) FILTER (WHERE b.created_at > now() - p_period),
