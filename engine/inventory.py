@@ -51,6 +51,7 @@ OPERATIONS = (
     "issue_challenge",
     "spend_challenge",
     "unlock",
+    "reclaim_expired",
 )
 RECLAIM_LIMIT = 100
 # The reconcile recounts live-hold counters from the records only below this many live holds
@@ -332,6 +333,19 @@ class Inventory:
         if outcome in ("granted", "replayed"):
             return HoldResult(outcome, _text(reply[1]), int(reply[2]), _text(reply[3]))  # type: ignore[arg-type]
         return HoldResult(outcome)  # type: ignore[arg-type]
+
+    async def reclaim(self, release_id: str, now_ms: int) -> int:
+        """Give back the places of up to RECLAIM_LIMIT expired holds; how many it did.
+        Raises InventoryMissing."""
+        k = ReleaseKeys.of(release_id)
+        reply = await self._call(
+            "reclaim_expired",
+            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients),
+            (now_ms, RECLAIM_LIMIT),
+        )
+        if _text(reply[0]) == "rebuild":
+            raise InventoryMissing(release_id)
+        return int(reply[1])
 
     async def counts(self, release_id: str, now_ms: int) -> dict[str, SlotCounts]:
         """Per-slot counts after reclaiming expired holds. Raises InventoryMissing."""

@@ -537,15 +537,15 @@ async def test_a_release_whose_redis_calls_time_out_holds_back_no_other(
             domain = other.client.app[RESERVATIONS]
             await redis.delete(last)  # lost: a sweep rebuilds it
             if mode == "redis-gone":
-                counts = domain.inventory.counts
+                reclaim = domain.inventory.reclaim
 
                 async def redis_gone(*args: Any) -> Any:
                     await proxy.stop()
-                    return await counts(*args)
+                    return await reclaim(*args)
 
-                monkeypatch.setattr(domain.inventory, "counts", redis_gone)
+                monkeypatch.setattr(domain.inventory, "reclaim", redis_gone)
             elif mode == "swamped":
-                proxy.hold_back(b"inventory_")  # every release's count, never the pings
+                proxy.hold_back(b"reclaim_expired_")  # each release's first call, never pings
             else:
                 proxy.hold_back(releases[0]["id"].encode())  # its calls never reach Redis
             report = await sweep(domain, reconcile=True)

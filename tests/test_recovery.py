@@ -165,6 +165,26 @@ async def test_expired_holds_are_reclaimed_by_the_sweeper(api: Api, clock: FakeC
     assert raw == b"0"
 
 
+async def test_a_flood_of_expired_holds_is_reclaimed_in_one_pass(
+    api: Api, clock: FakeClock
+) -> None:
+    """Bots hold every place of a release and never confirm. When their holds expire
+    together, the hold and listing calls reclaim 100 each, and the sweeper reclaimed 100 a
+    pass: places stayed taken for minutes after a large release's holds expired, and a
+    person asking for one was told the slot was full. One pass now gives back all."""
+    await api.site()
+    release = await api.publish([300])
+    slot = release["slots"][0]["id"]
+    for n in range(250):
+        assert (await api.hold(slot, ip(n))).status == 201
+    domain = domain_of(api)
+    clock.advance(domain.settings.hold_ttl_s + 1)
+    await sweep_once(domain, reconcile=False)
+    counts = await domain.inventory._redis.hgetall(ReleaseKeys.of(release["id"]).inv)
+    assert counts[f"h:{slot}".encode()] == b"0"
+    assert await domain.inventory._redis.zcard(ReleaseKeys.of(release["id"]).holds) == 0
+
+
 async def test_booking_cancelled_before_its_confirm_settled(api: Api, clock: FakeClock) -> None:
     """Confirm committed, Redis never told, then the applicant cancelled: the hold is settled
     as not booked (by the sweeper, or by a retried confirm) and the place is free."""
