@@ -5,9 +5,11 @@ migrate     apply the SQL migrations and functions the database has not seen (id
 demo        seed the demo sites and releases (idempotent)
 sweep       one sweeper pass now: reclaim, settle stale confirms, reconcile, and run the
             draws that are due
-verify-draw RECORD
+verify-draw RECORD [--commitment C] [--entry-id E]
             recompute a draw from its public record (a file or a URL); exit 0 when it
-            matches, 1 with what differs
+            matches, 1 with what differs. With the seed commitment you kept from when
+            registration opened, check the record's against it; with your entry id, say
+            what the draw gave you
 """
 
 from __future__ import annotations
@@ -50,9 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sweep", help="run one sweeper pass, with a reconcile, due draws and the purge")
     verify = sub.add_parser("verify-draw", help="recompute a draw from its public record")
     verify.add_argument("record", help="a file, or an http(s) URL of GET /v1/releases/ID/draw")
+    verify.add_argument(
+        "--commitment",
+        help="the seed_commitment you kept from GET /v1/releases when registration opened: "
+        "the record's must be the same (the record alone is checked only against itself)",
+    )
+    verify.add_argument(
+        "--entry-id", help="your entry id (from your registration): say what the draw gave it"
+    )
     args = parser.parse_args(argv)
     if args.command == "verify-draw":
-        return _verify_draw(args.record)
+        return _verify_draw(args.record, args.commitment, args.entry_id)
 
     from engine import logs
 
@@ -154,7 +164,7 @@ async def _sweep(settings: Settings) -> int:
     return 0
 
 
-def _verify_draw(source: str) -> int:
+def _verify_draw(source: str, commitment: str | None, entry_id: str | None) -> int:
     """Recompute a draw record. Reads a file, or fetches an http(s) URL."""
     import urllib.request
 
@@ -172,6 +182,14 @@ def _verify_draw(source: str) -> int:
         print(f"guichet verify-draw: cannot read {source}: {exc}", file=sys.stderr)
         return 2
     problems = draw.verify(record)
+    if commitment is not None and commitment.strip().lower() != record.get("seed_commitment"):
+        problems.append(
+            "the record's seed commitment is not the commitment you kept: the seed is not "
+            "the one committed to when registration opened"
+        )
+    mine = draw.entry_digest(entry_id) if entry_id is not None else None
+    if mine is not None and mine not in record.get("entries", []):
+        problems.append(f"your entry (digest {mine}) is not in the entry list")
     if problems:
         print(
             f"guichet verify-draw: the record of {record.get('release')} does NOT match:",
@@ -183,7 +201,16 @@ def _verify_draw(source: str) -> int:
     print(
         f"guichet verify-draw: OK: {len(record['allocation'])} place(s) allocated among "
         f"{len(record['entries'])} entries of {record['release']}, as published"
+        + (", from the seed committed to" if commitment is not None else "")
     )
+    if mine is not None:
+        if mine in record["allocation"]:
+            outcome = f"won a place on slot {record['allocation'][mine]}"
+        elif mine in record.get("excluded", []):
+            outcome = "was passed over (booked otherwise, at a cap, or withdrawn: docs/draw.md)"
+        else:
+            outcome = "was not drawn"
+        print(f"guichet verify-draw: your entry (digest {mine}) {outcome}")
     return 0
 
 

@@ -56,7 +56,8 @@ class FcfsRelease(_Release):
 
 
 class DrawRelease(_Release):
-    """``entries_digest``: once registration has closed."""
+    """``entries_digest``: once registration has closed and the list is frozen;
+    ``beacon``: once staff added it, after that."""
 
     mode: Literal["draw"]
     registration_opens_at: Moment
@@ -64,6 +65,7 @@ class DrawRelease(_Release):
     draw_at: Moment
     seed_commitment: str
     entries_digest: str | None = None
+    beacon: str | None = None
 
 
 # A release by its mode: each mode's fields are then required in the document.

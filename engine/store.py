@@ -617,6 +617,21 @@ class Store:
                     errors.append(
                         {"field": "opens_at", "message": "must come before the last slot starts"}
                     )
+            if capacities and row["mode"] == "draw" and row["registration_closes_at"] <= now:
+                # Whoever knows the seed knows the ranking once the list is frozen (and the
+                # beacon set): a place added or taken away then would move the cut-off onto
+                # whom they chose. After the draw, the places go to the next one.
+                drawn = await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM draws WHERE release_id = $1)", release_id
+                )
+                if not drawn:
+                    errors.append(
+                        {
+                            "field": "slots",
+                            "message": "a draw's places are fixed from registration's close "
+                            "to the draw: change them after it",
+                        }
+                    )
             if errors:
                 raise ValidationFailed(errors)
             try:
@@ -1026,13 +1041,15 @@ class Store:
         return done is not None
 
     async def set_beacon(self, release_id: str, beacon: str, now: datetime) -> None:
-        """Add the public beacon value, once: between registration's close and the draw.
+        """Add the public beacon value, once: between the entry list's freeze and the draw.
         The same value again changes nothing (a retry). Another is refused: with the seed
         and the entries digest, an insider could try values until one ranks the entries
-        they want, and set that one."""
+        they want, and set that one. Before the freeze, a worker whose clock lags could
+        still register an entry chosen knowing it."""
         async with self._transaction() as conn:
             row = await conn.fetchrow(
                 """SELECT beacon, registration_closes_at <= $2 AND draw_at > $2 AS open,
+                          entries_digest IS NOT NULL AS frozen,
                           EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id) AS drawn
                    FROM releases r WHERE id = $1 AND mode = 'draw' FOR NO KEY UPDATE""",
                 release_id,
@@ -1046,6 +1063,11 @@ class Store:
                 raise NotOpen("The beacon is set already: it cannot change")
             if not row["open"] or row["drawn"]:
                 raise NotOpen("A beacon is added after registration closes and before the draw")
+            if not row["frozen"]:
+                raise NotOpen(
+                    "The entry list is not frozen yet (within a sweep of the closing): add the "
+                    "beacon once GET /v1/releases shows the release's entries_digest"
+                )
             await conn.execute("UPDATE releases SET beacon = $2 WHERE id = $1", release_id, beacon)
             await _audit(conn, "admin", "draw.beacon", release_id, {"beacon": beacon})
 
@@ -1427,6 +1449,7 @@ def _release(row: asyncpg.Record, slots: Sequence[asyncpg.Record]) -> Release:
         timezone=row["timezone"],
         seed_commitment=row["seed_commitment"],
         entries_digest=row["entries_digest"],
+        beacon=row["beacon"],
         slots=tuple(
             Slot(s["id"], s["starts_at"], s["duration_minutes"], s["capacity"], s["booked"])
             for s in slots

@@ -107,6 +107,33 @@ def test_verify_accepts_a_record_and_rejects_every_tampering() -> None:
     assert draw.verify({"nonsense": 1})
 
 
+def test_verify_draw_checks_the_commitment_one_kept_and_finds_ones_entry(tmp_path: Any) -> None:
+    """The record is checked against itself: whoever could change it could change its
+    commitment too. A person who kept the commitment published when registration opened
+    can give it, and their entry id, to learn their own outcome from the record."""
+    rec = make_record()
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(rec))
+
+    def verify(*options: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "engine", "verify-draw", str(path), *options]
+        return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+    entry_ids = [f"e{i}" for i in range(8)]  # make_record's entries
+    winner = next(e for e in entry_ids if draw.entry_digest(e) in rec["allocation"])
+    loser = next(e for e in entry_ids if draw.entry_digest(e) not in rec["allocation"])
+    kept = rec["seed_commitment"]
+    won = verify("--commitment", kept, "--entry-id", winner)
+    assert won.returncode == 0, won.stderr
+    assert f"won a place on slot {rec['allocation'][draw.entry_digest(winner)]}" in won.stdout
+    lost = verify("--entry-id", loser)
+    assert lost.returncode == 0 and "was not drawn" in lost.stdout, lost
+    absent = verify("--entry-id", "e-never-entered")
+    assert absent.returncode == 1 and "is not in the entry list" in absent.stderr, absent
+    other = verify("--commitment", "ab" * 32)
+    assert other.returncode == 1 and "commitment you kept" in other.stderr, other
+
+
 def test_verify_draw_command(tmp_path: Any) -> None:
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps(make_record()))
@@ -1020,13 +1047,21 @@ async def test_a_cancelled_draw_place_goes_to_the_next_draw(
 
 
 async def test_beacon_window(api: Api, clock: FakeClock) -> None:
+    """The beacon comes after the entry list is frozen, so that no entry can be registered
+    knowing it (a worker whose clock lags takes entries until the freeze), and it is public
+    in the listing from then on."""
     await api.site()
     release = (await api.publish_draw([1]))["id"]
     path = f"/v1/admin/releases/{release}/beacon"
     assert (await api.call("PUT", path, {"beacon": "too-early"}, ADMIN)).status == 409
     await api.enter(release, applicant(), ip(1))
     clock.advance(86401)
+    unfrozen = await api.call("PUT", path, {"beacon": "loto-2026-11-28"}, ADMIN)
+    assert unfrozen.status == 409 and "frozen" in unfrozen.body["detail"], unfrozen.body
+    await api.client.app[LOTTERY].run_due()  # the sweeper's: it freezes the list
     assert (await api.call("PUT", path, {"beacon": "loto-2026-11-28"}, ADMIN)).status == 200
+    [listed] = (await api.call("GET", "/v1/releases")).body["releases"]
+    assert listed["beacon"] == "loto-2026-11-28" and "entries_digest" in listed, listed
     # Set once: the same value again is a retry; another, tried for a better rank, is not.
     assert (await api.call("PUT", path, {"beacon": "loto-2026-11-28"}, ADMIN)).status == 200
     changed = await api.call("PUT", path, {"beacon": "loto-2026-11-29"}, ADMIN)
@@ -1036,6 +1071,30 @@ async def test_beacon_window(api: Api, clock: FakeClock) -> None:
     rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
     assert rec["beacon"] == "loto-2026-11-28" and draw.verify(rec) == []
     assert (await api.call("PUT", path, {"beacon": "too-late"}, ADMIN)).status == 409
+
+
+async def test_a_draws_places_are_fixed_from_closing_to_the_draw(
+    api: Api, clock: FakeClock
+) -> None:
+    """Whoever knows the seed knows the ranking once the list is frozen and the beacon is
+    set: a place added or taken away then moves the cut-off onto the person they choose.
+    The places of a draw change before registration closes, and after the draw."""
+    await api.site()
+    release = await api.publish_draw([2])
+    path = f"/v1/admin/releases/{release['id']}"
+    slot = release["slots"][0]["id"]
+
+    async def capacity(n: int) -> Any:
+        return await api.call("PATCH", path, {"slots": [{"id": slot, "capacity": n}]}, ADMIN)
+
+    assert (await capacity(3)).status == 200
+    clock.advance(86401)  # registration closed
+    for n in (4, 1):
+        fixed = await capacity(n)
+        assert fixed.status == 400 and "fixed" in str(fixed.body["errors"]), fixed.body
+    clock.advance(3600)
+    await api.client.app[LOTTERY].run_due()  # drawn
+    assert (await capacity(2)).status == 200
 
 
 async def test_no_entry_slips_in_after_the_list_is_frozen(
