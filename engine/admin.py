@@ -86,6 +86,7 @@ async def create_release(request: web.Request) -> web.Response:
         registration_closes_at=body.registration_closes_at,
         draw_at=body.draw_at,
         release_id=release_id,
+        beacon_source=body.beacon_source,
     )
     await domain.publish(release)
     return _release_reply(await domain.release(release.id), status=201)

@@ -203,6 +203,12 @@ def _verify_draw(source: str, commitment: str | None, entry_id: str | None) -> i
         f"{len(record['entries'])} entries of {record['release']}, as published"
         + (", from the seed committed to" if commitment is not None else "")
     )
+    if record.get("beacon_source"):
+        print(
+            f"guichet verify-draw: beacon {record.get('beacon') or '(none)'!r}: check it "
+            f"against its source, named when the release was published: "
+            f"{record['beacon_source']}"
+        )
     if mine is not None:
         if mine in record["allocation"]:
             outcome = f"won a place on slot {record['allocation'][mine]}"

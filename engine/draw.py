@@ -101,10 +101,12 @@ def record(
     excluded: Sequence[str],
     drawn_at: str,
     ranked: Sequence[str] | None = None,
+    beacon_source: str | None = None,
 ) -> dict[str, Any]:
     """The public record of a draw: everything needed to recompute it, and no identity.
-    ``ranked`` as for ``allocate``."""
-    return {
+    ``ranked`` as for ``allocate``; ``beacon_source``, where the beacon was to come from,
+    as the release said when it was published (not part of the computation)."""
+    rec = {
         "version": VERSION,
         "release": release,
         "seed_commitment": seed_commitment(seed_hex),
@@ -120,6 +122,9 @@ def record(
         "allocation": allocate(seed_hex, digests, beacon, places, excluded, ranked),
         "drawn_at": drawn_at,
     }
+    if beacon_source is not None:
+        rec["beacon_source"] = beacon_source
+    return rec
 
 
 def verify(rec: dict[str, Any]) -> list[str]:

@@ -53,6 +53,7 @@ class Release:
     seed_commitment: str | None = None
     entries_digest: str | None = None  # a draw's, frozen when registration closed
     beacon: str | None = None  # a draw's, added once its list is frozen
+    beacon_source: str | None = None  # a draw's: where its beacon will come from
     _index: dict[str, Slot] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

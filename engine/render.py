@@ -40,6 +40,8 @@ def release(r: Release) -> dict[str, Any]:
         out["seed_commitment"] = r.seed_commitment
         if r.entries_digest is not None:
             out["entries_digest"] = r.entries_digest
+        if r.beacon_source is not None:
+            out["beacon_source"] = r.beacon_source
         if r.beacon is not None:
             out["beacon"] = r.beacon
     out["slots_total"] = sum(s.capacity for s in r.slots)

@@ -56,8 +56,9 @@ class FcfsRelease(_Release):
 
 
 class DrawRelease(_Release):
-    """``entries_digest``: once registration has closed and the list is frozen;
-    ``beacon``: once staff added it, after that."""
+    """``beacon_source``: where the beacon will come from, if the release said so when
+    it was published; ``entries_digest``: once registration has closed and the list is
+    frozen; ``beacon``: once staff added it, after that."""
 
     mode: Literal["draw"]
     registration_opens_at: Moment
@@ -65,6 +66,7 @@ class DrawRelease(_Release):
     draw_at: Moment
     seed_commitment: str
     entries_digest: str | None = None
+    beacon_source: str | None = None
     beacon: str | None = None
 
 
@@ -164,6 +166,8 @@ class DrawRecord(Reply):
     seed_commitment: str
     seed: str
     beacon: str
+    # Where the beacon was to come from, as the release said when it was published.
+    beacon_source: str | None = None
     entries: list[str]
     entries_digest: str
     places: list[DrawPlaces]

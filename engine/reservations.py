@@ -111,6 +111,7 @@ def new_release(
     registration_closes_at: datetime | None = None,
     draw_at: datetime | None = None,
     release_id: str | None = None,
+    beacon_source: str | None = None,
 ) -> Release:
     """A new release with fresh ids (or ``release_id``); its slots are numbered in time
     order (slot ids are ``<release>.<nnn>``, so any slot or hold id names its release)."""
@@ -130,6 +131,7 @@ def new_release(
             Slot(f"{release_id}.{i:03d}", s.starts_at, s.duration_minutes, s.capacity, 0)
             for i, s in enumerate(ordered)
         ),
+        beacon_source=beacon_source,
     )
 
 

@@ -155,6 +155,8 @@ class ReleaseIn(Body):
     registration_opens_at: Moment | None = None
     registration_closes_at: Moment | None = None
     draw_at: Moment | None = None
+    # A draw's: where its beacon will come from (docs/draw.md), public from publication.
+    beacon_source: Annotated[str, StringConstraints(min_length=1, max_length=300)] | None = None
     slots: list[SlotIn] = Field(min_length=1, max_length=2000)
 
     @model_validator(mode="after")
@@ -163,6 +165,8 @@ class ReleaseIn(Body):
         if self.mode == "fcfs":
             if self.opens_at is None or any(draw):
                 raise ValueError("an fcfs release has opens_at and no registration or draw times")
+            if self.beacon_source is not None:
+                raise ValueError("only a draw release has a beacon_source")
             # (A draw may come after its own slots: it gives the places other draws of its
             # procedure carried over, docs/draw.md.)
             if self.opens_at >= max(slot.starts_at for slot in self.slots):

@@ -110,7 +110,8 @@ _ROLLED_BACK = (
 # A release's own columns, named: read with * in a transaction, a column a migration adds
 # would fail the transaction once per pooled connection (InvalidCachedStatementError).
 _RELEASE_COLUMNS = """id, site_id, procedure_id, mode, opens_at, registration_opens_at,
-    registration_closes_at, draw_at, seed, seed_commitment, beacon, entries_digest"""
+    registration_closes_at, draw_at, seed, seed_commitment, beacon, entries_digest,
+    beacon_source"""
 
 _BOOKING_COLUMNS = """
     b.reference, b.status, b.release_id, b.slot_id, s.starts_at, s.duration_minutes,
@@ -455,8 +456,8 @@ class Store:
                 created = await conn.fetchval(
                     """INSERT INTO releases (id, site_id, procedure_id, mode, opens_at,
                            registration_opens_at, registration_closes_at, draw_at,
-                           seed, seed_commitment)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                           seed, seed_commitment, beacon_source)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                        ON CONFLICT (id) DO NOTHING RETURNING id""",
                     release.id,
                     release.site_id,
@@ -468,6 +469,7 @@ class Store:
                     release.draw_at,
                     seed_hex,
                     release.seed_commitment,
+                    release.beacon_source,
                 )
             except asyncpg.ForeignKeyViolationError:
                 raise NotFound(
@@ -1301,6 +1303,7 @@ class Store:
                     places=places,
                     excluded=excluded,
                     drawn_at=_utc(now),
+                    beacon_source=rel["beacon_source"],
                 )
             )
             # The computing is done: back to the session's idle limit, so that a connection
@@ -1450,6 +1453,7 @@ def _release(row: asyncpg.Record, slots: Sequence[asyncpg.Record]) -> Release:
         seed_commitment=row["seed_commitment"],
         entries_digest=row["entries_digest"],
         beacon=row["beacon"],
+        beacon_source=row["beacon_source"],
         slots=tuple(
             Slot(s["id"], s["starts_at"], s["duration_minutes"], s["capacity"], s["booked"])
             for s in slots

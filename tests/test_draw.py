@@ -8,13 +8,14 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from engine import draw
+from engine import cli, draw
 from engine import store as store_module
 from engine.app import create_app
 from engine.appkeys import LOTTERY, RESERVATIONS
@@ -1044,6 +1045,62 @@ async def test_a_cancelled_draw_place_goes_to_the_next_draw(
     metrics = (await api.call("GET", "/metrics")).body
     assert "guichet_draw_places_carried_total 1.0" in metrics
     assert "guichet_draws_total 2.0" in metrics
+
+
+async def test_a_draw_names_its_beacons_source_when_it_is_published(
+    api: Api, clock: FakeClock, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A beacon is worth its source: named when the release is published, it is public
+    from then on and in the record, so that the value staff set later can be checked
+    against it, instead of being one an insider who knows the seed could choose. Only a
+    draw has one, and no PATCH changes it."""
+    await api.site()
+    now = datetime.fromtimestamp(clock.now, UTC)
+    source = "EuroMillions, the draw of 2026-12-04 (its five numbers, then its two stars)"
+    body = {
+        "site": "bobigny",
+        "procedure": "renouvellement",
+        "mode": "draw",
+        "registration_opens_at": (now - timedelta(minutes=1)).isoformat(),
+        "registration_closes_at": (now + timedelta(days=1)).isoformat(),
+        "draw_at": (now + timedelta(days=1, hours=1)).isoformat(),
+        "beacon_source": source,
+        "slots": [
+            {
+                "starts_at": (now + timedelta(days=3)).isoformat(),
+                "duration_minutes": 15,
+                "capacity": 1,
+            }
+        ],
+    }
+    published = await api.call("POST", "/v1/admin/releases", body, ADMIN)
+    assert published.status == 201, published.body
+    release = published.body["release"]["id"]
+    [listed] = (await api.call("GET", "/v1/releases")).body["releases"]
+    assert listed["beacon_source"] == source
+    path = f"/v1/admin/releases/{release}"
+    changed = await api.call("PATCH", path, {"beacon_source": "another"}, ADMIN)
+    assert changed.status == 400, changed.body
+    fcfs = {
+        **{k: v for k, v in body.items() if not k.startswith(("registration", "draw"))},
+        "mode": "fcfs",
+        "opens_at": now.isoformat(),
+    }
+    refused = await api.call("POST", "/v1/admin/releases", fcfs, ADMIN)
+    assert refused.status == 400 and "beacon_source" in str(refused.body["errors"]), refused.body
+    await api.enter(release, applicant(), ip(1))
+    clock.advance(86401)
+    await api.client.app[LOTTERY].run_due()  # frozen
+    beacon = "04 17 23 31 48 * 02 09"
+    assert (await api.call("PUT", f"{path}/beacon", {"beacon": beacon}, ADMIN)).status == 200
+    clock.advance(3600)
+    await api.client.app[LOTTERY].run_due()  # drawn
+    rec = (await api.call("GET", f"/v1/releases/{release}/draw")).body
+    assert (rec["beacon"], rec["beacon_source"]) == (beacon, source) and draw.verify(rec) == []
+    saved = tmp_path / "record.json"
+    saved.write_text(json.dumps(rec))
+    assert cli.main(["verify-draw", str(saved)]) == 0
+    assert source in capsys.readouterr().out
 
 
 async def test_beacon_window(api: Api, clock: FakeClock) -> None:
