@@ -13,6 +13,10 @@ from contextvars import ContextVar
 from typing import Any
 
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
+# The staff agent an admin request's token names (engine/admin.py): in its log lines and
+# its audit rows. Set by the admin token's check; aiohttp runs each request in a task of
+# its own, so the next request on that connection starts without it.
+agent: ContextVar[str | None] = ContextVar("agent", default=None)
 
 _logger = logging.getLogger("guichet")
 
@@ -34,6 +38,8 @@ class EventLog:
         rid = request_id.get()
         if rid != "-":
             parts.append(f"request_id={rid}")
+        if (who := agent.get()) is not None:
+            parts.append(f"agent={who}")
         _logger.log(level, " ".join(parts))
 
     def debug(self, event: str, **fields: Any) -> None:

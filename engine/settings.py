@@ -71,6 +71,9 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
     admin_token: str | None = None
+    # Each agent's own admin token, by name (GUICHET_ADMIN_TOKENS): the audit log and the
+    # logs then say which agent did what. GUICHET_ADMIN_TOKEN's agent is "admin".
+    admin_agents: tuple[tuple[str, str], ...] = ()
     env: str = "development"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -153,14 +156,14 @@ class Settings:
         # As the token comes in a header, stripped: a file's trailing newline would
         # otherwise lock every agent out with a plain 401.
         admin_token = env.get("GUICHET_ADMIN_TOKEN", "").strip() or None
-        if admin_token is not None and not admin_token.isascii():
-            raise ConfigError("GUICHET_ADMIN_TOKEN must be ASCII: it is sent in a header")
-        if mode == "production" and admin_token is not None and len(admin_token) < 32:
-            # It books without proof of work, cancels anyone's booking and reads the
-            # agendas' personal data, from wherever the admin routes are reachable.
+        if admin_token is not None:
+            _admin_token("GUICHET_ADMIN_TOKEN", admin_token, mode)
+        admin_agents = _admin_agents(env.get("GUICHET_ADMIN_TOKENS", ""), mode)
+        tokens = [t for _, t in admin_agents] + ([admin_token] if admin_token else [])
+        if len(set(tokens)) != len(tokens):
             raise ConfigError(
-                "GUICHET_ADMIN_TOKEN must be at least 32 characters when GUICHET_ENV=production"
-                " (for example `openssl rand -base64 32`)"
+                "GUICHET_ADMIN_TOKENS: each agent needs a token of their own (one is given "
+                "twice, or is GUICHET_ADMIN_TOKEN's)"
             )
         period = _int(env, "GUICHET_IDENTITY_PERIOD_DAYS", 30, 1, 3650)
         return cls(
@@ -169,6 +172,7 @@ class Settings:
             migrate_database_url=env.get("GUICHET_MIGRATE_DATABASE_URL") or None,
             redis_url=_redis_url(env.get("GUICHET_REDIS_URL", DEFAULT_REDIS_URL)),
             admin_token=admin_token,
+            admin_agents=admin_agents,
             env=mode,
             host=env.get("GUICHET_HOST", "127.0.0.1"),
             port=_int(env, "GUICHET_PORT", 8080, 0, 65535),
@@ -217,6 +221,7 @@ KNOWN_VARIABLES = frozenset(
         "GUICHET_MIGRATE_DATABASE_URL",
         "GUICHET_REDIS_URL",
         "GUICHET_ADMIN_TOKEN",
+        "GUICHET_ADMIN_TOKENS",
         "GUICHET_HOST",
         "GUICHET_PORT",
         "GUICHET_WORKERS",
@@ -240,6 +245,42 @@ KNOWN_VARIABLES = frozenset(
         *(name for name, _default in LIMITS.values()),
     }
 )
+
+
+_AGENT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def _admin_token(variable: str, token: str, mode: str) -> None:
+    if not token.isascii():
+        raise ConfigError(f"{variable} must be ASCII: it is sent in a header")
+    if mode == "production" and len(token) < 32:
+        # It books without proof of work, cancels anyone's booking and reads the
+        # agendas' personal data, from wherever the admin routes are reachable.
+        raise ConfigError(
+            f"{variable} must be at least 32 characters when GUICHET_ENV=production"
+            " (for example `openssl rand -base64 32`)"
+        )
+
+
+def _admin_agents(raw: str, mode: str) -> tuple[tuple[str, str], ...]:
+    """GUICHET_ADMIN_TOKENS: ``name:token`` pairs, comma-separated (base64 tokens hold
+    neither character). Each name is what the audit log records for its agent."""
+    agents: list[tuple[str, str]] = []
+    for i, item in enumerate(raw.split(","), 1):
+        if not item.strip():
+            continue
+        name, colon, token = item.strip().partition(":")
+        if not colon or not _AGENT.match(name) or name == "admin" or not token.strip():
+            # Which item, not what it says: it may be a token written without its name.
+            raise ConfigError(
+                f"GUICHET_ADMIN_TOKENS: item {i} is not name:token (pairs comma-separated, "
+                "each name of lowercase letters, digits, '.', '_' or '-', not 'admin')"
+            )
+        if name in (n for n, _ in agents):
+            raise ConfigError(f"GUICHET_ADMIN_TOKENS names the agent {name!r} twice")
+        _admin_token(f"GUICHET_ADMIN_TOKENS ({name})", token.strip(), mode)
+        agents.append((name, token.strip()))
+    return tuple(agents)
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:

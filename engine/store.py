@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from engine import draw
+from engine import draw, logs
 from engine.errors import (
     IdentityAlreadyBooked,
     NotCommitted,
@@ -775,7 +775,10 @@ class Store:
         violation becomes SlotFull or IdentityAlreadyBooked.
         """
         rules = self._rules
-        async with self._connection() as conn:
+        # An agent's booking (an admin request) also says in its audit row which agent
+        # made it, in the same transaction; a confirm online is the one statement.
+        who = logs.agent.get()
+        async with self._transaction() if who is not None else self._connection() as conn:
             try:
                 row = await conn.fetchrow(
                     "SELECT * FROM book_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
@@ -801,6 +804,13 @@ class Store:
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _map_integrity(exc) from None
+            if who is not None and row is not None and row["outcome"] == "booked":
+                await conn.execute(
+                    """UPDATE audit_log SET detail = detail || jsonb_build_object('agent', $2::text)
+                       WHERE subject = $1 AND action = 'booking.confirm'""",
+                    row["reference"],
+                    who,
+                )
         assert row is not None
         outcome = row["outcome"]
         if outcome in ("booked", "existing"):
@@ -1481,6 +1491,8 @@ async def _audit(
     subject: str,
     detail: dict[str, Any],
 ) -> None:
+    if (who := logs.agent.get()) is not None:  # the staff agent of an admin request
+        detail = {**detail, "agent": who}
     await conn.execute(
         "INSERT INTO audit_log (actor, action, subject, detail) VALUES ($1, $2, $3, $4::jsonb)",
         actor,

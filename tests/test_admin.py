@@ -12,11 +12,13 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, applicant, ip
-from tests.conftest import FakeClock
+from tests.conftest import DATABASE_URL, FakeClock, make_settings
 
 
 async def test_site_upsert_and_listing(api: Api) -> None:
@@ -237,6 +239,7 @@ async def test_windows_change_only_before_they_start(
         "windows": {"opens_at": soon},
         "capacities": {slot: 4},
         "before": {"windows": {}, "capacities": {slot: 1}},
+        "agent": "admin",
     }
     clock.advance(61)
     assert (await api.hold(later["slots"][0]["id"])).status == 201
@@ -396,6 +399,49 @@ async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> Non
     ).status == 404
 
 
+async def test_each_agent_has_a_token_and_the_audit_log_names_them(clean: None) -> None:
+    """One admin token for every agent could not tell them apart: who cancelled this
+    booking, who moved that opening? Each agent's own token (GUICHET_ADMIN_TOKENS) names
+    them in every audit row of their requests, counter bookings included, and in their log
+    lines; the shared token's agent is "admin". A public request after them is nobody's."""
+    agents = (("amina", "a" * 40), ("bruno", "b" * 40))
+    app = create_app(make_settings(admin_agents=agents), clock=FakeClock(), sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        api = Api(client, FakeClock())
+
+        def token(secret: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {secret}"}
+
+        await api.site()  # the shared token
+        release = await api.publish([2])
+        slot = release["slots"][0]["id"]
+        path = f"/v1/admin/releases/{release['id']}"
+        body = {"slots": [{"id": slot, "capacity": 3}]}
+        assert (await api.call("PATCH", path, body, token("a" * 40))).status == 200
+        staff = {"slot_id": slot, "applicant": applicant()}
+        booked = await api.call("POST", "/v1/admin/bookings", staff, token("b" * 40))
+        assert booked.status == 201, booked.body
+        reference = booked.body["booking"]["reference"]
+        # A public request next (on the same connection): not bruno's.
+        cancel = {"Authorization": f"Bearer {booked.body['cancel_token']}"}
+        assert (await api.call("DELETE", f"/v1/bookings/{reference}", headers=cancel)).status == 204
+        wrong = await api.call("PATCH", path, body, token("c" * 40))
+        assert wrong.status == 401
+        pg = await asyncpg.connect(DATABASE_URL)
+        try:
+            rows = await pg.fetch("SELECT actor, action, detail FROM audit_log ORDER BY id")
+        finally:
+            await pg.close()
+    agents_of = [(r["action"], json.loads(r["detail"]).get("agent")) for r in rows]
+    assert agents_of == [
+        ("site.upsert", "admin"),
+        ("release.create", "admin"),
+        ("release.patch", "amina"),
+        ("booking.confirm", "bruno"),
+        ("booking.cancel", None),
+    ]
+
+
 async def test_staff_cancel_for_a_person(api: Api, pg: asyncpg.Connection) -> None:
     """A person who booked at the counter or on the phone cancels the same way: staff
     cancel with the admin token, and the place returns as with the person's cancel."""
@@ -551,8 +597,8 @@ async def test_a_place_withdrawn_with_its_cancel_goes_to_nobody(
         "SELECT detail FROM audit_log WHERE action = 'booking.cancel' ORDER BY id"
     )
     assert [json.loads(r["detail"]) for r in details] == [
-        {"by": "prefecture", "place": "withdrawn"},
-        {"by": "person", "place": "returned"},
+        {"by": "prefecture", "place": "withdrawn", "agent": "admin"},
+        {"by": "person", "place": "returned"},  # online, by the person: no agent
     ]
 
 

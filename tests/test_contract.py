@@ -142,6 +142,23 @@ async def test_ops_endpoints(api: Api) -> None:
             "GUICHET_ADMIN_TOKEN",
         ),
         ({"GUICHET_ADMIN_TOKEN": "mot-de-passe-très-long"}, "GUICHET_ADMIN_TOKEN"),
+        ({"GUICHET_ADMIN_TOKENS": "x" * 40}, "GUICHET_ADMIN_TOKENS: item 1"),  # no name
+        ({"GUICHET_ADMIN_TOKENS": f"amina:{'a' * 40},Bruno:{'b' * 40}"}, "item 2"),
+        ({"GUICHET_ADMIN_TOKENS": f"admin:{'a' * 40}"}, "GUICHET_ADMIN_TOKENS"),
+        ({"GUICHET_ADMIN_TOKENS": f"amina:{'a' * 40},amina:{'b' * 40}"}, "twice"),
+        ({"GUICHET_ADMIN_TOKENS": f"amina:{'a' * 40},bruno:{'a' * 40}"}, "of their own"),
+        (
+            {"GUICHET_ADMIN_TOKEN": "a" * 40, "GUICHET_ADMIN_TOKENS": f"amina:{'a' * 40}"},
+            "of their own",
+        ),
+        (
+            {
+                "GUICHET_ENV": "production",
+                "GUICHET_SECRET": "x" * 40,
+                "GUICHET_ADMIN_TOKENS": "amina:short",
+            },
+            r"GUICHET_ADMIN_TOKENS \(amina\) must be at least 32",
+        ),
         ({"GUICHET_TRUSTED_PROXIES": "10.0.0.0/8 nonsense"}, "nonsense"),
         ({"GUICHET_RETENTION_DAYS": "10"}, "GUICHET_IDENTITY_PERIOD_DAYS"),
         ({"GUICHET_REDIS_URL": "http://x"}, "GUICHET_REDIS_URL"),
@@ -155,6 +172,16 @@ def test_configuration_errors_name_the_variable(
         base.pop("GUICHET_SECRET")
     with pytest.raises(ConfigError, match=message):
         Settings.from_env({**base, **env})
+
+
+def test_agents_tokens_are_read_and_never_quoted_in_errors(tmp_path: object) -> None:
+    env = {"GUICHET_DATA_DIR": str(tmp_path), "GUICHET_SECRET": "x" * 40}
+    agents = f" amina:{'a' * 40} , bruno.d:{'b' * 40}\n,"
+    settings = Settings.from_env({**env, "GUICHET_ADMIN_TOKENS": agents})
+    assert settings.admin_agents == (("amina", "a" * 40), ("bruno.d", "b" * 40))
+    with pytest.raises(ConfigError) as refused:  # a token written without its name
+        Settings.from_env({**env, "GUICHET_ADMIN_TOKENS": "s3cr3t-" * 6})
+    assert "s3cr3t" not in str(refused.value)
 
 
 def test_an_admin_token_read_from_a_file_keeps_no_newline(tmp_path: object) -> None:
