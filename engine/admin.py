@@ -179,6 +179,15 @@ async def staff_entry(request: web.Request) -> web.Response:
     )
 
 
+async def identity_check(request: web.Request) -> web.Response:
+    """Whether a booking was made under the number of the document the person shows."""
+    require_admin(request)
+    body = await parse_body(request, schemas.IdentityCheck, _limit(request))
+    domain = request.app[RESERVATIONS]
+    matches = await domain.check_identity(request.match_info["reference"], body.id_number)
+    return json_response({"matches": matches})
+
+
 async def staff_cancel(request: web.Request) -> web.Response:
     """Cancel for the person (``?by=person``, the default) or by the prefecture
     (``?by=prefecture``: the person's caps do not count it); the place goes back

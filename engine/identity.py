@@ -53,8 +53,13 @@ class Applicant:
 
     def identity_hash(self, secret: bytes) -> bytes:
         """Keyed hash of the normalised document number: the uniqueness key, never reversible."""
-        return keyed_hash(secret, "identity", normalise_id_number(self.id_number))
+        return document_hash(secret, self.id_number)
 
     def email_hash(self, secret: bytes) -> bytes:
         """Keyed hash of the inbox (``normalise_email``): the key of the email cap."""
         return keyed_hash(secret, "email", normalise_email(self.email))
+
+
+def document_hash(secret: bytes, id_number: str) -> bytes:
+    """The identity hash of a document number, as a booking keeps it."""
+    return keyed_hash(secret, "identity", normalise_id_number(id_number))

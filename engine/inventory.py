@@ -412,6 +412,22 @@ class Inventory:
     async def forget_unspent(self, key: str, challenge_id: str) -> None:
         await self._command("ZREM", key, challenge_id)
 
+    async def restore_unspent(self, key: str, challenge_id: str, expiry_ms: int) -> None:
+        """Count a challenge among the address's unspent ones again: a hold's round trip
+        takes it off whatever the answer, and a refusal that leaves it unspent (the
+        address's live holds) must put it back, or each such refusal made room for one
+        more challenge than the cap allows. The set lives as long as its last member."""
+        replies = await self._run(
+            [
+                ("ZADD", key, expiry_ms, challenge_id),
+                ("PEXPIREAT", key, expiry_ms, "NX"),  # taken off its last member: a new set
+                ("PEXPIREAT", key, expiry_ms, "GT"),
+            ]
+        )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                self._raise(reply)
+
     async def unspend(self, release_id: str, challenge_id: str) -> None:
         """Give a spent challenge back (its attempt failed for want of a store)."""
         await self._command("ZREM", ReleaseKeys.of(release_id).spent, challenge_id)

@@ -182,6 +182,12 @@ class SiteSaved(Reply):
     site: Site
 
 
+class IdentityChecked(Reply):
+    """Whether the booking was made under the number of the document shown."""
+
+    matches: bool
+
+
 class StaffSlot(Slot):
     capacity: int = Field(ge=0)
     booked: int = Field(ge=0)

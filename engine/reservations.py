@@ -39,7 +39,7 @@ from engine.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from engine.identity import Applicant
+from engine.identity import Applicant, document_hash
 from engine.inventory import HoldRecord, Inventory, InventoryMissing, SlotCounts
 from engine.keys import unspent_challenges
 from engine.limits import Client, FoundSpent, Limiter
@@ -474,6 +474,13 @@ class Reservations:
             if now_ms >= paid.expires_ms:
                 raise ChallengeExpired("The challenge's time ran out; ask for a new one")
             raise ChallengeSpent()
+        if result.outcome in ("no-slot", "client-limit") and now_ms < paid.expires_ms:
+            # Refused before the capacity decision: the challenge stays unspent, and counts
+            # among the address's unspent ones again (the hold's round trip took it off).
+            with contextlib.suppress(StoreUnavailable):
+                await self.inventory.restore_unspent(
+                    unspent_challenges(client), paid.id, paid.expires_ms
+                )
         if result.outcome == "no-slot":
             raise NotFound(f"No slot {slot_id!r}")
         if result.outcome == "client-limit":
@@ -766,6 +773,20 @@ class Reservations:
         """Cancel (idempotent); the place returns at once: online for a first-come
         release, to the next draw's places for a draw's (and to its listing, at once)."""
         await self._cancel(await self.booking(reference, cancel_token, client), "online")
+
+    async def check_identity(self, reference: str, id_number: str) -> bool:
+        """Whether the booking was made under the number of the document a person shows at
+        the counter (normalised as at booking). The number is kept by nobody, only its
+        keyed hash: a booking made under a made-up number for someone else's name is found
+        out here."""
+        if not REFERENCE.match(reference):
+            raise NotFound(f"No booking {reference!r}")
+        matches = await self.store.check_identity(
+            reference, document_hash(self.settings.secret, id_number)
+        )
+        if matches is None:
+            raise NotFound(f"No booking {reference!r}")
+        return matches
 
     async def staff_cancel(
         self, reference: str, by: CancelledBy = "person", withdraw: bool = False

@@ -231,6 +231,17 @@ ROUTES: tuple[Route, ...] = (
         auth="admin",
     ),
     Route(
+        "POST",
+        "/v1/admin/bookings/{reference}/identity-check",
+        admin.identity_check,
+        "Check at the counter that a booking was made under the number of the document shown",
+        200,
+        schemas.IdentityCheck,
+        ("unauthorized", "validation-error", "not-found", *_STORE),
+        auth="admin",
+        reply=replies.IdentityChecked,
+    ),
+    Route(
         "GET",
         "/v1/admin/agenda",
         admin.agenda,

@@ -70,21 +70,25 @@ class ChallengeRequest(Body):
     release: Opaque
 
 
+def _id_number(value: str) -> str:
+    if not ID_NUMBER.match(normalise_id_number(value)):
+        raise ValueError("must be 5 to 20 letters and digits (spaces and dashes ignored)")
+    return value
+
+
+IdNumber = Annotated[
+    str, StringConstraints(min_length=1, max_length=40), AfterValidator(_id_number)
+]
+
+
 class Applicant(Body):
     family_name: Name
     given_names: Name
     birth_date: date
-    id_number: Annotated[str, StringConstraints(min_length=1, max_length=40)] = Field(
+    id_number: IdNumber = Field(
         description="AGDREF or passport number; case, spaces and dashes are ignored"
     )
     email: Email
-
-    @field_validator("id_number")
-    @classmethod
-    def _id_number(cls, value: str) -> str:
-        if not ID_NUMBER.match(normalise_id_number(value)):
-            raise ValueError("must be 5 to 20 letters and digits (spaces and dashes ignored)")
-        return value
 
     @field_validator("birth_date")
     @classmethod
@@ -200,6 +204,12 @@ class ReleasePatch(Body):
     @classmethod
     def _unique(cls, value: list[SlotCapacity]) -> list[SlotCapacity]:
         return _each_id_once(value, "each slot at most once: which capacity would it get?")
+
+
+class IdentityCheck(Body):
+    """The number on the document a person shows at the counter."""
+
+    id_number: IdNumber
 
 
 class StaffBookingRequest(Body):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -860,6 +861,19 @@ class Store:
                 reference,
             )
         return None if row is None else _booking(row)
+
+    async def check_identity(self, reference: str, identity_hash: bytes) -> bool | None:
+        """Whether the booking was made for this identity (None: no such booking); the
+        check is in the audit log, with its answer."""
+        async with self._transaction() as conn:
+            booked = await conn.fetchval(
+                "SELECT identity_hash FROM bookings WHERE reference = $1", reference
+            )
+            if booked is None:
+                return None
+            matches = hmac.compare_digest(bytes(booked), identity_hash)
+            await _audit(conn, "staff", "booking.identity_check", reference, {"matches": matches})
+        return matches
 
     async def cancel(
         self,

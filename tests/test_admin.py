@@ -442,6 +442,43 @@ async def test_each_agent_has_a_token_and_the_audit_log_names_them(clean: None) 
     ]
 
 
+async def test_the_counter_checks_a_booking_against_the_document_shown(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """A reseller books under the buyer's name and a made-up document number: the agenda
+    shows names and birth dates only, so the booking passed the counter, and one person
+    could hold several. The agent types the number of the document shown: the engine says
+    whether the booking was made under it (the number is kept by nobody, only its keyed
+    hash), and the check is audited."""
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    buyer = applicant(id_number="AB-12 3456")
+    honest = await api.book(slot, buyer)
+    resold = await api.book(slot, {**buyer, "id_number": "ZZ999999"})  # the buyer's name
+    path = "/v1/admin/bookings/{}/identity-check"
+
+    async def check(booked: dict[str, Any], shown: str, headers: dict[str, str] = ADMIN) -> Any:
+        reference = booked["booking"]["reference"]
+        return await api.call("POST", path.format(reference), {"id_number": shown}, headers)
+
+    for shown in ("AB-12 3456", "ab123456"):  # as typed, or without its spaces and dashes
+        assert (await check(honest, shown)).body == {"matches": True}
+    assert (await check(resold, "AB123456")).body == {"matches": False}
+    assert (await check(honest, "AB")).status == 400
+    assert (await check(honest, "AB123456", {})).status == 401
+    missing = {"booking": {"reference": "00-0000-0000"}}
+    assert (await check(missing, "AB123456")).status == 404
+    audited = await pg.fetch(
+        "SELECT subject, detail FROM audit_log WHERE action = 'booking.identity_check' ORDER BY id"
+    )
+    assert [(r["subject"], json.loads(r["detail"])["matches"]) for r in audited] == [
+        (honest["booking"]["reference"], True),
+        (honest["booking"]["reference"], True),
+        (resold["booking"]["reference"], False),
+    ]
+
+
 async def test_staff_cancel_for_a_person(api: Api, pg: asyncpg.Connection) -> None:
     """A person who booked at the counter or on the phone cancels the same way: staff
     cancel with the admin token, and the place returns as with the person's cancel."""

@@ -430,6 +430,21 @@ async def test_one_live_hold_per_client(
         assert (await api.hold(release["slots"][1]["id"], again, paid=paid)).status == 201
 
 
+async def test_a_hold_refused_for_the_live_holds_keeps_its_challenge_counted(clean: None) -> None:
+    """A hold refused for the address's live hold leaves its challenge unspent, and still
+    counted among the address's unspent ones: each such refusal made room for one more
+    challenge, and an address kept hundreds of solved challenges, ready for the opening."""
+    async with engine(max_live_holds=1, max_unspent_challenges=2) as api:
+        release = await api.publish([5, 5])
+        first, second = (s["id"] for s in release["slots"])
+        assert (await api.hold(first, "10.0.0.1")).status == 201
+        kept = [await api.solved(release["id"], "10.0.0.1") for _ in range(2)]
+        refused = await api.hold(second, "10.0.0.1", paid=kept[0])
+        assert (refused.status, refused.body["level"]) == (429, "holds")
+        more = await challenge(api, release["id"], "10.0.0.1")
+        assert (more.status, more.body["level"]) == (429, "unspent"), more.body
+
+
 async def cancel(api: Api, booked: dict[str, Any]) -> None:
     r = await api.call(
         "DELETE",
