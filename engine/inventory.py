@@ -334,29 +334,26 @@ class Inventory:
             return HoldResult(outcome, _text(reply[1]), int(reply[2]), _text(reply[3]))  # type: ignore[arg-type]
         return HoldResult(outcome)  # type: ignore[arg-type]
 
-    async def reclaim(self, release_id: str, now_ms: int) -> int:
-        """Give back the places of up to RECLAIM_LIMIT expired holds; how many it did.
+    async def _reclaiming(self, op: str, release_id: str, now_ms: int) -> list[Any]:
+        """The reply of ``op``, which first reclaims up to RECLAIM_LIMIT expired holds.
         Raises InventoryMissing."""
         k = ReleaseKeys.of(release_id)
         reply = await self._call(
-            "reclaim_expired",
+            op,
             (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients),
             (now_ms, RECLAIM_LIMIT),
         )
         if _text(reply[0]) == "rebuild":
             raise InventoryMissing(release_id)
-        return int(reply[1])
+        return reply
+
+    async def reclaim(self, release_id: str, now_ms: int) -> int:
+        """Give back the places of up to RECLAIM_LIMIT expired holds; how many it did."""
+        return int((await self._reclaiming("reclaim_expired", release_id, now_ms))[1])
 
     async def counts(self, release_id: str, now_ms: int) -> dict[str, SlotCounts]:
         """Per-slot counts after reclaiming expired holds. Raises InventoryMissing."""
-        k = ReleaseKeys.of(release_id)
-        reply = await self._call(
-            "inventory",
-            (k.inv, k.holds, k.confirming, k.hold, k.idem, k.clients),
-            (now_ms, RECLAIM_LIMIT),
-        )
-        if _text(reply[0]) == "rebuild":
-            raise InventoryMissing(release_id)
+        reply = await self._reclaiming("inventory", release_id, now_ms)
         fields = {_text(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
         return {
             name[2:]: SlotCounts(
