@@ -620,19 +620,44 @@ class Store:
                     errors.append(
                         {"field": "opens_at", "message": "must come before the last slot starts"}
                     )
-            if capacities and row["mode"] == "draw" and row["registration_closes_at"] <= now:
-                # Whoever knows the seed knows the ranking once the list is frozen (and the
-                # beacon set): a place added or taken away then would move the cut-off onto
-                # whom they chose. After the draw, the places go to the next one.
+            drawn = False
+            if capacities and row["mode"] == "draw":
                 drawn = await conn.fetchval(
                     "SELECT EXISTS (SELECT 1 FROM draws WHERE release_id = $1)", release_id
                 )
-                if not drawn:
+            if capacities and row["mode"] == "draw" and not drawn:
+                if row["registration_closes_at"] <= now:
+                    # Whoever knows the seed knows the ranking once the list is frozen (and
+                    # the beacon set): a place added or taken away then would move the
+                    # cut-off onto whom they chose. After the draw, the places go to the
+                    # next one.
                     errors.append(
                         {
                             "field": "slots",
                             "message": "a draw's places are fixed from registration's close "
                             "to the draw: change them after it",
+                        }
+                    )
+            elif drawn:
+                # A drawn release's free places carry over to the procedure's next draw
+                # (docs/draw.md): fixed too while one has closed and is not drawn.
+                pending = await conn.fetchval(
+                    """SELECT r.id FROM releases r
+                       WHERE r.mode = 'draw' AND r.id <> $1 AND r.site_id = $2
+                         AND r.procedure_id = $3 AND r.registration_closes_at <= $4
+                         AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
+                       LIMIT 1""",
+                    release_id,
+                    row["site_id"],
+                    row["procedure_id"],
+                    now,
+                )
+                if pending is not None:
+                    errors.append(
+                        {
+                            "field": "slots",
+                            "message": f"this release's free places carry over to the draw of "
+                            f"{pending}, closed and not drawn yet: change them after it",
                         }
                     )
             if errors:

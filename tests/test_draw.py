@@ -1135,7 +1135,9 @@ async def test_a_draws_places_are_fixed_from_closing_to_the_draw(
 ) -> None:
     """Whoever knows the seed knows the ranking once the list is frozen and the beacon is
     set: a place added or taken away then moves the cut-off onto the person they choose.
-    The places of a draw change before registration closes, and after the draw."""
+    The places of a draw change before registration closes, and after the draw, except
+    while the procedure's next draw, which its free places carry over to, has closed and
+    is not drawn."""
     await api.site()
     release = await api.publish_draw([2])
     path = f"/v1/admin/releases/{release['id']}"
@@ -1152,6 +1154,13 @@ async def test_a_draws_places_are_fixed_from_closing_to_the_draw(
     clock.advance(3600)
     await api.client.app[LOTTERY].run_due()  # drawn
     assert (await capacity(2)).status == 200
+    following = await api.publish_draw([1], closes_in_s=60, draw_in_s=3600)
+    clock.advance(61)  # the next draw closed: this one's free place carries over to it
+    carried = await capacity(3)
+    assert carried.status == 400 and following["id"] in str(carried.body["errors"]), carried.body
+    clock.advance(3600)
+    await api.client.app[LOTTERY].run_due()
+    assert (await capacity(3)).status == 200
 
 
 async def test_no_entry_slips_in_after_the_list_is_frozen(
