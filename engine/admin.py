@@ -11,7 +11,8 @@ import hmac
 import io
 import json
 import re
-from datetime import date
+from collections.abc import Mapping
+from datetime import date, datetime
 
 from aiohttp import web
 
@@ -177,6 +178,77 @@ async def staff_entry(request: web.Request) -> web.Response:
     return json_response(
         {"entry_id": entry.id, "entry_token": entry.token, "status": entry.status}, status=201
     )
+
+
+_AUDIT_TEXT = re.compile(r"^[\x21-\x7e]{1,200}$")
+Errors = list[dict[str, str]]
+
+
+def _text_param(query: Mapping[str, str], name: str, errors: Errors) -> str | None:
+    value = query.get(name)
+    if value is not None and not _AUDIT_TEXT.match(value):
+        errors.append({"field": name, "message": "must be 1 to 200 printable ASCII characters"})
+    return value
+
+
+def _moment_param(query: Mapping[str, str], name: str, errors: Errors) -> datetime | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    try:
+        return schemas.parse_moment(value)
+    except ValueError:
+        # A "+" not written %2B arrives as a space.
+        errors.append({"field": name, "message": "must be an RFC 3339 time with an offset"})
+        return None
+
+
+def _int_param(
+    query: Mapping[str, str], name: str, low: int, high: int, errors: Errors
+) -> int | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    if value.isascii() and value.isdigit() and low <= int(value) <= high:
+        return int(value)
+    errors.append({"field": name, "message": f"must be a whole number, {low} to {high}"})
+    return None
+
+
+async def audit(request: web.Request) -> web.Response:
+    """The audit log, newest first: ``?subject=&agent=&action=&since=&until=`` filter it,
+    ``?limit=`` (1 to 1 000, 100 by default) bounds a page, and ``?before=`` the last id
+    of a page reads the next one."""
+    require_admin(request)
+    query = request.query
+    errors: Errors = []
+    subject, agent, action = (_text_param(query, n, errors) for n in ("subject", "agent", "action"))
+    since, until = (_moment_param(query, n, errors) for n in ("since", "until"))
+    limit = _int_param(query, "limit", 1, 1000, errors)
+    before = _int_param(query, "before", 1, 2**62, errors)
+    if errors:
+        raise ValidationFailed(errors)
+    rows = await request.app[RESERVATIONS].store.audit(
+        subject=subject,
+        agent=agent,
+        action=action,
+        since=since,
+        until=until,
+        before=before,
+        limit=limit or 100,
+    )
+    entries = [
+        {
+            "id": row["id"],
+            "at": render.local(row["at"], "UTC"),
+            "actor": row["actor"],
+            "action": row["action"],
+            "subject": row["subject"],
+            "detail": json.loads(row["detail"]),
+        }
+        for row in rows
+    ]
+    return json_response({"entries": entries})
 
 
 async def identity_check(request: web.Request) -> web.Response:

@@ -141,6 +141,35 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
             {"name": n, "in": "query", "required": False, "schema": any_or_ident}
             for n in ("site", "procedure")
         ]
+    if route.path == "/v1/admin/audit":
+        text = {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"}
+        params += [
+            {"name": n, "in": "query", "required": False, "schema": text}
+            for n in ("subject", "agent", "action")
+        ]
+        params += [
+            {
+                "name": n,
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "format": "date-time"},
+            }
+            for n in ("since", "until")
+        ]
+        params += [
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            },
+            {
+                "name": "before",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1},
+            },
+        ]
     if route.path == "/v1/admin/agenda":
         params += [
             {"name": "site", "in": "query", "required": True, "schema": _IDENT},

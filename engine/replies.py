@@ -14,7 +14,7 @@ named here first, or every test that receives it fails.
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -180,6 +180,22 @@ class DrawRecord(Reply):
 
 class SiteSaved(Reply):
     site: Site
+
+
+class AuditEntry(Reply):
+    id: int
+    at: Moment
+    actor: str
+    action: str
+    subject: str
+    # What the action changed, and the agent of a staff request (README, "Operations").
+    detail: dict[str, Any]
+
+
+class AuditLog(Reply):
+    """Newest first; the next page: ``?before=`` the last entry's id."""
+
+    entries: list[AuditEntry]
 
 
 class IdentityChecked(Reply):

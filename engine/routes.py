@@ -231,6 +231,15 @@ ROUTES: tuple[Route, ...] = (
         auth="admin",
     ),
     Route(
+        "GET",
+        "/v1/admin/audit",
+        admin.audit,
+        "What staff and the public did, newest first (the audit log)",
+        errors=("unauthorized", "validation-error", *_STORE),
+        auth="admin",
+        reply=replies.AuditLog,
+    ),
+    Route(
         "POST",
         "/v1/admin/bookings/{reference}/identity-check",
         admin.identity_check,

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -255,6 +256,14 @@ def _error(e: Any) -> dict[str, str]:
     if e["type"] == "model_type":
         return {"field": loc or "body", "message": "must be a JSON object"}
     return {"field": loc or "body", "message": message}
+
+
+_MOMENT: TypeAdapter[datetime] = TypeAdapter(Moment)
+
+
+def parse_moment(value: str) -> datetime:
+    """An RFC 3339 time with an offset, as a query string gives it; ValueError if not."""
+    return _MOMENT.validate_python(value)
 
 
 def parse_ident(field: str, value: str) -> str:

@@ -403,7 +403,8 @@ async def test_each_agent_has_a_token_and_the_audit_log_names_them(clean: None) 
     """One admin token for every agent could not tell them apart: who cancelled this
     booking, who moved that opening? Each agent's own token (GUICHET_ADMIN_TOKENS) names
     them in every audit row of their requests, counter bookings included, and in their log
-    lines; the shared token's agent is "admin". A public request after them is nobody's."""
+    lines; the shared token's agent is "admin". A public request after them is nobody's.
+    Staff read the log without SQL (GET /v1/admin/audit), filtered and a page at a time."""
     agents = (("amina", "a" * 40), ("bruno", "b" * 40))
     app = create_app(make_settings(admin_agents=agents), clock=FakeClock(), sweep=False)
     async with TestClient(TestServer(app)) as client:
@@ -432,14 +433,37 @@ async def test_each_agent_has_a_token_and_the_audit_log_names_them(clean: None) 
             rows = await pg.fetch("SELECT actor, action, detail FROM audit_log ORDER BY id")
         finally:
             await pg.close()
-    agents_of = [(r["action"], json.loads(r["detail"]).get("agent")) for r in rows]
-    assert agents_of == [
-        ("site.upsert", "admin"),
-        ("release.create", "admin"),
-        ("release.patch", "amina"),
-        ("booking.confirm", "bruno"),
-        ("booking.cancel", None),
-    ]
+        agents_of = [(r["action"], json.loads(r["detail"]).get("agent")) for r in rows]
+        assert agents_of == [
+            ("site.upsert", "admin"),
+            ("release.create", "admin"),
+            ("release.patch", "amina"),
+            ("booking.confirm", "bruno"),
+            ("booking.cancel", None),
+        ]
+        # Read without SQL: newest first, by agent, by subject, a page at a time.
+        log = "/v1/admin/audit"
+        everything = (await api.call("GET", log, headers=token("a" * 40))).body["entries"]
+        assert [e["action"] for e in everything] == [a for a, _ in reversed(agents_of)]
+        assert everything[0]["detail"] == {"by": "person", "place": "returned"}
+        by_bruno = await api.call("GET", f"{log}?agent=bruno", headers=ADMIN)
+        assert [e["subject"] for e in by_bruno.body["entries"]] == [reference]
+        about = await api.call("GET", f"{log}?subject={reference}", headers=ADMIN)
+        assert [e["action"] for e in about.body["entries"]] == ["booking.cancel", "booking.confirm"]
+        first = await api.call("GET", f"{log}?limit=2", headers=ADMIN)
+        last_id = first.body["entries"][-1]["id"]
+        rest = await api.call("GET", f"{log}?limit=2&before={last_id}", headers=ADMIN)
+        pages = first.body["entries"] + rest.body["entries"]
+        assert [e["id"] for e in pages] == [e["id"] for e in everything[:4]]
+        at = everything[-1]["at"]
+        since = await api.call("GET", f"{log}?since={at.replace('+', '%2B')}", headers=ADMIN)
+        assert len(since.body["entries"]) == 5
+        until = await api.call("GET", f"{log}?until={at.replace('+', '%2B')}", headers=ADMIN)
+        assert until.body["entries"] == []
+        for bad in ("limit=0", "limit=x", "before=-1", "since=yesterday", "agent=a%20b"):
+            refused = await api.call("GET", f"{log}?{bad}", headers=ADMIN)
+            assert refused.status == 400, (bad, refused.body)
+        assert (await api.call("GET", log)).status == 401
 
 
 async def test_the_counter_checks_a_booking_against_the_document_shown(
