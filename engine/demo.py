@@ -73,6 +73,10 @@ async def seed(domain: Reservations, now: datetime | None = None) -> list[str]:
                 registration_opens_at=now - timedelta(minutes=1),
                 registration_closes_at=now + timedelta(days=3),
                 draw_at=now + timedelta(days=3, hours=1),
+                beacon_source=(
+                    "EuroMillions, the draw after registration closes: its five numbers, "
+                    "then its two stars, each two digits, separated by spaces"
+                ),
             ),
         ]
         for release in releases:
