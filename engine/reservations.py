@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, TypeVar
 
 from engine import draw, pow, sessions
@@ -162,6 +162,7 @@ class Reservations:
     ) -> None:
         """``bucket_clock`` None: token buckets run on Redis's clock (tests inject one)."""
         self.settings = settings
+        self._challenge_lead = timedelta(seconds=settings.challenge_lead_s)
         self.store = store
         self.inventory = inventory
         self.metrics = metrics
@@ -391,8 +392,17 @@ class Reservations:
         s = self.settings
         self.limiter.refuse_address(client)
         release = await self.release(release_id)
-        if all(slot.starts_at <= self.now() for slot in release.slots):
+        now = self.now()
+        if all(slot.starts_at <= now for slot in release.slots):
             raise NotOpen("Every slot of this release has started")
+        if release.opens_at is not None and now < release.opens_at - self._challenge_lead:
+            # A challenge lives 5 minutes: issued any earlier, a farm spread over many
+            # networks stockpiled them all that time to fire at the opening, while a person
+            # started solving (docs/abuse.md). A minute is time enough for a phone.
+            raise NotOpen(
+                f"This release opens at {release.opens_at.isoformat()}: its challenges are "
+                f"issued from {s.challenge_lead_s} s before"
+            )
         now_ms = self.now_ms()
         sid = sessions.session_id(s.secret, session, now_ms, s.session_ttl_s)
         if sid is None:

@@ -236,10 +236,19 @@ async def test_slot_full_spends_the_challenge(
 async def test_not_open(
     api: Api, clock: FakeClock, pg: asyncpg.Connection, release: dict[str, Any]
 ) -> None:
+    """A hold before the opening is refused, and spends nothing. Its challenge is issued
+    from a minute before the opening, time for a phone to solve it; not earlier, when a
+    farm over many networks stockpiled them to fire at the opening."""
     later = await api.publish([1], opens_in_s=3600)
+    early = await api.call("POST", "/v1/challenges", {"release": later["id"]})
+    problem(early, "not-open", 409)
+    assert "60 s before" in early.body["detail"], early.body
+    clock.advance(3600 - 60)
     before = await state(api, pg, later["id"])
     problem(await api.hold(later["slots"][0]["id"]), "not-open", 409)
     assert await state(api, pg, later["id"]) == before
+    clock.advance(60)
+    assert (await api.hold(later["slots"][0]["id"])).status == 201
     booked = await api.book(release["slots"][1]["id"])
     clock.advance(3 * 86400)  # every slot has started
     problem(await api.call("POST", "/v1/challenges", {"release": release["id"]}), "not-open", 409)
