@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from engine import inventory as inventory_module
 from tests.api import Api, applicant
 
 
@@ -82,3 +85,21 @@ async def test_a_hold_retried_after_its_challenge_ran_out_gets_the_same_hold(api
     assert await api.free(release["id"]) == {first: 2, second: 3}
     api.clock.advance(300)  # the hold has expired too
     assert (await api.hold(first, "10.0.0.7", paid=paid)).status == 410
+
+
+async def test_an_expired_hold_not_yet_reclaimed_is_not_answered(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hold call reclaims 100 expired holds first. With more expired ahead of it (bots'
+    holds expiring together), a retry's expired hold was answered 201, its expires_at in
+    the past, for the confirm to be refused. It is gone, as reclaimed."""
+    await api.site()
+    release = await api.publish([3])
+    slot = release["slots"][0]["id"]
+    paid = await api.solved(release["id"], "10.0.0.7")
+    assert (await api.hold(slot, "10.0.0.7", paid=paid, key="k")).status == 201
+    monkeypatch.setattr(inventory_module, "RECLAIM_LIMIT", 0)  # the backlog ahead of it
+    api.clock.advance(601)
+    late = await api.hold(slot, "10.0.0.7", paid=paid, key="k")
+    assert late.status == 410, late.body
+    assert await api.free(release["id"]) == {slot: 3}

@@ -5,7 +5,8 @@
 --       9 reclaim limit (expired holds reclaimed first), 10 client tag,
 --       11 most live holds one client may have in this release
 -- Returns: {'granted', hold_id, deadline_ms, token_hash}
---          {'replayed', hold_id, deadline_ms, token_hash}  same idempotency field: the live hold
+--          {'replayed', hold_id, deadline_ms, token_hash}  same idempotency field: the live
+--                         (or confirming) hold
 --          {'full'}       no free place; the challenge is spent
 --          {'spent'}      the challenge was spent before, or has expired; nothing changed
 --          {'no-slot'}    the slot is not in this release's inventory; nothing changed
@@ -28,7 +29,12 @@ local function hold(keys, argv)
       local rec = redis.call('HGET', hold, previous)
       if rec then
         local h = split_hold(rec)
-        return { 'replayed', previous, h.deadline, h.token }
+        if h.state ~= 'h' or h.deadline > now then
+          return { 'replayed', previous, h.deadline, h.token }
+        end
+        -- Expired, and not reclaimed yet (more expired ahead of it than one call takes):
+        -- gone, as if it had been, not answered as a hold whose time is over.
+        drop_hold(inv, holds, confirming, hold, idem, clients, previous, h)
       end
       redis.call('HDEL', idem, idem_field)
     end
