@@ -620,46 +620,12 @@ class Store:
                     errors.append(
                         {"field": "opens_at", "message": "must come before the last slot starts"}
                     )
-            drawn = False
-            if capacities and row["mode"] == "draw":
-                drawn = await conn.fetchval(
-                    "SELECT EXISTS (SELECT 1 FROM draws WHERE release_id = $1)", release_id
-                )
-            if capacities and row["mode"] == "draw" and not drawn:
-                if row["registration_closes_at"] <= now:
-                    # Whoever knows the seed knows the ranking once the list is frozen (and
-                    # the beacon set): a place added or taken away then would move the
-                    # cut-off onto whom they chose. After the draw, the places go to the
-                    # next one.
-                    errors.append(
-                        {
-                            "field": "slots",
-                            "message": "a draw's places are fixed from registration's close "
-                            "to the draw: change them after it",
-                        }
-                    )
-            elif drawn:
-                # A drawn release's free places carry over to the procedure's next draw
-                # (docs/draw.md): fixed too while one has closed and is not drawn.
-                pending = await conn.fetchval(
-                    """SELECT r.id FROM releases r
-                       WHERE r.mode = 'draw' AND r.id <> $1 AND r.site_id = $2
-                         AND r.procedure_id = $3 AND r.registration_closes_at <= $4
-                         AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
-                       LIMIT 1""",
-                    release_id,
-                    row["site_id"],
-                    row["procedure_id"],
-                    now,
-                )
-                if pending is not None:
-                    errors.append(
-                        {
-                            "field": "slots",
-                            "message": f"this release's free places carry over to the draw of "
-                            f"{pending}, closed and not drawn yet: change them after it",
-                        }
-                    )
+            if (
+                capacities
+                and row["mode"] == "draw"
+                and (fixed := await _draw_places_fixed(conn, row, now))
+            ):
+                errors.append({"field": "slots", "message": fixed})
             if errors:
                 raise ValidationFailed(errors)
             try:
@@ -1514,6 +1480,43 @@ async def _require_unfrozen(conn: asyncpg.pool.PoolConnectionProxy, release_id: 
     )
     if frozen:
         raise NotOpen("Registration has closed")
+
+
+async def _draw_places_fixed(
+    conn: asyncpg.pool.PoolConnectionProxy, release: asyncpg.Record, now: datetime
+) -> str | None:
+    """Why a draw release's capacities cannot change now, if they cannot. Whoever knows
+    the seed knows the ranking once the list is frozen (and the beacon set): a place added
+    or taken away then moves the cut-off onto whom they chose. So a draw's own places are
+    fixed from its close to its draw; after it, they carry over to the procedure's next
+    draw, and are fixed while one has closed and is not drawn."""
+    drawn = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM draws WHERE release_id = $1)", release["id"]
+    )
+    if not drawn:
+        if release["registration_closes_at"] <= now:
+            return (
+                "a draw's places are fixed from registration's close to the draw: change "
+                "them after it"
+            )
+        return None
+    pending = await conn.fetchval(
+        """SELECT r.id FROM releases r
+           WHERE r.mode = 'draw' AND r.id <> $1 AND r.site_id = $2
+             AND r.procedure_id = $3 AND r.registration_closes_at <= $4
+             AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
+           LIMIT 1""",
+        release["id"],
+        release["site_id"],
+        release["procedure_id"],
+        now,
+    )
+    if pending is None:
+        return None
+    return (
+        f"this release's free places carry over to the draw of {pending}, closed and not "
+        "drawn yet: change them after it"
+    )
 
 
 def _map_integrity(exc: asyncpg.IntegrityConstraintViolationError) -> Exception:
