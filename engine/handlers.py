@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,7 +65,7 @@ async def _cached_json(
 async def _single_flight(
     request: web.Request,
     key: tuple[str | None, ...],
-    make: Callable[[], Awaitable[tuple[float, Body]]],
+    make: Callable[[], Coroutine[Any, Any, tuple[float, Body]]],
 ) -> tuple[float, Body]:
     """One request makes the body for ``key``; the others in flight wait for it instead of
     each asking the stores again."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine, Hashable
+from contextvars import Context
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -12,15 +13,19 @@ T = TypeVar("T")
 class SingleFlight(Generic[T]):
     """``run(key, read)``: ``read()`` once for all the callers of ``key`` while it runs,
     instead of each asking the stores again (a cache entry expiring under load). Each
-    caller's wait is shielded: one cancelled caller does not cancel the others' read."""
+    caller's wait is shielded: one cancelled caller does not cancel the others' read.
+
+    The read runs in a context of its own, not its first caller's: it serves every caller,
+    so its log lines name neither that caller's request id nor its staff agent."""
 
     def __init__(self) -> None:
         self._running: dict[Hashable, asyncio.Future[T]] = {}
 
-    async def run(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, key: Hashable, read: Callable[[], Coroutine[Any, Any, T]]) -> T:
         running = self._running.get(key)
         if running is None:
-            running = self._running[key] = asyncio.ensure_future(read())
+            running = asyncio.get_running_loop().create_task(read(), context=Context())
+            self._running[key] = running
             running.add_done_callback(lambda done: self._done(key, done))
         return await asyncio.shield(running)
 

@@ -14,8 +14,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from engine import logs
 from engine.app import create_app
 from engine.appkeys import BODIES, RESERVATIONS
+from engine.singleflight import SingleFlight
 from engine.web import accepts_gzip, body_of
 from tests.api import Api
 from tests.conftest import FakeClock, make_settings
@@ -45,6 +47,27 @@ async def test_an_expired_release_is_read_once_for_all_waiting_requests(
     found = await asyncio.gather(*(domain.release(release["id"]) for _ in range(50)))
     assert {r.id for r in found} == {release["id"]}
     assert reads == [1]
+
+
+async def test_a_shared_read_is_no_one_callers_work() -> None:
+    """A read started by a staff agent's request serves everyone: its log lines must not
+    name that agent, nor that request."""
+    flight: SingleFlight[tuple[str, str | None]] = SingleFlight()
+
+    async def read() -> tuple[str, str | None]:
+        await asyncio.sleep(0)
+        return logs.request_id.get(), logs.agent.get()
+
+    async def staff_request() -> tuple[str, str | None]:
+        logs.request_id.set("r-staff")
+        logs.agent.set("camille")
+        return await flight.run("release", read)
+
+    assert await asyncio.gather(staff_request(), flight.run("release", read)) == [
+        ("-", None),
+        ("-", None),
+    ]
+    assert logs.agent.get() is None
 
 
 async def test_a_release_another_worker_published_is_found_at_once(
