@@ -1,13 +1,16 @@
 """Run a Locust scenario headless, against a running engine or one started for the run.
 
     python loadtests/run_load.py --scenario fcfs|draw [--users 60] [--time 60s]
-                                 [--host URL --admin-token TOKEN]
+        [--host URL --admin-token TOKEN --difficulty BITS] [--database-url DSN]
 
 Without --host it starts `python -m engine serve` on a free loopback port, with the
 settings a load test needs (X-Forwarded-For believed from 127.0.0.1, a low proof-of-work
 difficulty so that the load generator's own CPU is not the bottleneck), and stops it after.
+With --host, the engine must trust X-Forwarded-For from this machine, --difficulty must be
+its GUICHET_POW_DIFFICULTY (low, for the same reason) and --database-url its database.
 Reports go to loadtests/reports/: Locust's CSV and HTML, and SCENARIO-summary.json. Exits
-with Locust's code: non-zero when a slot was overbooked or the draw never came.
+with Locust's code: non-zero when a slot was overbooked, the release is not in the
+database, a spent challenge was granted a hold, or the draw never came.
 """
 
 from __future__ import annotations
@@ -51,7 +54,14 @@ def main() -> int:
     parser.add_argument("--places", type=int, default=40)
     parser.add_argument("--host", help="a running engine (default: start one)")
     parser.add_argument("--admin-token", default=os.environ.get("GUICHET_ADMIN_TOKEN", ""))
-    parser.add_argument("--difficulty", type=int, default=10, help="for the engine it starts")
+    parser.add_argument(
+        "--difficulty", type=int, default=10, help="the engine's base difficulty, in bits"
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("GUICHET_DATABASE_URL", "postgresql://postgres@127.0.0.1/guichet"),
+        help="the engine's PostgreSQL, checked after the run",
+    )
     parser.add_argument("--reports", default=str(ROOT / "loadtests" / "reports"))
     args = parser.parse_args()
     reports = Path(args.reports)
@@ -65,6 +75,7 @@ def main() -> int:
             "GUICHET_PORT": str(port),
             "GUICHET_ADMIN_TOKEN": token,
             "GUICHET_TRUSTED_PROXIES": "127.0.0.1",
+            "GUICHET_DATABASE_URL": args.database_url,
             "GUICHET_POW_DIFFICULTY": str(args.difficulty),
             "GUICHET_POW_PUZZLES": "2",
         }
@@ -103,9 +114,9 @@ def main() -> int:
                 "--places",
                 str(args.places),
                 "--database-url",
-                os.environ.get(
-                    "GUICHET_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/guichet"
-                ),
+                args.database_url,
+                "--pow-difficulty",
+                str(args.difficulty),
                 "--csv",
                 str(prefix),
                 "--html",

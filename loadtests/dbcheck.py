@@ -1,0 +1,50 @@
+"""What PostgreSQL says of one load-test release: its slots, the overbooked ones among
+them, and its confirmed bookings, the bots' apart.
+
+    python loadtests/dbcheck.py DSN RELEASE BOT_FAMILY_PREFIX
+
+prints one JSON object. The locustfile runs it at the end of a run, in a process of its own
+(Locust's gevent and asyncpg's event loop do not mix), and through the engine's own driver
+rather than `psql`, which a machine whose PostgreSQL `make test` installed may not have on
+its PATH. The bots' bookings are told apart by the family names the locustfile gives their
+buyers, whatever networks their confirms or entries came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import asyncpg
+
+QUERY = """
+SELECT
+    (SELECT count(*) FROM slots WHERE release_id = $1) AS slots,
+    (SELECT count(*) FROM slots s WHERE s.release_id = $1 AND s.capacity < (
+        SELECT count(*) FROM bookings b WHERE b.slot_id = s.id AND b.status = 'confirmed'
+    )) AS overbooked,
+    count(b.*) AS bookings,
+    count(b.*) FILTER (WHERE b.family_name LIKE $2 || '%') AS bot_bookings
+FROM bookings b JOIN slots s ON s.id = b.slot_id
+WHERE s.release_id = $1 AND b.status = 'confirmed'
+"""
+
+
+async def check(dsn: str, release: str, bot_prefix: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn, timeout=30)
+    try:
+        row = await conn.fetchrow(QUERY, release, bot_prefix, timeout=30)
+    finally:
+        await conn.close()
+    assert row is not None
+    return dict(row.items())
+
+
+def main() -> None:
+    dsn, release, bot_prefix = sys.argv[1:4]
+    print(json.dumps(asyncio.run(check(dsn, release, bot_prefix))))
+
+
+if __name__ == "__main__":
+    main()
