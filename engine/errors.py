@@ -26,6 +26,8 @@ their errors are mapped there, in one place each, to StoreUnavailable or to one 
 
 from __future__ import annotations
 
+import math
+from datetime import datetime
 from typing import Any, ClassVar
 
 
@@ -91,7 +93,18 @@ class SlotFull(GuichetError):
 
 
 class NotOpen(GuichetError):
+    """``retry_after``: the seconds until the window opens, when that is all it waits for
+    (sent as ``Retry-After`` too)."""
+
     name, status, title = "not-open", 409, "Outside the booking window"
+
+    def __init__(self, detail: str = "", retry_after: int | None = None) -> None:
+        super().__init__(detail, **({} if retry_after is None else {"retry_after": retry_after}))
+
+    @classmethod
+    def until(cls, moment: datetime, now: datetime, detail: str) -> NotOpen:
+        """Not open before ``moment``: come back then."""
+        return cls(detail, retry_after=max(1, math.ceil((moment - now).total_seconds())))
 
 
 class IdentityAlreadyBooked(GuichetError):

@@ -42,6 +42,14 @@ _RETRY_AFTER = {
     }
 }
 
+_NOT_OPEN_YET = {
+    "Retry-After": {
+        "description": "With not-open, when the window only waits for a time (an opening, "
+        "registration, challenges issued before an opening): the seconds until then",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
 
 def _status_of(name: str) -> int:
     for cls in _all_errors(GuichetError):
@@ -215,6 +223,8 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         entry["description"] = " or ".join(filter(None, [entry["description"], name]))
         if status in ("429", "503"):
             entry["headers"] = _RETRY_AFTER
+        elif name == "not-open":
+            entry["headers"] = _NOT_OPEN_YET
     if route.body is not None:
         op["responses"].setdefault(
             "413",

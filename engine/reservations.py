@@ -396,12 +396,13 @@ class Reservations:
         if all(slot.starts_at <= now for slot in release.slots):
             raise NotOpen("Every slot of this release has started")
         if release.opens_at is not None and now < release.opens_at - self._challenge_lead:
-            # A challenge lives 5 minutes: issued any earlier, a farm spread over many
-            # networks stockpiled them all that time to fire at the opening, while a person
-            # started solving (docs/abuse.md). A minute is time enough for a phone.
-            raise NotOpen(
+            # Issued earlier, a challenge would expire unused, or (a lead set past its life)
+            # be stockpiled by a farm for the opening (docs/abuse.md).
+            raise NotOpen.until(
+                release.opens_at - self._challenge_lead,
+                now,
                 f"This release opens at {release.opens_at.isoformat()}: its challenges are "
-                f"issued from {s.challenge_lead_s} s before"
+                f"issued from {s.challenge_lead_s} s before",
             )
         now_ms = self.now_ms()
         sid = sessions.session_id(s.secret, session, now_ms, s.session_ttl_s)
@@ -512,7 +513,9 @@ class Reservations:
         now = self.now()
         assert release.opens_at is not None
         if now < release.opens_at:
-            raise NotOpen(f"This release opens at {release.opens_at.isoformat()}")
+            raise NotOpen.until(
+                release.opens_at, now, f"This release opens at {release.opens_at.isoformat()}"
+            )
         if slot.starts_at <= now:
             raise NotOpen("This slot has already started")
         return slot
@@ -681,10 +684,12 @@ class Reservations:
         if idem_key is not None and (booked := await self._staff_booked(hold_id, token)):
             return booked  # even once the slot started: nothing else passes then
         assert release.opens_at is not None
-        if self.now() < release.opens_at:
+        if (now := self.now()) < release.opens_at:
             # Not before the public: a place taken at the counter before the opening is
             # one the people online never had a chance at (and what an insider would sell).
-            raise NotOpen(f"This release opens at {release.opens_at.isoformat()}")
+            raise NotOpen.until(
+                release.opens_at, now, f"This release opens at {release.opens_at.isoformat()}"
+            )
         if slot.starts_at <= self.now():
             raise NotOpen("This slot has already started")
         try:

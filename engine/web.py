@@ -48,7 +48,7 @@ PROBLEM_TYPE = "application/problem+json"
 def problem_response(error: GuichetError, rid: str) -> web.Response:
     body = error.problem()
     headers = {"Content-Type": PROBLEM_TYPE, "X-Request-Id": rid}
-    if isinstance(error, Overloaded) or error.status == 429:
+    if isinstance(error, Overloaded) or error.status == 429 or "retry_after" in body:
         headers["Retry-After"] = str(body.get("retry_after", 1))
     return web.Response(status=error.status, body=_problem_json(body), headers=headers)
 

@@ -175,6 +175,8 @@ async def test_entries_and_windows(api: Api, clock: FakeClock) -> None:
     assert listed["mode"] == "draw" and len(listed["seed_commitment"]) == 64
     early = await api.enter(release)
     assert early.status == 409 and early.body["type"] == "/problems/not-open"
+    # When registration opens: 60 s, rounded up (the times are kept to the microsecond).
+    assert early.headers["Retry-After"] in ("60", "61"), early.headers
     clock.advance(61)
     person = applicant()
     entry = await api.enter(release, person, ip(1))
