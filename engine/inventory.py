@@ -155,7 +155,9 @@ class Taken:
 
 @dataclass(frozen=True, slots=True)
 class HoldResult:
-    outcome: Literal["granted", "replayed", "full", "spent", "no-slot", "client-limit"]
+    outcome: Literal[
+        "granted", "replayed", "full", "spent", "no-slot", "client-limit", "reclaiming"
+    ]
     hold_id: str = ""
     deadline_ms: int = 0
     token_hash: str = ""

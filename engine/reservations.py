@@ -33,6 +33,7 @@ from engine.errors import (
     NotCommitted,
     NotFound,
     NotOpen,
+    Overloaded,
     RateLimited,
     SlotFull,
     StoreUnavailable,
@@ -74,6 +75,16 @@ _SPENT_ANSWERS = 3
 # release another worker published is found within it, not within ``release_cache_s``.
 _MISS_REFRESH_S = 0.25
 _CHILD_ID = re.compile(r"^(r[0-9a-z]{12})\.[0-9a-z]{1,20}$")
+# Hold outcomes refused before the capacity decision: the challenge stays unspent.
+_UNSPENT = frozenset({"no-slot", "client-limit", "reclaiming"})
+
+
+def _reclaiming() -> Overloaded:
+    """The slot looked full while expired holds, maybe its own, were still being given back
+    (hold.lua): in a second they are."""
+    return Overloaded(
+        1, "Places of expired holds are being given back; try again in a second", "reclaiming"
+    )
 
 
 def with_seed(release: Release) -> tuple[Release, str | None]:
@@ -485,7 +496,7 @@ class Reservations:
             if now_ms >= paid.expires_ms:
                 raise ChallengeExpired("The challenge's time ran out; ask for a new one")
             raise ChallengeSpent()
-        if result.outcome in ("no-slot", "client-limit") and now_ms < paid.expires_ms:
+        if result.outcome in _UNSPENT and now_ms < paid.expires_ms:
             # Refused before the capacity decision: the challenge stays unspent, and counts
             # among the address's unspent ones again (the hold's round trip took it off).
             with contextlib.suppress(StoreUnavailable):
@@ -494,6 +505,8 @@ class Reservations:
                 )
         if result.outcome == "no-slot":
             raise NotFound(f"No slot {slot_id!r}")
+        if result.outcome == "reclaiming":
+            raise _reclaiming()
         if result.outcome == "client-limit":
             raise RateLimited(
                 self.settings.hold_ttl_s,
@@ -733,6 +746,8 @@ class Reservations:
         )
         if result.outcome == "full":
             raise SlotFull("No free place left on this slot")
+        if result.outcome == "reclaiming":
+            raise _reclaiming()
         if result.outcome not in ("granted", "replayed"):
             raise NotFound(f"No slot {slot_id!r}")
         if await self.inventory.confirm_begin(release.id, hold_id, self.now_ms()) is None:

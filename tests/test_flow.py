@@ -103,3 +103,27 @@ async def test_an_expired_hold_not_yet_reclaimed_is_not_answered(
     late = await api.hold(slot, "10.0.0.7", paid=paid, key="k")
     assert late.status == 410, late.body
     assert await api.free(release["id"]) == {slot: 3}
+
+
+async def test_a_slot_is_not_full_while_its_expired_holds_wait_to_be_given_back(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hold call reclaims 100 expired holds first. When more expire together (a rush's
+    holds), a slot whose own expired holds lay further back was answered slot-full, and the
+    person's challenge spent, for a place free a second later. It is 503 with Retry-After
+    1 now, the challenge unspent, until the backlog is given back."""
+    await api.site()
+    release = await api.publish([1])
+    slot = release["slots"][0]["id"]
+    assert (await api.hold(slot, "10.0.0.7")).status == 201
+    api.clock.advance(601)  # that hold has expired
+    monkeypatch.setattr(inventory_module, "RECLAIM_LIMIT", 0)  # and lies behind a backlog
+    paid = await api.solved(release["id"], "10.0.0.8")
+    waiting = await api.hold(slot, "10.0.0.8", paid=paid)
+    assert waiting.status == 503, waiting.body
+    assert waiting.body["level"] == "reclaiming" and waiting.headers["Retry-After"] == "1"
+    monkeypatch.setattr(inventory_module, "RECLAIM_LIMIT", 100)  # the sweeper's pass
+    assert (await api.hold(slot, "10.0.0.8", paid=paid)).status == 201  # not spent
+    # Full indeed once nothing has expired: slot-full, as before.
+    full = await api.hold(slot, "10.0.0.9")
+    assert (full.status, full.body["type"]) == (409, "/problems/slot-full"), full.body

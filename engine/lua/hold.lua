@@ -11,6 +11,8 @@
 --          {'spent'}      the challenge was spent before, or has expired; nothing changed
 --          {'no-slot'}    the slot is not in this release's inventory; nothing changed
 --          {'client-limit'}  the client has as many live holds as it may; nothing changed
+--          {'reclaiming'} the slot looks full, but more holds have expired than one call
+--                         reclaims, and its own may be among them; nothing changed
 --          {'rebuild'}    the inventory is missing; rebuild it from PostgreSQL and retry
 local function hold(keys, argv)
   local inv, holds, confirming, hold, idem, spent, clients = unpack(keys)
@@ -22,7 +24,7 @@ local function hold(keys, argv)
   if redis.call('EXISTS', inv) == 0 then
     return { 'rebuild' }
   end
-  reclaim(inv, holds, confirming, hold, idem, clients, now, limit)
+  local reclaimed = reclaim(inv, holds, confirming, hold, idem, clients, now, limit)
   if idem_field ~= '' then
     local previous = redis.call('HGET', idem, idem_field)
     if previous then
@@ -50,11 +52,18 @@ local function hold(keys, argv)
   if tonumber(redis.call('HGET', clients, client) or '0') >= most_holds then
     return { 'client-limit' }
   end
+  local taken = tonumber(redis.call('HGET', inv, 'b:' .. slot) or '0')
+      + tonumber(redis.call('HGET', inv, 'h:' .. slot) or '0')
+  if taken >= tonumber(capacity) and reclaimed >= limit
+      and #redis.call('ZRANGE', holds, '-inf', now, 'BYSCORE', 'LIMIT', 0, 1) > 0 then
+    -- A rush's holds expiring together, more than one call gives back (the sweeper drains
+    -- them within its pass): this slot's may be among them. "Full" now would spend the
+    -- person's challenge on a place that is free in a second.
+    return { 'reclaiming' }
+  end
   -- The capacity decision: from here on the challenge is spent, whatever the answer.
   redis.call('ZREMRANGEBYSCORE', spent, '-inf', now)
   redis.call('ZADD', spent, challenge_expiry, challenge)
-  local taken = tonumber(redis.call('HGET', inv, 'b:' .. slot) or '0')
-      + tonumber(redis.call('HGET', inv, 'h:' .. slot) or '0')
   if taken >= tonumber(capacity) then
     return { 'full' }
   end
