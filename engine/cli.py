@@ -147,6 +147,14 @@ async def _sweep(settings: Settings) -> int:
 
     async with _domain(settings) as domain:
         report = await sweep_once(domain, reconcile=True, lottery=Lottery(domain))
+        if report.standby:
+            # A pass that did nothing must not read as one that found nothing to do.
+            print(
+                "guichet: a worker is sweeping (it holds the sweeper's lock), so this pass "
+                "did nothing; try again in a few seconds",
+                file=sys.stderr,
+            )
+            return 1
         bookings = entries = 0
         # The purge by hand: the whole backlog, and a failure fails the command.
         while settings.retention_days:

@@ -3,6 +3,7 @@ ops endpoints answer; configuration errors name the variable."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import re
@@ -12,13 +13,15 @@ from pathlib import Path
 
 import pytest
 from openapi_spec_validator import validate
+from redis.asyncio import Redis
 
 import engine.settings
+from engine.keys import SWEEPER_LOCK
 from engine.openapi import document
 from engine.routes import ROUTES
 from engine.settings import KNOWN_VARIABLES, ConfigError, Settings, unknown_variables
 from tests.api import Api
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, REDIS_URL
 from tests.contract import check_reply
 from tests.procs import HOST, dead_port
 
@@ -269,6 +272,33 @@ def test_a_command_whose_store_does_not_answer_says_so_in_one_line(tmp_path: Pat
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "guichet: Redis did not answer; try again" in done.stderr, done.stderr
+
+
+async def test_a_sweep_by_hand_says_when_a_worker_is_sweeping(tmp_path: Path) -> None:
+    """`guichet sweep` while a worker's sweeper holds the lock visits nothing: it says so,
+    and fails, instead of reporting a pass that found nothing to do."""
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        await redis.set(SWEEPER_LOCK, "a worker", px=60_000)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "engine", "sweep"],
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
+                "GUICHET_DATA_DIR": str(tmp_path),
+                "GUICHET_SECRET": "x" * 40,
+                "GUICHET_DATABASE_URL": DATABASE_URL,
+                "GUICHET_REDIS_URL": REDIS_URL,
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        await redis.delete(SWEEPER_LOCK)
+        await redis.aclose()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "a worker is sweeping" in done.stderr and "swept" not in done.stdout
 
 
 def test_the_engine_warns_of_unknown_settings(tmp_path: Path) -> None:
