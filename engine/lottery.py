@@ -316,7 +316,7 @@ class Lottery:
                 await self.store.freeze_entries(release_id, now)
             except Exception as exc:
                 # Its draw computes the digest itself, if it comes to run before a freeze.
-                await self._failed("freeze_failed", release_id, exc)
+                await self._failed("freeze", release_id, exc)
         outcomes = []
         for release_id in await self.store.draws_due(now):
             try:
@@ -327,13 +327,13 @@ class Lottery:
                 self.domain.metrics.draws_raced.inc()
                 continue
             except Exception as exc:
-                await self._failed("draw_failed", release_id, exc)
+                await self._failed("draw", release_id, exc)
                 continue
             if outcome is not None:
                 outcomes.append(outcome)
         return outcomes
 
-    async def _failed(self, event: str, release_id: str, exc: Exception) -> None:
+    async def _failed(self, step: str, release_id: str, exc: Exception) -> None:
         """One draw (or its freeze) that cannot run must not hold back the others: log it
         and count it, for the alert, and try again at the next sweep. But with PostgreSQL
         down (the ping raises), every next one would wait for its timeouts: the pass ends.
@@ -345,12 +345,13 @@ class Lottery:
             log.warning("draw_raced", release=release_id, detail=exc.detail)
             self.domain.metrics.draws_raced.inc()
             return
+        event = f"{step}_failed"
         if isinstance(exc, StoreUnavailable):
             await self.store.ping()
             log.warning(event, release=release_id, detail=exc.detail, cause=repr(exc.__cause__))
         else:
             log.exception(event, exc=exc, release=release_id)
-        self.domain.metrics.draw_failures.inc()
+        self.domain.metrics.draw_failures.labels(step).inc()
 
     async def run(self, release_id: str) -> DrawOutcome | None:
         outcome = await self.store.run_draw(

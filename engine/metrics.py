@@ -145,8 +145,14 @@ class Metrics:
         self.entries = Counter("guichet_draw_entries", "Draw entries registered.", registry=r)
         self.draws = Counter("guichet_draws", "Draws run.", registry=r)
         self.draw_failures = Counter(
-            "guichet_draw_failures", "Draw attempts that failed (retried each sweep).", registry=r
+            "guichet_draw_failures",
+            "Draw attempts that failed, by step: the draw, or the freeze of its entry list "
+            "when registration closed (retried each sweep).",
+            ["step"],
+            registry=r,
         )
+        for step in ("draw", "freeze"):  # read by alerts: at 0 from the start
+            self.draw_failures.labels(step)
         self.draws_raced = Counter(
             "guichet_draws_raced",
             "Draw attempts rolled back for a confirm that raced them (run again next sweep).",
