@@ -142,6 +142,18 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        # A worker whose event loop is stuck answers nothing, but another worker's /metrics
+        # still reads its last beat: the GuichetWorkerStuck alert. One series per worker
+        # (``pid``) with several, each gone with its worker (``liveall``).
+        self.heartbeat = Gauge(
+            "guichet_worker_heartbeat_seconds",
+            "When the worker last flushed its counts, as a Unix time: every second while "
+            "its event loop turns.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.heartbeat.set_to_current_time()
+        self.worker_restarts = worker_restarts(r)
         self.entries = Counter("guichet_draw_entries", "Draw entries registered.", registry=r)
         self.draws = Counter("guichet_draws", "Draws run.", registry=r)
         self.draw_failures = Counter(
@@ -230,6 +242,7 @@ class Metrics:
 
         Each of its updates takes a lock, and in multiprocess mode writes a file: counting
         every request that way was 5 % of a listing (BENCHMARKS.md)."""
+        self.heartbeat.set_to_current_time()
         counts, self._counts = self._counts, {}
         observed, self._observed = self._observed, {}
         answers, self._answers = self._answers, {}
@@ -270,6 +283,16 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def worker_restarts(registry: CollectorRegistry | None) -> Counter:
+    """Workers that died and were replaced: counted by ``guichet serve``'s supervisor, and
+    exported at 0 by every worker from its start, for the alert."""
+    return Counter(
+        "guichet_worker_restarts",
+        "Workers that died and were started again by guichet serve.",
+        registry=registry,
+    )
 
 
 def _add(child: Histogram, pending: list[float]) -> None:

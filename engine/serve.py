@@ -24,11 +24,18 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from engine.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
+# A worker that dies this soon after its start is started again after a pause, doubled at
+# each such death up to the last: a worker that cannot start (a bug, memory) must not
+# take the machine's CPU restarting, nor fill the metrics folder with files.
+_QUICK_DEATH_S = 10.0
+_FIRST_PAUSE_S = 1.0
+_LONGEST_PAUSE_S = 30.0
 
 
 _REUSEPORT = hasattr(socket, "SO_REUSEPORT")
@@ -159,10 +166,22 @@ def _die_with_parent() -> None:
         pass
 
 
+def restart_pause(lived_s: float, last_pause_s: float) -> float:
+    """How long to wait before starting again a worker that died after ``lived_s``."""
+    if lived_s >= _QUICK_DEATH_S:
+        return 0.0
+    return min(_LONGEST_PAUSE_S, max(_FIRST_PAUSE_S, last_pause_s * 2))
+
+
 def _supervise(settings: Settings, sock: socket.socket) -> None:
     from prometheus_client import multiprocess
 
-    children = {_spawn(settings, sock) for _ in range(settings.workers)}
+    from engine.metrics import worker_restarts
+
+    restarts = worker_restarts(None)  # in the metrics folder, as the workers' counts
+    started = {_spawn(settings, sock): time.monotonic() for _ in range(settings.workers)}
+    children = set(started)
+    pause = 0.0
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -181,6 +200,19 @@ def _supervise(settings: Settings, sock: socket.socket) -> None:
             break
         children.discard(pid)
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        if stopping:
+            continue
+        restarts.inc()
+        pause = restart_pause(time.monotonic() - started.pop(pid, 0.0), pause)
+        print(
+            f"guichet: worker {pid} died; starting another" + (f" in {pause:g} s" if pause else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        deadline = time.monotonic() + pause
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
         if not stopping:
-            print(f"guichet: worker {pid} died; starting another", file=sys.stderr, flush=True)
-            children.add(_spawn(settings, sock))
+            new = _spawn(settings, sock)
+            started[new] = time.monotonic()
+            children.add(new)

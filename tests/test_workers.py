@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import sweeper
 from engine.app import create_app
 from engine.pow import solve
+from engine.serve import restart_pause
 from tests.api import ADMIN, ADMIN_TOKEN, applicant
 from tests.conftest import DATABASE_URL, REDIS_URL, make_settings
 from tests.procs import Engine, alive, children, poll
@@ -177,6 +178,16 @@ def counted_total(metrics_text: str) -> float:
     return total
 
 
+def samples(metrics_text: str, name: str) -> dict[str, float]:
+    """The samples of ``name``, by their ``pid`` label ('' without one)."""
+    return {
+        sample.labels.get("pid", ""): sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
 def socket_owner(server_port: int, client_port: int, pids: set[int]) -> int | None:
     """The process holding the server side of the loopback connection from
     ``client_port``: its socket inode from /proc/net/tcp, then the process with that fd."""
@@ -300,6 +311,38 @@ async def test_workers_share_connections_and_report_metrics_as_one_engine(
         assert successor in owners, (successor, owners)
         workers = children(supervisor.pid)
 
+        # The death is counted (by the supervisor), and each worker alive has a heartbeat,
+        # the dead one's gone with it.
+        status, text = await call(fresh, "GET", f"{supervisor.base_url}/metrics")
+        assert status == 200, text
+        assert samples(text, "guichet_worker_restarts_total") == {"": 1.0}, text
+        assert set(samples(text, "guichet_worker_heartbeat_seconds")) == {
+            str(pid) for pid in workers
+        }
+
+        # A worker whose event loop is stuck (stopped here) answers nothing, but the other's
+        # /metrics shows its heartbeat falling behind: what GuichetWorkerStuck reads.
+        stuck = min(workers)
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            late: dict[str, float] = {}
+
+            async def falls_behind() -> bool:
+                scraper = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True),
+                    timeout=aiohttp.ClientTimeout(total=1),
+                )
+                async with scraper:
+                    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                        _, text = await call(scraper, "GET", f"{supervisor.base_url}/metrics")
+                        late.update(samples(text, "guichet_worker_heartbeat_seconds"))
+                others = [v for pid, v in late.items() if pid != str(stuck)]
+                return str(stuck) in late and bool(others) and max(others) - late[str(stuck)] > 3
+
+            await poll(falls_behind, lambda: f"heartbeats {late}")
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+
     supervisor.send(signal.SIGTERM)
     try:
         code = supervisor.wait()
@@ -358,3 +401,14 @@ async def test_a_second_engine_cannot_take_the_port(
         assert "cannot listen on" in second.describe()
     async with aiohttp.ClientSession() as session:
         assert (await call(session, "GET", f"{first.base_url}/healthz"))[0] == 200
+
+
+def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_more_slowly() -> None:
+    """A worker that cannot start (a bug, no memory) must not take the machine's CPU being
+    restarted, nor fill the metrics folder with its files: a pause that doubles, to 30 s.
+    One that had served a while is replaced at once."""
+    pauses = [0.0]
+    for _ in range(7):
+        pauses.append(restart_pause(lived_s=0.5, last_pause_s=pauses[-1]))
+    assert pauses == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert restart_pause(lived_s=3600, last_pause_s=30.0) == 0.0
