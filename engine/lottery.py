@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from engine import draw, pow
@@ -41,6 +41,7 @@ from engine.tokens import (
 )
 
 _ENTRY_ID_LENGTH = 20
+_OVERDUE = timedelta(minutes=1)  # a draw takes seconds, and the sweeper comes every second
 # What ``enter`` makes: anything else is no entry, and is not sent to PostgreSQL (a NUL byte
 # there is an error, not a miss).
 ENTRY_ID = re.compile(r"^e[0-9a-z]{20}$")
@@ -331,6 +332,11 @@ class Lottery:
                 continue
             if outcome is not None:
                 outcomes.append(outcome)
+        # A draw that does not run says nothing when it is passed by (another session holds
+        # its release or its procedure's lock: a worker drawing it, or a transaction left
+        # open by hand), nor when it fails in a way that is not counted: count what is late.
+        overdue = await self.store.draws_due(now - _OVERDUE)
+        self.domain.metrics.draws_overdue.set(len(overdue))
         return outcomes
 
     async def _failed(self, step: str, release_id: str, exc: Exception) -> None:

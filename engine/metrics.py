@@ -154,6 +154,12 @@ class Metrics:
         )
         self.heartbeat.set_to_current_time()
         self.worker_restarts = worker_restarts(r)
+        self.draws_overdue = Gauge(
+            "guichet_draws_overdue",
+            "Draws due for more than a minute and not run, as the last sweep found them.",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.entries = Counter("guichet_draw_entries", "Draw entries registered.", registry=r)
         self.draws = Counter("guichet_draws", "Draws run.", registry=r)
         self.draw_failures = Counter(
