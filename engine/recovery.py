@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from engine.errors import StoreUnavailable
@@ -34,6 +35,11 @@ Bookings = list[tuple[str, str, str]]  # reference, slot, the hold it confirmed 
 _REBUILD_LOCK_MS = 5000
 _REBUILD_WAIT_S = 0.05
 _REBUILD_WAIT_FOR_S = 2.0  # how long a request waits for another worker's rebuild
+# A release published this recently whose inventory is missing was never built: its
+# publish is building it (between PostgreSQL's commit and Redis's write, where a poller
+# or the sweeper finds it), or put it off while Redis did not answer. Far longer than a
+# publish's build takes (its timeouts: 5 s and 1 s).
+_JUST_PUBLISHED = timedelta(seconds=30)
 
 
 class Recovery:
@@ -76,15 +82,20 @@ class Recovery:
         try:
 
             async def rebuild_from(fence: str, capacities: Capacities, bookings: Bookings) -> str:
-                outcome = await self.inventory.rebuild(release_id, fence, capacities, bookings)
-                if outcome == "rebuilt":
-                    self.metrics.rebuilds.inc()
-                    log.warning("inventory_rebuilt", release=release_id, bookings=len(bookings))
-                return outcome
+                return await self.inventory.rebuild(release_id, fence, capacities, bookings)
 
-            if await self.from_snapshot(release_id, rebuild_from) == "stale":
+            outcome = await self.from_snapshot(release_id, rebuild_from)
+            if outcome == "stale":
                 # A capacity was lowered while this read: the next call reads again.
                 log.warning("inventory_rebuild_stale", release=release_id)
+            elif outcome == "rebuilt":
+                now = datetime.fromtimestamp(self.clock(), UTC)
+                if await self.store.published_since(release_id, now - _JUST_PUBLISHED):
+                    # Built for the first time, not lost: no alert (GuichetInventoryRebuilt).
+                    log.info("inventory_built", release=release_id)
+                else:
+                    self.metrics.rebuilds.inc()
+                    log.warning("inventory_rebuilt", release=release_id)
         finally:
             await self.inventory.unlock(lock, token)
 

@@ -541,6 +541,15 @@ class Store:
         async with self._connection() as conn:
             return [r["id"] for r in await conn.fetch("SELECT id FROM releases")]
 
+    async def published_since(self, release_id: str, since: datetime) -> bool:
+        """Whether the release was published after ``since``."""
+        async with self._connection() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT created_at > $2 FROM releases WHERE id = $1", release_id, since
+                )
+            )
+
     async def active_release_ids(self, now: datetime) -> list[str]:
         async with self._connection() as conn:
             rows = await conn.fetch(

@@ -16,6 +16,7 @@ from engine import app as app_module
 from engine import sweeper
 from engine.app import create_app
 from engine.appkeys import LOTTERY, METRICS, RESERVATIONS
+from engine.errors import StoreUnavailable
 from engine.identity import Applicant
 from engine.inventory import Inventory
 from engine.keys import SWEEPER_LOCK, ReleaseKeys
@@ -38,11 +39,38 @@ async def test_redis_flushed_while_bookings_exist(api: Api, redis: aioredis.Redi
     slot = release["slots"][0]["id"]
     await api.book(slot, client_ip=ip(1))
     await api.book(slot, client_ip=ip(2))
+    api.clock.advance(60)  # not a release just published (below)
     await redis.flushdb()
     assert await api.free(release["id"]) == {slot: 1}
     assert (await api.hold(slot, ip(3))).status == 201
     assert (await api.hold(slot, ip(4))).status == 409
     assert domain_of(api).metrics.rebuilds._value.get() == 1
+
+
+async def test_a_just_published_inventory_built_by_another_is_no_rebuild(
+    api: Api, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between PostgreSQL's commit of a new release and its inventory's write to Redis, a
+    poller (bots poll hard) or the sweeper finds it and builds the inventory: not lost
+    data, which GuichetInventoryRebuilt is about. Nor when the publish put it off."""
+    await api.site()
+    domain = domain_of(api)
+    real = Inventory.rebuild
+
+    async def redis_down(*args: Any, **kwargs: Any) -> str:
+        raise StoreUnavailable(1, "Redis did not answer")
+
+    monkeypatch.setattr(Inventory, "rebuild", redis_down)
+    release = await api.publish([2])  # its build put off
+    monkeypatch.setattr(Inventory, "rebuild", real)
+    slot = release["slots"][0]["id"]
+    assert await api.free(release["id"]) == {slot: 2}  # built here
+    assert (await api.hold(slot, ip(1))).status == 201
+    assert domain.metrics.rebuilds._value.get() == 0
+    api.clock.advance(31)
+    await redis.flushdb()  # lost now: that is a rebuild
+    assert await api.free(release["id"]) == {slot: 2}
+    assert domain.metrics.rebuilds._value.get() == 1
 
 
 async def test_redis_flushed_then_hold_rebuilds_first(api: Api, redis: aioredis.Redis) -> None:
