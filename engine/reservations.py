@@ -396,14 +396,10 @@ class Reservations:
     # Challenges --------------------------------------------------------------------------
 
     async def challenge(
-        self, release_id: str, client: str, session: str | None, idem_key: str | None = None
+        self, release_id: str, client: str, session: str | None
     ) -> tuple[pow.Challenge, str]:
         """A challenge for one attempt in ``release_id``, and the client's session token
-        (``session`` if it is valid, else a new one). Its difficulty adapts to the client.
-
-        With ``idem_key``, the challenge's id comes from it: asked again (its answer lost on
-        a phone's network), it is the same challenge, not one more of the few an address
-        may keep unspent. Its expiry and difficulty are those of the second asking."""
+        (``session`` if it is valid, else a new one). Its difficulty adapts to the client."""
         s = self.settings
         self.limiter.refuse_address(client)
         release = await self.release(release_id)
@@ -425,11 +421,7 @@ class Reservations:
             session = sessions.issue(s.secret, now_ms)
             sid = sessions.session_id(s.secret, session, now_ms, s.session_ttl_s)
         assert session is not None
-        challenge_id = (
-            pow.new_challenge_id()
-            if idem_key is None
-            else pow.keyed_challenge_id(s.secret, client, release_id, idem_key)
-        )
+        challenge_id = pow.new_challenge_id()
         expires_ms = now_ms + s.challenge_ttl_s * 1000
         difficulty = await self.limiter.challenge(Client.of(client, sid), challenge_id, expires_ms)
         self.metrics.observe(self.metrics.pow_difficulty, difficulty)

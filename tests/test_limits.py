@@ -14,7 +14,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import pow
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.errors import RateLimited
@@ -401,39 +400,6 @@ async def test_no_stockpile_of_unspent_challenges(
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
         api.clock.advance(301)  # the other one expired unspent
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
-
-
-async def test_a_challenge_asked_again_under_its_key_is_not_one_more(clean: None) -> None:
-    """A phone whose challenge answers were lost (its network) asked again, each time one
-    more unspent challenge for its address, and after three it was refused for up to five
-    minutes: the whole opening. Asked again under the same Idempotency-Key, it is the same
-    challenge, not one more; another key is another challenge."""
-    async with engine(max_unspent_challenges=2) as api:
-        release = await api.publish([5])
-        slot = release["slots"][0]["id"]
-
-        async def keyed(key: str) -> Reply:
-            return await api.call(
-                "POST",
-                "/v1/challenges",
-                {"release": release["id"]},
-                {"X-Forwarded-For": "10.0.0.1", "Idempotency-Key": key},
-            )
-
-        first, second = await keyed("a"), await keyed("b")  # both answers lost
-        assert first.status == second.status == 201
-        again = await keyed("a")
-        assert again.status == 201, again.body
-        secret = api.client.app[RESERVATIONS].settings.secret
-        ids = {pow.parse(secret, r.body["challenge"]).id for r in (first, second, again)}
-        assert len(ids) == 2  # the first, asked again; and the second
-        third = await keyed("c")
-        assert (third.status, third.body["level"]) == (429, "unspent"), third.body
-        # The challenge asked again is good for a hold, once.
-        c = again.body
-        nonces = pow.solve(c["challenge"], c["difficulty"], c["puzzles"])
-        paid = {"challenge": c["challenge"], "nonces": nonces}
-        assert (await api.hold(slot, "10.0.0.1", paid=paid)).status == 201
 
 
 @pytest.mark.parametrize(

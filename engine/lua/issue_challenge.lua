@@ -4,8 +4,6 @@
 --       in ms), both under the address's hash tag
 -- ARGV: 1 refill rate (tokens per second), 2 burst, 3 now in microseconds ('' for Redis's
 --       clock), 4 challenge id, 5 its expiry (ms), 6 most unspent challenges allowed
--- A challenge id already unspent (asked again under its Idempotency-Key, its answer lost)
--- is not one more: it takes a token, and its expiry moves to the new one.
 -- Returns: {'ok', tokens left x 1000}
 --          {'limited', ms until a token}          the bucket is empty; nothing recorded
 --          {'stockpile', ms until one expires}    too many unspent; nothing taken or recorded
@@ -15,7 +13,7 @@ local function issue_challenge(keys, argv)
   local now_ms = math.floor(now_us / 1000)
   local expiry, most = tonumber(argv[5]), tonumber(argv[6])
   redis.call('ZREMRANGEBYSCORE', unspent, '-inf', now_ms)
-  if not redis.call('ZSCORE', unspent, argv[4]) and redis.call('ZCARD', unspent) >= most then
+  if redis.call('ZCARD', unspent) >= most then
     local oldest = redis.call('ZRANGE', unspent, 0, 0, 'WITHSCORES')
     return { 'stockpile', math.max(1, tonumber(oldest[2]) - now_ms) }
   end
