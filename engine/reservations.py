@@ -407,8 +407,8 @@ class Reservations:
         if all(slot.starts_at <= now for slot in release.slots):
             raise NotOpen("Every slot of this release has started")
         if release.opens_at is not None and now < release.opens_at - self._challenge_lead:
-            # Issued earlier, a challenge would expire unused, or (a lead set past its life)
-            # be stockpiled by a farm for the opening (docs/abuse.md).
+            # Issued earlier, a challenge would be stockpiled by a farm for the opening, or
+            # expire before it was of use (docs/abuse.md).
             raise NotOpen.until(
                 release.opens_at - self._challenge_lead,
                 now,

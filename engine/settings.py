@@ -86,7 +86,7 @@ class Settings:
     challenge_ttl_s: int = 300
     # A first-come release's challenges are issued from this long before it opens: time for
     # a phone to solve one, not for a farm to stockpile them (docs/abuse.md).
-    challenge_lead_s: int = 300
+    challenge_lead_s: int = 180
     # Every store call is bounded; an unanswered call becomes 503 with this Retry-After.
     redis_timeout_s: float = 1.0
     pg_timeout_s: float = 5.0
@@ -190,7 +190,9 @@ class Settings:
             trusted_proxies=_networks(env.get("GUICHET_TRUSTED_PROXIES", "")),
             pow_difficulty=_int(env, "GUICHET_POW_DIFFICULTY", 20, 0, 32),
             pow_puzzles=_int(env, "GUICHET_POW_PUZZLES", 4, 1, 64),
-            challenge_lead_s=_int(env, "GUICHET_CHALLENGE_LEAD_S", 300, 0, 86400),
+            # At most 240: a challenge asked for at the lead's start (it lives 300 s) must
+            # still be good a minute after the opening.
+            challenge_lead_s=_int(env, "GUICHET_CHALLENGE_LEAD_S", 180, 0, 240),
             access_log=env.get("GUICHET_ACCESS_LOG", "0") == "1",
             pow_max_extra_bits=_int(env, "GUICHET_POW_MAX_EXTRA_BITS", 6, 0, 16),
             max_unspent_challenges=_int(env, "GUICHET_MAX_UNSPENT_CHALLENGES", 3, 1, 100),

@@ -238,27 +238,28 @@ async def test_not_open(
     api: Api, clock: FakeClock, pg: asyncpg.Connection, release: dict[str, Any]
 ) -> None:
     """A hold before the opening is refused, and spends nothing. Its challenge is issued
-    from 5 minutes before the opening: earlier, it would expire unused (or be stockpiled);
-    later, a phone at the escalation cap, a minute or more of solving, would miss the
-    opening. Each refusal says when to come back, in Retry-After."""
+    from 3 minutes before the opening: earlier, a farm stockpiles them, and one asked for
+    at 5 minutes expires at the opening; later, a phone at the escalation cap, a minute or
+    more of solving, would miss it. Each refusal says when to come back, in Retry-After."""
     later = await api.publish([1], opens_in_s=3600)
     opens = datetime.fromisoformat(later["opens_at"]).timestamp()
     clock.now = opens - 3600
     early = await api.call("POST", "/v1/challenges", {"release": later["id"]})
     problem(early, "not-open", 409)
-    assert "300 s before" in early.body["detail"], early.body
-    assert early.body["retry_after"] == 3300 and early.headers["Retry-After"] == "3300"
-    clock.now = opens - 300.5
+    assert "180 s before" in early.body["detail"], early.body
+    assert early.body["retry_after"] == 3420 and early.headers["Retry-After"] == "3420"
+    clock.now = opens - 180.5
     early = await api.call("POST", "/v1/challenges", {"release": later["id"]})
     assert early.status == 409 and early.headers["Retry-After"] == "1", early.body
     before = await state(api, pg, later["id"])
-    clock.now = opens - 300
-    too_soon = await api.hold(later["slots"][0]["id"])
+    clock.now = opens - 180
+    paid = await api.solved(later["id"])  # asked for at once: still good after the opening
+    too_soon = await api.hold(later["slots"][0]["id"], paid=paid)
     problem(too_soon, "not-open", 409)
-    assert too_soon.headers["Retry-After"] == "300", too_soon.headers
+    assert too_soon.headers["Retry-After"] == "180", too_soon.headers
     assert await state(api, pg, later["id"]) == before
-    clock.now = opens
-    assert (await api.hold(later["slots"][0]["id"])).status == 201
+    clock.now = opens + 60
+    assert (await api.hold(later["slots"][0]["id"], paid=paid)).status == 201
     booked = await api.book(release["slots"][1]["id"])
     clock.advance(3 * 86400)  # every slot has started
     problem(await api.call("POST", "/v1/challenges", {"release": release["id"]}), "not-open", 409)
