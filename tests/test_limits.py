@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine import inventory as inventory_module
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.errors import RateLimited
@@ -400,6 +401,26 @@ async def test_no_stockpile_of_unspent_challenges(
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
         api.clock.advance(301)  # the other one expired unspent
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
+
+
+async def test_a_client_is_not_refused_for_its_own_expired_hold_behind_a_backlog(
+    clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hold call reclaims 100 expired holds first. A person whose own hold expired behind
+    more of them (a rush's holds expiring together) was refused as still holding one: 429
+    for ten minutes. It is 503 with Retry-After 1, until the backlog is given back."""
+    async with engine(max_live_holds=1) as api:
+        release = await api.publish([3, 3])
+        first, second = (s["id"] for s in release["slots"])
+        assert (await api.hold(first, "10.0.0.7")).status == 201
+        api.clock.advance(601)
+        monkeypatch.setattr(inventory_module, "RECLAIM_LIMIT", 0)
+        paid = await api.solved(release["id"], "10.0.0.7")
+        waiting = await api.hold(second, "10.0.0.7", paid=paid)
+        assert (waiting.status, waiting.body.get("level")) == (503, "reclaiming"), waiting.body
+        assert waiting.headers["Retry-After"] == "1"
+        monkeypatch.setattr(inventory_module, "RECLAIM_LIMIT", 100)
+        assert (await api.hold(second, "10.0.0.7", paid=paid)).status == 201
 
 
 @pytest.mark.parametrize(

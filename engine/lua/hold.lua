@@ -11,8 +11,9 @@
 --          {'spent'}      the challenge was spent before, or has expired; nothing changed
 --          {'no-slot'}    the slot is not in this release's inventory; nothing changed
 --          {'client-limit'}  the client has as many live holds as it may; nothing changed
---          {'reclaiming'} the slot looks full, but more holds have expired than one call
---                         reclaims, and its own may be among them; nothing changed
+--          {'reclaiming'} the slot looks full, or the client at its limit, but more holds
+--                         have expired than one call reclaims, and theirs may be among
+--                         them; nothing changed
 --          {'rebuild'}    the inventory is missing; rebuild it from PostgreSQL and retry
 local function hold(keys, argv)
   local inv, holds, confirming, hold, idem, spent, clients = unpack(keys)
@@ -49,16 +50,20 @@ local function hold(keys, argv)
   if not capacity then
     return { 'no-slot' }
   end
+  -- A rush's holds expiring together, more than one call gives back (the sweeper drains
+  -- them within its pass): the client's own, or this slot's, may be among them. Refusing
+  -- now ("client-limit" for ten minutes, or "full" and the challenge spent) would be for a
+  -- hold or a place gone in a second.
+  local function backlog()
+    return reclaimed >= limit
+      and #redis.call('ZRANGE', holds, '-inf', now, 'BYSCORE', 'LIMIT', 0, 1) > 0
+  end
   if tonumber(redis.call('HGET', clients, client) or '0') >= most_holds then
-    return { 'client-limit' }
+    return { backlog() and 'reclaiming' or 'client-limit' }
   end
   local taken = tonumber(redis.call('HGET', inv, 'b:' .. slot) or '0')
       + tonumber(redis.call('HGET', inv, 'h:' .. slot) or '0')
-  if taken >= tonumber(capacity) and reclaimed >= limit
-      and #redis.call('ZRANGE', holds, '-inf', now, 'BYSCORE', 'LIMIT', 0, 1) > 0 then
-    -- A rush's holds expiring together, more than one call gives back (the sweeper drains
-    -- them within its pass): this slot's may be among them. "Full" now would spend the
-    -- person's challenge on a place that is free in a second.
+  if taken >= tonumber(capacity) and backlog() then
     return { 'reclaiming' }
   end
   -- The capacity decision: from here on the challenge is spent, whatever the answer.
