@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"guichet: {exc}", file=sys.stderr)
             return 1
         return 0
+    # Not a worker: its metrics must not land among the workers' (prometheus-client's
+    # multiprocess folder, where a heartbeat left by a command that has ended would read as
+    # a worker stuck), nor does anything scrape them.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     commands: dict[str, Callable[[Settings], Coroutine[Any, Any, int]]] = {
         "migrate": lambda s: _migrate(s, args.timeout, args.lock_timeout),
         "demo": _demo,

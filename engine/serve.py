@@ -119,14 +119,16 @@ def serve(settings: Settings) -> None:
         file=sys.stderr,
         flush=True,
     )
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        # An operator's folder is kept, but values of a previous run must not be added in
+        # (nor its workers' heartbeats, which would read as workers stuck), one worker or
+        # several.
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
     if settings.workers == 1:
         run_worker(settings, sock)
         return
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given:
-        # An operator's folder is kept, but values of a previous run must not be added in.
-        for stale in Path(given).glob("*.db"):
-            stale.unlink()
     metrics_dir = given or tempfile.mkdtemp(prefix="guichet-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:

@@ -301,6 +301,30 @@ async def test_a_sweep_by_hand_says_when_a_worker_is_sweeping(tmp_path: Path) ->
     assert "a worker is sweeping" in done.stderr and "swept" not in done.stdout
 
 
+def test_a_command_leaves_nothing_among_the_workers_metrics(tmp_path: Path) -> None:
+    """`guichet sweep` with the workers' PROMETHEUS_MULTIPROC_DIR in its environment (an
+    env file shared with `guichet serve`): nothing of it lands there. Its heartbeat, frozen
+    once it has ended, would read as a worker stuck, and page."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "sweep"],
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
+            "GUICHET_DATA_DIR": str(tmp_path),
+            "GUICHET_SECRET": "x" * 40,
+            "GUICHET_DATABASE_URL": DATABASE_URL,
+            "GUICHET_REDIS_URL": REDIS_URL,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(metrics_dir.iterdir()) == []
+
+
 def test_the_engine_warns_of_unknown_settings(tmp_path: Path) -> None:
     done = migrate_cli(tmp_path, GUICHET_POOL_SIZE="32")
     assert "GUICHET_POOL_SIZE is not a setting" in done.stderr, done.stderr

@@ -355,6 +355,21 @@ async def test_workers_share_connections_and_report_metrics_as_one_engine(
     assert not any(alive(pid) for pid in workers), supervisor.describe()
 
 
+async def test_a_previous_runs_metrics_are_not_added_in(
+    clean: None, start_engine: StartEngine, tmp_path: Path
+) -> None:
+    """An operator's PROMETHEUS_MULTIPROC_DIR keeps the files of the engine's previous run:
+    its counts would be added in again, and its workers' heartbeats, frozen, read as
+    workers stuck. They are cleared at start, with one worker as with several."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    stale = metrics_dir / "gauge_liveall_999999.db"
+    stale.write_bytes(b"\0" * 8)
+    env = {**engine_env(workers=1), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    await start_engine("single", env)
+    assert not stale.exists()
+
+
 async def test_shutdown_finishes_wherever_it_lands_in_a_sweep(clean: None) -> None:
     """Stopping an app (a worker on SIGTERM) cancels its sweeper and waits for it. With
     sweeps back to back, the stop lands mid-sweep, at a different point each round."""
