@@ -1,5 +1,5 @@
-"""What PostgreSQL says of one load-test release: its slots, the overbooked ones among
-them, and its confirmed bookings, the bots' apart.
+"""What PostgreSQL says of one load-test release: its slots, the overbooked slots of the
+whole database, and the release's confirmed bookings, the bots' apart.
 
     python loadtests/dbcheck.py DSN RELEASE BOT_FAMILY_PREFIX
 
@@ -7,7 +7,9 @@ prints one JSON object. The locustfile runs it at the end of a run, in a process
 (Locust's gevent and asyncpg's event loop do not mix), and through the engine's own driver
 rather than `psql`, which a machine whose PostgreSQL `make test` installed may not have on
 its PATH. The bots' bookings are told apart by the family names the locustfile gives their
-buyers, whatever networks their confirms or entries came from.
+buyers, whatever networks their confirms or entries came from. A draw's winners may be
+given places left free in the procedure's earlier draws (an earlier run's): they are
+counted by their entries.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import asyncpg
 QUERY = """
 SELECT
     (SELECT count(*) FROM slots WHERE release_id = $1) AS slots,
-    (SELECT count(*) FROM slots s WHERE s.release_id = $1 AND s.capacity < (
+    (SELECT count(*) FROM slots s WHERE s.capacity < (
         SELECT count(*) FROM bookings b WHERE b.slot_id = s.id AND b.status = 'confirmed'
     )) AS overbooked,
-    count(b.*) AS bookings,
-    count(b.*) FILTER (WHERE b.family_name LIKE $2 || '%') AS bot_bookings
-FROM bookings b JOIN slots s ON s.id = b.slot_id
-WHERE s.release_id = $1 AND b.status = 'confirmed'
+    count(*) AS bookings,
+    count(*) FILTER (WHERE b.family_name LIKE $2 || '%') AS bot_bookings
+FROM bookings b
+WHERE b.status = 'confirmed'
+  AND (b.release_id = $1 OR b.entry_id IN (SELECT id FROM entries WHERE release_id = $1))
 """
 
 

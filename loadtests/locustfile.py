@@ -251,12 +251,13 @@ class Person(Client):
         if c is None:
             return
         nonces = self.solve_like_a_phone(c)
-        status, hold = self.call(
-            "POST",
-            "/v1/holds",
-            "/v1/holds",
-            {"slot_id": random.choice(free), "challenge": c["challenge"], "nonces": nonces},
-        )
+        paid = {"slot_id": random.choice(free), "challenge": c["challenge"], "nonces": nonces}
+        status, hold = self.call("POST", "/v1/holds", "/v1/holds", paid)
+        while status == 409 and (hold or {}).get("retry_after"):
+            # Not open yet: the same paid request when it is, as the engine says (a new
+            # challenge each time would soon meet the address's cap of unspent ones).
+            gevent.sleep(hold["retry_after"])
+            status, hold = self.call("POST", "/v1/holds", "/v1/holds", paid)
         if status != 201:
             RUN.flows[f"Person: hold refused ({status})"] += 1
             return
