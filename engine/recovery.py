@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from engine.errors import StoreUnavailable
@@ -39,7 +38,7 @@ _REBUILD_WAIT_FOR_S = 2.0  # how long a request waits for another worker's rebui
 # publish is building it (between PostgreSQL's commit and Redis's write, where a poller
 # or the sweeper finds it), or put it off while Redis did not answer. Far longer than a
 # publish's build takes (its timeouts: 5 s and 1 s).
-_JUST_PUBLISHED = timedelta(seconds=30)
+_JUST_PUBLISHED_S = 30.0
 
 
 class Recovery:
@@ -89,8 +88,7 @@ class Recovery:
                 # A capacity was lowered while this read: the next call reads again.
                 log.warning("inventory_rebuild_stale", release=release_id)
             elif outcome == "rebuilt":
-                now = datetime.fromtimestamp(self.clock(), UTC)
-                if await self.store.published_since(release_id, now - _JUST_PUBLISHED):
+                if await self._just_published(release_id):
                     # Built for the first time, not lost: no alert (GuichetInventoryRebuilt).
                     log.info("inventory_built", release=release_id)
                 else:
@@ -98,6 +96,14 @@ class Recovery:
                     log.warning("inventory_rebuilt", release=release_id)
         finally:
             await self.inventory.unlock(lock, token)
+
+    async def _just_published(self, release_id: str) -> bool:
+        """Whether the release was published too recently for its inventory to have been
+        built before; when PostgreSQL cannot say, not (a rebuild is counted, not hidden)."""
+        try:
+            return await self.store.published_within(release_id, _JUST_PUBLISHED_S)
+        except StoreUnavailable:
+            return False
 
     async def from_snapshot(
         self, release_id: str, write: Callable[[str, Capacities, Bookings], Awaitable[T]]

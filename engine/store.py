@@ -541,12 +541,16 @@ class Store:
         async with self._connection() as conn:
             return [r["id"] for r in await conn.fetch("SELECT id FROM releases")]
 
-    async def published_since(self, release_id: str, since: datetime) -> bool:
-        """Whether the release was published after ``since``."""
+    async def published_within(self, release_id: str, seconds: float) -> bool:
+        """Whether the release was published in the last ``seconds``, by PostgreSQL's clock
+        (its ``created_at`` is PostgreSQL's too)."""
         async with self._connection() as conn:
             return bool(
                 await conn.fetchval(
-                    "SELECT created_at > $2 FROM releases WHERE id = $1", release_id, since
+                    "SELECT created_at > now() - make_interval(secs => $2)"
+                    " FROM releases WHERE id = $1",
+                    release_id,
+                    seconds,
                 )
             )
 

@@ -33,13 +33,18 @@ def domain_of(api: Api) -> Reservations:
     return api.client.app[RESERVATIONS]
 
 
-async def test_redis_flushed_while_bookings_exist(api: Api, redis: aioredis.Redis) -> None:
+async def test_redis_flushed_while_bookings_exist(
+    api: Api, redis: aioredis.Redis, pg: asyncpg.Connection
+) -> None:
     await api.site()
     release = await api.publish([3])
     slot = release["slots"][0]["id"]
     await api.book(slot, client_ip=ip(1))
     await api.book(slot, client_ip=ip(2))
-    api.clock.advance(60)  # not a release just published (below)
+    await pg.execute(  # not a release just published (below)
+        "UPDATE releases SET created_at = created_at - interval '1 minute' WHERE id = $1",
+        release["id"],
+    )
     await redis.flushdb()
     assert await api.free(release["id"]) == {slot: 1}
     assert (await api.hold(slot, ip(3))).status == 201
@@ -48,7 +53,7 @@ async def test_redis_flushed_while_bookings_exist(api: Api, redis: aioredis.Redi
 
 
 async def test_a_just_published_inventory_built_by_another_is_no_rebuild(
-    api: Api, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+    api: Api, redis: aioredis.Redis, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between PostgreSQL's commit of a new release and its inventory's write to Redis, a
     poller (bots poll hard) or the sweeper finds it and builds the inventory: not lost
@@ -67,7 +72,10 @@ async def test_a_just_published_inventory_built_by_another_is_no_rebuild(
     assert await api.free(release["id"]) == {slot: 2}  # built here
     assert (await api.hold(slot, ip(1))).status == 201
     assert domain.metrics.rebuilds._value.get() == 0
-    api.clock.advance(31)
+    await pg.execute(  # published a minute ago, by PostgreSQL's clock
+        "UPDATE releases SET created_at = created_at - interval '1 minute' WHERE id = $1",
+        release["id"],
+    )
     await redis.flushdb()  # lost now: that is a rebuild
     assert await api.free(release["id"]) == {slot: 2}
     assert domain.metrics.rebuilds._value.get() == 1
@@ -449,3 +457,22 @@ async def test_a_background_task_that_ends_is_started_again(
         await poll(both_going, lambda: f"calls {calls}")
     for task in ("sweeper", "schema"):
         assert sample("guichet_background_restarts_total", {"task": task}) == 1, task
+
+
+async def test_a_rebuild_is_counted_when_postgresql_cannot_say_how_old_its_release_is(
+    api: Api, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a release is too new to have had an inventory is asked of PostgreSQL after
+    the rebuild. Unanswered, the rebuild is counted (a loss, alerted), and the request that
+    rebuilt it is served."""
+    await api.site()
+    release = await api.publish([2])
+    domain = domain_of(api)
+
+    async def unanswered(*args: Any) -> bool:
+        raise StoreUnavailable(1, "PostgreSQL did not answer")
+
+    monkeypatch.setattr(domain.store, "published_within", unanswered)
+    await redis.flushdb()
+    assert await api.free(release["id"]) == {release["slots"][0]["id"]: 2}
+    assert domain.metrics.rebuilds._value.get() == 1
