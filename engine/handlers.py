@@ -145,7 +145,10 @@ async def create_challenge(request: web.Request) -> web.Response:
     body = await parse_body(request, schemas.ChallengeRequest)
     domain = request.app[RESERVATIONS]
     challenge, session = await domain.challenge(
-        body.release, _client(request), request.headers.get(sessions.HEADER)
+        body.release,
+        _client(request),
+        request.headers.get(sessions.HEADER),
+        idempotency_key(request),
     )
     return json_response(
         {
