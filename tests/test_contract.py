@@ -252,23 +252,30 @@ def migrate_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def sweep_cli(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`guichet sweep` in a process of its own, on the test stores, with only ``env``'s
+    GUICHET_ variables on top (and any other variable of ``env``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "sweep"],
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
+            "GUICHET_DATA_DIR": str(tmp_path),
+            "GUICHET_SECRET": "x" * 40,
+            "GUICHET_DATABASE_URL": DATABASE_URL,
+            "GUICHET_REDIS_URL": REDIS_URL,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_a_command_whose_store_does_not_answer_says_so_in_one_line(tmp_path: Path) -> None:
     """`guichet sweep` (as `guichet demo`) with a Redis nothing listens on: one line that
     says which store and to try again, and exit code 1, not a traceback."""
     with dead_port() as port:
-        done = subprocess.run(
-            [sys.executable, "-m", "engine", "sweep"],
-            env={
-                **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
-                "GUICHET_DATA_DIR": str(tmp_path),
-                "GUICHET_SECRET": "x" * 40,
-                "GUICHET_DATABASE_URL": DATABASE_URL,
-                "GUICHET_REDIS_URL": f"redis://{HOST}:{port}/0",
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = sweep_cli(tmp_path, GUICHET_REDIS_URL=f"redis://{HOST}:{port}/0")
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "guichet: Redis did not answer; try again" in done.stderr, done.stderr
@@ -280,20 +287,7 @@ async def test_a_sweep_by_hand_says_when_a_worker_is_sweeping(tmp_path: Path) ->
     redis = Redis.from_url(REDIS_URL)
     try:
         await redis.set(SWEEPER_LOCK, "a worker", px=60_000)
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "engine", "sweep"],
-            env={
-                **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
-                "GUICHET_DATA_DIR": str(tmp_path),
-                "GUICHET_SECRET": "x" * 40,
-                "GUICHET_DATABASE_URL": DATABASE_URL,
-                "GUICHET_REDIS_URL": REDIS_URL,
-            },
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = await asyncio.to_thread(sweep_cli, tmp_path)
     finally:
         await redis.delete(SWEEPER_LOCK)
         await redis.aclose()
@@ -307,20 +301,7 @@ def test_a_command_leaves_nothing_among_the_workers_metrics(tmp_path: Path) -> N
     once it has ended, would read as a worker stuck, and page."""
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "engine", "sweep"],
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("GUICHET_")},
-            "GUICHET_DATA_DIR": str(tmp_path),
-            "GUICHET_SECRET": "x" * 40,
-            "GUICHET_DATABASE_URL": DATABASE_URL,
-            "GUICHET_REDIS_URL": REDIS_URL,
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = sweep_cli(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     assert done.returncode == 0, done.stdout + done.stderr
     assert list(metrics_dir.iterdir()) == []
 
