@@ -82,8 +82,9 @@ _UNSPENT = frozenset({"no-slot", "client-limit", "reclaiming"})
 
 
 def _reclaiming() -> Overloaded:
-    """The slot looked full while expired holds, maybe its own, were still being given back
-    (hold.lua): in a second they are."""
+    """The slot looked full, or the client at its live-hold limit, while expired holds,
+    maybe the ones in question, were still being given back (hold.lua): in a second they
+    are."""
     return Overloaded(
         1, "Places of expired holds are being given back; try again in a second", "reclaiming"
     )
