@@ -145,10 +145,7 @@ async def create_challenge(request: web.Request) -> web.Response:
     body = await parse_body(request, schemas.ChallengeRequest)
     domain = request.app[RESERVATIONS]
     challenge, session = await domain.challenge(
-        body.release,
-        _client(request),
-        request.headers.get(sessions.HEADER),
-        idempotency_key(request),
+        body.release, _client(request), request.headers.get(sessions.HEADER)
     )
     return json_response(
         {

@@ -146,7 +146,6 @@ class Taken:
     outcome: Literal["ok", "limited", "stockpile"]
     left: float = 0.0
     wait_ms: int = 0
-    again: bool = False  # a challenge id already among the unspent ones (asked again)
 
     @property
     def used(self) -> float:
@@ -620,8 +619,7 @@ class Inventory:
         for take, reply in zip(takes, await self._pipeline(calls), strict=True):
             outcome = _text(reply[0])
             if outcome == "ok":
-                again = len(reply) > 2 and int(reply[2]) == 1
-                results.append(Taken(take, "ok", left=int(reply[1]) / 1000, again=again))
+                results.append(Taken(take, "ok", left=int(reply[1]) / 1000))
             else:
                 results.append(Taken(take, outcome, wait_ms=int(reply[1])))  # type: ignore[arg-type]
         return results

@@ -227,9 +227,8 @@ class Limiter:
         try:
             self._enforce(taken)
         except (RateLimited, Overloaded):
-            if taken["address"].outcome == "ok" and not taken["address"].again:
-                # Another bucket refused: the challenge recorded as unspent was never given
-                # (asked again, it was given before, and still counts).
+            if taken["address"].outcome == "ok":
+                # Another bucket refused: the challenge recorded as unspent was never given.
                 await self.inventory.forget_unspent(
                     unspent_challenges(client.address), challenge_id
                 )

@@ -81,7 +81,6 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         for name in re.findall(r"{(\w+)}", route.path)
     ]
     if route.method == "POST" and route.path in (
-        "/v1/challenges",
         "/v1/holds",
         "/v1/admin/releases",
         "/v1/admin/bookings",

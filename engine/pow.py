@@ -45,14 +45,6 @@ def new_challenge_id() -> str:
     return secrets.token_urlsafe(12)
 
 
-def keyed_challenge_id(secret: bytes, client: str, release_id: str, key: str, window: int) -> str:
-    """The id of a challenge asked for under an Idempotency-Key in a window of time: the
-    same for the same client, release, key and window, as long as a new one's, and telling
-    nothing of the key."""
-    mac = keyed_hash(secret, "challenge-id", "\x00".join((client, release_id, key, str(window))))
-    return base64.urlsafe_b64encode(mac[:12]).decode()
-
-
 def issue(
     secret: bytes,
     release_id: str,

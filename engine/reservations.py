@@ -75,8 +75,6 @@ _SPENT_ANSWERS = 3
 # release another worker published is found within it, not within ``release_cache_s``.
 _MISS_REFRESH_S = 0.25
 _CHILD_ID = re.compile(r"^(r[0-9a-z]{12})\.[0-9a-z]{1,20}$")
-# A challenge asked again under its Idempotency-Key within this window is the same one.
-_KEYED_WINDOW_MS = 60_000
 # Hold outcomes refused before the capacity decision: the challenge stays unspent.
 _UNSPENT = frozenset({"no-slot", "client-limit", "reclaiming"})
 
@@ -399,15 +397,10 @@ class Reservations:
     # Challenges --------------------------------------------------------------------------
 
     async def challenge(
-        self, release_id: str, client: str, session: str | None, idem_key: str | None = None
+        self, release_id: str, client: str, session: str | None
     ) -> tuple[pow.Challenge, str]:
         """A challenge for one attempt in ``release_id``, and the client's session token
-        (``session`` if it is valid, else a new one). Its difficulty adapts to the client.
-
-        With ``idem_key``, asked again within the same minute (its answer lost on a phone's
-        network), it is the same challenge: the same id and expiry, so not one more of the
-        few an address may keep unspent, and, once spent, spent. Its id and expiry come from
-        the key and the minute it is asked in; it lives 4 to 5 minutes."""
+        (``session`` if it is valid, else a new one). Its difficulty adapts to the client."""
         s = self.settings
         self.limiter.refuse_address(client)
         release = await self.release(release_id)
@@ -429,13 +422,8 @@ class Reservations:
             session = sessions.issue(s.secret, now_ms)
             sid = sessions.session_id(s.secret, session, now_ms, s.session_ttl_s)
         assert session is not None
-        if idem_key is None:
-            challenge_id = pow.new_challenge_id()
-            expires_ms = now_ms + s.challenge_ttl_s * 1000
-        else:
-            window = now_ms - now_ms % _KEYED_WINDOW_MS
-            challenge_id = pow.keyed_challenge_id(s.secret, client, release_id, idem_key, window)
-            expires_ms = window + s.challenge_ttl_s * 1000
+        challenge_id = pow.new_challenge_id()
+        expires_ms = now_ms + s.challenge_ttl_s * 1000
         difficulty = await self.limiter.challenge(Client.of(client, sid), challenge_id, expires_ms)
         self.metrics.observe(self.metrics.pow_difficulty, difficulty)
         issued = pow.issue(

@@ -190,9 +190,9 @@ class Settings:
             trusted_proxies=_networks(env.get("GUICHET_TRUSTED_PROXIES", "")),
             pow_difficulty=_int(env, "GUICHET_POW_DIFFICULTY", 20, 0, 32),
             pow_puzzles=_int(env, "GUICHET_POW_PUZZLES", 4, 1, 64),
-            # At most 180: a challenge asked for at the lead's start (it lives 240 to 300 s)
-            # must still be good a minute after the opening.
-            challenge_lead_s=_int(env, "GUICHET_CHALLENGE_LEAD_S", 180, 0, 180),
+            # At most 240: a challenge asked for at the lead's start (it lives 300 s) must
+            # still be good a minute after the opening.
+            challenge_lead_s=_int(env, "GUICHET_CHALLENGE_LEAD_S", 180, 0, 240),
             access_log=env.get("GUICHET_ACCESS_LOG", "0") == "1",
             pow_max_extra_bits=_int(env, "GUICHET_POW_MAX_EXTRA_BITS", 6, 0, 16),
             max_unspent_challenges=_int(env, "GUICHET_MAX_UNSPENT_CHALLENGES", 3, 1, 100),

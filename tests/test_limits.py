@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import inventory as inventory_module
-from engine import pow
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.errors import RateLimited
@@ -402,55 +401,6 @@ async def test_no_stockpile_of_unspent_challenges(
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
         api.clock.advance(301)  # the other one expired unspent
         assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
-
-
-async def test_a_challenge_asked_again_under_its_key_is_the_same_one(clean: None) -> None:
-    """A phone whose challenge answers were lost (its network) asked again, each time one
-    more unspent challenge for its address, and after three it was refused for up to five
-    minutes: the whole opening. Asked again under the same Idempotency-Key within the
-    minute, it is the same challenge (id and expiry), not one more; spent, it stays spent;
-    and a refusal by another bucket does not take it off the address's unspent ones."""
-    async with engine(max_unspent_challenges=2, limit_session=Rate(1, 3600)) as api:
-        api.clock.now = (api.clock.now // 60 + 1) * 60 + 1  # early in a minute: all in it
-        release = await api.publish([5, 5])
-        first_slot, other_slot = (s["id"] for s in release["slots"])
-        secret = api.client.app[RESERVATIONS].settings.secret
-
-        async def keyed(key: str, session: str | None = None) -> Reply:
-            headers = {"X-Forwarded-For": "10.0.0.1", "Idempotency-Key": key}
-            if session:
-                headers["Guichet-Session"] = session
-            return await api.call("POST", "/v1/challenges", {"release": release["id"]}, headers)
-
-        def parsed(reply: Reply) -> pow.Challenge:
-            assert reply.status == 201, reply.body
-            return pow.parse(secret, reply.body["challenge"])
-
-        a, b = await keyed("a"), await keyed("b")  # both answers lost
-        again = await keyed("a")
-        assert (parsed(again).id, parsed(again).expires_ms) == (parsed(a).id, parsed(a).expires_ms)
-        assert parsed(b).id != parsed(a).id
-        refused = await keyed("c")
-        assert (refused.status, refused.body["level"]) == (429, "unspent"), refused.body
-        # Asked again in a session whose bucket is empty: refused, and "a" still counts.
-        api.clock.advance(1.1)  # past the in-process memory of the refusal
-        spent_session = await keyed("a", session=a.body["session"])
-        assert (spent_session.status, spent_session.body["level"]) == (429, "session")
-        api.clock.advance(1.1)  # past the in-process memory of the refusal
-        still = await keyed("c")
-        assert (still.status, still.body["level"]) == (429, "unspent"), still.body
-        # The challenge asked again is good for one hold; asked again once more, spent.
-        c = again.body
-        nonces = pow.solve(c["challenge"], c["difficulty"], c["puzzles"])
-        paid = {"challenge": c["challenge"], "nonces": nonces}
-        assert (await api.hold(first_slot, "10.0.0.1", paid=paid)).status == 201
-        api.clock.advance(1.1)  # past the in-process memory of the last refusal
-        once_more = (await keyed("a")).body
-        assert "challenge" in once_more, once_more
-        nonces = pow.solve(once_more["challenge"], once_more["difficulty"], once_more["puzzles"])
-        replay = {"challenge": once_more["challenge"], "nonces": nonces}
-        spent = await api.hold(other_slot, "10.0.0.1", paid=replay)
-        assert (spent.status, spent.body["type"]) == (410, "/problems/challenge-expired")
 
 
 async def test_a_client_is_not_refused_for_its_own_expired_hold_behind_a_backlog(

@@ -4,9 +4,7 @@
 --       in ms), both under the address's hash tag
 -- ARGV: 1 refill rate (tokens per second), 2 burst, 3 now in microseconds ('' for Redis's
 --       clock), 4 challenge id, 5 its expiry (ms), 6 most unspent challenges allowed
--- A challenge id already unspent is the same challenge asked again (under its
--- Idempotency-Key, its answer lost): it takes a token, and is not one more.
--- Returns: {'ok', tokens left x 1000, 1 if the id was unspent already, else 0}
+-- Returns: {'ok', tokens left x 1000}
 --          {'limited', ms until a token}          the bucket is empty; nothing recorded
 --          {'stockpile', ms until one expires}    too many unspent; nothing taken or recorded
 local function issue_challenge(keys, argv)
@@ -15,8 +13,7 @@ local function issue_challenge(keys, argv)
   local now_ms = math.floor(now_us / 1000)
   local expiry, most = tonumber(argv[5]), tonumber(argv[6])
   redis.call('ZREMRANGEBYSCORE', unspent, '-inf', now_ms)
-  local again = redis.call('ZSCORE', unspent, argv[4]) and 1 or 0
-  if again == 0 and redis.call('ZCARD', unspent) >= most then
+  if redis.call('ZCARD', unspent) >= most then
     local oldest = redis.call('ZRANGE', unspent, 0, 0, 'WITHSCORES')
     return { 'stockpile', math.max(1, tonumber(oldest[2]) - now_ms) }
   end
@@ -25,8 +22,6 @@ local function issue_challenge(keys, argv)
     return { 'limited', result[2] }
   end
   redis.call('ZADD', unspent, expiry, argv[4])
-  -- Gone with the last to expire (a keyed challenge may expire before one issued earlier).
-  local last = redis.call('ZRANGE', unspent, -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', unspent, last[2])
-  return { 'ok', math.floor(result[2] * 1000), again }
+  redis.call('PEXPIREAT', unspent, expiry)
+  return { 'ok', math.floor(result[2] * 1000) }
 end
