@@ -68,6 +68,7 @@ _UNAVAILABLE_REPLIES = frozenset(
         "TRYAGAIN",
         "CLUSTERDOWN",
         "MISCONF",  # cannot persist, so refuses writes
+        "NOREPLICAS",  # min-replicas-to-write not met: refuses writes while a replica is away
         "NOAUTH",  # a password is needed (a setting, or a Redis restarted with one)
         "NOPERM",  # its ACL forbids a command
     }

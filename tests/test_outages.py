@@ -230,6 +230,32 @@ async def test_a_redis_refusing_writes_defers_a_new_release_inventory(
         assert_overloaded(await api.call("GET", f"/v1/releases/{release['id']}/slots"))
 
 
+async def test_a_redis_short_of_replicas_answers_503_and_draws_still_run(
+    clean: None, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A Redis set to write only with enough replicas (``min-replicas-to-write``, an HA
+    setting) refuses every write, our functions' calls among them, with ``NOREPLICAS``
+    while a replica is away. That is a Redis that cannot serve now: 503 with Retry-After,
+    not 500, and the sweeper still runs the due draws, which need only PostgreSQL."""
+    async with running(RedisServer(tmp_path)) as own, engine(clock, redis_url=own.url) as api:
+        await api.site(procedures=("renouvellement", "duplicata"))
+        release = await api.publish([1], procedure="renouvellement")
+        draw_release = await api.publish_draw([1], procedure="duplicata")
+        entry = await api.enter(draw_release["id"], applicant(), ip(1))
+        assert entry.status == 201, entry.body
+        admin = aioredis.Redis.from_url(own.url)
+        try:
+            await admin.config_set("min-replicas-to-write", 1)  # and there is none
+        finally:
+            await admin.aclose()
+        assert_overloaded(await api.call("POST", "/v1/challenges", {"release": release["id"]}))
+        clock.advance(90001)
+        app = api.client.app
+        report = await sweep(app[RESERVATIONS], reconcile=True, lottery=app[LOTTERY])
+        assert isinstance(report.failure, StoreUnavailable), report.failure
+        assert (report.swept, report.draws) == (False, 1)
+
+
 @HANG
 async def test_postgresql_that_stops_answering_within_asyncpg_answers_503(
     api: Api, clock: FakeClock
