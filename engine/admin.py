@@ -209,8 +209,11 @@ def _int_param(
     value = query.get(name)
     if value is None:
         return None
-    if value.isascii() and value.isdigit() and low <= int(value) <= high:
-        return int(value)
+    # Digits first counted: int() of thousands of them is slow, then refused (ValueError).
+    if value.isascii() and value.isdigit() and len(value) <= len(str(high)):
+        number = int(value)
+        if low <= number <= high:
+            return number
     errors.append({"field": name, "message": f"must be a whole number, {low} to {high}"})
     return None
 
@@ -306,6 +309,10 @@ async def agenda(request: web.Request) -> web.Response:
         day = None
     if day is None:
         raise ValidationFailed([{"field": "date", "message": "must be YYYY-MM-DD"}])
+    if not 2000 <= day.year <= 2200:  # as every time the engine takes (schemas.Moment)
+        raise ValidationFailed(
+            [{"field": "date", "message": "must be between the years 2000 and 2200"}]
+        )
     media = preferred_type(request.headers.get("Accept", "*/*"), ("application/json", "text/csv"))
     if media is None:
         raise NotAcceptable("The agenda is served as application/json or text/csv")
