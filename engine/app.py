@@ -37,7 +37,7 @@ from engine.logs import log
 from engine.lottery import Lottery
 from engine.metrics import Metrics
 from engine.multiplex import Multiplexed
-from engine.openapi import document
+from engine.openapi import document, query_parameters
 from engine.recovery import Clock
 from engine.reservations import Reservations
 from engine.routes import ROUTES
@@ -199,20 +199,22 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[CLOCK] = clock
-    app[OPENAPI] = Body.of(json.dumps(document(ROUTES)).encode())
+    contract = document(ROUTES)
+    app[OPENAPI] = Body.of(json.dumps(contract).encode())
     app[BODIES] = {}
     app[REFILLS] = SingleFlight()
     app[DRAW_RECORDS] = {}
     schema = SchemaState()
     guarded = guard(metrics, settings.max_in_flight, schema)
     for route in ROUTES:
-        handler = guarded(route.handler, route.path, route.sheds, route.schema)
+        query = query_parameters(contract, route) if route.checks_query else None
+        handler = guarded(route.handler, route.path, route.sheds, route.schema, query)
         app.router.add_route(route.method, route.path, handler)
         if route.method == "GET":  # HTTP: a GET resource answers HEAD (aiohttp drops the body)
             app.router.add_route("HEAD", route.path, handler)
     metrics.expect_routes((route.path, route.method, route.sheds) for route in ROUTES)
     catch_all = unmatched(route.path for route in ROUTES)
-    app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED, True, False))
+    app.router.add_route("*", "/{path:.*}", guarded(catch_all, UNMATCHED, True, False, None))
 
     async def stores(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client(settings)

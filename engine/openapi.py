@@ -209,7 +209,10 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
             }
     if route.auth:
         op["security"] = [{"bearer": []}]
-    for name in route.errors:
+    errors = route.errors
+    if route.checks_query and "validation-error" not in errors:
+        errors = ("validation-error", *errors)  # a query parameter it does not take
+    for name in errors:
         status = str(_status_of(name))
         entry = op["responses"].setdefault(
             status,
@@ -245,6 +248,12 @@ def _component(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, str
         if schemas.setdefault(name, sub) != sub:
             raise ValueError(f"two different schemas are named {name!r}")
     return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def query_parameters(doc: dict[str, Any], route: Route) -> frozenset[str]:
+    """The query parameters ``doc`` (``document``) gives ``route``: all it takes."""
+    op = doc["paths"][route.path][route.method.lower()]
+    return frozenset(p["name"] for p in op.get("parameters", ()) if p["in"] == "query")
 
 
 def document(routes: tuple[Route, ...]) -> dict[str, Any]:

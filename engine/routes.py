@@ -32,6 +32,12 @@ class Route:
     schema: bool = True
 
     @property
+    def checks_query(self) -> bool:
+        """Refuses a query parameter it does not take (``web.check_query``): the API's
+        routes, not the probes and the metrics, which monitoring may call as it likes."""
+        return self.path.startswith("/v1/")
+
+    @property
     def sheds(self) -> bool:
         """Refused past ``max_in_flight``. Never staff's: the counter serves people in
         person during the rush, and a request without the token costs its check, as a 503

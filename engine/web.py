@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from multidict import MultiMapping
 
 from engine import schemas
 from engine.addresses import canonical, membership
@@ -105,10 +106,11 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 def guard(
     metrics: Metrics, max_in_flight: int, schema: SchemaState
-) -> Callable[[Handler, str, bool, bool], Handler]:
-    """``wrap(handler, route, shed, gated)`` puts one route's handler behind the guard;
-    ``shed`` False: never refused as overloaded (the probes, the metrics); ``gated``:
-    refused while PostgreSQL's schema is behind this engine's (``schema``).
+) -> Callable[[Handler, str, bool, bool, frozenset[str] | None], Handler]:
+    """``wrap(handler, route, shed, gated, query)`` puts one route's handler behind the
+    guard; ``shed`` False: never refused as overloaded (the probes, the metrics);
+    ``gated``: refused while PostgreSQL's schema is behind this engine's (``schema``);
+    ``query``: the query parameters the route takes, any other refused (None: not checked).
 
     A wrapper per route rather than an aiohttp middleware: a middleware adds two coroutine
     layers and a route lookup to every request, about 5 % of a listing (BENCHMARKS.md).
@@ -117,7 +119,9 @@ def guard(
     # Request ids: random per process, then counted (unique, and no system call each).
     prefix, counter = secrets.token_hex(5) + "-", itertools.count(1)
 
-    def wrap(handler: Handler, route: str, shed: bool, gated: bool) -> Handler:
+    def wrap(
+        handler: Handler, route: str, shed: bool, gated: bool, query: frozenset[str] | None
+    ) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             nonlocal in_flight
             rid = request.headers.get("X-Request-Id", "")
@@ -131,6 +135,8 @@ def guard(
                     raise Overloaded(1, "Too many requests in progress; try again shortly")
                 if gated and schema.behind is not None:
                     raise schema.behind.with_traceback(None)
+                if query is not None and request.rel_url.raw_query_string:
+                    check_query(request.query, query)
                 response = await handler(request)
                 response.headers["X-Request-Id"] = rid
             except GuichetError as exc:
@@ -155,6 +161,28 @@ def guard(
         return guarded
 
     return wrap
+
+
+_QUERY_ERRORS_MAX = 10  # names told back in one refusal: a query string can hold hundreds
+
+
+def check_query(given: MultiMapping[str], allowed: frozenset[str]) -> None:
+    """Refuse a query parameter the route does not take, or one given twice: a handler
+    reads the ones it knows and the first of each, so a typo (``plac=withdraw`` on a
+    staff cancel) would be done on the default terms, and a filter misspelled would list
+    everything, each without a word."""
+    errors: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for name, _ in given.items():  # each occurrence (iterating the keys gives each once)
+        if name in seen:
+            message = "given more than once" if name in allowed else None
+        else:
+            message = None if name in allowed else "not a parameter of this request"
+        seen.add(name)
+        if message and len(errors) < _QUERY_ERRORS_MAX:
+            errors.append({"field": name, "message": message})
+    if errors:
+        raise ValidationFailed(errors)
 
 
 UNMATCHED = "unmatched"  # the route label of requests no route matches

@@ -511,6 +511,56 @@ async def test_nul_characters_and_bad_identifiers_are_refused(
     assert before[1:] == (0, 0)
 
 
+async def test_a_query_parameter_a_request_does_not_take_is_refused(
+    api: Api, pg: asyncpg.Connection, release: dict[str, Any]
+) -> None:
+    """A handler reads the parameters it knows, and the first of each: a misspelt one was
+    ignored. A staff cancel with ``plac=withdraw`` was done with the place returned to the
+    public, which no retry can undo, and a misspelt filter listed everything. Now each is
+    refused, naming the parameter, and changes nothing."""
+    slot = release["slots"][0]["id"]
+    reference = (await api.book(slot, applicant()))["booking"]["reference"]
+    before = await state(api, pg, release["id"])
+    cancel = f"/v1/admin/bookings/{reference}"
+    refused = problem(
+        await api.call("DELETE", f"{cancel}?by=prefecture&plac=withdraw", headers=ADMIN),
+        "validation-error",
+        400,
+    )
+    assert refused["errors"] == [{"field": "plac", "message": "not a parameter of this request"}]
+    twice = problem(
+        await api.call("DELETE", f"{cancel}?by=prefecture&by=person", headers=ADMIN),
+        "validation-error",
+        400,
+    )
+    assert twice["errors"] == [{"field": "by", "message": "given more than once"}]
+    listing = problem(
+        await api.call("GET", "/v1/releases?site=bobigny&procedur=x"), "validation-error", 400
+    )
+    assert listing["errors"] == [
+        {"field": "procedur", "message": "not a parameter of this request"}
+    ]
+    for path in (
+        f"/v1/releases/{release['id']}/slots?fresh=1",
+        "/v1/sites?%FF=1",  # a name that is not UTF-8
+        "/v1/releases?" + "&".join(f"p{n}=1" for n in range(500)),
+    ):
+        body = problem(await api.call("GET", path), "validation-error", 400)
+        assert 1 <= len(body["errors"]) <= 10, body
+    # A hold refused so leaves its challenge unspent: it holds once sent as it should be.
+    paid = await api.solved(release["id"])
+    held = {"slot_id": release["slots"][1]["id"], **paid}
+    client = {"X-Forwarded-For": "10.0.0.1"}  # the challenge's
+    problem(await api.call("POST", "/v1/holds?slot=1", held, client), "validation-error", 400)
+    assert await state(api, pg, release["id"]) == before
+    assert (await api.call("POST", "/v1/holds", held, client)).status == 201
+    # The probes and the metrics take any: monitoring may add its own.
+    for path in ("/healthz?probe=1", "/readyz?probe=1", "/metrics?x=1"):
+        assert (await api.call("GET", path)).status == 200, path
+    done = await api.call("DELETE", f"{cancel}?by=prefecture&place=withdraw", headers=ADMIN)
+    assert done.status == 204, done.body
+
+
 async def raw_status(api: Api, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     """Send ``head`` (request line and headers, as bytes: a client can send any) and
     ``body``; return the reply's status and body."""
