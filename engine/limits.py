@@ -28,6 +28,8 @@ the base difficulty during a flood.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import heapq
 import itertools
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from engine.addresses import networks
-from engine.errors import Overloaded, RateLimited
+from engine.errors import Overloaded, RateLimited, StoreUnavailable
 from engine.inventory import Inventory, Take, Taken
 from engine.keys import bucket, unspent_challenges
 from engine.metrics import Metrics
@@ -237,13 +239,19 @@ class Limiter:
 
     async def confirm(
         self, identity: str, endpoint: str = "confirm", hold_id: str | None = None
-    ) -> None:
+    ) -> tuple[Take, ...]:
         """Take the tokens a confirm (or a draw entry) costs: the applicant's identity, the
         endpoint's global one, and the hold's own (``hold_id``: a hold PostgreSQL refuses is
         handed back, and could be confirmed again in name after name). Not the address's or
         its networks': a confirm comes with a hold, an entry with a challenge, each paid for
         when its challenge was issued. A person behind a carrier's NAT must not lose the
-        place they hold because others on that network emptied its bucket since."""
+        place they hold because others on that network emptied its bucket since.
+
+        Returns the person's own takes (identity, hold), for ``give_back`` if the attempt
+        fails for want of a store. A refusal gives them back itself: the identity's ten
+        tokens an hour are for attempts PostgreSQL decides, and a person told to retry
+        through a flood (the global bucket's 503) must not be locked out of the place
+        they hold once it passes."""
         s = self.settings
         self._refuse_blocked([bucket("global", endpoint)])
         takes = self._hold_take(hold_id)
@@ -251,7 +259,21 @@ class Limiter:
             "identity": _take(bucket("identity", identity), s.limit_identity),
             "global": _take(bucket("global", endpoint), s.limit_global_confirm),
         }
-        self._enforce(await self._take_all(takes))
+        taken = await self._take_all(takes)
+        own = tuple(t.take for level, t in taken.items() if level != "global" and t.outcome == "ok")
+        if any(t.outcome != "ok" for t in taken.values()):
+            await self.give_back(own)
+        self._enforce(taken)
+        return own
+
+    async def give_back(self, takes: Iterable[Take]) -> None:
+        """Put back the tokens ``takes`` took, each bucket at most full: an attempt that
+        was refused, or failed for want of a store, decided nothing. Best effort: Redis
+        may be what failed."""
+        refunds = [dataclasses.replace(t, cost=-t.cost) for t in takes]
+        if refunds:
+            with contextlib.suppress(StoreUnavailable):
+                await self._take_all({str(n): t for n, t in enumerate(refunds)})
 
     def _hold_take(self, hold_id: str | None) -> dict[str, Take]:
         """The bucket of one hold's confirms, refused in-process once found empty."""

@@ -132,13 +132,18 @@ class Lottery:
             try:
                 # A new attempt after all: it takes what an entry takes (the global entry
                 # bucket sheds load), or gives the challenge back.
-                await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
+                spent = await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
             except Exception:
                 await self._give_back(release_id, paid.id)
                 raise
         else:
-            await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
-            if not await self._spend(release_id, paid, client, now_ms):
+            spent = await self.domain.limiter.confirm(identity.hex(), endpoint="entry")
+            try:
+                fresh = await self._spend(release_id, paid, client, now_ms)
+            except StoreUnavailable:
+                await self.domain.limiter.give_back(spent)
+                raise
+            if not fresh:
                 self._spent.add(paid.id, paid.expires_ms, now_ms)
                 return await self._replayed_or_spent(release, entry_id, token, identity)
         try:
@@ -151,8 +156,10 @@ class Lottery:
                 return replayed
             raise
         except StoreUnavailable:
-            # Nothing was registered: the attempt must not cost the challenge.
+            # Nothing was registered: the attempt must not cost the challenge, nor the
+            # person's tokens (Limiter.confirm).
             await self._give_back(release_id, paid.id)
+            await self.domain.limiter.give_back(spent)
             raise
         self.domain.metrics.entries.inc()
         log.info("entry_registered", release=release_id, entry=entry_id)

@@ -41,7 +41,7 @@ from engine.errors import (
     ValidationFailed,
 )
 from engine.identity import Applicant, document_hash
-from engine.inventory import HoldRecord, Inventory, InventoryMissing, SlotCounts
+from engine.inventory import HoldRecord, Inventory, InventoryMissing, SlotCounts, Take
 from engine.keys import unspent_challenges
 from engine.limits import Client, FoundSpent, Limiter
 from engine.logs import log
@@ -577,18 +577,26 @@ class Reservations:
         who = Client.of(client)
         identity = applicant.identity_hash(self.settings.secret).hex()
         slot_id = None
-        if record is not None:
-            await self.limiter.confirm(identity, hold_id=hold_id)
-            slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
-        if slot_id is None:
-            # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
-            # A PostgreSQL lookup, and any hold id once issued can be replayed: limited.
-            if record is None:
-                await self.limiter.replay(who, identity, hold_id)
-            return await self._confirmed_before(hold_id, token)
-        confirmation = await self._book(
-            release, slot_id, hold_id, token, applicant, client_net=who.net
-        )
+        spent: tuple[Take, ...] = ()
+        try:
+            if record is not None:
+                spent = await self.limiter.confirm(identity, hold_id=hold_id)
+                slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
+            if slot_id is None:
+                # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
+                # A PostgreSQL lookup, and any hold id once issued can be replayed: limited.
+                if record is None:
+                    await self.limiter.replay(who, identity, hold_id)
+                return await self._confirmed_before(hold_id, token)
+            confirmation = await self._book(
+                release, slot_id, hold_id, token, applicant, client_net=who.net
+            )
+        except StoreUnavailable:
+            # Nothing decided, or nothing the person can be told: the retry that Retry-After
+            # asks for must not use up their tokens, or a PostgreSQL slow for a minute left
+            # them refused (429) until their hold, still confirming, was given away.
+            await self.limiter.give_back(spent)
+            raise
         self.metrics.count(self.metrics.confirms, "confirmed")
         return confirmation
 

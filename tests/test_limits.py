@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
@@ -23,7 +24,7 @@ from engine.limits import Expiring, FoundSpent, Limiter
 from engine.settings import Rate
 from engine.web import client_address
 from tests.api import ADMIN, Api, Reply, applicant, other_than
-from tests.conftest import REDIS_URL, FakeClock, make_settings
+from tests.conftest import DATABASE_URL, REDIS_URL, FakeClock, make_settings
 from tests.test_caches import count_calls
 
 
@@ -373,6 +374,51 @@ async def test_global_buckets_shed_load(clean: None) -> None:
         limited(await api.confirm(h2, applicant(), "10.0.0.2"), "global", 5, status=503)
         api.clock.advance(5)
         assert (await api.confirm(h2, applicant(), "10.0.0.2")).status == 201
+
+
+async def test_a_person_told_to_wait_through_a_flood_keeps_their_tokens(clean: None) -> None:
+    """The global confirm bucket sheds a flood with 503 and Retry-After. Each such refusal
+    took a token of the person's identity and hold buckets as well, which a flood of
+    minutes emptied: the person was then refused 429 for an hour's share of their tokens,
+    and their hold given away meanwhile. A refused attempt gives them back now."""
+    async with engine(
+        limit_global_confirm=Rate(1, 5), limit_identity=Rate(2, 7200), limit_hold=Rate(2, 7200)
+    ) as api:
+        release = await api.publish([1] * 5)
+        slots = [s["id"] for s in release["slots"]]
+        mine = (await api.hold(slots[0], "10.0.0.1")).body
+        person = applicant()
+        for n, slot in enumerate(slots[1:], start=2):
+            others = (await api.hold(slot, f"10.0.0.{n}")).body
+            assert (await api.confirm(others, applicant(), f"10.0.0.{n}")).status == 201
+            limited(await api.confirm(mine, person, "10.0.0.1"), "global", 5, status=503)
+            api.clock.advance(5)
+        assert (await api.confirm(mine, person, "10.0.0.1")).status == 201
+
+
+async def test_a_confirm_postgresql_could_not_decide_costs_no_token(clean: None) -> None:
+    """A confirm whose PostgreSQL transaction ran out of time answers 503 with Retry-After,
+    and its hold waits, confirming, for the retry. Each retry took the person's tokens: a
+    PostgreSQL slow for a minute left them refused (429) until the sweeper gave their hold
+    away. An attempt that fails for want of a store gives its tokens back."""
+    async with engine(
+        limit_identity=Rate(2, 7200), limit_hold=Rate(2, 7200), pg_timeout_s=0.3
+    ) as api:
+        release = await api.publish([1])
+        slot = release["slots"][0]["id"]
+        hold = (await api.hold(slot, "10.0.0.1")).body
+        person = applicant()
+        blocker = await asyncpg.connect(DATABASE_URL)
+        try:
+            async with blocker.transaction():
+                await blocker.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", slot)
+                for _ in range(4):
+                    refused = await api.confirm(hold, person, "10.0.0.1")
+                    assert refused.status == 503, refused.body
+                    assert refused.body["level"] == "store", refused.body
+        finally:
+            await blocker.close()
+        assert (await api.confirm(hold, person, "10.0.0.1")).status == 201
 
 
 async def test_no_stockpile_of_unspent_challenges(

@@ -42,7 +42,8 @@ local function client_holds(clients, client, delta)
   return n
 end
 
--- A token bucket at `now_us` (microseconds): take `cost` tokens if there are that many.
+-- A token bucket at `now_us` (microseconds): take `cost` tokens if there are that many; a
+-- negative `cost` gives tokens back, the bucket at most full.
 -- Returns {true, tokens left} or {false, milliseconds until there would be enough}.
 local function take(bucket, rate, burst, cost, now_us)
   local state = redis.call('HMGET', bucket, 'tokens', 'ts_us')
@@ -53,7 +54,7 @@ local function take(bucket, rate, burst, cost, now_us)
   tokens = math.min(burst, tokens + math.max(0, now_us - ts) * rate / 1000000)
   local ok = tokens >= cost
   if ok then
-    tokens = tokens - cost
+    tokens = math.min(burst, tokens - cost)
   end
   redis.call('HSET', bucket, 'tokens', tostring(tokens), 'ts_us', now_us)
   redis.call('PEXPIRE', bucket, math.ceil(burst / rate * 1000) + 1000)
