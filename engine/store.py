@@ -1114,16 +1114,25 @@ class Store:
         they want, and set that one. Before the freeze, a worker whose clock lags could
         still register an entry chosen knowing it."""
         async with self._transaction() as conn:
+            # The row's lock first, and what to check in a statement of its own: a draw
+            # holds the row while it runs, and a statement that waited for it would see
+            # the draw's row but not its record (the snapshot it began with), and add a
+            # beacon the draw never used.
+            locked = await conn.fetchval(
+                "SELECT 1 FROM releases WHERE id = $1 AND mode = 'draw' FOR NO KEY UPDATE",
+                release_id,
+            )
+            if locked is None:
+                raise NotFound(f"No draw release {release_id!r}")
             row = await conn.fetchrow(
                 """SELECT beacon, registration_closes_at <= $2 AND draw_at > $2 AS open,
                           entries_digest IS NOT NULL AS frozen,
                           EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id) AS drawn
-                   FROM releases r WHERE id = $1 AND mode = 'draw' FOR NO KEY UPDATE""",
+                   FROM releases r WHERE id = $1""",
                 release_id,
                 now,
             )
-            if row is None:
-                raise NotFound(f"No draw release {release_id!r}")
+            assert row is not None  # locked above
             if row["beacon"] == beacon:
                 return
             if row["beacon"] is not None:

@@ -1137,6 +1137,51 @@ async def test_beacon_window(api: Api, clock: FakeClock) -> None:
     assert (await api.call("PUT", path, {"beacon": "too-late"}, ADMIN)).status == 409
 
 
+async def test_a_beacon_sent_while_the_draw_runs_is_refused(
+    api: Api, clock: FakeClock, pg: asyncpg.Connection
+) -> None:
+    """A draw holds its release's row while it runs. A beacon sent just before the draw
+    time (or by a worker whose clock lags) waited for the row and then judged the draw by
+    the snapshot its statement began with: not drawn yet. It was set and audited, and
+    answered 200, while the draw had run without it. It is refused now."""
+    await api.site()
+    release = (await api.publish_draw([1], closes_in_s=60, draw_in_s=3600))["id"]
+    await api.enter(release, applicant(), ip(1))
+    clock.advance(61)
+    lottery = api.client.app[LOTTERY]
+    await lottery.run_due()  # the list frozen: a beacon may come
+    blocker = await asyncpg.connect(DATABASE_URL)
+
+    async def waiting(lock: str) -> bool:
+        query = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = $1"
+        return bool(await pg.fetchval(query, lock))
+
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        # A confirm's share of the caps lock: the draw, holding its row, waits for it.
+        await blocker.execute(
+            "SELECT pg_advisory_xact_lock_shared(hashtextextended('booking-caps', 0))"
+        )
+        clock.advance(3600)
+        drawing = asyncio.create_task(lottery.run_due())
+        await poll(lambda: waiting("advisory"), lambda: "the draw never waited for the caps")
+        clock.advance(-62)  # the beacon's worker: a second before the draw time by its clock
+        path = f"/v1/admin/releases/{release}/beacon"
+        beacon = asyncio.create_task(api.call("PUT", path, {"beacon": "late"}, ADMIN))
+        await poll(lambda: waiting("transactionid"), lambda: "the beacon never waited")
+        await tx.rollback()
+        assert [done.release_id for done in await drawing] == [release]
+        refused = await beacon
+    finally:
+        await blocker.close()
+    assert refused.status == 409, refused.body
+    record = (await api.call("GET", f"/v1/releases/{release}/draw")).body
+    assert record["beacon"] == ""
+    assert await pg.fetchval("SELECT beacon FROM releases WHERE id = $1", release) is None
+    assert not await pg.fetchval("SELECT count(*) FROM audit_log WHERE action = 'draw.beacon'")
+
+
 async def test_a_draws_places_are_fixed_from_closing_to_the_draw(
     api: Api, clock: FakeClock
 ) -> None:
