@@ -283,21 +283,25 @@ class Limiter:
         self._refuse_blocked([own])
         return {"hold": _take(own, self.settings.limit_hold)}
 
-    async def replay(self, client: Client, identity: str, hold_id: str | None = None) -> None:
+    async def replay(self, client: Client, hold_id: str | None = None) -> None:
         """Take the tokens a confirm of a hold Redis no longer has costs (booked, expired,
         released or lost): the retry of a booked hold, or a replay of an old hold id, each
-        a PostgreSQL lookup; a draw entry's retry too (``hold_id`` None). The identity's,
-        and the address's and its networks' as for a challenge; not the global confirm
-        bucket: a hold id once issued costs nothing to replay, and replays must not shed
-        people's confirms. And the hold's own (``hold_id``): a hold id is not bound to an
-        address (a phone moves from Wi-Fi to its carrier between hold and confirm), so a
-        botnet replaying one booked hold from many networks, each time in another name,
-        passes every other bucket."""
+        a PostgreSQL lookup; a draw entry's retry too (``hold_id`` None). The address's
+        and its networks' as for a challenge; not the global confirm bucket: a hold id once
+        issued costs nothing to replay, and replays must not shed people's confirms. And
+        the hold's own (``hold_id``): a hold id is not bound to an address (a phone moves
+        from Wi-Fi to its carrier between hold and confirm), so a botnet replaying one
+        booked hold from many networks, each time in another name, passes every other
+        bucket.
+
+        Not the identity's: a replay's applicant is not checked against anything before
+        the lookup, and one old challenge or booked hold replayed in a person's name,
+        from the replayer's own address, emptied that person's bucket. They were then
+        refused (429) at the confirm of the place they held, at no cost to the replayer."""
         s = self.settings
         self.refuse_known(client)
         takes = self._hold_take(hold_id)
         takes |= {
-            "identity": _take(bucket("identity", identity), s.limit_identity),
             "address": _take(bucket("address", client.address), s.limit_address),
             "net": _take(bucket("net", client.net), s.limit_net),
         }

@@ -110,8 +110,8 @@ class Lottery:
         now = self._now()
         if expired or not release.registration_opens_at <= now < release.registration_closes_at:
             # A PostgreSQL lookup that any challenge once issued can ask for again and again:
-            # the buckets of a confirm's replay bound it (address, networks, identity).
-            await self.domain.limiter.replay(who, identity.hex())
+            # the buckets of a confirm's replay bound it (address, networks).
+            await self.domain.limiter.replay(who)
             if replayed := await self._replayed(release, entry_id, token, identity):
                 return replayed
             if expired:
@@ -121,7 +121,7 @@ class Lottery:
             # Spent, as Redis told this worker: this request's retry, or a replay, each a
             # PostgreSQL lookup. The buckets of a confirm's replay bound it, not the global
             # entry bucket, which a replayed challenge would otherwise drain for everyone.
-            await self.domain.limiter.replay(who, identity.hex())
+            await self.domain.limiter.replay(who)
             if replayed := await self._replayed(release, entry_id, token, identity):
                 return replayed
             # No entry: the attempt that spent it may have failed since and given it back,

@@ -586,7 +586,7 @@ class Reservations:
                 # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
                 # A PostgreSQL lookup, and any hold id once issued can be replayed: limited.
                 if record is None:
-                    await self.limiter.replay(who, identity, hold_id)
+                    await self.limiter.replay(who, hold_id)
                 return await self._confirmed_before(hold_id, token)
             confirmation = await self._book(
                 release, slot_id, hold_id, token, applicant, client_net=who.net

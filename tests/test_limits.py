@@ -132,17 +132,18 @@ async def test_identity_bucket_on_confirm(clean: None) -> None:
 
 async def test_replayed_confirms_are_limited(clean: None) -> None:
     """A confirm of a hold Redis no longer has is a PostgreSQL lookup, and any hold id once
-    issued can be replayed: it takes the identity's tokens, and the address's as a challenge
-    does, but not the global confirm bucket, which replays must not drain."""
-    async with engine(limit_identity=Rate(2, 7200)) as api:
+    issued can be replayed: it takes the hold's tokens, and the address's as a challenge
+    does, but not the global confirm bucket, which replays must not drain, nor the
+    identity's, which a replay in a person's name would drain for them."""
+    async with engine(limit_identity=Rate(2, 7200), limit_hold=Rate(3, 10800)) as api:
         release = await api.publish([1])
         person = applicant()
         hold = (await api.hold(release["slots"][0]["id"], "10.0.1.1")).body
         booked = await api.confirm(hold, person, "10.0.1.1")
-        replay = await api.confirm(hold, person, "10.0.1.1")
-        assert (booked.status, replay.status) == (201, 201)
-        assert replay.body["booking"] == booked.body["booking"]
-        limited(await api.confirm(hold, person, "10.0.1.1"), "identity", 3600)
+        replays = [await api.confirm(hold, person, "10.0.1.1") for _ in range(2)]
+        assert [r.status for r in (booked, *replays)] == [201, 201, 201]
+        assert replays[-1].body["booking"] == booked.body["booking"]
+        limited(await api.confirm(hold, person, "10.0.1.1"), "hold", 3600)
     async with engine(limit_address=Rate(3, 30)) as api:  # a challenge took one
         release = await api.publish([1])
         hold = (await api.hold(release["slots"][0]["id"], "10.0.2.1")).body
@@ -156,6 +157,31 @@ async def test_replayed_confirms_are_limited(clean: None) -> None:
         person = applicant()
         assert (await api.confirm(hold, person, "10.0.3.1")).status == 201
         assert (await api.confirm(hold, person, "10.0.3.1")).status == 201
+
+
+async def test_replays_in_a_persons_name_do_not_lock_them_out(clean: None) -> None:
+    """A replay (an entry with an expired challenge, a confirm of a hold already booked)
+    names whoever the replayer likes, and nothing checks it before the lookup. It took
+    that person's identity tokens: someone who knew a document number could, from one
+    address and with one old challenge, keep its owner refused (429) at the confirm of
+    the place they held, and out of every draw."""
+    async with engine(limit_identity=Rate(2, 7200)) as api:
+        fcfs = await api.publish([1, 1])
+        draw = (await api.publish_draw([1]))["id"]
+        victim = applicant()
+        named = applicant(id_number=victim["id_number"])
+        paid = await api.solved(draw, "10.9.9.9")
+        own = (await api.hold(fcfs["slots"][0]["id"], "10.9.9.9")).body
+        assert (await api.confirm(own, applicant(), "10.9.9.9")).status == 201
+        api.clock.advance(301)  # the challenge expired
+        headers = {"X-Forwarded-For": "10.9.9.9"}
+        for _ in range(3):
+            entry = {**paid, "applicant": named}
+            late = await api.call("POST", f"/v1/releases/{draw}/entries", entry, headers)
+            assert late.body["type"] == "/problems/challenge-expired", late.body
+            assert (await api.confirm(own, named, "10.9.9.9")).status == 201  # its booking
+        hold = (await api.hold(fcfs["slots"][1]["id"], "10.0.0.1")).body
+        assert (await api.confirm(hold, victim, "10.0.0.1")).status == 201
 
 
 async def test_a_hold_refused_at_confirm_cannot_be_tried_in_name_after_name(
