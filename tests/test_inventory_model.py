@@ -220,6 +220,8 @@ class Model:
             previous = self.idem[idem]
             if previous in self.holds:
                 h = self.holds[previous]
+                if challenge_expiry > now:  # the challenge it brings is spent with it
+                    self.spent[challenge] = challenge_expiry
                 return HoldResult("replayed", previous, h.deadline, h.token)
             del self.idem[idem]
         if challenge_expiry <= now or challenge in self.spent:

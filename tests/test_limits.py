@@ -538,6 +538,32 @@ async def test_a_hold_refused_for_the_live_holds_keeps_its_challenge_counted(cle
         assert (more.status, more.body["level"]) == (429, "unspent"), more.body
 
 
+async def test_a_hold_replayed_under_its_key_with_another_challenge_spends_it(
+    clean: None,
+) -> None:
+    """A hold sent again under its Idempotency-Key is answered with the hold it made,
+    whatever challenge it brings. The round trip took that challenge off the address's
+    unspent ones but left it unspent: an address kept as many solved challenges as it
+    liked past the cap, to use once its hold was given back. It is spent now."""
+    async with engine(max_live_holds=1, max_unspent_challenges=2) as api:
+        release = await api.publish([5, 5])
+        first, second = (s["id"] for s in release["slots"])
+        held = await api.hold(first, "10.0.0.1", key="k")
+        assert held.status == 201
+        kept = [await api.solved(release["id"], "10.0.0.1") for _ in range(2)]
+        for paid in kept:
+            again = await api.hold(first, "10.0.0.1", paid=paid, key="k")
+            assert (again.status, again.body["hold_id"]) == (201, held.body["hold_id"])
+        for _ in range(2):  # the address's unspent ones: none left, then these two
+            assert (await challenge(api, release["id"], "10.0.0.1")).status == 201
+        token = {"Authorization": f"Bearer {held.body['hold_token']}"}
+        path = f"/v1/holds/{held.body['hold_id']}"
+        assert (await api.call("DELETE", path, headers=token)).status == 204
+        for paid in kept:  # not usable past the cap: two more were issued meanwhile
+            reused = await api.hold(second, "10.0.0.1", paid=paid)
+            assert reused.body["type"] == "/problems/challenge-expired", reused.body
+
+
 async def cancel(api: Api, booked: dict[str, Any]) -> None:
     r = await api.call(
         "DELETE",

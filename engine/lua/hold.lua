@@ -6,7 +6,7 @@
 --       11 most live holds one client may have in this release
 -- Returns: {'granted', hold_id, deadline_ms, token_hash}
 --          {'replayed', hold_id, deadline_ms, token_hash}  same idempotency field: the live
---                         (or confirming) hold
+--                         (or confirming) hold; the challenge brought is spent
 --          {'full'}       no free place; the challenge is spent
 --          {'spent'}      the challenge was spent before, or has expired; nothing changed
 --          {'no-slot'}    the slot is not in this release's inventory; nothing changed
@@ -33,6 +33,12 @@ local function hold(keys, argv)
       if rec then
         local h = split_hold(rec)
         if h.state ~= 'h' or h.deadline > now then
+          -- The challenge it brings is spent with it (the hold's own already is): this
+          -- round trip takes it off the address's unspent ones, and it must not stay
+          -- usable uncounted, past the cap.
+          if challenge_expiry > now then
+            redis.call('ZADD', spent, challenge_expiry, challenge)
+          end
           return { 'replayed', previous, h.deadline, h.token }
         end
         -- Expired, and not reclaimed yet (more expired ahead of it than one call takes):
