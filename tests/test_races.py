@@ -13,7 +13,9 @@ import asyncpg
 import hiredis
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
 
+from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.errors import StoreUnavailable
 from engine.identity import Applicant
@@ -21,7 +23,7 @@ from engine.inventory import Inventory, Reconciled, SlotCounts
 from engine.multiplex import Multiplexed
 from engine.recovery import Recovery
 from tests.api import ADMIN, Api, Reply, applicant, ip
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, FakeClock, make_settings
 from tests.procs import HOST, TcpProxy, with_port
 
 
@@ -425,3 +427,30 @@ async def test_a_reconcile_between_a_confirms_commit_and_its_report_corrects_not
     counts = await domain.inventory.counts(release["id"], domain.now_ms())
     assert counts[slot] == SlotCounts(2, 1, 0)
     assert await domain.recovery.reconcile(release["id"]) == 0
+
+
+async def test_a_worker_whose_clock_runs_ahead_cannot_unspend_a_challenge(
+    api: Api, clock: FakeClock
+) -> None:
+    """Each worker judges a challenge's expiry by its own clock, and trimmed the release's
+    spent challenges by it. A worker two seconds ahead trimmed a spent challenge two
+    seconds early, and a worker whose clock was right took it, unexpired and not spent,
+    for a second hold. The spent set keeps each challenge a while past its expiry."""
+    ahead = FakeClock()
+    ahead.now = clock.now + 2
+    app = create_app(make_settings(), clock=ahead, bucket_clock=ahead, sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        other = Api(client, ahead)
+        await api.site()
+        release = await api.publish([1, 1, 1])
+        slots = [s["id"] for s in release["slots"]]
+        paid = await api.solved(release["id"], ip(1))
+        first = (await api.hold(slots[0], ip(1), paid=paid)).body
+        token = {"Authorization": f"Bearer {first['hold_token']}"}
+        released = await api.call("DELETE", f"/v1/holds/{first['hold_id']}", headers=token)
+        assert released.status == 204
+        clock.advance(299)  # a second before the challenge expires, by this worker's clock
+        ahead.advance(299)
+        assert (await other.hold(slots[1], ip(2))).status == 201  # a hold trims the set
+        again = await api.hold(slots[2], ip(1), paid=paid)
+        assert again.body["type"] == "/problems/challenge-expired", again.body

@@ -73,7 +73,7 @@ local function hold(keys, argv)
     return { 'reclaiming' }
   end
   -- The capacity decision: from here on the challenge is spent, whatever the answer.
-  redis.call('ZREMRANGEBYSCORE', spent, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', spent, '-inf', now - SPENT_KEPT_MS)
   redis.call('ZADD', spent, challenge_expiry, challenge)
   if taken >= tonumber(capacity) then
     return { 'full' }

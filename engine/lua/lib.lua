@@ -21,6 +21,11 @@
 --                    every write in flight is refused, as none can carry a value again
 -- Free places of a slot = c - b - h. Times come from the caller (ARGV), in milliseconds.
 
+-- How long a spent challenge is kept past its expiry. Each worker judges expiry by its own
+-- clock: one whose clock runs ahead trimmed a challenge from the spent set while a worker
+-- whose clock is right still took it as unexpired, and spent it again.
+local SPENT_KEPT_MS = 10000
+
 local function split_hold(rec)
   local slot, state, deadline, idem, token, client =
     string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')

@@ -8,7 +8,7 @@ local function spend_challenge(keys, argv)
   if expiry <= now or redis.call('ZSCORE', spent, challenge) then
     return { 'spent' }
   end
-  redis.call('ZREMRANGEBYSCORE', spent, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', spent, '-inf', now - SPENT_KEPT_MS)
   redis.call('ZADD', spent, expiry, challenge)
   return { 'ok' }
 end
