@@ -1206,6 +1206,42 @@ class Store:
             raw = await conn.fetchval("SELECT record FROM draws WHERE release_id = $1", release_id)
         return None if raw is None else dict(json.loads(raw))
 
+    @staticmethod
+    async def _book_winners(
+        conn: asyncpg.pool.PoolConnectionProxy,
+        rel: asyncpg.Record,
+        refs: list[str],
+        winners: list[tuple[asyncpg.Record, str]],
+        slot_release: dict[str, str],
+        cancel_token_hash: Callable[[str], bytes],
+    ) -> None:
+        """Book each winner (an entry, its slot) under its reference, in one statement."""
+        await conn.execute(
+            """INSERT INTO bookings (reference, slot_id, release_id, procedure_id, channel,
+                   entry_id, identity_hash, email_hash, family_name, given_names,
+                   birth_date, cancel_token_hash, client_net)
+               SELECT ref, slot, rel, $4, 'draw', entry, ident, email, family, given,
+                      birth, cancel, net
+               FROM unnest($1::text[], $2::text[], $3::text[], $5::text[], $6::bytea[],
+                           $7::bytea[], $8::text[], $9::text[], $10::date[], $11::bytea[],
+                           $12::text[])
+                    AS w(ref, slot, rel, entry, ident, email, family, given, birth,
+                         cancel, net)""",
+            refs,
+            [slot for _, slot in winners],
+            [slot_release[slot] for _, slot in winners],
+            rel["procedure_id"],
+            [e["id"] for e, _ in winners],
+            [e["identity_hash"] for e, _ in winners],
+            [e["email_hash"] for e, _ in winners],
+            [e["family_name"] for e, _ in winners],
+            [e["given_names"] for e, _ in winners],
+            [e["birth_date"] for e, _ in winners],
+            [cancel_token_hash(e["id"]) for e, _ in winners],
+            [e["client_net"] for e, _ in winners],
+            timeout=DRAW_TIMEOUT_S,
+        )
+
     async def _draw_exclusions(
         self,
         conn: asyncpg.pool.PoolConnectionProxy,
@@ -1402,31 +1438,14 @@ class Store:
                 [e["identity_hash"] for e, _ in winners],
                 timeout=DRAW_TIMEOUT_S,
             )
-            await conn.execute(
-                """INSERT INTO bookings (reference, slot_id, release_id, procedure_id, channel,
-                       entry_id, identity_hash, email_hash, family_name, given_names,
-                       birth_date, cancel_token_hash, client_net)
-                   SELECT ref, slot, rel, $4, 'draw', entry, ident, email, family, given,
-                          birth, cancel, net
-                   FROM unnest($1::text[], $2::text[], $3::text[], $5::text[], $6::bytea[],
-                               $7::bytea[], $8::text[], $9::text[], $10::date[], $11::bytea[],
-                               $12::text[])
-                        AS w(ref, slot, rel, entry, ident, email, family, given, birth,
-                             cancel, net)""",
-                refs,
-                [slot for _, slot in winners],
-                [slot_release[slot] for _, slot in winners],
-                rel["procedure_id"],
-                [e["id"] for e, _ in winners],
-                [e["identity_hash"] for e, _ in winners],
-                [e["email_hash"] for e, _ in winners],
-                [e["family_name"] for e, _ in winners],
-                [e["given_names"] for e, _ in winners],
-                [e["birth_date"] for e, _ in winners],
-                [cancel_token_hash(e["id"]) for e, _ in winners],
-                [e["client_net"] for e, _ in winners],
-                timeout=DRAW_TIMEOUT_S,
-            )
+            try:
+                await self._book_winners(conn, rel, refs, winners, slot_release, cancel_token_hash)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != "bookings_one_active_per_identity":
+                    raise
+                # A winner booked the procedure (online, at the counter, in another site's
+                # draw) after the entries were read: give way, as to a cap gone over.
+                raise DrawRaced("a winner booked the procedure during the draw") from None
             await conn.execute(
                 """UPDATE entries e SET status = 'won', booking_reference = w.ref
                    FROM unnest($1::text[], $2::text[]) AS w(id, ref) WHERE e.id = w.id""",
