@@ -210,7 +210,7 @@ def _int_param(
     if value is None:
         return None
     # Digits first counted: int() of thousands of them is slow, then refused (ValueError).
-    if value.isascii() and value.isdigit() and len(value) <= len(str(high)):
+    if value.isascii() and value.isdigit() and len(value.lstrip("0")) <= len(str(high)):
         number = int(value)
         if low <= number <= high:
             return number

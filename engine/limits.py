@@ -259,12 +259,17 @@ class Limiter:
             "identity": _take(bucket("identity", identity), s.limit_identity),
             "global": _take(bucket("global", endpoint), s.limit_global_confirm),
         }
+        taken = await self._take_or_give_back(takes)
+        return tuple(taken[level].take for level in ("hold", "identity") if level in taken)
+
+    async def _take_or_give_back(self, takes: dict[str, Take]) -> dict[str, Taken]:
+        """Take every bucket of ``takes``; if one refuses, give back what the others took
+        before refusing: the attempt decided nothing."""
         taken = await self._take_all(takes)
-        own = tuple(t.take for level, t in taken.items() if level != "global" and t.outcome == "ok")
         if any(t.outcome != "ok" for t in taken.values()):
-            await self.give_back(own)
-        self._enforce(taken)
-        return own
+            await self.give_back(t.take for t in taken.values() if t.outcome == "ok")
+            self._enforce(taken)
+        return taken
 
     async def give_back(self, takes: Iterable[Take]) -> None:
         """Put back the tokens ``takes`` took, each bucket at most full: an attempt that
@@ -283,7 +288,7 @@ class Limiter:
         self._refuse_blocked([own])
         return {"hold": _take(own, self.settings.limit_hold)}
 
-    async def replay(self, client: Client, hold_id: str | None = None) -> None:
+    async def replay(self, client: Client, hold_id: str | None = None) -> tuple[Take, ...]:
         """Take the tokens a confirm of a hold Redis no longer has costs (booked, expired,
         released or lost): the retry of a booked hold, or a replay of an old hold id, each
         a PostgreSQL lookup; a draw entry's retry too (``hold_id`` None). The address's
@@ -297,7 +302,12 @@ class Limiter:
         Not the identity's: a replay's applicant is not checked against anything before
         the lookup, and one old challenge or booked hold replayed in a person's name,
         from the replayer's own address, emptied that person's bucket. They were then
-        refused (429) at the confirm of the place they held, at no cost to the replayer."""
+        refused (429) at the confirm of the place they held, at no cost to the replayer.
+
+        Returns the hold's take, for ``give_back`` if the lookup fails for want of a
+        store: the person whose confirm's answer was lost retries through a slow
+        PostgreSQL for the one reply that gives them their cancel token. A refusal gives
+        back what it took itself, as ``confirm``'s does."""
         s = self.settings
         self.refuse_known(client)
         takes = self._hold_take(hold_id)
@@ -307,7 +317,8 @@ class Limiter:
         }
         if client.net48:
             takes["net48"] = _take(bucket("net48", client.net48), s.limit_net48)
-        self._enforce(await self._take_all(takes))
+        taken = await self._take_or_give_back(takes)
+        return (taken["hold"].take,) if "hold" in taken else ()
 
     # Lookups -----------------------------------------------------------------------------
 

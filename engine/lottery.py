@@ -144,7 +144,11 @@ class Lottery:
                 await self.domain.limiter.give_back(spent)
                 raise
             if not fresh:
+                # Spent before: a retry or a replay after all, which takes a replay's
+                # buckets, not the person's it names.
                 self._spent.add(paid.id, paid.expires_ms, now_ms)
+                await self.domain.limiter.give_back(spent)
+                await self.domain.limiter.replay(who)
                 return await self._replayed_or_spent(release, entry_id, token, identity)
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who.net)

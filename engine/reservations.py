@@ -584,9 +584,11 @@ class Reservations:
                 slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
             if slot_id is None:
                 # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
-                # A PostgreSQL lookup, and any hold id once issued can be replayed: limited.
-                if record is None:
-                    await self.limiter.replay(who, hold_id)
+                # A PostgreSQL lookup, and any hold id once issued can be replayed: limited
+                # as a replay, what the confirm took given back (the identity's).
+                await self.limiter.give_back(spent)
+                spent = ()
+                spent = await self.limiter.replay(who, hold_id)
                 return await self._confirmed_before(hold_id, token)
             confirmation = await self._book(
                 release, slot_id, hold_id, token, applicant, client_net=who.net

@@ -471,7 +471,7 @@ async def test_each_agent_has_a_token_and_the_audit_log_names_them(clean: None) 
         long = "9" * 5000
         for bad in (
             *("limit=0", "limit=x", "before=-1", "since=yesterday", "agent=a%20b"),
-            *(f"limit={long}", f"before={long}", "limit=00000000000001"),
+            *(f"limit={long}", f"before={long}", f"limit=0{long}"),
         ):
             refused = await api.call("GET", f"{log}?{bad}", headers=ADMIN)
             assert refused.status == 400, (bad, refused.body)

@@ -48,7 +48,8 @@ local function hold(keys, argv)
       redis.call('HDEL', idem, idem_field)
     end
   end
-  -- An expired challenge counts as spent: the spent set forgets it once it has expired.
+  -- An expired challenge counts as spent: the spent set forgets it a while after it has
+  -- expired (SPENT_KEPT_MS, lib.lua).
   if challenge_expiry <= now or redis.call('ZSCORE', spent, challenge) then
     return { 'spent' }
   end
