@@ -466,6 +466,33 @@ async def test_a_confirm_postgresql_could_not_decide_costs_no_token(clean: None)
         assert (await api.confirm(hold, person, "10.0.0.1")).status == 201
 
 
+async def test_a_booked_confirm_retried_through_a_slow_postgresql_keeps_its_tokens(
+    clean: None,
+) -> None:
+    """A person whose confirm committed but whose answer was lost retries it, and the
+    retry is a replay answered from PostgreSQL: the one reply that gives them their
+    cancel token. Each retry that PostgreSQL could not answer in time took a token of the
+    hold's bucket, and a slow minute left them refused (429). It gives it back now."""
+    async with engine(limit_hold=Rate(2, 7200), pg_timeout_s=0.3) as api:
+        release = await api.publish([1])
+        hold = (await api.hold(release["slots"][0]["id"], "10.0.0.1")).body
+        person = applicant()
+        booked = await api.confirm(hold, person, "10.0.0.1")
+        assert booked.status == 201, booked.body
+        blocker = await asyncpg.connect(DATABASE_URL)
+        try:
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE bookings IN ACCESS EXCLUSIVE MODE")
+                for _ in range(3):
+                    slow = await api.confirm(hold, person, "10.0.0.1")
+                    assert (slow.status, slow.body.get("level")) == (503, "store"), slow.body
+        finally:
+            await blocker.close()
+        again = await api.confirm(hold, person, "10.0.0.1")
+        assert again.status == 201, again.body
+        assert again.body["cancel_token"] == booked.body["cancel_token"]
+
+
 async def test_no_stockpile_of_unspent_challenges(
     clean: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
