@@ -209,9 +209,11 @@ def _int_param(
     value = query.get(name)
     if value is None:
         return None
-    # Digits first counted: int() of thousands of them is slow, then refused (ValueError).
-    if value.isascii() and value.isdigit() and len(value.lstrip("0")) <= len(str(high)):
-        number = int(value)
+    # Digits first counted, leading zeros off: int() of thousands of them is slow, then
+    # refused (ValueError), leading zeros included.
+    digits = value.lstrip("0") or "0"
+    if value.isascii() and value.isdigit() and len(digits) <= len(str(high)):
+        number = int(digits)
         if low <= number <= high:
             return number
     errors.append({"field": name, "message": f"must be a whole number, {low} to {high}"})

@@ -186,7 +186,9 @@ class Metrics:
             registry=r,
         )
         self.store_errors = Counter(
-            "guichet_store_unavailable", "Calls to a store that did not answer in time.", registry=r
+            "guichet_store_unavailable",
+            "Calls to a store that did not answer in time, or said it cannot serve now.",
+            registry=r,
         )
         self.redis_writes = Counter(
             "guichet_redis_writes",

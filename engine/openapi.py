@@ -175,7 +175,7 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "name": "before",
                 "in": "query",
                 "required": False,
-                "schema": {"type": "integer", "minimum": 1},
+                "schema": {"type": "integer", "minimum": 1, "maximum": 2**62},
             },
         ]
     if route.path == "/v1/admin/agenda":
@@ -185,6 +185,7 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "name": "date",
                 "in": "query",
                 "required": True,
+                "description": "A day of the years 2000 to 2200, as every time the engine takes",
                 "schema": {"type": "string", "format": "date"},
             },
         ]

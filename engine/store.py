@@ -59,9 +59,10 @@ _DRAW_LIMITS = (
 
 
 class DrawRaced(Exception):
-    """A booking committed during a draw took a winner over a cap, or confirms in flight
-    kept the booking caps' lock from the draw: the draw rolls back and runs again at the
-    next sweep."""
+    """A booking committed during a draw took a winner over a cap, or booked a winner the
+    procedure after the draw read its entries (the one-active-booking index), or confirms
+    in flight kept the booking caps' lock from the draw: the draw rolls back and runs
+    again at the next sweep."""
 
 
 T = TypeVar("T")

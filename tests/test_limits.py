@@ -441,6 +441,35 @@ async def test_a_person_told_to_wait_through_a_flood_keeps_their_tokens(clean: N
         assert (await api.confirm(mine, person, "10.0.0.1")).status == 201
 
 
+async def test_an_entry_refused_or_failed_keeps_the_persons_tokens(clean: None) -> None:
+    """As a confirm's: an entry refused by the global entry bucket (503 through a flood),
+    or failed for want of PostgreSQL, gives back the person's token, or their retries
+    would soon be refused (429) for most of an hour."""
+    async with engine(
+        limit_global_confirm=Rate(1, 5), limit_identity=Rate(1, 7200), pg_timeout_s=0.3
+    ) as api:
+        draw = (await api.publish_draw([1]))["id"]
+        assert (await api.enter(draw, applicant(), "10.0.0.2")).status == 201  # the token
+        person = applicant()
+        paid = await api.solved(draw, "10.0.0.1")
+        path, headers = f"/v1/releases/{draw}/entries", {"X-Forwarded-For": "10.0.0.1"}
+        entry = {**paid, "applicant": person}
+        limited(await api.call("POST", path, entry, headers), "global", 5, status=503)
+        blocker = await asyncpg.connect(DATABASE_URL)
+        try:
+            async with blocker.transaction():
+                await blocker.execute("LOCK TABLE entries IN ACCESS EXCLUSIVE MODE")
+                for _ in range(2):
+                    api.clock.advance(5)  # the global bucket has a token again
+                    slow = await api.call("POST", path, entry, headers)
+                    assert (slow.status, slow.body.get("level")) == (503, "store"), slow.body
+        finally:
+            await blocker.close()
+        api.clock.advance(5)
+        registered = await api.call("POST", path, entry, headers)
+        assert registered.status == 201, registered.body
+
+
 async def test_a_confirm_postgresql_could_not_decide_costs_no_token(clean: None) -> None:
     """A confirm whose PostgreSQL transaction ran out of time answers 503 with Retry-After,
     and its hold waits, confirming, for the retry. Each retry took the person's tokens: a
