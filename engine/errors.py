@@ -17,7 +17,7 @@
     ├── NotAcceptable              406 not-acceptable
     ├── RateLimited                429 rate-limited (carries retry_after)
     └── Overloaded                 503 overloaded (carries retry_after)
-        └── StoreUnavailable       a backing store did not answer in time
+        └── StoreUnavailable       a backing store did not answer in time, or cannot serve now
             └── SchemaBehind       PostgreSQL lacks a migration this engine needs
 
 Lower layers (redis-py, asyncpg) never leak past ``engine.inventory`` and ``engine.store``:

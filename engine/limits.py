@@ -239,7 +239,7 @@ class Limiter:
 
     async def confirm(
         self, identity: str, endpoint: str = "confirm", hold_id: str | None = None
-    ) -> tuple[Take, ...]:
+    ) -> dict[str, Take]:
         """Take the tokens a confirm (or a draw entry) costs: the applicant's identity, the
         endpoint's global one, and the hold's own (``hold_id``: a hold PostgreSQL refuses is
         handed back, and could be confirmed again in name after name). Not the address's or
@@ -247,11 +247,11 @@ class Limiter:
         when its challenge was issued. A person behind a carrier's NAT must not lose the
         place they hold because others on that network emptied its bucket since.
 
-        Returns the person's own takes (identity, hold), for ``give_back`` if the attempt
-        fails for want of a store. A refusal gives them back itself: the identity's ten
-        tokens an hour are for attempts PostgreSQL decides, and a person told to retry
-        through a flood (the global bucket's 503) must not be locked out of the place
-        they hold once it passes."""
+        Returns the takes by level, for ``give_back`` if the attempt turns out to be a
+        replay, or fails for want of a store (``own``). A refusal gives back what the
+        other buckets took itself: the identity's ten tokens an hour are for attempts
+        PostgreSQL decides, and a person told to retry through a flood (the global
+        bucket's 503) must not be locked out of the place they hold once it passes."""
         s = self.settings
         self._refuse_blocked([bucket("global", endpoint)])
         takes = self._hold_take(hold_id)
@@ -259,17 +259,26 @@ class Limiter:
             "identity": _take(bucket("identity", identity), s.limit_identity),
             "global": _take(bucket("global", endpoint), s.limit_global_confirm),
         }
-        taken = await self._take_or_give_back(takes)
-        return tuple(taken[level].take for level in ("hold", "identity") if level in taken)
+        return await self._take_or_give_back(takes)
 
-    async def _take_or_give_back(self, takes: dict[str, Take]) -> dict[str, Taken]:
+    async def _take_or_give_back(self, takes: dict[str, Take]) -> dict[str, Take]:
         """Take every bucket of ``takes``; if one refuses, give back what the others took
-        before refusing: the attempt decided nothing."""
+        and refuse: the attempt decided nothing. The refusal is remembered from the take,
+        whatever the give-back's round trip costs."""
         taken = await self._take_all(takes)
-        if any(t.outcome != "ok" for t in taken.values()):
-            await self.give_back(t.take for t in taken.values() if t.outcome == "ok")
+        try:
             self._enforce(taken)
-        return taken
+        except (RateLimited, Overloaded):
+            await self.give_back(t.take for t in taken.values() if t.outcome == "ok")
+            raise
+        return {level: t.take for level, t in taken.items()}
+
+    @staticmethod
+    def own(spent: dict[str, Take]) -> list[Take]:
+        """The person's takes of ``spent`` (their identity's, their hold's): what an
+        attempt that fails for want of a store gives back. The global bucket's stays
+        taken: the attempt loaded the stores all the same."""
+        return [take for level, take in spent.items() if level != "global"]
 
     async def give_back(self, takes: Iterable[Take]) -> None:
         """Put back the tokens ``takes`` took, each bucket at most full: an attempt that
@@ -288,7 +297,7 @@ class Limiter:
         self._refuse_blocked([own])
         return {"hold": _take(own, self.settings.limit_hold)}
 
-    async def replay(self, client: Client, hold_id: str | None = None) -> tuple[Take, ...]:
+    async def replay(self, client: Client, hold_id: str | None = None) -> dict[str, Take]:
         """Take the tokens a confirm of a hold Redis no longer has costs (booked, expired,
         released or lost): the retry of a booked hold, or a replay of an old hold id, each
         a PostgreSQL lookup; a draw entry's retry too (``hold_id`` None). The address's
@@ -307,7 +316,7 @@ class Limiter:
         Returns the hold's take, for ``give_back`` if the lookup fails for want of a
         store: the person whose confirm's answer was lost retries through a slow
         PostgreSQL for the one reply that gives them their cancel token. A refusal gives
-        back what it took itself, as ``confirm``'s does."""
+        back what the other buckets took itself, as ``confirm``'s does."""
         s = self.settings
         self.refuse_known(client)
         takes = self._hold_take(hold_id)
@@ -318,7 +327,7 @@ class Limiter:
         if client.net48:
             takes["net48"] = _take(bucket("net48", client.net48), s.limit_net48)
         taken = await self._take_or_give_back(takes)
-        return (taken["hold"].take,) if "hold" in taken else ()
+        return {"hold": taken["hold"]} if "hold" in taken else {}
 
     # Lookups -----------------------------------------------------------------------------
 

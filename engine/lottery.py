@@ -141,14 +141,14 @@ class Lottery:
             try:
                 fresh = await self._spend(release_id, paid, client, now_ms)
             except StoreUnavailable:
-                await self.domain.limiter.give_back(spent)
+                await self.domain.limiter.give_back(self.domain.limiter.own(spent))
                 raise
             if not fresh:
-                # Spent before: a retry or a replay after all, which takes a replay's
-                # buckets, not the person's it names.
+                # Spent before: a retry or a replay after all, which takes neither the
+                # person's token it names nor the global one (this worker remembers it
+                # spent from now on: the replay's buckets, above, from then on).
                 self._spent.add(paid.id, paid.expires_ms, now_ms)
-                await self.domain.limiter.give_back(spent)
-                await self.domain.limiter.replay(who)
+                await self.domain.limiter.give_back(spent.values())
                 return await self._replayed_or_spent(release, entry_id, token, identity)
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who.net)
@@ -163,7 +163,7 @@ class Lottery:
             # Nothing was registered: the attempt must not cost the challenge, nor the
             # person's tokens (Limiter.confirm).
             await self._give_back(release_id, paid.id)
-            await self.domain.limiter.give_back(spent)
+            await self.domain.limiter.give_back(self.domain.limiter.own(spent))
             raise
         self.domain.metrics.entries.inc()
         log.info("entry_registered", release=release_id, entry=entry_id)

@@ -173,7 +173,8 @@ class Metrics:
             self.draw_failures.labels(step)
         self.draws_raced = Counter(
             "guichet_draws_raced",
-            "Draw attempts rolled back for a confirm that raced them (run again next sweep).",
+            "Draw attempts rolled back for bookings or confirms that raced them, or by "
+            "PostgreSQL (a deadlock, a serialisation failure); each runs again next sweep.",
             registry=r,
         )
         self.places_allocated = Counter(

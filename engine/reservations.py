@@ -577,18 +577,21 @@ class Reservations:
         who = Client.of(client)
         identity = applicant.identity_hash(self.settings.secret).hex()
         slot_id = None
-        spent: tuple[Take, ...] = ()
+        spent: dict[str, Take] = {}
         try:
             if record is not None:
                 spent = await self.limiter.confirm(identity, hold_id=hold_id)
                 slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
-            if slot_id is None:
-                # Gone from Redis: confirmed already (a retry), or expired, released, or lost.
-                # A PostgreSQL lookup, and any hold id once issued can be replayed: limited
-                # as a replay, what the confirm took given back (the identity's).
-                await self.limiter.give_back(spent)
-                spent = ()
+                if slot_id is None:
+                    # Gone meanwhile (expired, or confirmed by a request just before): a
+                    # replay after all, which takes the hold's token (taken) and neither
+                    # the person's nor the global one.
+                    await self.limiter.give_back([spent.pop("identity"), spent.pop("global")])
+            else:
+                # Gone from Redis: confirmed already (a retry), or expired, released, or
+                # lost. A PostgreSQL lookup, and any hold id once issued can be replayed.
                 spent = await self.limiter.replay(who, hold_id)
+            if slot_id is None:
                 return await self._confirmed_before(hold_id, token)
             confirmation = await self._book(
                 release, slot_id, hold_id, token, applicant, client_net=who.net
@@ -597,7 +600,7 @@ class Reservations:
             # Nothing decided, or nothing the person can be told: the retry that Retry-After
             # asks for must not use up their tokens, or a PostgreSQL slow for a minute left
             # them refused (429) until their hold, still confirming, was given away.
-            await self.limiter.give_back(spent)
+            await self.limiter.give_back(self.limiter.own(spent))
             raise
         self.metrics.count(self.metrics.confirms, "confirmed")
         return confirmation

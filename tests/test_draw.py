@@ -383,7 +383,7 @@ async def test_an_entry_spent_again_after_a_give_back_takes_the_global_entry_buc
     await api.site()
     release = (await api.publish_draw([2]))["id"]
     proxy, dsn = await TcpProxy.started(DATABASE_URL)
-    two_an_hour = Rate(2, 3600)  # the first try's, and the retry told "spent"
+    two_an_hour = Rate(2, 3600)  # the first try's, and another person's entry
     first_worker = create_app(
         make_settings(database_url=dsn, limit_global_confirm=two_an_hour),
         clock=clock,
@@ -407,6 +407,8 @@ async def test_an_entry_spent_again_after_a_give_back_takes_the_global_entry_buc
             paid = await first.solved(release, ip(1))
             body = {**paid, "applicant": applicant()}
             await spent_meanwhile_then_given_back(proxy, first, other, path, body, headers)
+            # The retry told "spent" gave its token back: another person's entry takes it.
+            assert (await other.enter(release, applicant(), ip(2))).status == 201
             shed = await other.call("POST", path, body, headers)
             assert (shed.status, shed.body["level"]) == (503, "global"), shed.body
     finally:
@@ -415,7 +417,7 @@ async def test_an_entry_spent_again_after_a_give_back_takes_the_global_entry_buc
     clock.advance(1)
     retry = await api.call("POST", path, body, headers)
     assert retry.status == 201, retry.body
-    assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 1
+    assert await pg.fetchval("SELECT count(*) FROM entries WHERE release_id = $1", release) == 2
 
 
 async def test_an_entry_whose_spend_answer_was_lost_gives_its_challenge_back(

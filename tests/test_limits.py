@@ -203,6 +203,23 @@ async def test_replays_in_a_persons_name_do_not_lock_them_out(clean: None) -> No
         assert (await api.enter(draw, victim, "10.0.0.1")).status == 201
 
 
+async def test_a_replay_refused_by_its_address_leaves_the_holds_token(clean: None) -> None:
+    """A replay takes the hold's bucket with the address's and its networks'. One that
+    another bucket refused (another client on the hold's trail, a carrier NAT whose
+    address others emptied) kept the hold's token all the same, and the owner's own
+    retry was then refused (429) for the hold. It gives the token back now."""
+    async with engine(limit_hold=Rate(2, 7200), limit_address=Rate(2, 3600)) as api:
+        release = await api.publish([1])
+        hold = (await api.hold(release["slots"][0]["id"], "10.0.0.1")).body
+        person = applicant()
+        assert (await api.confirm(hold, person, "10.0.0.1")).status == 201
+        for _ in range(2):  # the other address's bucket, emptied without a refusal
+            assert (await challenge(api, release["id"], "10.0.9.1")).status == 201
+        limited(await api.confirm(hold, person, "10.0.9.1"), "address", 1800)
+        again = await api.confirm(hold, person, "10.0.0.1")
+        assert again.status == 201, again.body
+
+
 async def test_a_hold_refused_at_confirm_cannot_be_tried_in_name_after_name(
     clean: None,
 ) -> None:
@@ -221,19 +238,19 @@ async def test_a_hold_refused_at_confirm_cannot_be_tried_in_name_after_name(
 
 
 async def test_a_spent_entry_challenge_replayed_is_limited_as_a_replay(clean: None) -> None:
-    """Each replay of a spent draw challenge is a PostgreSQL lookup: the address's bucket
-    bounds its replays, as a confirm's, the first one included (found spent by Redis).
-    Once Redis has told the worker it is spent, they take nothing more from the global
-    entry bucket, which a replayed challenge would otherwise drain for everyone. An entry
-    refused by a bucket leaves its challenge unspent."""
+    """Each replay of a spent draw challenge is a PostgreSQL lookup. Once Redis has told
+    the worker it is spent, the address's bucket bounds its replays, as a confirm's, and
+    they take nothing more from the global entry bucket, which a replayed challenge would
+    otherwise drain for everyone. An entry refused by a bucket leaves its challenge
+    unspent."""
     async with engine(limit_address=Rate(3, 60), limit_global_confirm=Rate(3, 60)) as api:
         release = (await api.publish_draw([1]))["id"]
         path = f"/v1/releases/{release}/entries"
-        paid = await api.solved(release, "10.0.6.1")  # one of the address's three
+        paid = await api.solved(release, "10.0.6.1")
         headers = {"X-Forwarded-For": "10.0.6.1"}
         first = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
         assert first.status == 201, first.body
-        for _ in range(2):
+        for _ in range(3):
             again = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
             assert again.body["type"] == "/problems/challenge-expired", again.body
         replay = await api.call("POST", path, {**paid, "applicant": applicant()}, headers)
