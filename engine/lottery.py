@@ -144,11 +144,12 @@ class Lottery:
                 await self.domain.limiter.give_back(self.domain.limiter.own(spent))
                 raise
             if not fresh:
-                # Spent before: a retry or a replay after all, which takes neither the
-                # person's token it names nor the global one (this worker remembers it
-                # spent from now on: the replay's buckets, above, from then on).
+                # Spent before: a retry or a replay after all, and its PostgreSQL lookup,
+                # which takes a replay's buckets, not the person's token it names nor the
+                # global one.
                 self._spent.add(paid.id, paid.expires_ms, now_ms)
                 await self.domain.limiter.give_back(spent.values())
+                await self.domain.limiter.replay(who)
                 return await self._replayed_or_spent(release, entry_id, token, identity)
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, who.net)
