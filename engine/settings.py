@@ -156,6 +156,7 @@ class Settings:
             raw_secret = _local_secret(data_dir)
         if len(raw_secret) < 32:
             raise ConfigError("GUICHET_SECRET must be at least 32 characters")
+        _not_a_placeholder("GUICHET_SECRET", raw_secret, mode)
         # As the token comes in a header, stripped: a file's trailing newline would
         # otherwise lock every agent out with a plain 401.
         admin_token = env.get("GUICHET_ADMIN_TOKEN", "").strip() or None
@@ -257,9 +258,24 @@ KNOWN_VARIABLES = frozenset(
 _AGENT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
+def _not_a_placeholder(variable: str, value: str, mode: str) -> None:
+    """Refuse, in production, a value copied from deploy/guichet.env.example: the secret
+    signs challenges (their difficulty included) and keys the identity hashes, and the
+    example's is public, as long as it is."""
+    if mode == "production" and _PLACEHOLDER in value.lower():
+        raise ConfigError(
+            f"{variable} is the example's placeholder: set your own"
+            " (for example `openssl rand -base64 48`)"
+        )
+
+
+_PLACEHOLDER = "change-me"  # what deploy/guichet.env.example writes where a value goes
+
+
 def _admin_token(variable: str, token: str, mode: str) -> None:
     if not token.isascii():
         raise ConfigError(f"{variable} must be ASCII: it is sent in a header")
+    _not_a_placeholder(variable, token, mode)
     if mode == "production" and len(token) < 32:
         # It books without proof of work, cancels anyone's booking and reads the
         # agendas' personal data, from wherever the admin routes are reachable.

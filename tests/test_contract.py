@@ -23,7 +23,7 @@ from engine.settings import KNOWN_VARIABLES, ConfigError, Settings, unknown_vari
 from tests.api import Api
 from tests.conftest import DATABASE_URL, REDIS_URL
 from tests.contract import check_reply
-from tests.procs import HOST, dead_port
+from tests.procs import HOST, REPO_ROOT, dead_port
 
 API_MD_ROUTES = {
     ("get", "/v1/sites"),
@@ -175,6 +175,24 @@ def test_configuration_errors_name_the_variable(
         base.pop("GUICHET_SECRET")
     with pytest.raises(ConfigError, match=message):
         Settings.from_env({**base, **env})
+
+
+def test_the_shipped_example_configuration_is_refused_in_production(tmp_path: object) -> None:
+    """deploy/guichet.env.example, copied as it is: its secret is long enough, and public.
+    With it anyone could sign challenges of difficulty 0 and derive tokens and identity
+    hashes; it was taken. Each of its placeholders is refused in production."""
+    example = (REPO_ROOT / "deploy" / "guichet.env.example").read_text()
+    env = dict(
+        line.split("=", 1) for line in example.splitlines() if "=" in line and line[0] != "#"
+    )
+    env["GUICHET_DATA_DIR"] = str(tmp_path)
+    assert env["GUICHET_ENV"] == "production"
+    with pytest.raises(ConfigError, match="GUICHET_SECRET is the example's placeholder"):
+        Settings.from_env(env)
+    env["GUICHET_SECRET"] = "s" * 48
+    env["GUICHET_ADMIN_TOKEN"] = "change-me-" + "t" * 32  # long enough, still the example's
+    with pytest.raises(ConfigError, match="GUICHET_ADMIN_TOKEN is the example's placeholder"):
+        Settings.from_env(env)
 
 
 def test_agents_tokens_are_read_and_never_quoted_in_errors(tmp_path: object) -> None:

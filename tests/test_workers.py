@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -353,6 +354,39 @@ async def test_workers_share_connections_and_report_metrics_as_one_engine(
         )
     assert code == 0, supervisor.describe()
     assert not any(alive(pid) for pid in workers), supervisor.describe()
+
+
+async def test_a_request_in_flight_is_answered_when_every_process_is_told_to_stop(
+    clean: None, start_engine: StartEngine
+) -> None:
+    """systemd stops a unit by signalling each of its processes; the supervisor then
+    signals its workers too. aiohttp took a worker's second SIGTERM as a second stop,
+    which cancelled the requests in flight (the client's connection reset) and the
+    stores' close. A worker drains on the first signal now, and ignores the next."""
+    supervisor = await start_engine("drain", engine_env(workers=2))
+    blocker = await asyncpg.connect(DATABASE_URL)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE sites IN ACCESS EXCLUSIVE MODE")
+        url = f"{supervisor.base_url}/v1/admin/agenda?site=nowhere&date=2026-12-01"
+        async with aiohttp.ClientSession() as session:
+            asking = asyncio.ensure_future(call(session, "GET", url, headers=ADMIN))
+            waits = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation IS NOT NULL"
+
+            async def waiting() -> bool:
+                return bool(await blocker.fetchval(waits))
+
+            await poll(waiting, lambda: "the request never reached PostgreSQL")
+            for pid in [*children(supervisor.pid), supervisor.pid]:  # as systemd does
+                os.kill(pid, signal.SIGTERM)
+            await asyncio.sleep(0.5)  # the supervisor's own SIGTERM reaches the workers
+            await tx.rollback()
+            status, body = await asking
+        assert status == 404, body  # answered: no such site
+    finally:
+        await blocker.close()
+    assert supervisor.wait() == 0, supervisor.describe()
 
 
 async def test_a_previous_runs_metrics_are_not_added_in(
