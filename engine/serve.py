@@ -30,6 +30,7 @@ from pathlib import Path
 from engine.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # A worker that dies this soon after its start is started again after a pause, doubled at
 # each such death up to the last: a worker that cannot start (a bug, memory) must not
 # take the machine's CPU restarting, nor fill the metrics folder with files.
@@ -76,17 +77,25 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
     loop = uvloop.new_event_loop()
     stopping = False
 
-    def stop() -> None:
+    def stop(signum: int) -> None:
         # The first signal starts the drain. aiohttp's own handler took a second one
         # (systemd signals every process of the unit, then the supervisor its workers)
         # as another stop, which cancelled the requests in flight and the stores' close.
+        # A second Ctrl-C (SIGINT) is someone at a terminal who will not wait: now.
         nonlocal stopping
         if not stopping:
             stopping = True
             raise web.GracefulExit()
+        if signum == signal.SIGINT:
+            os._exit(1)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop)
+    def handle_signals() -> None:
+        # From the running loop: one added before it runs only records a signal, and a
+        # stop that came then would wait for another. Until then the default ends it.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop, signum)
+
+    loop.call_soon(handle_signals)
     web.run_app(
         app,
         sock=sock,
@@ -167,6 +176,7 @@ def _spawn(settings: Settings, sock: socket.socket) -> int:
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _supervise
         code = 0
         try:
             if _REUSEPORT:
@@ -204,8 +214,8 @@ def _supervise(settings: Settings, sock: socket.socket) -> None:
     from engine.metrics import worker_restarts
 
     restarts = worker_restarts(None)  # in the metrics folder, as the workers' counts
-    started = {_spawn(settings, sock): time.monotonic() for _ in range(settings.workers)}
-    children = set(started)
+    started: dict[int, float] = {}
+    children: set[int] = set()
     pause = 0.0
     stopping = False
 
@@ -216,8 +226,22 @@ def _supervise(settings: Settings, sock: socket.socket) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def spawn() -> None:
+        # A stop signal waits while a worker is forked and recorded, so that it reaches
+        # that worker too (the child unblocks it once its own handling is set).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            if not stopping:
+                new = _spawn(settings, sock)
+                started[new] = time.monotonic()
+                children.add(new)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    for _ in range(settings.workers):
+        spawn()
     while children:
         try:
             pid, _status = os.wait()
@@ -237,7 +261,4 @@ def _supervise(settings: Settings, sock: socket.socket) -> None:
         deadline = time.monotonic() + pause
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not stopping:
-            new = _spawn(settings, sock)
-            started[new] = time.monotonic()
-            children.add(new)
+        spawn()
