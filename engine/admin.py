@@ -311,10 +311,8 @@ async def agenda(request: web.Request) -> web.Response:
         day = None
     if day is None:
         raise ValidationFailed([{"field": "date", "message": "must be YYYY-MM-DD"}])
-    if not 2000 <= day.year <= 2200:  # as every time the engine takes (schemas.Moment)
-        raise ValidationFailed(
-            [{"field": "date", "message": "must be between the years 2000 and 2200"}]
-        )
+    if not schemas.plausible_year(day.year):
+        raise ValidationFailed([{"field": "date", "message": schemas.YEARS_MESSAGE}])
     media = preferred_type(request.headers.get("Accept", "*/*"), ("application/json", "text/csv"))
     if media is None:
         raise NotAcceptable("The agenda is served as application/json or text/csv")

@@ -14,6 +14,7 @@ docs/consistency.md explains each crash window these close.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -79,10 +80,7 @@ class Recovery:
                     return
             return
         try:
-
-            async def rebuild_from(fence: str, capacities: Capacities, bookings: Bookings) -> str:
-                return await self.inventory.rebuild(release_id, fence, capacities, bookings)
-
+            rebuild_from = functools.partial(self.inventory.rebuild, release_id)
             outcome = await self.from_snapshot(release_id, rebuild_from)
             if outcome == "stale":
                 # A capacity was lowered while this read: the next call reads again.

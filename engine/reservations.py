@@ -717,7 +717,7 @@ class Reservations:
             raise NotOpen.until(
                 release.opens_at, now, f"This release opens at {release.opens_at.isoformat()}"
             )
-        if slot.starts_at <= self.now():
+        if slot.starts_at <= now:
             raise NotOpen("This slot has already started")
         try:
             return await self._staff_hold_and_book(release, slot_id, hold_id, token, applicant)

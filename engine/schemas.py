@@ -27,10 +27,19 @@ from engine.errors import ValidationFailed
 from engine.identity import ID_NUMBER, normalise_id_number
 
 
+def plausible_year(year: int) -> bool:
+    """Within the years every time the engine takes lies in: any calendar renders them,
+    and a day after the last still converts."""
+    return 2000 <= year <= 2200
+
+
+YEARS_MESSAGE = "must be between the years 2000 and 2200"
+
+
 def _plausible(moment: datetime) -> datetime:
     # The local year is checked first: converting 9999-12-31T23:59Z+01:00 would overflow.
-    if not 2000 <= moment.year <= 2200 or not 2000 <= moment.astimezone(UTC).year <= 2200:
-        raise ValueError("must be between the years 2000 and 2200")
+    if not plausible_year(moment.year) or not plausible_year(moment.astimezone(UTC).year):
+        raise ValueError(YEARS_MESSAGE)
     return moment
 
 

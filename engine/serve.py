@@ -112,7 +112,9 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
 
 def drain_s(settings: Settings) -> float:
     """How long a stopping worker lets its requests in flight finish."""
-    return 4 * settings.pg_timeout_s + 10
+    from engine.store import CALLS_PER_DEADLINE
+
+    return CALLS_PER_DEADLINE * settings.pg_timeout_s + 10
 
 
 async def _freeze_gc(app: object) -> None:

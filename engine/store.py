@@ -52,7 +52,7 @@ from engine.settings import Settings
 
 DRAW_TIMEOUT_S = 300.0
 # A use of a pooled connection may take this many of its statements' limits in all.
-_CALLS_PER_DEADLINE = 4
+CALLS_PER_DEADLINE = 4
 _DRAW_LIMITS = (
     "SET LOCAL statement_timeout = '300s'; SET LOCAL idle_in_transaction_session_timeout = '300s'"
 )
@@ -317,7 +317,7 @@ class Store:
         every request waiting on the same refill, until TCP gave up."""
         try:
             async with (
-                asyncio.timeout(deadline_s or _CALLS_PER_DEADLINE * self._timeout_s),
+                asyncio.timeout(deadline_s or CALLS_PER_DEADLINE * self._timeout_s),
                 self._pool.acquire(timeout=self._timeout_s) as conn,
             ):
                 yield conn
@@ -593,7 +593,7 @@ class Store:
         them: a withdrawal committed before is seen, one still running on a slot this
         change does not touch comes after it, and one on a slot it touches waits for it."""
         # Two statements a changed slot, and a release may have 2 000: its own deadline.
-        deadline_s = (_CALLS_PER_DEADLINE + 2 * len(capacities)) * self._timeout_s
+        deadline_s = (CALLS_PER_DEADLINE + 2 * len(capacities)) * self._timeout_s
         async with self._transaction(deadline_s) as conn:
             # NO KEY UPDATE: changes to a release serialise on its row, while the bookings
             # inserted meanwhile (their foreign key takes KEY SHARE on it) go on.
@@ -1176,7 +1176,7 @@ class Store:
         drawn elsewhere; the next sweep comes back to it, rather than wait). Each release
         in its own transaction, with the draw's bounds: a list of hundreds of thousands of
         entries takes seconds to read."""
-        async with self._transaction(_CALLS_PER_DEADLINE * DRAW_TIMEOUT_S) as conn:
+        async with self._transaction(CALLS_PER_DEADLINE * DRAW_TIMEOUT_S) as conn:
             await conn.execute(_DRAW_LIMITS, timeout=DRAW_TIMEOUT_S)
             closed = await conn.fetchval(
                 """SELECT true FROM releases WHERE id = $1 AND mode = 'draw'
@@ -1332,7 +1332,7 @@ class Store:
         release), or another draw of its procedure at its site running. A busy draw is not
         waited for (a draw takes seconds, and every worker's sweeper would queue behind
         it): the next sweep runs it, or finds it drawn."""
-        async with self._transaction(2 * _CALLS_PER_DEADLINE * DRAW_TIMEOUT_S) as conn:
+        async with self._transaction(2 * CALLS_PER_DEADLINE * DRAW_TIMEOUT_S) as conn:
             # A big draw outlives the pool's per-call timeout: each call passes its own. And
             # between its statements the allocation runs here, in Python (0.8 s for 100 000
             # entries on a slow machine, docs/draw.md): the session's idle-in-transaction

@@ -42,6 +42,19 @@ async def engine(**overrides: Any) -> AsyncIterator[Api]:
         yield api
 
 
+@asynccontextmanager
+async def held(statement: str, *args: object) -> AsyncIterator[None]:
+    """A PostgreSQL lock (``statement``) held by another session until the block ends:
+    the engine's statements that need it wait, and run out of time."""
+    blocker = await asyncpg.connect(DATABASE_URL)
+    try:
+        async with blocker.transaction():
+            await blocker.execute(statement, *args)
+            yield
+    finally:
+        await blocker.close()
+
+
 async def challenge(api: Api, release: str, ip: str, session: str | None = None) -> Reply:
     headers = {"X-Forwarded-For": ip}
     if session:
@@ -471,16 +484,11 @@ async def test_an_entry_refused_or_failed_keeps_the_persons_tokens(clean: None) 
         path, headers = f"/v1/releases/{draw}/entries", {"X-Forwarded-For": "10.0.0.1"}
         entry = {**paid, "applicant": person}
         limited(await api.call("POST", path, entry, headers), "global", 5, status=503)
-        blocker = await asyncpg.connect(DATABASE_URL)
-        try:
-            async with blocker.transaction():
-                await blocker.execute("LOCK TABLE entries IN ACCESS EXCLUSIVE MODE")
-                for _ in range(2):
-                    api.clock.advance(5)  # the global bucket has a token again
-                    slow = await api.call("POST", path, entry, headers)
-                    assert (slow.status, slow.body.get("level")) == (503, "store"), slow.body
-        finally:
-            await blocker.close()
+        async with held("LOCK TABLE entries IN ACCESS EXCLUSIVE MODE"):
+            for _ in range(2):
+                api.clock.advance(5)  # the global bucket has a token again
+                slow = await api.call("POST", path, entry, headers)
+                assert (slow.status, slow.body.get("level")) == (503, "store"), slow.body
         api.clock.advance(5)
         registered = await api.call("POST", path, entry, headers)
         assert registered.status == 201, registered.body
@@ -498,16 +506,11 @@ async def test_a_confirm_postgresql_could_not_decide_costs_no_token(clean: None)
         slot = release["slots"][0]["id"]
         hold = (await api.hold(slot, "10.0.0.1")).body
         person = applicant()
-        blocker = await asyncpg.connect(DATABASE_URL)
-        try:
-            async with blocker.transaction():
-                await blocker.execute("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", slot)
-                for _ in range(4):
-                    refused = await api.confirm(hold, person, "10.0.0.1")
-                    assert refused.status == 503, refused.body
-                    assert refused.body["level"] == "store", refused.body
-        finally:
-            await blocker.close()
+        async with held("SELECT 1 FROM slots WHERE id = $1 FOR UPDATE", slot):
+            for _ in range(4):
+                refused = await api.confirm(hold, person, "10.0.0.1")
+                assert refused.status == 503, refused.body
+                assert refused.body["level"] == "store", refused.body
         assert (await api.confirm(hold, person, "10.0.0.1")).status == 201
 
 
@@ -524,15 +527,10 @@ async def test_a_booked_confirm_retried_through_a_slow_postgresql_keeps_its_toke
         person = applicant()
         booked = await api.confirm(hold, person, "10.0.0.1")
         assert booked.status == 201, booked.body
-        blocker = await asyncpg.connect(DATABASE_URL)
-        try:
-            async with blocker.transaction():
-                await blocker.execute("LOCK TABLE bookings IN ACCESS EXCLUSIVE MODE")
-                for _ in range(3):
-                    slow = await api.confirm(hold, person, "10.0.0.1")
-                    assert (slow.status, slow.body.get("level")) == (503, "store"), slow.body
-        finally:
-            await blocker.close()
+        async with held("LOCK TABLE bookings IN ACCESS EXCLUSIVE MODE"):
+            for _ in range(3):
+                slow = await api.confirm(hold, person, "10.0.0.1")
+                assert (slow.status, slow.body.get("level")) == (503, "store"), slow.body
         again = await api.confirm(hold, person, "10.0.0.1")
         assert again.status == 201, again.body
         assert again.body["cancel_token"] == booked.body["cancel_token"]
