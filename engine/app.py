@@ -44,7 +44,13 @@ from engine.routes import ROUTES
 from engine.settings import Settings
 from engine.singleflight import SingleFlight
 from engine.store import IdentityRules, SchemaState, Store, create_pool
-from engine.web import UNMATCHED, Body, guard, unmatched
+from engine.web import (
+    UNMATCHED,
+    Body,
+    answer_unreadable_requests_as_problems,
+    guard,
+    unmatched,
+)
 
 
 def redis_client(settings: Settings) -> AnyRedis:
@@ -194,6 +200,7 @@ def create_app(
 ) -> web.Application:
     """A wired app. Tests inject ``clock`` (the engine's time) and ``bucket_clock`` (the
     token buckets', Redis's own clock otherwise), and may leave the sweeper off."""
+    answer_unreadable_requests_as_problems()
     metrics = Metrics()
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
 from multidict import MultiMapping
 
 from engine import schemas
@@ -98,6 +100,39 @@ def _from_http(exc: web.HTTPException) -> GuichetError:
             "This resource does not accept this method",
         )
     return _HttpProblem(exc.status, "http-error", exc.reason, exc.text or exc.reason)
+
+
+def answer_unreadable_requests_as_problems() -> None:
+    """Make aiohttp answer a request it cannot read as HTTP (a bad request line, a header
+    over 8 KiB, a Content-Length beside a Transfer-Encoding) in problem+json, like every
+    other refusal. aiohttp answers those itself, before any route or middleware, in
+    text/plain, and logs a traceback at ERROR for each; no hook reaches that answer
+    (aio-libs/aiohttp#3287), so its connection handler's ``handle_error`` is replaced, for
+    the whole process: an engine's process serves nothing else. Idempotent."""
+    RequestHandler.handle_error = _handle_error  # type: ignore[method-assign]
+
+
+_aiohttp_handle_error = RequestHandler.handle_error
+
+
+def _handle_error(
+    self: RequestHandler,
+    request: BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    if not isinstance(exc, HttpProcessingError) or request.writer.output_size:
+        return _aiohttp_handle_error(self, request, status, exc, message)
+    # aiohttp's message quotes the client's bytes after its first line's colon.
+    reason = exc.message.partition("\n")[0].partition(":")[0].strip()[:100]
+    rid = secrets.token_hex(8)
+    request_id.set(rid)
+    log.info("request_unreadable", status=status, reason=reason)
+    problem = _HttpProblem(status, "http-error", "The request is not valid HTTP", reason)
+    response = problem_response(problem, rid)
+    response.force_close()  # where this request ends, and the next begins, is unknown
+    return response
 
 
 # Methods counted by name; any other is "other", so that no client can make up label values.

@@ -564,6 +564,12 @@ async def test_a_query_parameter_a_request_does_not_take_is_refused(
 async def raw_status(api: Api, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     """Send ``head`` (request line and headers, as bytes: a client can send any) and
     ``body``; return the reply's status and body."""
+    status, _, body = await raw_reply(api, head, body)
+    return status, body
+
+
+async def raw_reply(api: Api, head: bytes, body: bytes = b"") -> tuple[int, bytes, bytes]:
+    """As ``raw_status``, with the reply's headers (as bytes) between."""
     server = api.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
     try:
@@ -573,7 +579,27 @@ async def raw_status(api: Api, head: bytes, body: bytes = b"") -> tuple[int, byt
     finally:
         writer.close()
     status_line, _, rest = reply.partition(b"\r\n")
-    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), headers, body
+
+
+async def test_a_request_that_is_not_valid_http_is_a_problem(api: Api) -> None:
+    # aiohttp answered these itself, before any route: text/plain, and a traceback logged.
+    for head, body in (
+        (b"GET /v1/sites\xff HTTP/1.1\r\n", b""),
+        (b"GET /v1/sites HTTP/1.1\r\nX-Long: " + b"a" * 9000 + b"\r\n", b""),
+        (b"JRMI /v1/sites HTTP/1.1\r\n", b""),
+        (b"GET /v1/sites HTTP/1.1\r\nBad Name: x\r\n", b""),
+        (b"POST /v1/challenges HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", b"{}"),
+    ):
+        status, headers, reply = await raw_reply(api, head, body)
+        assert status == 400, reply
+        assert b"\r\ncontent-type: application/problem+json" in b"\r\n" + headers.lower()
+        assert b"\r\nx-request-id: " in b"\r\n" + headers.lower()
+        problem = json.loads(reply)
+        assert problem["type"] == "/problems/http-error" and problem["status"] == 400
+        assert problem["detail"] and "\\x" not in problem["detail"], problem  # no quoted bytes
+    assert (await api.call("GET", "/v1/sites")).status == 200
 
 
 async def test_bytes_that_are_not_utf_8_in_headers_are_refused_or_ignored(
