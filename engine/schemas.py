@@ -5,7 +5,10 @@ The same models produce the request schemas of ``/openapi.json``.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
+import typing
 import zoneinfo
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, Protocol, TypeVar
@@ -241,7 +244,56 @@ def parse(model: type[M], raw: bytes) -> M:
     nul = _nul_fields(parsed.model_dump(), "") if b"\\u0000" in (raw or b"") else []
     if nul:
         raise ValidationFailed([{"field": f, "message": "must not contain NUL"} for f in nul])
+    if _may_repeat_a_name(model, raw):
+        repeated = _repeated_names(raw)
+        if repeated:
+            message = "given more than once"
+            raise ValidationFailed([{"field": name, "message": message} for name in repeated])
     return parsed
+
+
+def _may_repeat_a_name(model: type[BaseModel], raw: bytes) -> bool:
+    """Whether an object of ``raw`` (valid JSON, of ``model``'s shape) could hold a name
+    twice. Our parser keeps the last; a proxy or firewall reading the first would have seen
+    another request. Unknown names are refused anyway, so only the model's own can be
+    repeated, and none is if each is written at most once and no escape could spell one
+    otherwise. (Counting them costs about 1 % of a hold; a second parse would cost 10 %.)"""
+    for name in _quoted_names(model):
+        if raw.count(name) > 1:
+            return True
+    return b"\\" in raw
+
+
+@functools.cache
+def _quoted_names(model: type[BaseModel]) -> tuple[bytes, ...]:
+    """Every field name a body of ``model`` can hold, at any depth, in JSON's quotes."""
+    names: set[bytes] = set()
+    for name, field in model.model_fields.items():
+        names.add(json.dumps(name).encode())
+        for inner in _models_in(field.annotation):
+            names.update(_quoted_names(inner))
+    return tuple(sorted(names))
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _repeated_names(raw: bytes) -> list[str]:
+    """The names given more than once in one object of ``raw``, at any depth."""
+    repeated: dict[str, None] = {}  # each name once, however many objects repeat it
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) < len(items):
+            names = [name for name, _ in items]
+            repeated.update((name, None) for name in obj if names.count(name) > 1)
+        return obj
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return list(repeated)
 
 
 def _nul_fields(value: Any, path: str) -> list[str]:

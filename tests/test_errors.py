@@ -15,9 +15,11 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from engine import schemas
 from engine import web as web_module
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
+from engine.errors import ValidationFailed
 from engine.pow import leading_zero_bits_ok, solve
 from engine.settings import Rate, Settings
 from engine.web import unmatched
@@ -60,6 +62,17 @@ async def test_validation_errors(api: Api, pg: asyncpg.Connection, release: dict
         (json.dumps({"slot_id": 7, **paid}).encode(), "slot_id"),
         (json.dumps({"slot_id": slot, "challenge": paid["challenge"]}).encode(), "nonces"),
         (json.dumps({"slot_id": slot, **paid, "nonces": ["not ok!"]}).encode(), "nonces.0"),
+        # A name given twice: our parser kept the last, a proxy may read the first.
+        (
+            json.dumps({"slot_id": "nowhere", **paid}).encode()[:-1]
+            + b', "slot_id": "%s"}' % slot.encode(),
+            "slot_id",
+        ),
+        (
+            json.dumps({"slot_id": "nowhere", **paid}).encode()[:-1]
+            + b', "slot\\u005fid": "%s"}' % slot.encode(),
+            "slot_id",
+        ),
     ]
     for raw, field in cases:
         r = await api.call(
@@ -72,6 +85,31 @@ async def test_validation_errors(api: Api, pg: asyncpg.Connection, release: dict
     assert await state(api, pg, release["id"]) == before
     # None of those spent the challenge.
     assert (await api.hold(slot, paid=paid)).status == 201
+
+
+def test_a_name_given_twice_is_refused_at_any_depth() -> None:
+    person = json.dumps(applicant(family_name="email", given_names="given_names"))
+    entry = b'{"challenge": "c", "nonces": ["n"], "applicant": %s}' % person.encode()
+    assert schemas.parse(schemas.EntryRequest, entry).applicant.family_name == "email"
+    slots = b'{"slots": [{"id": "a", "capacity": 1}, {"id": "b", "capacity": 1, "capacity": 9}]}'
+    for model, raw, field in (
+        (
+            schemas.EntryRequest,
+            entry.replace(b'"email": ', b'"email": "a@b.fr", "email": '),
+            "email",
+        ),
+        (
+            schemas.EntryRequest,
+            entry.replace(b'"email": ', b'"email": "a@b.fr", "em\\u0061il": '),
+            "email",
+        ),
+        (schemas.ReleasePatch, slots, "capacity"),
+    ):
+        with pytest.raises(ValidationFailed) as refused:
+            schemas.parse(model, raw)
+        assert refused.value.extra["errors"] == [
+            {"field": field, "message": "given more than once"}
+        ], raw
 
 
 async def test_confirm_validation_keeps_the_hold(
