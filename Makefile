@@ -65,7 +65,10 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy --strict engine
 
-pytest: services
+# The tests start private Redis servers too (outages, a cluster): --for-tests makes sure
+# the redis-server binary is there, even where a Redis already answers.
+pytest: venv
+	$(PY) scripts/devstack.py up --for-tests
 	. ./$(ENV_FILE) && $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # A Locust scenario (SCENARIO=fcfs or draw), headless, against an engine it starts (or

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Make a Redis and a PostgreSQL reachable for `make run` / `make test` (stdlib only).
 
-  devstack.py up [--data-dir DIR] [--database NAME] [--env-file FILE] [--no-install] [--private]
+  devstack.py up [--data-dir DIR] [--database NAME] [--env-file FILE] [--no-install]
+                 [--for-tests] [--private]
   devstack.py down [--data-dir DIR]        stop the private instances recorded under DIR, only
   devstack.py status [--data-dir DIR]
 
@@ -12,6 +13,8 @@ password on 127.0.0.1:6379 / as postgres@127.0.0.1:5432; else a private instance
 root or `sudo -n` allows it and --no-install is absent, otherwise exit 1 with one stderr line
 naming what to install). It then creates databases NAME and NAME_test if missing and writes
 FILE (default DIR/env.sh): GUICHET_{REDIS,DATABASE,TEST_DATABASE,TEST_REDIS}_URL exports.
+With --for-tests the redis-server binary is needed (installed as above) even where a Redis
+already answers: the tests start private ones of their own.
 """
 
 import argparse
@@ -417,9 +420,10 @@ def missing_packages(redis: bool, pg: bool) -> list[str]:
     return missing
 
 
-def install_missing(redis: bool, pg: bool, allowed: bool) -> None:
+def install_missing(redis: bool, pg: bool, allowed: bool, for_tests: bool = False) -> None:
     """Make the binaries for private `redis` / `pg` available: apt-get install what is missing
-    if `allowed` and possible (root or `sudo -n`), else raise one line naming what to install."""
+    if `allowed` and possible (root or `sudo -n`), else raise one line naming what to install.
+    `for_tests`: redis-server is needed by the tests themselves, whatever Redis is used."""
     packages = missing_packages(redis, pg)
     apt = apt_command() if packages and allowed else None
     if apt:
@@ -429,12 +433,12 @@ def install_missing(redis: bool, pg: bool, allowed: bool) -> None:
         packages = missing_packages(redis, pg)
     if packages:
         names = ", ".join(MISSING_HINT[p][0] for p in packages)
-        env_vars = " or ".join(dict.fromkeys(MISSING_HINT[p][1] for p in packages))
         it = "it" if len(packages) == 1 else "them"
-        raise DevstackError(
-            f"{names} not found; install {it} (Debian: apt-get install "
-            f"{' '.join(packages)}) or set {env_vars}"
-        )
+        hint = f"{names} not found; install {it} (Debian: apt-get install {' '.join(packages)})"
+        if for_tests and packages == ["redis-server"]:
+            raise DevstackError(f"{hint}: the tests start private Redis servers")
+        env_vars = " or ".join(dict.fromkeys(MISSING_HINT[p][1] for p in packages))
+        raise DevstackError(f"{hint} or set {env_vars}")
 
 
 def redis_store(env_url: str | None, private_dir: Path | None) -> Store:
@@ -471,7 +475,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     env_pg = user_setting("GUICHET_DATABASE_URL", own_pg)
     redis_private = not env_redis and (args.private or not redis_ping(6379))
     pg_private = not env_pg and (args.private or not pg_answers(SYSTEM_PG))
-    install_missing(redis_private, pg_private, args.install)
+    install_missing(redis_private or args.for_tests, pg_private, args.install, args.for_tests)
     data_dir.mkdir(parents=True, exist_ok=True)
     redis = redis_store(env_redis, data_dir if redis_private else None)
     postgres = postgres_store(env_pg, data_dir if pg_private else None, args.database)
@@ -556,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         dest="install",
         action="store_false",
         help="never apt-get install missing servers",
+    )
+    up.add_argument(
+        "--for-tests",
+        action="store_true",
+        help="also need the redis-server binary: the tests start private Redis servers",
     )
     up.add_argument("--private", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
