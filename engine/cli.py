@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             serve(settings)
+        except ConfigError as exc:
+            print(f"guichet: {exc}", file=sys.stderr)
+            return 2
         except ListenError as exc:
             print(f"guichet: {exc}", file=sys.stderr)
             return 1

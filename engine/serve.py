@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.settings import Settings
+from engine.settings import ConfigError, Settings
 
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -143,6 +143,10 @@ class ListenError(Exception):
 
 
 def serve(settings: Settings) -> None:
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given and not (os.path.isdir(given) and os.access(given, os.W_OK | os.X_OK)):
+        # Else every worker fails at its first count, and is restarted, again and again.
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR={given} is not a folder this user can write")
     try:
         sock = _socket(settings)
     except OSError as exc:
@@ -153,7 +157,6 @@ def serve(settings: Settings) -> None:
         file=sys.stderr,
         flush=True,
     )
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given:
         # An operator's folder is kept, but values of a previous run must not be added in
         # (nor its workers' heartbeats, which would read as workers stuck), one worker or

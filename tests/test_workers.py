@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -450,6 +451,25 @@ async def test_a_second_engine_cannot_take_the_port(
         assert "cannot listen on" in second.describe()
     async with aiohttp.ClientSession() as session:
         assert (await call(session, "GET", f"{first.base_url}/healthz"))[0] == 200
+
+
+def test_a_metrics_folder_that_cannot_be_written_is_refused_at_start(tmp_path: Path) -> None:
+    # Each worker failed at its first count, and was restarted, again and again.
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    folders = [tmp_path / "missing", tmp_path / "a-file"]
+    if os.geteuid() != 0:  # root writes anywhere
+        folders.append(tmp_path / "read-only")
+    for folder in folders:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine", "serve"],
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "GUICHET_PORT": "0"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().endswith(f"{folder} is not a folder this user can write")
 
 
 def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_more_slowly() -> None:
