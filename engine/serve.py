@@ -252,7 +252,11 @@ def _supervise(settings: Settings, sock: socket.socket) -> None:
             pid, _status = os.wait()
         except ChildProcessError:
             break
-        children.discard(pid)
+        if pid not in children:
+            # As PID 1 (a container without an init) the supervisor is given every orphan
+            # of its PID namespace; reaped, it is no worker of ours to replace.
+            continue
+        children.remove(pid)
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         if stopping:
             continue

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
@@ -300,7 +300,11 @@ async def _redis_pong(port: int) -> bool:
 class Engine:
     """``python -m engine serve`` as a subprocess, configured by ``GUICHET_*`` variables."""
 
-    def __init__(self, workdir: Path, name: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, name: str, env: dict[str, str], wrapper: Sequence[str] = ()
+    ) -> None:
+        """``wrapper``: a command that runs the engine's (``unshare ...``), if any."""
+        self.wrapper = list(wrapper)
         self.port = free_port()
         self.base_url = f"http://{HOST}:{self.port}"
         self.logfile = workdir / f"engine-{name}.log"
@@ -320,7 +324,7 @@ class Engine:
     def start(self) -> None:
         self._log = self.logfile.open("ab")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve"],
+            [*self.wrapper, sys.executable, "-m", "engine", "serve"],
             cwd=REPO_ROOT,
             env=self._env,
             stdin=subprocess.DEVNULL,
@@ -403,6 +407,11 @@ def children(pid: int) -> set[int]:
         if int(ppid) == pid and state != "Z":
             found.add(int(entry.name))
     return found
+
+
+def exists(pid: int) -> bool:
+    """True until ``pid`` has been reaped (a zombie still exists)."""
+    return Path(f"/proc/{pid}").exists()
 
 
 def alive(pid: int) -> bool:

@@ -28,7 +28,7 @@ from engine.pow import solve
 from engine.serve import restart_pause
 from tests.api import ADMIN, ADMIN_TOKEN, applicant
 from tests.conftest import DATABASE_URL, REDIS_URL, make_settings
-from tests.procs import Engine, alive, children, poll
+from tests.procs import Engine, alive, children, exists, poll
 
 SECRET = "workers-test-secret-" + "y" * 32
 StartEngine = Callable[[str, dict[str, str]], Awaitable[Engine]]
@@ -451,6 +451,49 @@ async def test_a_second_engine_cannot_take_the_port(
         assert "cannot listen on" in second.describe()
     async with aiohttp.ClientSession() as session:
         assert (await call(session, "GET", f"{first.base_url}/healthz"))[0] == 200
+
+
+async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
+    clean: None, tmp_path: Path
+) -> None:
+    """As PID 1 (a container without an init) the supervisor is given every orphan of its
+    PID namespace. It took each one it reaped for a worker that died: a restart counted and
+    a surplus worker started."""
+    pid_namespace = ["unshare", "--pid", "--fork", "--kill-child"]
+    if await _run(*pid_namespace, "true"):
+        pytest.skip("no PID namespace can be made here (unshare needs root)")
+    engine = Engine(tmp_path, "pid-1", engine_env(workers=2), wrapper=pid_namespace)
+    engine.start()
+    try:
+        await engine.wait_ready()
+        (supervisor,) = children(engine.pid)
+        await poll(lambda: _count(children(supervisor), 2), engine.describe)
+        workers = children(supervisor)
+        # A shell in the namespace starts a sleep and exits: the sleep is the supervisor's.
+        enter = ["nsenter", "--target", str(supervisor), "--pid", "--"]
+        assert await _run(*enter, "sh", "-c", "sleep 0.5 & exit 0") == 0
+        (orphan,) = children(supervisor) - workers
+        await poll(lambda: _reaped(orphan), engine.describe)  # by the supervisor
+        os.kill(supervisor, signal.SIGTERM)
+        assert engine.wait() == 0, engine.describe()
+    finally:
+        engine.stop()
+    assert "died" not in engine.describe(), engine.describe()
+
+
+async def _run(*command: str) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return await asyncio.wait_for(proc.wait(), 10)
+
+
+async def _count(pids: set[int], n: int) -> bool:
+    return len(pids) == n
+
+
+async def _reaped(pid: int) -> bool:
+    return not exists(pid)
 
 
 def test_a_metrics_folder_that_cannot_be_written_is_refused_at_start(tmp_path: Path) -> None:
