@@ -252,6 +252,17 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(resident now, resident at its highest since the process started) of ``pid``, KiB."""
+    fields = {"VmRSS:": 0, "VmHWM:": 0}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, *value = line.split()
+            if name in fields:
+                fields[name] = int(value[0])
+    return fields["VmRSS:"], fields["VmHWM:"]
+
+
 def children(pid: int) -> list[int]:
     """Live children of ``pid`` (Linux /proc)."""
     found = []
@@ -293,7 +304,10 @@ def _core_times() -> dict[str, tuple[int, int]]:
 
 class CpuWatch:
     """CPU used during one measurement, in % of one core: the engine's processes, the load
-    generator (wrk, or this process), Redis, PostgreSQL, and how busy each core was."""
+    generator (wrk, or this process), Redis, PostgreSQL, and how busy each core was; and the
+    engine's memory at its end: resident (``rss_mib``, its processes' sum) and the highest
+    it has been since the engine started (``rss_peak_mib``, each process's high-water mark,
+    summed)."""
 
     def __init__(self, engine_pids: list[int], redis_pid: int | None, load_is_child: bool):
         self.engine_pids = engine_pids
@@ -335,6 +349,9 @@ class CpuWatch:
         for core, (busy, total) in after["cores"].items():
             b0, t0 = before["cores"].get(core, (0, 0))
             out[f"{core}_busy"] = round(100 * (busy - b0) / max(1, total - t0), 1)
+        memory = [_memory_kib(p) for p in self.engine_pids]
+        out["rss_mib"] = round(sum(now for now, _ in memory) / 1024, 1)
+        out["rss_peak_mib"] = round(sum(peak for _, peak in memory) / 1024, 1)
         return out
 
 
@@ -1898,7 +1915,8 @@ def print_table(report: dict[str, Any]) -> None:
     )
     header = (
         f"{'scenario':<46} {'w':>1} {'req/s':>9} {'p50 ms':>7} {'p95 ms':>7} "
-        f"{'p99 ms':>7} {'x ceil':>6} {'eng %':>5} {'gen %':>5} {'redis%':>6} {'pg %':>5}  goal"
+        f"{'p99 ms':>7} {'x ceil':>6} {'eng %':>5} {'gen %':>5} {'redis%':>6} {'pg %':>5} "
+        f"{'RSS MiB':>7}  goal"
     )
     print()
     print(header)
@@ -1920,7 +1938,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{r['label']:<46} {r['workers']:>1} {rate} {mm['p50_ms']:>7.2f} {mm['p95_ms']:>7.2f} "
             f"{mm['p99_ms']:>7.2f} {ratio:>6} {cpu.get('engine', 0):>5.0f} "
             f"{cpu.get('load', 0):>5.0f} {cpu.get('redis', 0):>6.0f} "
-            f"{cpu.get('postgres', 0):>5.0f}  {goal}"
+            f"{cpu.get('postgres', 0):>5.0f} {cpu.get('rss_mib', 0):>7.0f}  {goal}"
         )
     print(
         f"\ngoals of one worker process (a ratio is to the ceiling measured next to it; "
