@@ -281,19 +281,32 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its parser read it: each name with its value, in order."""
+
+
 def _repeated_names(raw: bytes) -> list[str]:
-    """The names given more than once in one object of ``raw``, at any depth."""
-    repeated: dict[str, None] = {}  # each name once, however many objects repeat it
+    """Where ``raw`` gives a name more than once in one object (``applicant.email``,
+    ``slots.3.capacity``), at most ``_REPEATED_MAX`` of them."""
+    repeated: dict[str, None] = {}
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj = dict(items)
-        if len(obj) < len(items):
-            names = [name for name, _ in items]
-            repeated.update((name, None) for name in obj if names.count(name) > 1)
-        return obj
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, _Pairs):
+            names = [name for name, _ in value]
+            for name, inner in value:
+                at = f"{path}.{name}" if path else name
+                if names.count(name) > 1:
+                    repeated[at] = None
+                walk(inner, at)
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                walk(inner, f"{path}.{i}" if path else str(i))
 
-    json.loads(raw, object_pairs_hook=pairs)
-    return list(repeated)
+    walk(json.loads(raw, object_pairs_hook=_Pairs), "")
+    return list(repeated)[:_REPEATED_MAX]
+
+
+_REPEATED_MAX = 10  # a staff body of 2 000 slots could repeat a name in each
 
 
 def _nul_fields(value: Any, path: str) -> list[str]:

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from multidict import MultiMapping
@@ -113,6 +120,14 @@ def answer_unreadable_requests_as_problems() -> None:
 
 
 _aiohttp_handle_error = RequestHandler.handle_error
+_UNREADABLE = (  # the first that the error is an instance of
+    (BadHttpMethod, "Not an HTTP request, or a method no HTTP request has"),
+    (LineTooLong, "A line of the request is too long"),
+    (InvalidURLError, "The request's target is not a valid path"),
+    (BadStatusLine, "The request line is not valid"),
+    (InvalidHeader, "A header is not valid"),
+)
+_UNREADABLE_ELSE = "The request's headers or framing are not valid"
 
 
 def _handle_error(
@@ -122,13 +137,16 @@ def _handle_error(
     exc: BaseException | None = None,
     message: str | None = None,
 ) -> web.StreamResponse:
-    if not isinstance(exc, HttpProcessingError) or request.writer.output_size:
+    parsing = status == 400 and isinstance(exc, HttpProcessingError)
+    if not parsing or request.writer.output_size:
         return _aiohttp_handle_error(self, request, status, exc, message)
-    # aiohttp's message quotes the client's bytes after its first line's colon.
-    reason = exc.message.partition("\n")[0].partition(":")[0].strip()[:100]
+    # Said in our words: aiohttp's message may quote the client's bytes.
+    reason = next((r for kind, r in _UNREADABLE if isinstance(exc, kind)), _UNREADABLE_ELSE)
     rid = secrets.token_hex(8)
     request_id.set(rid)
-    log.info("request_unreadable", status=status, reason=reason)
+    # Not HTTP at all is mostly scanners and TLS sent to this port: aiohttp's own level.
+    level = log.debug if isinstance(exc, BadHttpMethod) else log.info
+    level("request_unreadable", status=status, kind=type(exc).__name__)
     problem = _HttpProblem(status, "http-error", "The request is not valid HTTP", reason)
     response = problem_response(problem, rid)
     response.force_close()  # where this request ends, and the next begins, is unknown

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -96,14 +97,14 @@ def test_a_name_given_twice_is_refused_at_any_depth() -> None:
         (
             schemas.EntryRequest,
             entry.replace(b'"email": ', b'"email": "a@b.fr", "email": '),
-            "email",
+            "applicant.email",
         ),
         (
             schemas.EntryRequest,
             entry.replace(b'"email": ', b'"email": "a@b.fr", "em\\u0061il": '),
-            "email",
+            "applicant.email",
         ),
-        (schemas.ReleasePatch, slots, "capacity"),
+        (schemas.ReleasePatch, slots, "slots.1.capacity"),
     ):
         with pytest.raises(ValidationFailed) as refused:
             schemas.parse(model, raw)
@@ -623,10 +624,12 @@ async def raw_reply(api: Api, head: bytes, body: bytes = b"") -> tuple[int, byte
 
 async def test_a_request_that_is_not_valid_http_is_a_problem(api: Api) -> None:
     # aiohttp answered these itself, before any route: text/plain, and a traceback logged.
+    # The detail is said in the engine's words: none quotes what the client sent.
     for head, body in (
         (b"GET /v1/sites\xff HTTP/1.1\r\n", b""),
         (b"GET /v1/sites HTTP/1.1\r\nX-Long: " + b"a" * 9000 + b"\r\n", b""),
         (b"JRMI /v1/sites HTTP/1.1\r\n", b""),
+        (b"CONNECT quoted-back@ HTTP/1.1\r\n", b""),
         (b"GET /v1/sites HTTP/1.1\r\nBad Name: x\r\n", b""),
         (b"POST /v1/challenges HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", b"{}"),
     ):
@@ -636,7 +639,8 @@ async def test_a_request_that_is_not_valid_http_is_a_problem(api: Api) -> None:
         assert b"\r\nx-request-id: " in b"\r\n" + headers.lower()
         problem = json.loads(reply)
         assert problem["type"] == "/problems/http-error" and problem["status"] == 400
-        assert problem["detail"] and "\\x" not in problem["detail"], problem  # no quoted bytes
+        sent = {w for w in re.split(rb"[\s:]+", head) if len(w) > 3}
+        assert problem["detail"] and not any(w in problem["detail"].encode() for w in sent)
     assert (await api.call("GET", "/v1/sites")).status == 200
 
 
