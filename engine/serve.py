@@ -144,9 +144,12 @@ class ListenError(Exception):
 
 def serve(settings: Settings) -> None:
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given and not (os.path.isdir(given) and os.access(given, os.W_OK | os.X_OK)):
-        # Else every worker fails at its first count, and is restarted, again and again.
-        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR={given} is not a folder this user can write")
+    if given and not (os.path.isdir(given) and os.access(given, os.R_OK | os.W_OK | os.X_OK)):
+        # Else every worker fails at its first count, and is restarted, again and again; or,
+        # the folder not readable, /metrics is empty and a previous run's files stay.
+        raise ConfigError(
+            f"PROMETHEUS_MULTIPROC_DIR={given} is not a folder this user can read and write"
+        )
     try:
         sock = _socket(settings)
     except OSError as exc:

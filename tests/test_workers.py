@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -460,8 +461,11 @@ async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
     PID namespace. It took each one it reaped for a worker that died: a restart counted and
     a surplus worker started."""
     pid_namespace = ["unshare", "--pid", "--fork", "--kill-child"]
-    if await _run(*pid_namespace, "true"):
-        pytest.skip("no PID namespace can be made here (unshare needs root)")
+    if not (shutil.which("unshare") and shutil.which("nsenter")):
+        pytest.skip("unshare or nsenter is not installed (util-linux)")
+    code, said = await _run(*pid_namespace, "true")
+    if code:
+        pytest.skip(f"no PID namespace can be made here: {said}")
     engine = Engine(tmp_path, "pid-1", engine_env(workers=2), wrapper=pid_namespace)
     engine.start()
     try:
@@ -471,9 +475,11 @@ async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
         workers = children(supervisor)
         # A shell in the namespace starts a sleep and exits: the sleep is the supervisor's.
         enter = ["nsenter", "--target", str(supervisor), "--pid", "--"]
-        assert await _run(*enter, "sh", "-c", "sleep 0.5 & exit 0") == 0
+        assert await _run(*enter, "sh", "-c", "sleep 60 >/dev/null 2>&1 & exit 0") == (0, "")
         (orphan,) = children(supervisor) - workers
+        os.kill(orphan, signal.SIGTERM)
         await poll(lambda: _reaped(orphan), engine.describe)  # by the supervisor
+        assert children(supervisor) == workers
         os.kill(supervisor, signal.SIGTERM)
         assert engine.wait() == 0, engine.describe()
     finally:
@@ -481,11 +487,18 @@ async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
     assert "died" not in engine.describe(), engine.describe()
 
 
-async def _run(*command: str) -> int:
+async def _run(*command: str) -> tuple[int, str]:
+    """``command``'s exit status and what it said on stderr."""
     proc = await asyncio.create_subprocess_exec(
-        *command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        *command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    return await asyncio.wait_for(proc.wait(), 10)
+    try:
+        _, said = await asyncio.wait_for(proc.communicate(), 10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, said.decode(errors="replace").strip()
 
 
 async def _count(pids: set[int], n: int) -> bool:
@@ -500,9 +513,10 @@ def test_a_metrics_folder_that_cannot_be_written_is_refused_at_start(tmp_path: P
     # Each worker failed at its first count, and was restarted, again and again.
     (tmp_path / "a-file").write_text("")
     (tmp_path / "read-only").mkdir(mode=0o500)
+    (tmp_path / "write-only").mkdir(mode=0o300)
     folders = [tmp_path / "missing", tmp_path / "a-file"]
-    if os.geteuid() != 0:  # root writes anywhere
-        folders.append(tmp_path / "read-only")
+    if os.geteuid() != 0:  # root reads and writes anywhere
+        folders += [tmp_path / "read-only", tmp_path / "write-only"]
     for folder in folders:
         done = subprocess.run(
             [sys.executable, "-m", "engine", "serve"],
@@ -512,7 +526,9 @@ def test_a_metrics_folder_that_cannot_be_written_is_refused_at_start(tmp_path: P
             timeout=60,
         )
         assert done.returncode == 2, done.stderr
-        assert done.stderr.strip().endswith(f"{folder} is not a folder this user can write")
+        assert done.stderr.strip().endswith(
+            f"{folder} is not a folder this user can read and write"
+        )
 
 
 def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_more_slowly() -> None:
