@@ -7,13 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import DATABASE_URL, REDIS_URL
 from tests.procs import REPO_ROOT
 
 
 def test_the_tests_need_a_redis_server_binary_even_where_a_redis_answers(tmp_path: Path) -> None:
-    # The stores are the environment's (GUICHET_*_URL, as the tests run), used as given; on
-    # this PATH neither redis-server nor apt-get is found.
-    env = {**os.environ, "PATH": str(tmp_path / "empty")}
+    # The stores are given (used as they are, nothing probed); on this PATH neither
+    # redis-server nor apt-get is found.
+    env = {
+        **os.environ,
+        "PATH": str(tmp_path / "empty"),
+        "GUICHET_REDIS_URL": REDIS_URL,
+        "GUICHET_DATABASE_URL": DATABASE_URL,
+    }
     up = [
         sys.executable,
         str(REPO_ROOT / "scripts" / "devstack.py"),
