@@ -14,13 +14,14 @@ SCENARIO ?= fcfs
 USERS ?= 60
 TIME ?= 60s
 
-.PHONY: help venv services run test lint typecheck pytest sweep load bench instructions stop clean
+.PHONY: help venv services run test lint typecheck pytest sweep load bench memory instructions stop clean
 
 help:
 	@echo "make run    start the engine with local Redis, PostgreSQL and demo data"
 	@echo "make test   lint, type-check and run the test suite"
 	@echo "make load   a Locust scenario (SCENARIO=fcfs|draw USERS=60 TIME=60s)"
 	@echo "make bench  the peak-capacity benchmark (BENCHMARKS.md)"
+	@echo "make memory  one worker's memory under a flood of new addresses (BENCHMARKS.md)"
 	@echo "make instructions  instructions per request under callgrind (before/after a change)"
 	@echo "make stop   stop the private Redis/PostgreSQL that make started (if any)"
 
@@ -80,6 +81,10 @@ load: services
 
 bench: services
 	. ./$(ENV_FILE) && $(PY) loadtests/bench.py
+
+# One worker's memory under a flood of new addresses, round by round (BENCHMARKS.md, "Memory").
+memory: services
+	. ./$(ENV_FILE) && $(PY) loadtests/memory.py
 
 # Instructions per request under valgrind's callgrind: repeatable, for before/after a change.
 instructions: services

@@ -252,7 +252,7 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _memory_kib(pid: int) -> tuple[int, int]:
+def memory_kib(pid: int) -> tuple[int, int]:
     """(resident now, resident at its highest since the process started) of ``pid``, KiB."""
     fields = {"VmRSS:": 0, "VmHWM:": 0}
     with contextlib.suppress(OSError):
@@ -349,7 +349,7 @@ class CpuWatch:
         for core, (busy, total) in after["cores"].items():
             b0, t0 = before["cores"].get(core, (0, 0))
             out[f"{core}_busy"] = round(100 * (busy - b0) / max(1, total - t0), 1)
-        memory = [_memory_kib(p) for p in self.engine_pids]
+        memory = [memory_kib(p) for p in self.engine_pids]
         out["rss_mib"] = round(sum(now for now, _ in memory) / 1024, 1)
         out["rss_peak_mib"] = round(sum(peak for _, peak in memory) / 1024, 1)
         return out
