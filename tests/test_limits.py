@@ -688,6 +688,20 @@ async def test_bookings_and_cancellations_per_identity(clean: None) -> None:
         assert (await api.free(release["id"]))[release["slots"][1]["id"]] == 1
 
 
+async def test_a_person_booked_for_the_procedure_is_told_so_before_any_cap(
+    clean: None,
+) -> None:
+    # A cap's 429 told them to come back in weeks, not that they had a booking already.
+    async with engine(max_bookings_per_identity=1, max_active_per_email=1) as api:
+        release = await api.publish([1, 1])
+        person = applicant()
+        await api.book(release["slots"][0]["id"], person, "10.0.0.1")
+        hold = (await api.hold(release["slots"][1]["id"], "10.0.0.2")).body
+        r = await api.confirm(hold, person, "10.0.0.2")
+        assert r.status == 409, r.body
+        assert r.body["type"] == "/problems/identity-already-booked"
+
+
 async def test_active_bookings_per_email(clean: None) -> None:
     async with engine(max_active_per_email=2) as api:
         release = await api.publish([1, 1, 1])

@@ -1,4 +1,4 @@
--- version: 4
+-- version: 5
 -- book_hold: a confirm's whole PostgreSQL step, in one round trip.
 --
 -- Applied by `guichet migrate` after the numbered migrations, and again when the version
@@ -26,6 +26,10 @@
 --   call for the same hold (a retry, its first call still running or timed out) that waited
 --   there for the first to commit must answer 'existing', not count the first's booking
 --   against the person's caps and refuse it.
+-- - A person who still has an active booking for the procedure is refused for it before
+--   the caps are counted (version 5): told to retry in weeks (a cap's 429), they were not
+--   told they hold a booking already. The refusal is the unique index's own violation,
+--   which every engine version reads as identity-already-booked.
 CREATE OR REPLACE FUNCTION book_hold(
     p_reference text, p_slot_id text, p_release_id text, p_procedure_id text,
     p_channel text, p_hold_id text, p_hold_token_hash bytea, p_identity_hash bytea,
@@ -87,6 +91,17 @@ BEGIN
                AND b.status = 'confirmed' AND b.retired_at IS NULL
                AND (SELECT s.starts_at + make_interval(mins => s.duration_minutes)
                       FROM slots s WHERE s.id = b.slot_id) <= now();
+            -- As the insert would (header): this first, the caps' refusals after it. Read
+            -- again, by the unique index's own condition: a cancel or the purge, which take
+            -- no lock of this person's, may have changed the rows since the count.
+            IF EXISTS (SELECT 1 FROM bookings b
+                        WHERE b.procedure_id = p_procedure_id
+                          AND b.identity_hash = p_identity_hash
+                          AND b.status = 'confirmed' AND b.retired_at IS NULL) THEN
+                RAISE EXCEPTION 'the person already has an active booking for this procedure'
+                    USING ERRCODE = 'unique_violation',
+                          CONSTRAINT = 'bookings_one_active_per_identity';
+            END IF;
         END IF;
         IF v_booked >= p_max_bookings THEN
             outcome := 'identity-bookings';
