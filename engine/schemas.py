@@ -10,6 +10,7 @@ import json
 import re
 import typing
 import zoneinfo
+from collections import Counter
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
@@ -292,10 +293,12 @@ def _repeated_names(raw: bytes) -> list[str]:
 
     def walk(value: Any, path: str) -> None:
         if isinstance(value, _Pairs):
-            names = [name for name, _ in value]
+            twice = {name for name, n in Counter(name for name, _ in value).items() if n > 1}
             for name, inner in value:
-                at = f"{path}.{name}" if path else name
-                if names.count(name) > 1:
+                # A repeated name's first value is not validated: its names may be anything
+                # the client wrote, of any length.
+                at = f"{path}.{name[:_NAME_SHOWN]}" if path else name[:_NAME_SHOWN]
+                if name in twice:
                     repeated[at] = None
                 walk(inner, at)
         elif isinstance(value, list):
@@ -307,6 +310,7 @@ def _repeated_names(raw: bytes) -> list[str]:
 
 
 _REPEATED_MAX = 10  # a staff body of 2 000 slots could repeat a name in each
+_NAME_SHOWN = 64
 
 
 def _nul_fields(value: Any, path: str) -> list[str]:

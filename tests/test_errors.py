@@ -111,6 +111,15 @@ def test_a_name_given_twice_is_refused_at_any_depth() -> None:
         assert refused.value.extra["errors"] == [
             {"field": field, "message": "given more than once"}
         ], raw
+    # A repeated name's first value is not validated: what it holds is told back cut short.
+    long = "x" * 5000
+    raw = b'{"release": {"%s": 0, "%s": 1}, "release": "r"}' % (long.encode(), long.encode())
+    with pytest.raises(ValidationFailed) as refused:
+        schemas.parse(schemas.ChallengeRequest, raw)
+    assert [e["field"] for e in refused.value.extra["errors"]] == [
+        "release",
+        f"release.{long[:64]}",
+    ]
 
 
 async def test_confirm_validation_keeps_the_hold(
