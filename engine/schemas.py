@@ -290,22 +290,34 @@ def _repeated_names(raw: bytes) -> list[str]:
     """Where ``raw`` gives a name more than once in one object (``applicant.email``,
     ``slots.3.capacity``), at most ``_REPEATED_MAX`` of them."""
     repeated: dict[str, None] = {}
+    # A path is its last part and its parent's path, spelled out only for a name found
+    # repeated: copied whole at each item of a long list, deep ones cost seconds.
+    Where = tuple[Any, str] | None
 
-    def walk(value: Any, path: str) -> None:
+    def spelled(path: Where) -> str:
+        parts = []
+        while path is not None:
+            path, part = path
+            parts.append(part)
+        return ".".join(reversed(parts))
+
+    def walk(value: Any, path: Where) -> None:
+        if len(repeated) >= _REPEATED_MAX:
+            return
         if isinstance(value, _Pairs):
             twice = {name for name, n in Counter(name for name, _ in value).items() if n > 1}
             for name, inner in value:
                 # A repeated name's first value is not validated: its names may be anything
                 # the client wrote, of any length.
-                at = f"{path}.{name[:_NAME_SHOWN]}" if path else name[:_NAME_SHOWN]
+                at = (path, name[:_NAME_SHOWN])
                 if name in twice:
-                    repeated[at] = None
+                    repeated[spelled(at)] = None
                 walk(inner, at)
         elif isinstance(value, list):
             for i, inner in enumerate(value):
-                walk(inner, f"{path}.{i}" if path else str(i))
+                walk(inner, (path, str(i)))
 
-    walk(json.loads(raw, object_pairs_hook=_Pairs), "")
+    walk(json.loads(raw, object_pairs_hook=_Pairs), None)
     return list(repeated)[:_REPEATED_MAX]
 
 
