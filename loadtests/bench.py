@@ -302,12 +302,13 @@ def _core_times() -> dict[str, tuple[int, int]]:
     return out
 
 
-class CpuWatch:
+class UsageWatch:
     """CPU used during one measurement, in % of one core: the engine's processes, the load
     generator (wrk, or this process), Redis, PostgreSQL, and how busy each core was; and the
     engine's memory at its end: resident (``rss_mib``, its processes' sum) and the highest
     it has been since the engine started (``rss_peak_mib``, each process's high-water mark,
-    summed)."""
+    summed). With several workers the sums count twice the pages they share with the
+    supervisor they were forked from."""
 
     def __init__(self, engine_pids: list[int], redis_pid: int | None, load_is_child: bool):
         self.engine_pids = engine_pids
@@ -358,7 +359,7 @@ class CpuWatch:
 # Processes --------------------------------------------------------------------------------------
 
 
-def _cancel_on_sigterm() -> None:
+def cancel_on_sigterm() -> None:
     """SIGTERM cancels the running task, so its cleanup stops every process it started."""
     task = asyncio.current_task()
     if task is not None:
@@ -1312,7 +1313,7 @@ class Bench:
     ) -> Row:
         a = self.args
         before = await engine_counts(server.port) if route else Counter()
-        watch = CpuWatch(server.pids(), self.redis_pid, load_is_child=self.wrk is not None)
+        watch = UsageWatch(server.pids(), self.redis_pid, load_is_child=self.wrk is not None)
         if self.wrk is not None:
             measured = await self.wrk.measure(
                 server.port,
@@ -1401,7 +1402,7 @@ class Bench:
         )
         if not self.pinning:
             self.notes.append("no CPU pinning (needs Linux and 2 cores): everything shares")
-        _cancel_on_sigterm()
+        cancel_on_sigterm()
         try:
             await reset_database(self.maintenance, self.dsn)
             self.redis_pid = await flush_redis(self.redis)
@@ -1630,7 +1631,7 @@ class Bench:
             rate = fraction * peak
             reqs = requests(int(rate * a.open_duration) + 10)
             before = await engine_counts(server.port) if route else Counter()
-            watch = CpuWatch(server.pids(), self.redis_pid, load_is_child=False)
+            watch = UsageWatch(server.pids(), self.redis_pid, load_is_child=False)
             watch.start()
             measured = await open_loop(server.port, reqs, rate=rate, duration_s=a.open_duration)
             if release is not None:
@@ -2066,7 +2067,7 @@ async def profile(args: argparse.Namespace) -> None:
         raise SystemExit("bench: --profile needs wrk")
     spy = _py_spy()
     secs = args.profile_seconds
-    _cancel_on_sigterm()
+    cancel_on_sigterm()
     out_dir = REPO / "loadtests" / "reports"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -45,8 +45,8 @@ from bench import (
     HOST,
     Minter,
     Server,
-    _cancel_on_sigterm,
     bench_urls,
+    cancel_on_sigterm,
     closed_loop,
     drop_holds,
     engine_commit,
@@ -78,7 +78,10 @@ async def _send(port: int, requests: list[bytes], connections: int, expect: int)
         replies=replies,
     )
     if measured.errors or len(replies) != len(requests):
-        raise SystemExit(f"memory: {len(requests) - len(replies)} requests not answered")
+        raise SystemExit(
+            f"memory: {len(requests) - len(replies)} requests not answered, "
+            f"{measured.errors} connection errors"
+        )
     statuses = Counter(status for status, _ in replies.values())
     if set(statuses) != {expect}:
         wrong = next(body for status, body in replies.values() if status != expect)
@@ -138,7 +141,7 @@ def _keyed(request: bytes) -> bytes:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    _cancel_on_sigterm()  # a SIGTERM (timeout, CI) then stops the engine it started
+    cancel_on_sigterm()  # a SIGTERM (timeout, CI) then stops the engine it started
     maintenance, dsn, redis = bench_urls()
     await reset_database(maintenance, dsn)
     await flush_redis(redis)
@@ -155,7 +158,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         draw = await _seed_draw(server.port, admin)
         challenge = json.dumps({"release": release["id"]}).encode()
         rss, peak = memory_kib(worker)
-        rows.append({"round": 0, "addresses": 0, "rss_mib": _mib(rss), "peak_mib": _mib(peak)})
+        rows.append({"round": 0, "addresses": 0, "rss_mib": _mib(rss), "rss_peak_mib": _mib(peak)})
         print(f"{'round':>5} {'addresses':>10} {'RSS MiB':>8} {'peak MiB':>8}  seconds")
         print(f"{0:>5} {0:>10} {_mib(rss):>8} {_mib(peak):>8}  (started, releases seeded)")
         minter = Minter(secret)  # one for the run: its addresses are never seen twice
@@ -189,12 +192,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "round": n,
                 "addresses": n * args.addresses,
                 "rss_mib": _mib(rss),
-                "peak_mib": _mib(peak),
+                "rss_peak_mib": _mib(peak),
                 "seconds": round(time.perf_counter() - started, 1),
             }
             rows.append(row)
             print(
-                f"{n:>5} {row['addresses']:>10} {row['rss_mib']:>8} {row['peak_mib']:>8}  "
+                f"{n:>5} {row['addresses']:>10} {row['rss_mib']:>8} {row['rss_peak_mib']:>8}  "
                 f"{row['seconds']}",
                 flush=True,
             )
