@@ -651,6 +651,16 @@ async def test_a_request_that_is_not_valid_http_is_a_problem(api: Api) -> None:
         sent = {w for w in re.split(rb"[\s:]+", head) if len(w) > 3}
         assert problem["detail"] and not any(w in problem["detail"].encode() for w in sent)
     assert (await api.call("GET", "/v1/sites")).status == 200
+    # Where the bad request ends, and the next begins, is unknown: the connection is closed.
+    server = api.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        good = b"GET /v1/sites HTTP/1.1\r\nHost: test\r\n\r\n"
+        writer.write(b"GET /v1/sites HTTP/1.1\r\nBad Name: x\r\n\r\n" + good)
+        replies = await asyncio.wait_for(reader.read(), 10)  # to the end: closed
+    finally:
+        writer.close()
+    assert replies.count(b"HTTP/1.1 ") + replies.count(b"HTTP/1.0 ") == 1, replies
 
 
 async def test_bytes_that_are_not_utf_8_in_headers_are_refused_or_ignored(
