@@ -258,7 +258,8 @@ def _may_repeat_a_name(model: type[BaseModel], raw: bytes) -> bool:
     twice. Our parser keeps the last; a proxy or firewall reading the first would have seen
     another request. Unknown names are refused anyway, so only the model's own can be
     repeated, and none is if each is written at most once and no escape could spell one
-    otherwise. (Counting them costs about 1 % of a hold; a second parse would cost 10 %.)"""
+    otherwise. (Counting them in a hold's body takes about 1 us, the exact second parse
+    about 8 us, on a machine whose worker served a hold in about 390 us.)"""
     for name in _quoted_names(model):
         if raw.count(name) > 1:
             return True
