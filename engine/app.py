@@ -200,8 +200,8 @@ def create_app(
 ) -> web.Application:
     """A wired app. Tests inject ``clock`` (the engine's time) and ``bucket_clock`` (the
     token buckets', Redis's own clock otherwise), and may leave the sweeper off."""
-    answer_unreadable_requests_as_problems()
     metrics = Metrics()
+    answer_unreadable_requests_as_problems(metrics)
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics

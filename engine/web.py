@@ -109,16 +109,42 @@ def _from_http(exc: web.HTTPException) -> GuichetError:
     return _HttpProblem(exc.status, "http-error", exc.reason, exc.text or exc.reason)
 
 
-def answer_unreadable_requests_as_problems() -> None:
+def answer_unreadable_requests_as_problems(metrics: Metrics) -> None:
     """Make aiohttp answer a request it cannot read as HTTP (a bad request line, a header
     over 8 KiB, a Content-Length beside a Transfer-Encoding) in problem+json, like every
-    other refusal. aiohttp answers those itself, before any route or middleware, in
-    text/plain, and logs a traceback at ERROR for each; no hook reaches that answer
-    (aio-libs/aiohttp#3287), so its connection handler's ``handle_error`` is replaced, for
-    the whole process: an engine's process serves nothing else. Idempotent."""
-    RequestHandler.handle_error = _handle_error  # type: ignore[method-assign]
+    other refusal, counted in ``metrics`` under the route ``unreadable``. aiohttp answers
+    those itself, before any route or middleware, in text/plain, and logs a traceback at
+    ERROR for each; no hook reaches that answer (aio-libs/aiohttp#3287), so its connection
+    handler's ``handle_error`` is replaced, for the whole process: an engine's process
+    serves one app (tests make several: the last one's metrics count)."""
+
+    def handle_error(
+        self: RequestHandler,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        parsing = status == 400 and isinstance(exc, HttpProcessingError)
+        if not parsing or request.writer.output_size:
+            return _aiohttp_handle_error(self, request, status, exc, message)
+        # Said in our words: aiohttp's message may quote the client's bytes.
+        reason = next((r for kind, r in _UNREADABLE if isinstance(exc, kind)), _UNREADABLE_ELSE)
+        rid = secrets.token_hex(8)
+        request_id.set(rid)
+        # Not HTTP at all is mostly scanners and TLS sent to this port: aiohttp's own level.
+        level = log.debug if isinstance(exc, BadHttpMethod) else log.info
+        level("request_unreadable", status=status, kind=type(exc).__name__)
+        problem = _HttpProblem(status, "http-error", "The request is not valid HTTP", reason)
+        metrics.answered(UNREADABLE, "other", status, 0.0)
+        response = _refusal(metrics, problem, rid)
+        response.force_close()  # where this request ends, and the next begins, is unknown
+        return response
+
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
 
 
+UNREADABLE = "unreadable"  # the route label of requests that are not valid HTTP
 _aiohttp_handle_error = RequestHandler.handle_error
 _UNREADABLE = (  # the first that the error is an instance of
     (BadHttpMethod, "Not an HTTP request, or a method no HTTP request has"),
@@ -128,29 +154,6 @@ _UNREADABLE = (  # the first that the error is an instance of
     (InvalidHeader, "A header is not valid"),
 )
 _UNREADABLE_ELSE = "The request's headers or framing are not valid"
-
-
-def _handle_error(
-    self: RequestHandler,
-    request: BaseRequest,
-    status: int = 500,
-    exc: BaseException | None = None,
-    message: str | None = None,
-) -> web.StreamResponse:
-    parsing = status == 400 and isinstance(exc, HttpProcessingError)
-    if not parsing or request.writer.output_size:
-        return _aiohttp_handle_error(self, request, status, exc, message)
-    # Said in our words: aiohttp's message may quote the client's bytes.
-    reason = next((r for kind, r in _UNREADABLE if isinstance(exc, kind)), _UNREADABLE_ELSE)
-    rid = secrets.token_hex(8)
-    request_id.set(rid)
-    # Not HTTP at all is mostly scanners and TLS sent to this port: aiohttp's own level.
-    level = log.debug if isinstance(exc, BadHttpMethod) else log.info
-    level("request_unreadable", status=status, kind=type(exc).__name__)
-    problem = _HttpProblem(status, "http-error", "The request is not valid HTTP", reason)
-    response = problem_response(problem, rid)
-    response.force_close()  # where this request ends, and the next begins, is unknown
-    return response
 
 
 # Methods counted by name; any other is "other", so that no client can make up label values.

@@ -651,6 +651,11 @@ async def test_a_request_that_is_not_valid_http_is_a_problem(api: Api) -> None:
         sent = {w for w in re.split(rb"[\s:]+", head) if len(w) > 3}
         assert problem["detail"] and not any(w in problem["detail"].encode() for w in sent)
     assert (await api.call("GET", "/v1/sites")).status == 200
+    metrics = (await api.call("GET", "/metrics")).body
+    assert 'guichet_http_requests_total{method="other",route="unreadable",status="400"} 6.0' in (
+        metrics
+    )
+    assert 'guichet_rejections_total{level="",reason="http-error"} 6.0' in metrics
     # Where the bad request ends, and the next begins, is unknown: the connection is closed.
     server = api.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
