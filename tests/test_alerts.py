@@ -2,16 +2,21 @@
 metrics and labels a running engine exports, match only label values it exports from its
 start (a series born at its first increment is invisible to ``increase``), and each has
 its runbook in docs/operations.md. A metric renamed in the engine must fail here, not
-leave an alert that never fires. Whether each expression means what its alert says is
-for review: nothing here evaluates them."""
+leave an alert that never fires. Whether the pages, and the cases their comments argue
+about, fire when they should and only then: Prometheus's own promtool evaluates them on
+the series of guichet-alerts.test.yml, where it is installed (apt-get install
+prometheus; CI's .ci/run does it)."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import promql_parser
+import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -131,3 +136,23 @@ def test_every_alert_is_complete_and_has_its_runbook() -> None:
         assert rule["annotations"]["runbook_url"] == f"docs/operations.md#{name.lower()}"
         if "for" in rule:
             assert promql_parser.parse_duration(rule["for"]).total_seconds() > 0, name
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return subprocess.run(
+        [found, *args], cwd=RULES.parent, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_alerts_fire_when_their_cases_say_and_only_then() -> None:
+    done = promtool("test", "rules", "guichet-alerts.test.yml")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_prometheus_takes_the_example_configuration_and_its_rules() -> None:
+    done = promtool("check", "config", "prometheus.yml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 1 rule files found" in done.stdout
