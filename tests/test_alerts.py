@@ -138,6 +138,17 @@ def test_every_alert_is_complete_and_has_its_runbook() -> None:
             assert promql_parser.parse_duration(rule["for"]).total_seconds() > 0, name
 
 
+def test_every_alert_has_cases_where_it_fires_and_where_it_does_not() -> None:
+    """A new alert comes with its promtool cases (read here without promtool)."""
+    cases = yaml.safe_load((RULES.parent / "guichet-alerts.test.yml").read_text())
+    firing: dict[str, set[bool]] = {}
+    for case in cases["tests"]:
+        for check in case["alert_rule_test"]:
+            firing.setdefault(check["alertname"], set()).add(bool(check["exp_alerts"]))
+    for rule in alerts():
+        assert firing.get(rule["alert"]) == {True, False}, rule["alert"]
+
+
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     found = shutil.which("promtool")
     if found is None:
