@@ -1086,21 +1086,22 @@ class Minter:
         return out
 
 
+def applicant(i: int, tag: str) -> dict[str, str]:
+    """A person of their own for each ``i`` (and run ``tag``): document number and email."""
+    return {
+        "family_name": f"Banc{i}",
+        "given_names": "Aminata",
+        "birth_date": "1990-04-01",
+        "id_number": f"BX{tag}{i:08d}",
+        "email": f"bench{tag.lower()}{i}@example.org",
+    }
+
+
 def confirm_requests(port: int, holds: list[tuple[str, str, str]], tag: str) -> list[bytes]:
     """One confirm per (hold id, hold token, address), each for a different applicant."""
     out = []
     for i, (hold_id, token, address) in enumerate(holds):
-        body = json.dumps(
-            {
-                "applicant": {
-                    "family_name": f"Banc{i}",
-                    "given_names": "Aminata",
-                    "birth_date": "1990-04-01",
-                    "id_number": f"BX{tag}{i:08d}",
-                    "email": f"bench{tag.lower()}{i}@example.org",
-                }
-            }
-        ).encode()
+        body = json.dumps({"applicant": applicant(i, tag)}).encode()
         out.append(
             raw_request(
                 "POST",

@@ -45,6 +45,7 @@ from bench import (
     HOST,
     Minter,
     Server,
+    applicant,
     bench_urls,
     cancel_on_sigterm,
     closed_loop,
@@ -121,13 +122,7 @@ def _entries(minter: Minter, port: int, draw: str, addresses: list[str], first: 
     out = []
     for i, address in enumerate(addresses, start=first):
         text, nonces = minter.challenge(draw, address)
-        person = {
-            "family_name": f"Memoire{i}",
-            "given_names": "Awa",
-            "birth_date": "1991-05-02",
-            "id_number": f"MX{i:010d}",
-            "email": f"memory{i}@example.org",
-        }
+        person = applicant(i, "MEM")
         body = json.dumps({"challenge": text, "nonces": nonces, "applicant": person}).encode()
         path = f"/v1/releases/{draw}/entries"
         out.append(raw_request("POST", path, port, body, {"X-Forwarded-For": address}))
