@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine import early_stop
 from engine.settings import ConfigError, Settings
 
 _PR_SET_PDEATHSIG = 1
@@ -91,9 +92,12 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
 
     def handle_signals() -> None:
         # From the running loop: one added before it runs only records a signal, and a
-        # stop that came then would wait for another. Until then the default ends it.
+        # stop that came then would wait for another. Until then the default ends it, or,
+        # the engine's only process, early_stop keeps it.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop, signum)
+        if (early := early_stop.received()) is not None:
+            stop(early)
 
     loop.call_soon(handle_signals)
     web.run_app(
@@ -248,6 +252,8 @@ def _supervise(settings: Settings, sock: socket.socket) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if (early := early_stop.received()) is not None:  # sent while the engine started
+        stop(early, None)
     for _ in range(settings.workers):
         spawn()
     while children:

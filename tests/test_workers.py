@@ -454,18 +454,25 @@ async def test_a_second_engine_cannot_take_the_port(
         assert (await call(session, "GET", f"{first.base_url}/healthz"))[0] == 200
 
 
-async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
-    clean: None, tmp_path: Path
-) -> None:
-    """As PID 1 (a container without an init) the supervisor is given every orphan of its
-    PID namespace. It took each one it reaped for a worker that died: a restart counted and
-    a surplus worker started."""
+async def _pid_namespace() -> list[str]:
+    """A command that runs another as PID 1 of a PID namespace of its own (unshare leaves
+    SIGTERM to it); the test is skipped where none can be made."""
     pid_namespace = ["unshare", "--pid", "--fork", "--kill-child"]
     if not (shutil.which("unshare") and shutil.which("nsenter")):
         pytest.skip("unshare or nsenter is not installed (util-linux)")
     code, said = await _run(*pid_namespace, "true")
     if code:
         pytest.skip(f"no PID namespace can be made here: {said}")
+    return pid_namespace
+
+
+async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
+    clean: None, tmp_path: Path
+) -> None:
+    """As PID 1 (a container without an init) the supervisor is given every orphan of its
+    PID namespace. It took each one it reaped for a worker that died: a restart counted and
+    a surplus worker started."""
+    pid_namespace = await _pid_namespace()
     engine = Engine(tmp_path, "pid-1", engine_env(workers=2), wrapper=pid_namespace)
     engine.start()
     try:
@@ -487,6 +494,57 @@ async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
         engine.stop()
     # Said before anything else once a worker is reaped, so before the stop: the orphan.
     assert "died" not in engine.describe(), engine.describe()
+
+
+# Run by the engine's Python before its own code (PYTHONPATH): it holds the start in the
+# import of engine.settings, which every command makes first, and says so in a file.
+_HELD_START = """
+import os, sys, time
+
+
+class HoldTheStart:
+    def find_spec(self, name, path=None, target=None):
+        if name == "engine.settings":
+            sys.meta_path.remove(self)
+            open(os.environ["HELD_START_MARK"], "w").close()
+            time.sleep(float(os.environ["HELD_START_S"]))
+        return None
+
+
+sys.meta_path.insert(0, HoldTheStart())
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_stop_sent_while_the_engine_starts_is_kept_as_pid_1(
+    clean: None, tmp_path: Path, workers: int
+) -> None:
+    """As PID 1 (a container without an init) the kernel drops a signal the process has
+    no handler for. A SIGTERM sent while the engine imported its modules (a second or more
+    on a busy machine) was lost: the engine went on to serve until it was killed."""
+    pid_namespace = await _pid_namespace()
+    (tmp_path / "sitecustomize.py").write_text(_HELD_START)
+    mark = tmp_path / "starting"
+    env = engine_env(workers) | {
+        "PYTHONPATH": str(tmp_path),
+        "HELD_START_MARK": str(mark),
+        "HELD_START_S": "1",
+    }
+    engine = Engine(tmp_path, f"early-stop-{workers}", env, wrapper=pid_namespace)
+    engine.start()
+    try:
+        await poll(lambda: _found(mark), engine.describe)
+        (first,) = children(engine.pid)  # PID 1 of the namespace
+        os.kill(first, signal.SIGTERM)
+        assert engine.wait() == 0, engine.describe()
+    finally:
+        engine.stop()
+    if workers > 1:
+        assert "worker_started" not in engine.describe(), engine.describe()
+
+
+async def _found(path: Path) -> bool:
+    return await asyncio.to_thread(path.exists)
 
 
 async def _run(*command: str) -> tuple[int, str]:
