@@ -5,7 +5,8 @@ import sys
 
 def run() -> int:
     if sys.argv[1:2] == ["serve"]:
-        # Before the imports, which take a second or more: a stop sent meanwhile is kept.
+        # Before the engine's imports, most of a second under load: a stop sent meanwhile
+        # is kept (early_stop).
         from engine import early_stop
 
         early_stop.keep()

@@ -97,6 +97,7 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop, signum)
         if (early := early_stop.received()) is not None:
+            print("guichet: stopped while starting", file=sys.stderr, flush=True)
             stop(early)
 
     loop.call_soon(handle_signals)
@@ -252,7 +253,8 @@ def _supervise(settings: Settings, sock: socket.socket) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if (early := early_stop.received()) is not None:  # sent while the engine started
+    if (early := early_stop.received()) is not None:
+        print("guichet: stopped while starting", file=sys.stderr, flush=True)
         stop(early, None)
     for _ in range(settings.workers):
         spawn()

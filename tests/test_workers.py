@@ -528,7 +528,7 @@ async def test_a_stop_sent_while_the_engine_starts_is_kept_as_pid_1(
     env = engine_env(workers) | {
         "PYTHONPATH": str(tmp_path),
         "HELD_START_MARK": str(mark),
-        "HELD_START_S": "1",
+        "HELD_START_S": "3",
     }
     engine = Engine(tmp_path, f"early-stop-{workers}", env, wrapper=pid_namespace)
     engine.start()
@@ -536,11 +536,17 @@ async def test_a_stop_sent_while_the_engine_starts_is_kept_as_pid_1(
         await poll(lambda: _found(mark), engine.describe)
         (first,) = children(engine.pid)  # PID 1 of the namespace
         os.kill(first, signal.SIGTERM)
-        assert engine.wait() == 0, engine.describe()
+        try:
+            code = engine.wait()
+        except subprocess.TimeoutExpired:
+            code = None  # the stop was lost: the engine serves on
     finally:
         engine.stop()
-    if workers > 1:
-        assert "worker_started" not in engine.describe(), engine.describe()
+    said = engine.describe()
+    assert code == 0, said
+    assert "stopped while starting" in said, said
+    if workers > 1:  # held in its imports 3 s, the supervisor started no worker
+        assert "worker_started" not in said, said
 
 
 async def _found(path: Path) -> bool:
