@@ -472,6 +472,10 @@ class Reservations:
         # different tokens differ by the tag as well: 75 bits, as before.
         hold_id = signed_id(self.settings.secret, "hold-id", f"{release_id}.k", 7, token)
         now_ms = self.now_ms()
+        # A hold ends when its slot starts: confirmed later, it was a booking for an
+        # appointment already begun (or over), which could not be cancelled and kept the
+        # person from booking the procedure again until it ended.
+        deadline_ms = min(now_ms + self.settings.hold_ttl_s * 1000, _to_ms(slot.starts_at))
         result = await self.recovery.with_inventory(
             release_id,
             lambda: self.inventory.hold(
@@ -480,7 +484,7 @@ class Reservations:
                 now_ms=now_ms,
                 hold_id=hold_id,
                 token_hash=token_hash(token).hex(),
-                deadline_ms=now_ms + self.settings.hold_ttl_s * 1000,
+                deadline_ms=deadline_ms,
                 idem_field=idem_field,
                 challenge_id=paid.id,
                 challenge_expiry_ms=paid.expires_ms,
@@ -528,7 +532,9 @@ class Reservations:
         assert release.opens_at is not None
         if now < release.opens_at:
             raise NotOpen.until(
-                release.opens_at, now, f"This release opens at {release.opens_at.isoformat()}"
+                release.opens_at,
+                now,
+                f"This release opens at {release.opens_at.isoformat()}",
             )
         if slot.starts_at <= now:
             raise NotOpen("This slot has already started")
@@ -715,7 +721,9 @@ class Reservations:
             # Not before the public: a place taken at the counter before the opening is
             # one the people online never had a chance at (and what an insider would sell).
             raise NotOpen.until(
-                release.opens_at, now, f"This release opens at {release.opens_at.isoformat()}"
+                release.opens_at,
+                now,
+                f"This release opens at {release.opens_at.isoformat()}",
             )
         if slot.starts_at <= now:
             raise NotOpen("This slot has already started")
@@ -891,3 +899,10 @@ class Reservations:
 
 def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _to_ms(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import pytest
 
 from engine import inventory as inventory_module
@@ -85,6 +87,31 @@ async def test_a_hold_retried_after_its_challenge_ran_out_gets_the_same_hold(api
     assert await api.free(release["id"]) == {first: 2, second: 3}
     api.clock.advance(300)  # the hold has expired too
     assert (await api.hold(first, "10.0.0.7", paid=paid)).status == 410
+
+
+async def test_a_hold_ends_when_its_slot_starts(api: Api) -> None:
+    """A hold taken two minutes before its slot started lived its whole ten minutes: the
+    confirm, eight minutes into the appointment, booked it (201), for a time already
+    begun, which the person could not cancel (409 not-open) and which kept them from
+    booking the procedure again until it ended."""
+    await api.site()
+    release = await api.publish([2, 2], starts_in_days=120 / 86400)
+    soon, later = release["slots"]
+    hold = await api.hold(soon["id"])
+    assert hold.status == 201, hold.body
+    ends = _instant(soon["starts_at"]) - _instant(hold.body["expires_at"])
+    assert timedelta(0) <= ends < timedelta(milliseconds=1)  # to the millisecond
+    # A slot further off keeps the hold's whole time (its start is 15 minutes later).
+    other = await api.hold(later["id"], "10.0.0.2")
+    assert _instant(other.body["expires_at"]) < _instant(later["starts_at"])
+    api.clock.advance(121)  # the first slot has started
+    late = await api.confirm(hold.body)
+    assert (late.status, late.body["type"]) == (410, "/problems/hold-expired"), late.body
+    assert (await api.confirm(other.body)).status == 201
+
+
+def _instant(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 async def test_an_expired_hold_not_yet_reclaimed_is_not_answered(
