@@ -29,6 +29,7 @@ from engine.keys import unspent_challenges
 from engine.limits import Client, FoundSpent
 from engine.logs import log
 from engine.models import Booking, DrawOutcome, Entry, Release
+from engine.render import local
 from engine.reservations import Reservations
 from engine.store import DrawRaced
 from engine.tokens import (
@@ -312,7 +313,7 @@ class Lottery:
         rec = await self.store.draw_record(release.id)
         if rec is None:
             assert release.draw_at is not None
-            raise NotOpen(f"The draw takes place at {release.draw_at.isoformat()}")
+            raise NotOpen(f"The draw takes place at {local(release.draw_at, release.timezone)}")
         return rec
 
     async def set_beacon(self, release_id: str, beacon: str) -> None:
@@ -408,8 +409,8 @@ def _outside_registration(release: Release, now: datetime) -> NotOpen:
     """An entry outside registration: before it opens, come back then."""
     assert release.registration_opens_at and release.registration_closes_at
     detail = (
-        f"Registration is open from {release.registration_opens_at.isoformat()} "
-        f"to {release.registration_closes_at.isoformat()}"
+        f"Registration is open from {local(release.registration_opens_at, release.timezone)} "
+        f"to {local(release.registration_closes_at, release.timezone)}"
     )
     if now < release.registration_opens_at:
         return NotOpen.until(release.registration_opens_at, now, detail)

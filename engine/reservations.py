@@ -48,6 +48,7 @@ from engine.logs import log
 from engine.metrics import Metrics
 from engine.models import Booking, CancelledBy, Mode, Release, Site, Slot
 from engine.recovery import Clock, Recovery
+from engine.render import local
 from engine.settings import Settings
 from engine.singleflight import SingleFlight
 from engine.store import Store, below_floor
@@ -413,8 +414,8 @@ class Reservations:
             raise NotOpen.until(
                 release.opens_at - self._challenge_lead,
                 now,
-                f"This release opens at {release.opens_at.isoformat()}: its challenges are "
-                f"issued from {s.challenge_lead_s} s before",
+                f"This release opens at {local(release.opens_at, release.timezone)}: its "
+                f"challenges are issued from {s.challenge_lead_s} s before",
             )
         now_ms = self.now_ms()
         sid = sessions.session_id(s.secret, session, now_ms, s.session_ttl_s)
@@ -534,7 +535,7 @@ class Reservations:
             raise NotOpen.until(
                 release.opens_at,
                 now,
-                f"This release opens at {release.opens_at.isoformat()}",
+                f"This release opens at {local(release.opens_at, release.timezone)}",
             )
         if slot.starts_at <= now:
             raise NotOpen("This slot has already started")
@@ -723,7 +724,7 @@ class Reservations:
             raise NotOpen.until(
                 release.opens_at,
                 now,
-                f"This release opens at {release.opens_at.isoformat()}",
+                f"This release opens at {local(release.opens_at, release.timezone)}",
             )
         if slot.starts_at <= now:
             raise NotOpen("This slot has already started")

@@ -175,6 +175,9 @@ async def test_entries_and_windows(api: Api, clock: FakeClock) -> None:
     assert listed["mode"] == "draw" and len(listed["seed_commitment"]) == 64
     early = await api.enter(release)
     assert early.status == 409 and early.body["type"] == "/problems/not-open"
+    # In the site's time, as listed (it was in UTC).
+    window = f"from {listed['registration_opens_at']} to {listed['registration_closes_at']}"
+    assert window in early.body["detail"], (listed, early.body)
     # When registration opens: 60 s, rounded up (the times are kept to the microsecond).
     assert early.headers["Retry-After"] in ("60", "61"), early.headers
     clock.advance(61)
@@ -208,7 +211,8 @@ async def test_entries_and_windows(api: Api, clock: FakeClock) -> None:
     clock.advance(86400)
     late = await api.enter(release, applicant(), ip(7))
     assert late.status == 409 and late.body["type"] == "/problems/not-open"
-    assert (await api.call("GET", f"/v1/releases/{release}/draw")).status == 409
+    undrawn = await api.call("GET", f"/v1/releases/{release}/draw")
+    assert undrawn.status == 409 and listed["draw_at"] in undrawn.body["detail"], undrawn.body
     # An entry for a release that does not exist: 404, not 403 for the challenge (which
     # can only have been made for another release).
     paid = await api.solved(release, ip(8))

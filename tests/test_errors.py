@@ -295,6 +295,8 @@ async def test_not_open(
     early = await api.call("POST", "/v1/challenges", {"release": later["id"]})
     problem(early, "not-open", 409)
     assert "180 s before" in early.body["detail"], early.body
+    # In the site's time, as the release list gives it: it was in UTC, an hour off in Paris.
+    assert f"opens at {later['opens_at']}:" in early.body["detail"], (later, early.body)
     assert early.body["retry_after"] == 3420 and early.headers["Retry-After"] == "3420"
     clock.now = opens - 180.5
     early = await api.call("POST", "/v1/challenges", {"release": later["id"]})
