@@ -11,8 +11,9 @@ import hmac
 import io
 import json
 import re
-from collections.abc import Mapping
-from datetime import date, datetime
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -81,6 +82,10 @@ async def create_release(request: web.Request) -> web.Response:
     body = await parse_body(request, schemas.ReleaseIn, _limit(request))
     key = idempotency_key(request)
     domain = request.app[RESERVATIONS]
+    timezone = await domain.store.site_timezone(body.site)
+    if timezone is not None:  # else no such site: the store says so
+        moments = [(f"slots.{i}.starts_at", s.starts_at) for i, s in enumerate(body.slots)]
+        _check_offsets(timezone, [*moments, *_windows(body).items()])
     release_id = None
     if key is not None:
         # The same request again (its answer lost: a 503 after the commit) gets the release
@@ -139,14 +144,45 @@ async def patch_release(request: web.Request) -> web.Response:
     body = await parse_body(request, schemas.ReleasePatch, _limit(request))
     domain = request.app[RESERVATIONS]
     release = await domain.release(request.match_info["release"])
-    windows = {
-        name: getattr(body, name)
-        for name in ("opens_at", "registration_opens_at", "registration_closes_at", "draw_at")
-        if getattr(body, name) is not None
-    }
+    windows = _windows(body)
+    _check_offsets(release.timezone, windows.items())
     capacities = {s.id: s.capacity for s in body.slots}
     await domain.patch_release(release.id, windows, capacities, if_match(request))
     return _release_reply(await domain.release(release.id))
+
+
+def _windows(body: schemas.ReleaseIn | schemas.ReleasePatch) -> dict[str, datetime]:
+    """The release's windows the body gives, by name."""
+    names = ("opens_at", "registration_opens_at", "registration_closes_at", "draw_at")
+    return {n: getattr(body, n) for n in names if getattr(body, n) is not None}
+
+
+def _check_offsets(timezone: str, moments: Iterable[tuple[str, datetime]]) -> None:
+    """Refuse a time whose offset is neither UTC's nor the site's at that instant. A tool
+    that wrote +01:00 all year moved every summer slot an hour later, and a local time that
+    does not exist (the hour skipped in spring) landed on another slot's time, silently:
+    the instant was kept as written."""
+    zone = ZoneInfo(timezone)
+    errors = []
+    for field, moment in moments:
+        given = moment.utcoffset()
+        site = moment.astimezone(zone).utcoffset()
+        if given and given != site:
+            errors.append(
+                {
+                    "field": field,
+                    "message": f"has the offset {_offset(given)}, not {timezone}'s at that "
+                    f"time ({_offset(site)}): give the site's local time with its offset, or UTC",
+                }
+            )
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def _offset(delta: timedelta | None) -> str:
+    minutes = int((delta or timedelta(0)).total_seconds()) // 60
+    hours, minutes = divmod(abs(minutes), 60)
+    return f"{'-' if delta and delta < timedelta(0) else '+'}{hours:02d}:{minutes:02d}"
 
 
 async def put_beacon(request: web.Request) -> web.Response:

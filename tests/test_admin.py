@@ -828,6 +828,62 @@ async def test_an_opening_after_every_slot_and_a_slot_named_twice_are_refused(
     assert now_is.body["release"]["slots"][0]["capacity"] == 1, now_is.body
 
 
+async def test_a_time_whose_offset_is_not_the_sites_is_refused(api: Api) -> None:
+    """Times were kept as written, whatever their offset: a tool that writes +01:00 all
+    year put every summer slot an hour later than meant, and a local time that does not
+    exist (02:30 on the night the clocks go forward) landed on 03:30's slot. A time must
+    have the site's offset at that instant, or be in UTC."""
+    await api.site()
+    now = datetime.fromtimestamp(api.clock.now, UTC)
+    body: dict[str, Any] = {
+        "site": "bobigny",
+        "procedure": "renouvellement",
+        "mode": "fcfs",
+        "opens_at": (now - timedelta(minutes=1)).isoformat(),
+    }
+
+    def slots(*times: str) -> dict[str, Any]:
+        return {
+            **body,
+            "slots": [{"starts_at": t, "duration_minutes": 15, "capacity": 1} for t in times],
+        }
+
+    wrong = await api.call(
+        "POST",
+        "/v1/admin/releases",
+        slots(
+            "2027-01-12T09:00:00+01:00", "2027-07-12T09:00:00+01:00", "2027-03-28T02:30:00+01:00"
+        ),
+        ADMIN,
+    )
+    assert wrong.status == 400 and wrong.body["type"] == "/problems/validation-error", wrong.body
+    assert [e["field"] for e in wrong.body["errors"]] == ["slots.1.starts_at", "slots.2.starts_at"]
+    assert "not Europe/Paris's at that time (+02:00)" in wrong.body["errors"][0]["message"]
+    assert (await api.call("GET", "/v1/releases")).body["releases"] == []  # nothing published
+    right = await api.call(
+        "POST",
+        "/v1/admin/releases",
+        slots(
+            "2027-07-12T09:00:00+02:00",
+            "2027-07-12T07:15:00Z",  # UTC is always understood
+            "2027-10-31T02:30:00+02:00",  # the hour the clocks go back: both are right
+            "2027-10-31T02:30:00+01:00",
+        ),
+        ADMIN,
+    )
+    assert right.status == 201, right.body
+    starts = [s["starts_at"] for s in right.body["release"]["slots"]]
+    assert starts == [
+        "2027-07-12T09:00:00+02:00",
+        "2027-07-12T09:15:00+02:00",
+        "2027-10-31T02:30:00+02:00",
+        "2027-10-31T02:30:00+01:00",
+    ]
+    path = f"/v1/admin/releases/{right.body['release']['id']}"
+    moved = await api.call("PATCH", path, {"opens_at": "2027-06-01T09:00:00+01:00"}, ADMIN)
+    assert moved.status == 400 and moved.body["errors"][0]["field"] == "opens_at", moved.body
+
+
 @pytest.mark.parametrize(
     ("day", "inside", "outside"),
     [
