@@ -477,6 +477,8 @@ class Reservations:
         # appointment already begun (or over), which could not be cancelled and kept the
         # person from booking the procedure again until it ended.
         deadline_ms = min(now_ms + self.settings.hold_ttl_s * 1000, _to_ms(slot.starts_at))
+        if deadline_ms <= now_ms:  # started since _open_slot looked, within the millisecond
+            raise NotOpen("This slot has already started")
         result = await self.recovery.with_inventory(
             release_id,
             lambda: self.inventory.hold(
@@ -586,7 +588,7 @@ class Reservations:
         slot_id = None
         spent: dict[str, Take] = {}
         try:
-            if record is not None:
+            if record is not None and not self._started(release, record.slot_id):
                 spent = await self.limiter.confirm(identity, hold_id=hold_id)
                 slot_id = await self.inventory.confirm_begin(release.id, hold_id, self.now_ms())
                 if slot_id is None:
@@ -597,6 +599,9 @@ class Reservations:
             else:
                 # Gone from Redis: confirmed already (a retry), or expired, released, or
                 # lost. A PostgreSQL lookup, and any hold id once issued can be replayed.
+                # Or its slot has started: a hold ends then, and the retry of a confirm
+                # whose store failed before (the hold still confirming) gets what that
+                # confirm booked, if anything, never a booking made after the start.
                 spent = await self.limiter.replay(who, hold_id)
             if slot_id is None:
                 return await self._confirmed_before(hold_id, token)
@@ -611,6 +616,10 @@ class Reservations:
             raise
         self.metrics.count(self.metrics.confirms, "confirmed")
         return confirmation
+
+    def _started(self, release: Release, slot_id: str) -> bool:
+        slot = release.slot(slot_id)
+        return slot is not None and slot.starts_at <= self.now()
 
     async def _confirmed_before(self, hold_id: str, token: str) -> Confirmation:
         booking = await self.store.booking_by_hold(hold_id)

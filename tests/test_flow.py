@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 
 import pytest
@@ -108,6 +109,20 @@ async def test_a_hold_ends_when_its_slot_starts(api: Api) -> None:
     late = await api.confirm(hold.body)
     assert (late.status, late.body["type"]) == (410, "/problems/hold-expired"), late.body
     assert (await api.confirm(other.body)).status == 201
+
+
+async def test_a_hold_on_a_slot_starting_within_the_millisecond_is_refused(api: Api) -> None:
+    """Its deadline, the start to the millisecond, was already past: 201 with an
+    expires_at before the hold's own time, its challenge spent, and the place reclaimed
+    at once for the next hold."""
+    await api.site()
+    api.clock.now = math.floor(api.clock.now) + 0.2504  # the slot starts 0.4 ms into one
+    release = await api.publish([1], starts_in_days=100 / 86400)
+    slot = release["slots"][0]
+    paid = await api.solved(release["id"])
+    api.clock.now = _instant(slot["starts_at"]).timestamp() - 0.0002  # 0.2 ms before it
+    late = await api.hold(slot["id"], paid=paid)
+    assert (late.status, late.body.get("type")) == (409, "/problems/not-open"), late.body
 
 
 def _instant(text: str) -> datetime:

@@ -54,6 +54,29 @@ async def waiting_for_a_lock(
         await asyncio.sleep(0.01)
 
 
+async def identity_lock(
+    pg: asyncpg.Connection, secret: bytes, person: dict[str, str]
+) -> asyncpg.transaction.Transaction:
+    """Take ``person``'s identity lock (book_hold's first), in a transaction left open, as a
+    confirm of theirs elsewhere would: their booking then waits inside PostgreSQL, its hold
+    confirming, until the transaction ends."""
+    identity = Applicant(
+        person["family_name"],
+        person["given_names"],
+        date.fromisoformat(person["birth_date"]),
+        person["id_number"],
+        person["email"],
+    ).identity_hash(secret)
+    lock = pg.transaction()
+    await lock.start()
+    await pg.execute(
+        "SELECT pg_advisory_xact_lock(('x' || substr(encode($1::bytea, 'hex'), 1, 15))"
+        "::bit(60)::bigint)",
+        identity,
+    )
+    return lock
+
+
 async def test_200_concurrent_holds_on_capacity_5(api: Api, pg: asyncpg.Connection) -> None:
     await api.site()
     release = await api.publish([5])
@@ -159,22 +182,7 @@ async def test_a_refused_confirm_leaves_a_concurrent_one_confirming(
     assert held.status == 201
     domain = api.client.app[RESERVATIONS]
     person = applicant()
-    identity = Applicant(
-        person["family_name"],
-        person["given_names"],
-        date.fromisoformat(person["birth_date"]),
-        person["id_number"],
-        person["email"],
-    ).identity_hash(domain.settings.secret)
-    # This test takes the person's identity lock (book_hold's first), as a confirm of theirs
-    # elsewhere would: their booking waits inside PostgreSQL, its hold confirming.
-    lock = pg.transaction()
-    await lock.start()
-    await pg.execute(
-        "SELECT pg_advisory_xact_lock(('x' || substr(encode($1::bytea, 'hex'), 1, 15))"
-        "::bit(60)::bigint)",
-        identity,
-    )
+    lock = await identity_lock(pg, domain.settings.secret, person)
     earlier = asyncio.create_task(api.confirm(held.body, person, ip(2)))
     await waiting_for_a_lock(pg, earlier)
     later = await api.confirm(held.body, already, ip(2))
@@ -186,6 +194,34 @@ async def test_a_refused_confirm_leaves_a_concurrent_one_confirming(
     assert await pg_slot(pg, second) == (1, 1, 1)
     counts = await domain.inventory.counts(release["id"], domain.now_ms())
     assert (counts[second].booked, counts[second].held) == (1, 0)
+
+
+async def test_a_confirm_retried_after_its_slot_started_books_nothing_new(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """A confirm whose PostgreSQL call timed out (503) leaves its hold confirming, for the
+    sweeper to settle. Retried once the slot had started, it booked the appointment then,
+    already begun. A hold ends at its slot's start: the retry gets what the first confirm
+    booked, if anything, never a booking made after the start."""
+    await api.site()
+    release = await api.publish([1], starts_in_days=120 / 86400)
+    slot = release["slots"][0]["id"]
+    held = await api.hold(slot)
+    assert held.status == 201, held.body
+    person = applicant()
+    app = create_app(make_settings(pg_timeout_s=0.3), clock=api.clock, sweep=False)
+    async with TestClient(TestServer(app)) as client:
+        impatient = Api(client, api.clock)
+        lock = await identity_lock(pg, app[RESERVATIONS].settings.secret, person)
+        try:
+            first = await impatient.confirm(held.body, person)
+        finally:
+            await lock.rollback()
+        assert first.status == 503, first.body
+        api.clock.advance(121)  # the slot has started
+        late = await impatient.confirm(held.body, person)
+    assert (late.status, late.body.get("type")) == (410, "/problems/hold-expired"), late.body
+    assert await pg_slot(pg, slot) == (1, 0, 0)
 
 
 @pytest.mark.parametrize("spacing_s", [0, 0.003])
