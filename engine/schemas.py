@@ -18,8 +18,10 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     TypeAdapter,
     ValidationError,
@@ -47,8 +49,22 @@ def _plausible(moment: datetime) -> datetime:
     return moment
 
 
-# Every date-time of a request: with an offset, and within years any calendar can render.
-Moment = Annotated[AwareDatetime, AfterValidator(_plausible)]
+def _written_out(value: object) -> object:
+    # pydantic reads a string of digits as seconds since 1970: a tool's number where a
+    # time was meant was published as some date, silently. Text only, then parsed as
+    # pydantic does (lax: a validator before it hands the parse a Python string).
+    if not isinstance(value, str) or value.strip().lstrip("+-").isdigit():
+        raise ValueError(
+            "must be a date and time as RFC 3339 writes it (2027-01-04T09:00:00+01:00)"
+        )
+    return value
+
+
+# Every date-time of a request: RFC 3339 text with an offset, within years any calendar
+# can render.
+Moment = Annotated[
+    AwareDatetime, Strict(False), BeforeValidator(_written_out), AfterValidator(_plausible)
+]
 IDENT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 Ident = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 Opaque = Annotated[str, StringConstraints(min_length=1, max_length=200)]

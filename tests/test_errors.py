@@ -758,6 +758,31 @@ async def test_dates_out_of_any_calendar_are_refused(api: Api, release: dict[str
     assert (await api.call("GET", "/v1/releases")).status == 200
 
 
+async def test_a_number_is_not_taken_for_a_time(api: Api, release: dict[str, Any]) -> None:
+    """A string of digits was read as seconds since 1970: a tool's number where a time was
+    meant published a slot at some date, or filtered the audit log from one."""
+    for starts_at in ("1806220800", " 1806220800", 1806220800, "-1806220800"):
+        r = await api.call(
+            "POST",
+            "/v1/admin/releases",
+            {
+                "site": "bobigny",
+                "procedure": "renouvellement",
+                "mode": "fcfs",
+                "opens_at": "2026-01-01T00:00:00Z",
+                "slots": [{"starts_at": starts_at, "duration_minutes": 15, "capacity": 1}],
+            },
+            ADMIN,
+        )
+        body = problem(r, "validation-error", 400)
+        assert body["errors"][0]["field"] == "slots.0.starts_at", body
+    audit = await api.call("GET", "/v1/admin/audit?since=1806220800", headers=ADMIN)
+    problem(audit, "validation-error", 400)
+    assert [r["id"] for r in (await api.call("GET", "/v1/releases")).body["releases"]] == [
+        release["id"]
+    ]
+
+
 async def test_draw_windows_move_together(api: Api, clock: FakeClock) -> None:
     await api.site()
     now = clock.now
