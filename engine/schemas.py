@@ -49,11 +49,15 @@ def _plausible(moment: datetime) -> datetime:
     return moment
 
 
+_WRITTEN_OUT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
+
+
 def _written_out(value: object) -> object:
-    # pydantic reads a string of digits as seconds since 1970: a tool's number where a
-    # time was meant was published as some date, silently. Text only, then parsed as
-    # pydantic does (lax: a validator before it hands the parse a Python string).
-    if not isinstance(value, str) or value.strip().lstrip("+-").isdigit():
+    # pydantic reads a number, in a string too ("1806220800", "1806220800.5"), as seconds
+    # since 1970: a tool's number where a time was meant was published as some date,
+    # silently. A date written out first, then parsed as pydantic does (lax: a validator
+    # before it hands the parse a Python string).
+    if not isinstance(value, str) or not _WRITTEN_OUT.match(value):
         raise ValueError(
             "must be a date and time as RFC 3339 writes it (2027-01-04T09:00:00+01:00)"
         )
