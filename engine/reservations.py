@@ -518,7 +518,10 @@ class Reservations:
         if result.outcome == "client-limit":
             raise RateLimited(
                 self.settings.hold_ttl_s,
-                "You already hold a place in this release: confirm or release it first",
+                # Not "you": behind a carrier's NAT (or an IPv6 /64) the hold may be another
+                # person's, whom "you already hold a place" sent looking for a hold of theirs.
+                "A place in this release is already held from your address: confirm or "
+                "release it first (on a shared network, another person's hold counts)",
                 level="holds",
             )
         # Debug level: a line per hold costs 6 % of the hold path (BENCHMARKS.md).

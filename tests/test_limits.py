@@ -605,6 +605,8 @@ async def test_one_live_hold_per_client(
         paid = await api.solved(release["id"], solver)
         second = await api.hold(release["slots"][1]["id"], again, paid=paid)
         assert second.status == 429 and second.body["level"] == "holds"
+        # Said of the address, not of the person: ``again`` may be someone else's device.
+        assert "from your address" in second.body["detail"], second.body
         assert (await api.hold(release["slots"][1]["id"], elsewhere)).status == 201
         auth = {"Authorization": f"Bearer {first.body['hold_token']}"}
         await api.call("DELETE", f"/v1/holds/{first.body['hold_id']}", headers=auth)
