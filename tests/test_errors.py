@@ -742,20 +742,20 @@ async def test_dates_out_of_any_calendar_are_refused(api: Api, release: dict[str
         ("2026-01-01T00:00:00Z", "9999-12-31T23:59:59Z"),
         ("0001-01-01T00:00:00+01:00", "2030-01-01T09:00:00Z"),
     ):
-        r = await api.call(
-            "POST",
-            "/v1/admin/releases",
-            {
-                "site": "bobigny",
-                "procedure": "renouvellement",
-                "mode": "fcfs",
-                "opens_at": opens_at,
-                "slots": [{"starts_at": starts_at, "duration_minutes": 15, "capacity": 1}],
-            },
-            ADMIN,
-        )
+        r = await api.call("POST", "/v1/admin/releases", _one_slot(opens_at, starts_at), ADMIN)
         problem(r, "validation-error", 400)
     assert (await api.call("GET", "/v1/releases")).status == 200
+
+
+def _one_slot(opens_at: object, starts_at: object) -> dict[str, Any]:
+    """A first-come release of one slot at bobigny, its times as given."""
+    return {
+        "site": "bobigny",
+        "procedure": "renouvellement",
+        "mode": "fcfs",
+        "opens_at": opens_at,
+        "slots": [{"starts_at": starts_at, "duration_minutes": 15, "capacity": 1}],
+    }
 
 
 async def test_a_number_is_not_taken_for_a_time(api: Api, release: dict[str, Any]) -> None:
@@ -763,16 +763,7 @@ async def test_a_number_is_not_taken_for_a_time(api: Api, release: dict[str, Any
     meant published a slot at some date, or filtered the audit log from one."""
     for starts_at in ("1806220800", "+1806220800", "1806220800.5", "1.8e9", 1806220800):
         r = await api.call(
-            "POST",
-            "/v1/admin/releases",
-            {
-                "site": "bobigny",
-                "procedure": "renouvellement",
-                "mode": "fcfs",
-                "opens_at": "2026-01-01T00:00:00Z",
-                "slots": [{"starts_at": starts_at, "duration_minutes": 15, "capacity": 1}],
-            },
-            ADMIN,
+            "POST", "/v1/admin/releases", _one_slot("2026-01-01T00:00:00Z", starts_at), ADMIN
         )
         body = problem(r, "validation-error", 400)
         assert body["errors"][0]["field"] == "slots.0.starts_at", body
