@@ -360,8 +360,14 @@ class Engine:
         self._proc.send_signal(signum)
 
     def wait(self, timeout_s: float = READY_S) -> int:
+        """Its exit code. If it has not exited within ``timeout_s``, the error says where it
+        and its workers are (``stuck``): a hang seen once in CI is otherwise a guess."""
         assert self._proc is not None
-        return self._proc.wait(timeout=timeout_s)
+        try:
+            return self._proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            pids = [self._proc.pid, *sorted(children(self._proc.pid))]
+            raise NotExited(exc, f"{stuck(pids)}\n{self.describe()}") from exc
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within READY_S; reap it. Workers it
@@ -407,6 +413,46 @@ def children(pid: int) -> set[int]:
         if int(ppid) == pid and state != "Z":
             found.add(int(entry.name))
     return found
+
+
+class NotExited(subprocess.TimeoutExpired):
+    """``subprocess.TimeoutExpired``, saying where the process is."""
+
+    def __init__(self, exc: subprocess.TimeoutExpired, where: str) -> None:
+        super().__init__(exc.cmd, exc.timeout)
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.where}"
+
+
+def stuck(pids: Sequence[int]) -> str:
+    """Where each process is: its state, signals and kernel wait (/proc), and its Python
+    stack (``py-spy dump``, a dev dependency, as docs/operations.md asks of ops)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    parts = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+        except OSError:
+            parts.append(f"--- process {pid}: gone")
+            continue
+        wanted = ("State", "PPid", "Threads", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+        lines = [line for line in status.splitlines() if line.split(":")[0] in wanted]
+        parts.append(f"--- process {pid} (kernel wait: {wchan or '-'})\n" + "\n".join(lines))
+        if spy.exists():
+            try:
+                dump = subprocess.run(
+                    [str(spy), "dump", "--locals", "--pid", str(pid)],
+                    capture_output=True,
+                    text=True,
+                    timeout=READY_S,
+                )
+                parts.append(dump.stdout + dump.stderr)
+            except subprocess.TimeoutExpired:
+                parts.append("py-spy did not answer")
+    return "\n".join(parts)
 
 
 def exists(pid: int) -> bool:
