@@ -14,6 +14,7 @@ A worker that dies is replaced; SIGTERM or SIGINT stops them all.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import gc
@@ -38,6 +39,8 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _QUICK_DEATH_S = 10.0
 _FIRST_PAUSE_S = 1.0
 _LONGEST_PAUSE_S = 30.0
+# A stopped worker's tasks left once its app is closed (none expected) get this long.
+_LEFTOVER_WAIT_S = 5.0
 
 
 _REUSEPORT = hasattr(socket, "SO_REUSEPORT")
@@ -76,18 +79,21 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
     app = create_app(settings)
     app.on_startup.append(_freeze_gc)  # after the stores and the sweeper have started
     loop = uvloop.new_event_loop()
-    stopping = False
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    stopped_at = 0.0
 
-    def stop(signum: int) -> None:
-        # The first signal starts the drain. aiohttp's own handler took a second one
-        # (systemd signals every process of the unit, then the supervisor its workers)
-        # as another stop, which cancelled the requests in flight and the stores' close.
-        # A second Ctrl-C (SIGINT) is someone at a terminal who will not wait: now.
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            raise web.GracefulExit()
-        if signum == signal.SIGINT:
+    def on_signal(signum: int) -> None:
+        # The first signal starts the drain; a later SIGTERM is ignored (systemd signals
+        # every process of the unit, then the supervisor its workers: aiohttp took the
+        # second as another stop, which cancelled the requests in flight and the stores'
+        # close). A second Ctrl-C (SIGINT) is someone at a terminal who will not wait: now.
+        nonlocal stopped_at
+        if not stop.is_set():
+            stopped_at = time.monotonic()
+            log.info("worker_stopping", pid=os.getpid(), signal=signal.Signals(signum).name)
+            stop.set()
+        elif signum == signal.SIGINT:
             os._exit(1)
 
     def handle_signals() -> None:
@@ -95,24 +101,51 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
         # stop that came then would wait for another. Until then the default ends it, or,
         # the engine's only process, early_stop keeps it.
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop, signum)
+            loop.add_signal_handler(signum, on_signal, signum)
         if (early := early_stop.received()) is not None:
             print("guichet: stopped while starting", file=sys.stderr, flush=True)
-            stop(early)
+            on_signal(early)
+
+    async def serve_until_stopped() -> None:
+        # A stop only sets an event; no task is cancelled for it. aiohttp's run_app
+        # cancelled its main task, and a stop during the start-up was lost when the
+        # cancellation landed in redis-py's send: Python 3.11's asyncio.wait_for drops a
+        # cancellation once the call it waits on is done. The start-up went on, and the
+        # worker served on, deaf to every later SIGTERM (a CI run, reproduced in 11 % of
+        # stops landing in the start-up). Now a stop waits for the start-up (each of its
+        # waits is bounded by a store's timeout), then drains.
+        if stop.is_set():
+            return
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            # aiohttp's access log costs 20-55 % of throughput: off unless asked for.
+            access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+            keepalive_timeout=75.0,  # run_app's (AppRunner's own is an hour)
+            # Requests in flight get this long to finish: the longest waits on one
+            # PostgreSQL connection, four of its statements' limits (Store._connection).
+            shutdown_timeout=drain_s(settings),
+        )
+        try:
+            await runner.setup()
+            if not stop.is_set():
+                await web.SockSite(runner, sock).start()
+                await stop.wait()
+        finally:
+            await runner.cleanup()  # also closes what a start-up that failed had opened
 
     loop.call_soon(handle_signals)
-    web.run_app(
-        app,
-        sock=sock,
-        print=None,
-        # aiohttp's access log costs 20-55 % of throughput: off unless asked for.
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        handle_signals=False,
-        # Requests in flight get this long to finish: the longest waits on one PostgreSQL
-        # connection, four of its statements' limits (Store._connection).
-        shutdown_timeout=drain_s(settings),
-        loop=loop,
-    )
+    try:
+        loop.run_until_complete(serve_until_stopped())
+    finally:
+        # Nothing should be left; what is, is cancelled and waited for a bounded time.
+        if left := asyncio.all_tasks(loop):
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.wait(left, timeout=_LEFTOVER_WAIT_S))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    log.info("worker_stopped", pid=os.getpid(), seconds=f"{time.monotonic() - stopped_at:.3f}")
 
 
 def drain_s(settings: Settings) -> float:

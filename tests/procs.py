@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
@@ -233,6 +233,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
     def start(self) -> None:
         assert self._proc is None, "already running"
         self._log = self.logfile.open("ab")
@@ -295,6 +300,16 @@ async def _redis_pong(port: int) -> bool:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def running(server: RedisServer) -> AsyncIterator[RedisServer]:
+    server.start()
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.kill()
 
 
 class Engine:
@@ -453,6 +468,18 @@ def stuck(pids: Sequence[int]) -> str:
             except subprocess.TimeoutExpired:
                 parts.append("py-spy did not answer")
     return "\n".join(parts)
+
+
+def unread() -> dict[tuple[int, int], int]:
+    """Each end of an established loopback TCP connection, as (its port, the far end's),
+    with the bytes come in that its process has not read yet (Linux /proc/net/tcp)."""
+    found = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state, queues = line.split()[1:5]
+        if state == "01":  # ESTABLISHED
+            ends = int(local.split(":")[1], 16), int(remote.split(":")[1], 16)
+            found[ends] = int(queues.split(":")[1], 16)
+    return found
 
 
 def exists(pid: int) -> bool:

@@ -28,7 +28,16 @@ from engine.sweeper import sweep
 from engine.tokens import signed_id
 from tests.api import ADMIN, Api, Reply, applicant, ip, other_than
 from tests.conftest import DATABASE_URL, REDIS_URL, FakeClock, make_settings
-from tests.procs import HOST, Blackhole, RedisServer, TcpProxy, dead_port, poll, with_port
+from tests.procs import (
+    HOST,
+    Blackhole,
+    RedisServer,
+    TcpProxy,
+    dead_port,
+    poll,
+    running,
+    with_port,
+)
 
 # A hang shows up as a failure well before the suite's own 120 s limit.
 HANG = pytest.mark.timeout(30)
@@ -70,16 +79,6 @@ async def wait_ready(api: Api) -> None:
         return (await api.call("GET", "/readyz")).status == 200
 
     await poll(ready, lambda: "the engine never became ready")
-
-
-@contextlib.asynccontextmanager
-async def running(server: RedisServer) -> AsyncIterator[RedisServer]:
-    server.start()
-    try:
-        await server.wait_ready()
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

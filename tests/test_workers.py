@@ -29,7 +29,16 @@ from engine.pow import solve
 from engine.serve import restart_pause
 from tests.api import ADMIN, ADMIN_TOKEN, applicant
 from tests.conftest import DATABASE_URL, REDIS_URL, make_settings
-from tests.procs import Engine, alive, children, exists, poll
+from tests.procs import (
+    Engine,
+    RedisServer,
+    alive,
+    children,
+    exists,
+    poll,
+    running,
+    unread,
+)
 
 SECRET = "workers-test-secret-" + "y" * 32
 StartEngine = Callable[[str, dict[str, str]], Awaitable[Engine]]
@@ -494,6 +503,47 @@ async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
         engine.stop()
     # Said before anything else once a worker is reaped, so before the stop: the orphan.
     assert "died" not in engine.describe(), engine.describe()
+
+
+async def test_a_stop_that_lands_as_a_redis_call_of_the_start_up_ends_is_kept(
+    clean: None, tmp_path: Path
+) -> None:
+    """aiohttp's run_app stopped a worker by cancelling its task. On Python 3.11,
+    asyncio.wait_for (redis-py's send) drops a cancellation that comes once the call it
+    waits on is done: a SIGTERM landing there in the start-up was lost, the worker went on
+    to serve, deaf to every later SIGTERM (seen in CI, where the test starts two workers
+    and stops them while one still starts). Here the worker's first Redis call is answered
+    while the worker is stopped, and the SIGTERM is handled in the same turn of its loop
+    as the answer."""
+    async with running(RedisServer(tmp_path)) as redis:
+        os.kill(redis.pid, signal.SIGSTOP)
+        env = engine_env(workers=1) | {
+            "GUICHET_REDIS_URL": redis.url,
+            "GUICHET_REDIS_TIMEOUT_S": "60",  # the first call waits for us, not its limit
+        }
+        engine = Engine(tmp_path, "stop-in-start-up", env)
+        engine.start()
+        try:
+            # The engine connected to Redis and sent its first call, unread there.
+            await poll(lambda: _unread_at(redis.port), engine.describe)
+            os.kill(engine.pid, signal.SIGSTOP)
+            os.kill(redis.pid, signal.SIGCONT)
+            # Redis answered: the answer waits, unread, in the engine's socket.
+            await poll(lambda: _unread_at(redis.port, far=True), engine.describe)
+            os.kill(engine.pid, signal.SIGTERM)  # pending while the engine is stopped
+            os.kill(engine.pid, signal.SIGCONT)
+            code = engine.wait()
+        finally:
+            os.kill(redis.pid, signal.SIGCONT)
+            engine.stop()
+    said = engine.describe()
+    assert code == 0, said
+    assert "worker_stopped" in said, said
+
+
+async def _unread_at(port: int, *, far: bool = False) -> bool:
+    """Bytes wait unread at the end of a connection on ``port`` (``far``: at its other end)."""
+    return any(n and ends[far] == port for ends, n in unread().items())
 
 
 # Run by the engine's Python before its own code (PYTHONPATH): it holds the start in the
