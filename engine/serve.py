@@ -39,6 +39,9 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _QUICK_DEATH_S = 10.0
 _FIRST_PAUSE_S = 1.0
 _LONGEST_PAUSE_S = 30.0
+# Connections the kernel queues for a worker before it accepts them: a release's first
+# second brings thousands (Linux caps it at net.core.somaxconn).
+BACKLOG = 1024
 # A stopped worker's tasks left once its app is closed (none expected) get this long.
 _LEFTOVER_WAIT_S = 5.0
 
@@ -62,7 +65,7 @@ def _bind(host: str, port: int, *, reuseport: bool) -> socket.socket:
 
 def _listen(host: str, port: int, *, reuseport: bool = False) -> socket.socket:
     sock = _bind(host, port, reuseport=reuseport)
-    sock.listen(1024)
+    sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock
 
@@ -129,7 +132,9 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
         try:
             await runner.setup()
             if not stop.is_set():
-                await web.SockSite(runner, sock).start()
+                # Its listen() is called again with the backlog given here: aiohttp's
+                # default, 128, had silently replaced ours.
+                await web.SockSite(runner, sock, backlog=BACKLOG).start()
                 await stop.wait()
         finally:
             await runner.cleanup()  # also closes what a start-up that failed had opened

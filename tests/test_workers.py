@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import sweeper
 from engine.app import create_app
 from engine.pow import solve
-from engine.serve import restart_pause
+from engine.serve import BACKLOG, restart_pause
 from tests.api import ADMIN, ADMIN_TOKEN, applicant
 from tests.conftest import DATABASE_URL, REDIS_URL, make_settings
 from tests.procs import (
@@ -505,6 +505,26 @@ async def test_an_orphan_the_supervisor_reaps_is_not_taken_for_a_worker(
         engine.stop()
     # Said before anything else once a worker is reaped, so before the stop: the orphan.
     assert "died" not in engine.describe(), engine.describe()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_each_worker_listens_with_the_engines_backlog(
+    start_engine: StartEngine, workers: int
+) -> None:
+    """aiohttp's site calls listen() again, with its own backlog (128) unless told: the
+    engine's 1024 was silently replaced, and a burst of connections past 128 waited on
+    the clients' SYN retries."""
+    if not shutil.which("ss"):
+        pytest.skip("ss is not installed (iproute2)")
+    engine = await start_engine(f"backlog-{workers}", engine_env(workers))
+    cap = int(await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text))
+    ss = await asyncio.create_subprocess_exec(
+        "ss", "-Hltn", f"sport = :{engine.port}", stdout=subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(ss.communicate(), 10)
+    # A listening socket's Send-Q is its backlog; the supervisor's own socket only binds.
+    backlogs = [int(line.split()[2]) for line in out.decode().splitlines()]
+    assert backlogs == [min(BACKLOG, cap)] * workers, out
 
 
 async def test_a_stop_that_lands_as_a_redis_call_of_the_start_up_ends_is_kept(
