@@ -137,17 +137,20 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
                 await web.SockSite(runner, sock, backlog=BACKLOG).start()
                 await stop.wait()
         finally:
-            await runner.cleanup()  # also closes what a start-up that failed had opened
+            # Also after a start-up that failed: its steps that had finished are closed.
+            await runner.cleanup()
 
     loop.call_soon(handle_signals)
     try:
         loop.run_until_complete(serve_until_stopped())
     finally:
-        # Nothing should be left; what is, is cancelled and waited for a bounded time.
+        # Nothing should be left; what is, is cancelled, waited for a bounded time, and
+        # said.
         if left := asyncio.all_tasks(loop):
             for task in left:
                 task.cancel()
-            loop.run_until_complete(asyncio.wait(left, timeout=_LEFTOVER_WAIT_S))
+            _, pending = loop.run_until_complete(asyncio.wait(left, timeout=_LEFTOVER_WAIT_S))
+            log.warning("worker_tasks_left", tasks=len(left), not_ended=len(pending))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     log.info("worker_stopped", pid=os.getpid(), seconds=f"{time.monotonic() - stopped_at:.3f}")
@@ -238,6 +241,10 @@ def _spawn(settings: Settings, sock: socket.socket) -> int:
             run_worker(settings, sock)
         except BaseException:  # a worker must never fall back into the supervisor's loop
             code = 1
+            with contextlib.suppress(BaseException):  # said, else the supervisor's "died" only
+                from engine.logs import log
+
+                log.exception("worker_failed", pid=os.getpid())
         finally:
             os._exit(code)
     return pid

@@ -391,7 +391,8 @@ class Engine:
             return
         workers = children(self._proc.pid)
         if self._proc.poll() is None:
-            for pid in workers:  # a worker stopped by a failed test could not exit
+            # A process stopped (SIGSTOP) by a failed test could not exit.
+            for pid in [self._proc.pid, *workers]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
             self._proc.send_signal(signal.SIGTERM)
@@ -444,7 +445,7 @@ class NotExited(subprocess.TimeoutExpired):
 def stuck(pids: Sequence[int]) -> str:
     """Where each process is: its state, signals and kernel wait (/proc), and its Python
     stack (``py-spy dump``, a dev dependency, as docs/operations.md asks of ops)."""
-    spy = Path(sys.executable).with_name("py-spy")
+    spy = Path(sys.executable).with_name("py-spy")  # the venv's, whatever PATH holds
     parts = []
     for pid in pids:
         try:
@@ -467,11 +468,13 @@ def stuck(pids: Sequence[int]) -> str:
                 parts.append(dump.stdout + dump.stderr)
             except subprocess.TimeoutExpired:
                 parts.append("py-spy did not answer")
+        else:
+            parts.append(f"(no Python stack: {spy} is not installed)")
     return "\n".join(parts)
 
 
 def unread() -> dict[tuple[int, int], int]:
-    """Each end of an established loopback TCP connection, as (its port, the far end's),
+    """Each end of an established IPv4 TCP connection, as (its port, the far end's),
     with the bytes come in that its process has not read yet (Linux /proc/net/tcp)."""
     found = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:

@@ -534,15 +534,14 @@ async def test_a_stop_that_lands_as_a_redis_call_of_the_start_up_ends_is_kept(
     asyncio.wait_for (redis-py's send) drops a cancellation that comes once the call it
     waits on is done: a SIGTERM landing there in the start-up was lost, the worker went on
     to serve, deaf to every later SIGTERM (seen in CI, where the test starts two workers
-    and stops them while one still starts). Here the worker's first Redis call is answered
-    while the worker is stopped, and the SIGTERM is handled in the same turn of its loop
-    as the answer."""
+    and stops them while one still starts). Here the worker's first Redis call (redis-py's
+    handshake) is answered while the worker is stopped, and the SIGTERM is handled in the
+    same turn of its loop as the answer: the cancellation came in the next call's send.
+    That call must not have reached its 1 s limit first (Redis stopped, the steps take a
+    tenth of that); on a machine too slow for it, the old code would pass too."""
     async with running(RedisServer(tmp_path)) as redis:
         os.kill(redis.pid, signal.SIGSTOP)
-        env = engine_env(workers=1) | {
-            "GUICHET_REDIS_URL": redis.url,
-            "GUICHET_REDIS_TIMEOUT_S": "60",  # the first call waits for us, not its limit
-        }
+        env = engine_env(workers=1) | {"GUICHET_REDIS_URL": redis.url}
         engine = Engine(tmp_path, "stop-in-start-up", env)
         engine.start()
         try:
@@ -566,6 +565,43 @@ async def test_a_stop_that_lands_as_a_redis_call_of_the_start_up_ends_is_kept(
 async def _unread_at(port: int, *, far: bool = False) -> bool:
     """Bytes wait unread at the end of a connection on ``port`` (``far``: at its other end)."""
     return any(n and ends[far] == port for ends, n in unread().items())
+
+
+# Run by the engine's Python before its own code (PYTHONPATH): a worker's import of the
+# app fails (the supervisor never imports it).
+_BROKEN_APP = """
+import sys
+
+
+class BreakTheApp:
+    def find_spec(self, name, path=None, target=None):
+        if name == "engine.app":
+            raise RuntimeError("the app is broken for the test")
+        return None
+
+
+sys.meta_path.insert(0, BreakTheApp())
+"""
+
+
+async def test_a_worker_that_fails_says_why(clean: None, tmp_path: Path) -> None:
+    """A forked worker's error ended it with nothing said but the supervisor's "worker
+    died"."""
+    (tmp_path / "sitecustomize.py").write_text(_BROKEN_APP)
+    env = engine_env(workers=2) | {"PYTHONPATH": str(tmp_path)}
+    engine = Engine(tmp_path, "broken", env)
+    engine.start()
+    try:
+        await poll(lambda: _said(engine, "died; starting another"), engine.describe)
+    finally:
+        engine.stop()
+    said = engine.describe()
+    assert "worker_failed" in said, said
+    assert "RuntimeError: the app is broken for the test" in said, said
+
+
+async def _said(engine: Engine, text: str) -> bool:
+    return text in engine.describe()
 
 
 # Run by the engine's Python before its own code (PYTHONPATH): it holds the start in the
