@@ -125,9 +125,10 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
             # aiohttp's access log costs 20-55 % of throughput: off unless asked for.
             access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
             keepalive_timeout=75.0,  # run_app's (AppRunner's own is an hour)
-            # Requests in flight get this long to finish: the longest waits on one
-            # PostgreSQL connection, four of its statements' limits (Store._connection).
-            shutdown_timeout=drain_s(settings),
+            # Requests in flight get drain_s to finish. aiohttp waits shutdown_timeout
+            # for a request, then, having failed its body's reads, as long again before
+            # it cancels it (measured: 2 s given, cancelled at 4 s): half of it each.
+            shutdown_timeout=drain_s(settings) / 2,
         )
         try:
             await runner.setup()
@@ -157,7 +158,8 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
 
 
 def drain_s(settings: Settings) -> float:
-    """How long a stopping worker lets its requests in flight finish."""
+    """How long a stopping worker lets its requests in flight finish: the longest waits
+    on one PostgreSQL connection, four of its statements' limits (Store._connection)."""
     from engine.store import CALLS_PER_DEADLINE
 
     return CALLS_PER_DEADLINE * settings.pg_timeout_s + 10
