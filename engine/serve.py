@@ -126,8 +126,9 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
             access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
             keepalive_timeout=75.0,  # run_app's (AppRunner's own is an hour)
             # Requests in flight get drain_s to finish. aiohttp waits shutdown_timeout
-            # for a request, then, having failed its body's reads, as long again before
-            # it cancels it (measured: 2 s given, cancelled at 4 s): half of it each.
+            # for a request, then fails its body's reads, and waits as long again before
+            # it cancels it (measured: 2 s given, cancelled at 4 s): half of it each. So a
+            # handler reads its body before it waits on a store (each of the engine's does).
             shutdown_timeout=drain_s(settings) / 2,
         )
         try:
