@@ -5,7 +5,8 @@ connections evenly over the workers. With one shared socket, whichever worker wo
 the connection, and in measured 4-worker runs one worker got almost none (BENCHMARKS.md). The
 supervisor keeps a bound, non-listening socket of its own, so the port stays the engine's
 while a worker is replaced; the connections waiting in a dying worker's queue are lost (the
-clients retry). Where SO_REUSEPORT is missing, the workers share one socket as before.
+clients retry), unless ``net.ipv4.tcp_migrate_req`` moves them to the others
+(deploy/README.md). Where SO_REUSEPORT is missing, the workers share one socket as before.
 
 With several workers, prometheus-client's multiprocess mode is switched on before any worker
 imports it (``PROMETHEUS_MULTIPROC_DIR``), so ``/metrics`` on any worker reports the engine.
