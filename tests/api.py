@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, BinaryIO, Protocol
 
 from aiohttp.test_utils import TestClient
 
+from engine.identity import Applicant
 from engine.pow import solve
 from tests.contract import check_reply
 
@@ -41,6 +42,18 @@ def applicant(n: int | None = None, **overrides: str) -> dict[str, str]:
     }
     person.update(overrides)
     return person
+
+
+def as_applicant(person: dict[str, str]) -> Applicant:
+    """``person`` (as ``applicant`` makes it) as the engine's model: for its identity hash,
+    or a booking written to the store directly."""
+    return Applicant(
+        person["family_name"],
+        person["given_names"],
+        date.fromisoformat(person["birth_date"]),
+        person["id_number"],
+        person["email"],
+    )
 
 
 def other_than(text: str) -> str:

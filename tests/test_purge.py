@@ -11,11 +11,10 @@ from datetime import datetime
 import asyncpg
 
 from engine.appkeys import LOTTERY, RESERVATIONS
-from engine.identity import Applicant
 from engine.settings import Settings
 from engine.store import Purged
 from engine.sweeper import sweep, sweep_once
-from tests.api import ADMIN, Api, applicant, ip
+from tests.api import ADMIN, Api, applicant, as_applicant, ip
 from tests.conftest import FakeClock
 from tests.test_limits import engine
 
@@ -33,14 +32,7 @@ async def backdate(pg: asyncpg.Connection, days: float) -> None:
 
 
 def identity_hash(person: dict[str, str], secret: bytes) -> bytes:
-    a = Applicant(
-        person["family_name"],
-        person["given_names"],
-        datetime.fromisoformat(person["birth_date"]).date(),
-        person["id_number"],
-        person["email"],
-    )
-    return a.identity_hash(secret)
+    return as_applicant(person).identity_hash(secret)
 
 
 async def test_a_booking_keeps_no_personal_data_past_its_retention(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,11 +17,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.app import create_app
 from engine.appkeys import RESERVATIONS
 from engine.errors import StoreUnavailable
-from engine.identity import Applicant
 from engine.inventory import Inventory, Reconciled, SlotCounts
 from engine.multiplex import Multiplexed
 from engine.recovery import Recovery
-from tests.api import ADMIN, Api, Reply, applicant, ip
+from tests.api import ADMIN, Api, Reply, applicant, as_applicant, ip
 from tests.conftest import REDIS_URL, FakeClock, make_settings
 from tests.procs import HOST, TcpProxy, with_port
 
@@ -60,13 +58,7 @@ async def identity_lock(
     """Take ``person``'s identity lock (book_hold's first), in a transaction left open, as a
     confirm of theirs elsewhere would: their booking then waits inside PostgreSQL, its hold
     confirming, until the transaction ends."""
-    identity = Applicant(
-        person["family_name"],
-        person["given_names"],
-        date.fromisoformat(person["birth_date"]),
-        person["id_number"],
-        person["email"],
-    ).identity_hash(secret)
+    identity = as_applicant(person).identity_hash(secret)
     lock = pg.transaction()
     await lock.start()
     await pg.execute(

@@ -17,14 +17,13 @@ from engine import sweeper
 from engine.app import create_app
 from engine.appkeys import LOTTERY, METRICS, RESERVATIONS
 from engine.errors import StoreUnavailable
-from engine.identity import Applicant
 from engine.inventory import Inventory
 from engine.keys import SWEEPER_LOCK, ReleaseKeys
 from engine.reservations import Reservations
 from engine.settings import Settings
 from engine.sweeper import sweep_once
 from engine.tokens import new_reference, token_hash
-from tests.api import Api, applicant, ip
+from tests.api import Api, applicant, as_applicant, ip
 from tests.conftest import FakeClock, make_settings
 from tests.procs import poll
 
@@ -97,13 +96,7 @@ async def _crash_after_commit(api: Api, slot: str, person: dict[str, str]) -> di
     hold = (await api.hold(slot, ip(7))).body
     release = await domain.release(slot.split(".")[0])
     assert await domain.inventory.confirm_begin(release.id, hold["hold_id"], domain.now_ms())
-    a = Applicant(
-        person["family_name"],
-        person["given_names"],
-        __import__("datetime").date.fromisoformat(person["birth_date"]),
-        person["id_number"],
-        person["email"],
-    )
+    a = as_applicant(person)
     await domain.store.book(
         reference=new_reference(),
         release=release,
