@@ -76,14 +76,18 @@ class AutoPipeline:
 
     async def _send(self, batch: list[_Waiter]) -> None:
         self.batches += 1
+        # The callers hear of the deadline from a timer, not from the batch's cancellation:
+        # Python 3.11's asyncio.wait_for, in redis-py's send, drops a cancellation that lands
+        # as the write completes, and the batch then ran on to the socket's own timeout, or
+        # through a cluster client's retries for seconds, every caller waiting on it.
+        # The deadline covers the pipeline's opening too: a cluster client finds its nodes
+        # there again after an error, asking each in turn under a lock that the next
+        # batches wait on, so that the k-th waited k times the nodes' timeouts.
+        task = asyncio.current_task()
+        assert task is not None
+        expiry = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, batch, task)
         try:
-            # The timeout covers the pipeline's opening too: a cluster client finds its
-            # nodes there again after an error, asking each in turn under a lock that the
-            # next batches wait on, so that the k-th waited k times the nodes' timeouts.
-            async with (
-                asyncio.timeout(self._timeout_s),
-                self._redis.pipeline(transaction=False) as pipe,
-            ):
+            async with self._redis.pipeline(transaction=False) as pipe:
                 for commands, _ in batch:
                     for command in commands:
                         pipe.execute_command(*command)
@@ -93,12 +97,12 @@ class AutoPipeline:
                 replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # every caller must hear of it, even of a cancellation
             failure = exc if isinstance(exc, Exception) else TimeoutError("cancelled")
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(failure)
+            _fail(batch, failure)
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            expiry.cancel()
         start = 0
         for commands, future in batch:
             end = start + len(commands)
@@ -106,8 +110,19 @@ class AutoPipeline:
                 future.set_result(replies[start:end])
             start = end
 
+    def _expire(self, batch: list[_Waiter], task: asyncio.Task[Any]) -> None:
+        _fail(batch, TimeoutError(f"Redis did not answer within {self._timeout_s} s"))
+        task.cancel()  # ends the batch's work, unless redis-py loses this too
+
     async def aclose(self) -> None:
-        """Wait for the pipelines in flight (each is bounded by the timeout)."""
+        """Wait for the pipelines in flight: each is cancelled at its deadline, but may run
+        on if redis-py loses the cancellation (the caller bounds this wait too)."""
         self._flush()
         if self._sending:
             await asyncio.wait(set(self._sending))
+
+
+def _fail(batch: list[_Waiter], failure: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():  # answered, or its caller cancelled
+            future.set_exception(failure)

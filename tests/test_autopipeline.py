@@ -5,6 +5,7 @@ in bounded time."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -70,3 +71,41 @@ async def test_an_unanswering_redis_fails_every_caller_within_the_timeout() -> N
     assert all(r.retry_after == 2 for r in results if isinstance(r, StoreUnavailable))
     # Bounded by the inventory's timeout, not by redis-py's 10 s socket timeout.
     assert waited < 5
+
+
+class _DeafPipeline(aioredis.client.Pipeline):
+    """Loses every cancellation until its work is done, as Python 3.11's asyncio.wait_for
+    in redis-py's send loses one that lands as the write completes."""
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        work = asyncio.ensure_future(super().execute(raise_on_error))
+        while True:
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                assert current is not None
+                current.uncancel()
+
+
+class _DeafRedis(aioredis.Redis):
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        return _DeafPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+@pytest.mark.timeout(30)
+async def test_callers_hear_of_the_deadline_even_if_the_batch_runs_on() -> None:
+    async with Blackhole() as hole:
+        redis = _DeafRedis.from_url(f"redis://{HOST}:{hole.port}/0", socket_timeout=5)
+        auto = AutoPipeline(redis, timeout_s=0.3)
+        results = await asyncio.gather(
+            *(auto.run([("ECHO", f"caller {i}")]) for i in range(5)), return_exceptions=True
+        )
+        # Answered at the deadline, while the batch still waits on redis-py's 5 s socket
+        # timeout: before, they waited with it.
+        still_running = len(auto._sending)
+        await auto.aclose()
+        await redis.aclose()
+    assert all(isinstance(r, TimeoutError) for r in results), results
+    assert "within 0.3 s" in str(results[0])
+    assert still_running == 1
