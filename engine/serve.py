@@ -43,6 +43,7 @@ _LONGEST_PAUSE_S = 30.0
 # Connections the kernel queues for a worker before it accepts them: a release's first
 # second brings thousands (Linux caps it at net.core.somaxconn).
 BACKLOG = 1024
+_SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 # A stopped worker's tasks left once its app is closed (none expected) get this long.
 _LEFTOVER_WAIT_S = 5.0
 
@@ -69,6 +70,17 @@ def _listen(host: str, port: int, *, reuseport: bool = False) -> socket.socket:
     sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock
+
+
+def backlog_cap(somaxconn: Path = _SOMAXCONN) -> int | None:
+    """The kernel's cap on a socket's backlog, ``net.core.somaxconn``, where it is below
+    ``BACKLOG``: Linux lowers the backlog to it without a word (128 before Linux 5.4, and
+    in a container, whatever the host's)."""
+    try:
+        cap = int(somaxconn.read_text())
+    except (OSError, ValueError):  # not Linux
+        return None
+    return cap if cap < BACKLOG else None
 
 
 def run_worker(settings: Settings, sock: socket.socket) -> None:
@@ -210,6 +222,10 @@ def serve(settings: Settings) -> None:
         file=sys.stderr,
         flush=True,
     )
+    if (cap := backlog_cap()) is not None:
+        from engine.logs import log
+
+        log.warning("backlog_capped", backlog=BACKLOG, somaxconn=cap, see="deploy/README.md")
     if given:
         # An operator's folder is kept, but values of a previous run must not be added in
         # (nor its workers' heartbeats, which would read as workers stuck), one worker or

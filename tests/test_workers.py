@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import sweeper
 from engine.app import create_app
 from engine.pow import solve
-from engine.serve import BACKLOG, restart_pause
+from engine.serve import BACKLOG, backlog_cap, restart_pause
 from tests.api import ADMIN, ADMIN_TOKEN, applicant
 from tests.conftest import DATABASE_URL, REDIS_URL, make_settings
 from tests.procs import (
@@ -555,6 +555,17 @@ async def test_each_worker_listens_with_the_engines_backlog(
     # A listening socket's Send-Q is its backlog; the supervisor's own socket only binds.
     backlogs = [int(line.split()[2]) for line in out.decode().splitlines()]
     assert backlogs == [min(BACKLOG, cap)] * workers, out
+
+
+def test_a_kernel_cap_below_the_backlog_is_found(tmp_path: Path) -> None:
+    """Linux lowers a listen() backlog to net.core.somaxconn silently: the engine warns
+    (``backlog_capped``) where it is below its own."""
+    somaxconn = tmp_path / "somaxconn"
+    for value, found in (("128\n", 128), (f"{BACKLOG - 1}\n", BACKLOG - 1), (f"{BACKLOG}", None)):
+        somaxconn.write_text(value)
+        assert backlog_cap(somaxconn) == found
+    somaxconn.unlink()
+    assert backlog_cap(somaxconn) is None  # not Linux: nothing to say
 
 
 async def test_a_stop_that_lands_as_a_redis_call_of_the_start_up_ends_is_kept(
