@@ -15,6 +15,7 @@ SIGINT needs none of this: Python handles it from the start (KeyboardInterrupt).
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
 
 _received: int | None = None
@@ -31,5 +32,7 @@ def keep() -> None:
 
 
 def received() -> int | None:
-    """The signal recorded since ``keep``, if any."""
+    """The signal recorded since ``keep``, if any (then said on stderr)."""
+    if _received is not None:
+        print("guichet: stopped while starting", file=sys.stderr, flush=True)
     return _received

@@ -119,7 +119,6 @@ def run_worker(settings: Settings, sock: socket.socket) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
         if (early := early_stop.received()) is not None:
-            print("guichet: stopped while starting", file=sys.stderr, flush=True)
             on_signal(early)
 
     async def serve_until_stopped() -> None:
@@ -319,7 +318,6 @@ def _supervise(settings: Settings, sock: socket.socket) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if (early := early_stop.received()) is not None:
-        print("guichet: stopped while starting", file=sys.stderr, flush=True)
         stop(early, None)
     for _ in range(settings.workers):
         spawn()
