@@ -16,6 +16,8 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
 from engine import sweeper
@@ -61,7 +63,14 @@ def redis_client(settings: Settings) -> AnyRedis:
     }
     if settings.redis_url.startswith("redis+cluster://"):
         url = "redis://" + settings.redis_url.removeprefix("redis+cluster://")
-        return RedisCluster.from_url(url, **options)
+        # No retry: redis-py re-sent a whole pipeline when one of its nodes failed, and a
+        # call whose reply was lost, so that a Function that had run ran again (a challenge
+        # spent before its own entry, a capacity lowered twice, a confirm counted twice).
+        # A call that fails is a 503 and the person's retry a request the engine knows;
+        # AutoPipeline finds the nodes again. 256 connections a node, as a plain Redis's.
+        return RedisCluster.from_url(
+            url, retry=Retry(NoBackoff(), 0), max_connections=256, **options
+        )
     # Maintenance notifications off: with redis-py's "auto" default, a pooled connection
     # that died with a Redis restart is not detected before use, so each one would fail a
     # request after Redis is back. (A retry instead would re-send non-idempotent calls.)

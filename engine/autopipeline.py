@@ -10,6 +10,12 @@ Nothing about atomicity changes: each command (each Redis Function) was already 
 own, and a caller's commands still reach Redis in the order it gave them, next to each other.
 A batch that fails as a whole (connection lost, timeout) fails every caller in it, exactly as
 if each had sent its own pipeline at that moment.
+
+On a Redis Cluster, whose client never re-sends a command (engine/app.py), each Function
+call goes to the node of its first key, found in the client's own map of the slots (redis-py
+asked a node for the keys of every FCALL, two round trips each, all to one node whose loss
+failed calls on every node), and after a node failed to answer, the client finds the nodes
+again before the next batch (redis-py did so only in its retries).
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 Command = tuple[str | int | float | bytes, ...]
 _Waiter = tuple[Sequence[Command], asyncio.Future[list[Any]]]
+# A cluster node that did not answer, or a map of the slots that is out of date.
+_NODES_CHANGED = (*RedisCluster.ERRORS_ALLOW_RETRY, RedisClusterException)
 
 
 class AutoPipeline:
@@ -40,6 +49,8 @@ class AutoPipeline:
         on_write: Callable[[int], None] | None = None,
     ) -> None:
         self._redis = redis
+        self._cluster = redis if isinstance(redis, RedisCluster) else None
+        self._nodes_changed = False
         self._timeout_s = timeout_s
         self._max_commands = max_commands
         self._on_write = on_write  # told the number of commands of each pipeline
@@ -87,28 +98,45 @@ class AutoPipeline:
         assert task is not None
         expiry = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, batch, task)
         try:
+            if self._cluster is not None:
+                await self._find_nodes(self._cluster)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for commands, _ in batch:
                     for command in commands:
-                        pipe.execute_command(*command)
+                        if self._cluster is not None and command[0] == "FCALL" and command[2]:
+                            node = self._cluster.get_node_from_key(command[3])  # type: ignore[arg-type]
+                            pipe.execute_command(*command, target_nodes=node)
+                        else:
+                            pipe.execute_command(*command)
                 self.commands += len(pipe)
                 if self._on_write is not None:
                     self._on_write(len(pipe))
                 replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # every caller must hear of it, even of a cancellation
             failure = exc if isinstance(exc, Exception) else TimeoutError("cancelled")
+            self._nodes_changed |= isinstance(exc, _NODES_CHANGED)
             _fail(batch, failure)
             if not isinstance(exc, Exception):
                 raise
             return
         finally:
             expiry.cancel()
+        if self._cluster is not None:
+            self._nodes_changed |= any(isinstance(r, _NODES_CHANGED) for r in replies)
         start = 0
         for commands, future in batch:
             end = start + len(commands)
             if not future.done():  # the caller may have been cancelled meanwhile
                 future.set_result(replies[start:end])
             start = end
+
+    async def _find_nodes(self, cluster: RedisCluster) -> None:
+        """The cluster's map of slots and nodes: made at the first batch, and again after a
+        node failed to answer (a failover moves its slots to its replica)."""
+        if self._nodes_changed:
+            self._nodes_changed = False  # the next batches use the map as it is meanwhile
+            await cluster.nodes_manager.initialize()
+        await cluster.initialize()  # the first time only
 
     def _expire(self, batch: list[_Waiter], task: asyncio.Task[Any]) -> None:
         _fail(batch, TimeoutError(f"Redis did not answer within {self._timeout_s} s"))

@@ -7,16 +7,20 @@ node; the releases of a test are spread over the nodes by their ids."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from redis.crc import key_slot
+from redis.exceptions import RedisError
 
-from engine.app import create_app
+from engine.app import create_app, redis_client
 from engine.appkeys import RESERVATIONS
+from engine.autopipeline import AutoPipeline
 from engine.keys import ReleaseKeys
 from engine.settings import Settings
 from engine.sweeper import sweep_once
@@ -32,9 +36,12 @@ def node_client(node: RedisServer) -> aioredis.Redis:
     return aioredis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
 
 
-async def form_cluster(tmp_path: Path, replicas: int = 0) -> list[RedisServer]:
+async def form_cluster(
+    tmp_path: Path, replicas: int = 0, more: dict[str, str] | None = None
+) -> list[RedisServer]:
     """Three primaries, the slots split between them, then ``replicas`` replicas of each:
-    the primaries first in the list, then the replicas (each primary's in turn)."""
+    the primaries first in the list, then the replicas (each primary's in turn). ``more``:
+    other options of every node."""
     count = 3 * (1 + replicas)
     ports = free_ports(2 * count)  # the nodes and their cluster buses
     buses = ports[count:]
@@ -44,6 +51,7 @@ async def form_cluster(tmp_path: Path, replicas: int = 0) -> list[RedisServer]:
         # replica's lag: the tests kill a primary and wait for its replica.
         "cluster-node-timeout": "500",
         "cluster-replica-validity-factor": "0",
+        **(more or {}),
     }
     nodes = [
         RedisServer(
@@ -161,6 +169,83 @@ async def test_booking_flow_on_a_cluster(api: Api, cluster: list[RedisServer]) -
         gone = await api.call("DELETE", f"/v1/bookings/{reference}", headers=cancel)
         assert gone.status == 204
         assert await api.free(release["id"]) == {first: 2, second: 1}
+    # Each Function call went to its node, found in the client's map of the slots: redis-py
+    # asked a node for the keys of every one (COMMAND GETKEYS, twice).
+    for stats in await on_each(cluster, "INFO", "commandstats"):
+        assert "cmdstat_command|getkeys" not in stats, stats
+    assert (
+        sum(
+            stats["cmdstat_fcall"]["calls"]
+            for stats in await on_each(cluster, "INFO", "commandstats")
+        )
+        > 6 * 6
+    )
+
+
+async def failed(call: Awaitable[list[Any]]) -> bool:
+    """Whether the call failed, as a whole or in its one command's reply."""
+    try:
+        (reply,) = await call
+    except (RedisError, TimeoutError):
+        return True
+    return isinstance(reply, RedisError)
+
+
+def on_node(index: int, stem: str) -> str:
+    """A key of ``stem`` whose slot is on node ``index`` of ``form_cluster``'s."""
+    step = SLOTS // 3
+    for n in range(100_000):
+        key = f"{stem}:{{{n}}}"
+        if min(key_slot(key.encode()) // step, 2) == index:
+            return key
+    raise AssertionError("no key found")
+
+
+BUSY = """local t = redis.call('TIME') local start = t[1] * 1e6 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > tonumber(ARGV[1])
+return 1"""
+
+
+async def test_a_command_is_not_sent_again_when_another_node_fails(
+    tmp_path: Path, clean: None
+) -> None:
+    """redis-py re-sent a whole pipeline when a node of it failed, commands that another
+    node had run or was running included: here an INCR on a busy node, batched with a
+    call to a node that restarts, ran twice (a Function would: a challenge spent before its
+    entry, a capacity lowered twice). Now what ran, ran once. (The other nodes serve on
+    without the lost one's slots, so that the count can be read.)"""
+    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
+    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[0].port}")
+    redis = redis_client(settings)
+    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
+    counted, lost = on_node(1, "counted"), on_node(2, "lost")
+    busy = node_client(cluster[1])
+
+    async def ran() -> bool:
+        return await busy.get(counted) is not None
+
+    try:
+        # A pooled connection to each node: the INCR below is sent at once.
+        assert await auto.run([("EXISTS", counted), ("EXISTS", lost)]) == [0, 0]
+        cluster[2].kill()
+        assert await failed(auto.run([("EXISTS", lost)]))  # its connection lost with it
+        # Node 1 runs a script for 0.3 s: the INCR waits there while node 2 refuses the
+        # batch. Node 2 is back 50 ms on, for redis-py's retry of the batch to reach.
+        script = asyncio.ensure_future(busy.eval(BUSY, 0, 300_000))
+        await asyncio.sleep(0.05)
+        asyncio.get_running_loop().call_later(0.05, cluster[2].start)
+        await asyncio.gather(
+            auto.run([("INCR", counted)]), auto.run([("EXISTS", lost)]), return_exceptions=True
+        )
+        await script
+        await poll(ran, lambda: "\n".join(n.describe() for n in cluster))
+        await auto.aclose()  # the batch's work, redis-py's retries included, is over
+        assert int(await busy.get(counted)) == 1
+    finally:
+        await busy.aclose()
+        await redis.aclose()
+        for node in cluster:
+            node.kill()
 
 
 async def test_a_cluster_that_lost_everything_is_rebuilt(
@@ -209,8 +294,8 @@ async def test_a_cluster_that_is_down_is_answered_503(api: Api, cluster: list[Re
 async def test_a_primary_that_dies_is_replaced_by_its_replica(tmp_path: Path, clean: None) -> None:
     """A primary is killed (SIGKILL) and its replica takes its place: a Redis Cluster
     failover. Until then the engine answers that primary's releases with 503 and
-    Retry-After, or waits within its timeout (redis-py retries a call whose node is gone),
-    and nothing else; then it serves them from the new primary, topology refreshed: a place
+    Retry-After, and nothing else; then it serves them from the new primary, the nodes
+    found again after a failed call (redis-py's own retries are off): a place
     booked before the failover stays taken, the last one is held and booked, and the
     sweeper's reconcile finds Redis agreeing with PostgreSQL."""
     nodes = await form_cluster(tmp_path, replicas=1)
