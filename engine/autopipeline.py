@@ -11,11 +11,14 @@ own, and a caller's commands still reach Redis in the order it gave them, next t
 A batch that fails as a whole (connection lost, timeout) fails every caller in it, exactly as
 if each had sent its own pipeline at that moment.
 
-On a Redis Cluster, whose client never re-sends a command (engine/app.py), each Function
-call goes to the node of its first key, found in the client's own map of the slots (redis-py
-asked a node for the keys of every FCALL, two round trips each, all to one node whose loss
-failed calls on every node), and after a node failed to answer, the client finds the nodes
-again before the next batch (redis-py did so only in its retries).
+On a Redis Cluster, whose client never re-sends a command (engine/app.py), a batch is one
+pipeline for each node, sent at once: a node that fails fails its own commands, each with
+the node's error as its reply, and no other (redis-py's one pipeline failed them all, and a
+failover took every release's calls down with the failing node's). Each command goes to
+the node of its first key by the client's own map of the slots (redis-py asked a node for
+the keys of every FCALL, two round trips each, all to one node whose loss failed calls on
+every node), and after a node failed to answer, the client finds the nodes again before
+the next batch (redis-py did so only in its retries).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 
 Command = tuple[str | int | float | bytes, ...]
@@ -97,21 +100,18 @@ class AutoPipeline:
         task = asyncio.current_task()
         assert task is not None
         expiry = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, batch, task)
+        commands = [command for waiter, _ in batch for command in waiter]
+        self.commands += len(commands)
+        if self._on_write is not None:
+            self._on_write(len(commands))
         try:
             if self._cluster is not None:
-                await self._find_nodes(self._cluster)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for commands, _ in batch:
+                replies = await self._send_by_node(self._cluster, commands)
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
                     for command in commands:
-                        if self._cluster is not None and command[0] == "FCALL" and command[2]:
-                            node = self._cluster.get_node_from_key(command[3])  # type: ignore[arg-type]
-                            pipe.execute_command(*command, target_nodes=node)
-                        else:
-                            pipe.execute_command(*command)
-                self.commands += len(pipe)
-                if self._on_write is not None:
-                    self._on_write(len(pipe))
-                replies = await pipe.execute(raise_on_error=False)
+                        pipe.execute_command(*command)
+                    replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # every caller must hear of it, even of a cancellation
             failure = exc if isinstance(exc, Exception) else TimeoutError("cancelled")
             self._nodes_changed |= isinstance(exc, _NODES_CHANGED)
@@ -124,11 +124,27 @@ class AutoPipeline:
         if self._cluster is not None:
             self._nodes_changed |= any(isinstance(r, _NODES_CHANGED) for r in replies)
         start = 0
-        for commands, future in batch:
-            end = start + len(commands)
+        for waiter, future in batch:
+            end = start + len(waiter)
             if not future.done():  # the caller may have been cancelled meanwhile
                 future.set_result(replies[start:end])
             start = end
+
+    async def _send_by_node(self, cluster: RedisCluster, commands: list[Command]) -> list[Any]:
+        await self._find_nodes(cluster)
+        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for i, command in enumerate(commands):
+            node = _node_of(cluster, command)
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        outcomes = await asyncio.gather(
+            *(_on_node(cluster, node, [commands[i] for i in at]) for node, at in by_node.values()),
+            return_exceptions=True,
+        )
+        replies: list[Any] = [None] * len(commands)
+        for (_, at), outcome in zip(by_node.values(), outcomes, strict=True):
+            for n, i in enumerate(at):
+                replies[i] = outcome[n] if isinstance(outcome, list) else outcome
+        return replies
 
     async def _find_nodes(self, cluster: RedisCluster) -> None:
         """The cluster's map of slots and nodes: made at the first batch, and again after a
@@ -154,3 +170,24 @@ def _fail(batch: list[_Waiter], failure: BaseException) -> None:
     for _, future in batch:
         if not future.done():  # answered, or its caller cancelled
             future.set_exception(failure)
+
+
+def _node_of(cluster: RedisCluster, command: Command) -> ClusterNode:
+    """The node of a Function call's first key, or of a plain command's (its first
+    argument); a command without a key goes to the client's default node."""
+    if command[0] == "FCALL":
+        key = command[3] if command[2] else None
+    else:
+        key = command[1] if len(command) > 1 else None
+    if key is None:
+        return cluster.get_default_node()
+    node = cluster.get_node_from_key(key)  # type: ignore[arg-type]
+    assert node is not None  # a primary: None only for a replica asked for
+    return node
+
+
+async def _on_node(cluster: RedisCluster, node: ClusterNode, commands: list[Command]) -> list[Any]:
+    async with cluster.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.execute_command(*command, target_nodes=node)
+        return await pipe.execute(raise_on_error=False)

@@ -248,6 +248,32 @@ async def test_a_command_is_not_sent_again_when_another_node_fails(
             node.kill()
 
 
+async def test_a_node_that_fails_fails_its_own_calls_alone(tmp_path: Path, clean: None) -> None:
+    """A batch of calls for several nodes, one of them gone: redis-py's one pipeline failed
+    every call of the batch, so that a failover took the calls of every release down with
+    the failing node's. Each node's calls are their own pipeline now."""
+    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
+    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[0].port}")
+    redis = redis_client(settings)
+    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
+    kept, lost = on_node(1, "kept"), on_node(2, "lost")
+    try:
+        assert await auto.run([("EXISTS", kept), ("EXISTS", lost)]) == [0, 0]
+        cluster[2].kill()
+        assert await failed(auto.run([("EXISTS", lost)]))  # its connection lost with it
+        batches = auto.batches
+        served, refused = await asyncio.gather(
+            auto.run([("INCR", kept)]), auto.run([("EXISTS", lost)]), return_exceptions=True
+        )
+        assert auto.batches == batches + 1  # one batch, one pipeline a node
+        assert served == [1]
+        assert isinstance(refused, list) and isinstance(refused[0], RedisError), refused
+    finally:
+        await redis.aclose()
+        for node in cluster:
+            node.kill()
+
+
 async def test_a_cluster_that_lost_everything_is_rebuilt(
     api: Api, cluster: list[RedisServer]
 ) -> None:
