@@ -12,29 +12,33 @@ A batch that fails as a whole (connection lost, timeout) fails every caller in i
 if each had sent its own pipeline at that moment.
 
 On a Redis Cluster, whose client never re-sends a command (engine/app.py), a batch is one
-pipeline for each node, sent at once: a node that fails fails its own commands, each with
-the node's error as its reply, and no other (redis-py's one pipeline failed them all, and a
+pipeline for each node, sent at once, and each caller is answered once its own nodes have
+answered: a node that fails or hangs fails its own commands (each gets the node's error as
+its reply, or the deadline's) and no other (redis-py's one pipeline failed them all, and a
 failover took every release's calls down with the failing node's). Each command goes to
 the node of its first key by the client's own map of the slots (redis-py asked a node for
 the keys of every FCALL, two round trips each, all to one node whose loss failed calls on
-every node), and after a node failed to answer, the client finds the nodes again before
-the next batch (redis-py did so only in its retries).
+every node). After a node failed, the client finds the nodes again, in the background and
+at most once a second (redis-py did so only in its retries, now off), and a keyless
+command (PING) goes to another node from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import MaxConnectionsError, RedisClusterException, SlotNotCoveredError
 
 Command = tuple[str | int | float | bytes, ...]
 _Waiter = tuple[Sequence[Command], asyncio.Future[list[Any]]]
 # A cluster node that did not answer, or a map of the slots that is out of date.
 _NODES_CHANGED = (*RedisCluster.ERRORS_ALLOW_RETRY, RedisClusterException)
+_REFRESH_EVERY_S = 1.0  # the least time between two searches for a cluster's nodes
 
 
 class AutoPipeline:
@@ -53,15 +57,17 @@ class AutoPipeline:
     ) -> None:
         self._redis = redis
         self._cluster = redis if isinstance(redis, RedisCluster) else None
-        self._nodes_changed = False
+        self._refreshing: asyncio.Task[None] | None = None
+        self._failed: set[str] = set()  # nodes that failed since the last search
+        self._refreshed_at = float("-inf")
         self._timeout_s = timeout_s
         self._max_commands = max_commands
-        self._on_write = on_write  # told the number of commands of each pipeline
+        self._on_write = on_write  # told the number of commands of each batch
         self._queue: list[_Waiter] = []
         self._queued_commands = 0
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
-        self.batches = 0  # pipelines sent, for tests and the benchmark's profile
+        self.batches = 0  # batches sent (a pipeline, or one a node), for tests and profiles
         self.commands = 0
 
     async def run(self, commands: Sequence[Command]) -> list[Any]:
@@ -94,9 +100,7 @@ class AutoPipeline:
         # Python 3.11's asyncio.wait_for, in redis-py's send, drops a cancellation that lands
         # as the write completes, and the batch then ran on to the socket's own timeout, or
         # through a cluster client's retries for seconds, every caller waiting on it.
-        # The deadline covers the pipeline's opening too: a cluster client finds its nodes
-        # there again after an error, asking each in turn under a lock that the next
-        # batches wait on, so that the k-th waited k times the nodes' timeouts.
+        # The deadline covers the pipeline's opening too (a cluster client's first map).
         task = asyncio.current_task()
         assert task is not None
         expiry = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, batch, task)
@@ -106,23 +110,20 @@ class AutoPipeline:
             self._on_write(len(commands))
         try:
             if self._cluster is not None:
-                replies = await self._send_by_node(self._cluster, commands)
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    replies = await pipe.execute(raise_on_error=False)
+                await self._send_by_node(self._cluster, batch, commands)
+                return
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # every caller must hear of it, even of a cancellation
             failure = exc if isinstance(exc, Exception) else TimeoutError("cancelled")
-            self._nodes_changed |= isinstance(exc, _NODES_CHANGED)
             _fail(batch, failure)
             if not isinstance(exc, Exception):
                 raise
             return
         finally:
             expiry.cancel()
-        if self._cluster is not None:
-            self._nodes_changed |= any(isinstance(r, _NODES_CHANGED) for r in replies)
         start = 0
         for waiter, future in batch:
             end = start + len(waiter)
@@ -130,29 +131,82 @@ class AutoPipeline:
                 future.set_result(replies[start:end])
             start = end
 
-    async def _send_by_node(self, cluster: RedisCluster, commands: list[Command]) -> list[Any]:
-        await self._find_nodes(cluster)
+    async def _send_by_node(
+        self, cluster: RedisCluster, batch: list[_Waiter], commands: list[Command]
+    ) -> None:
+        """One pipeline for each node, at once; each caller answered once its commands'
+        nodes have."""
+        await cluster.initialize()  # the first map of the slots (then, nothing to do)
+        replies: list[list[Any]] = [[None] * len(waiter) for waiter, _ in batch]
+        unanswered = [len(waiter) for waiter, _ in batch]
+        places = [(w, c) for w, (waiter, _) in enumerate(batch) for c in range(len(waiter))]
+
+        def answer(at: list[int], outcome: list[Any] | BaseException) -> None:
+            for n, i in enumerate(at):
+                w, c = places[i]
+                replies[w][c] = outcome[n] if isinstance(outcome, list) else outcome
+                unanswered[w] -= 1
+                future = batch[w][1]
+                if unanswered[w] == 0 and not future.done():
+                    future.set_result(replies[w])
+
         by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
         for i, command in enumerate(commands):
-            node = _node_of(cluster, command)
+            try:
+                node = _node_of(cluster, command)
+            except RedisClusterException as exc:  # a slot the map has no node for
+                self._node_failed(cluster, None)
+                answer([i], exc)
+                continue
             by_node.setdefault(node.name, (node, []))[1].append(i)
-        outcomes = await asyncio.gather(
-            *(_on_node(cluster, node, [commands[i] for i in at]) for node, at in by_node.values()),
-            return_exceptions=True,
-        )
-        replies: list[Any] = [None] * len(commands)
-        for (_, at), outcome in zip(by_node.values(), outcomes, strict=True):
-            for n, i in enumerate(at):
-                replies[i] = outcome[n] if isinstance(outcome, list) else outcome
-        return replies
 
-    async def _find_nodes(self, cluster: RedisCluster) -> None:
-        """The cluster's map of slots and nodes: made at the first batch, and again after a
-        node failed to answer (a failover moves its slots to its replica)."""
-        if self._nodes_changed:
-            self._nodes_changed = False  # the next batches use the map as it is meanwhile
-            await cluster.nodes_manager.initialize()
-        await cluster.initialize()  # the first time only
+        async def on_node(node: ClusterNode, at: list[int]) -> None:
+            try:
+                outcome: list[Any] | BaseException = await _on_node(
+                    cluster, node, [commands[i] for i in at]
+                )
+            except Exception as exc:
+                outcome = exc
+            failures = [outcome] if isinstance(outcome, BaseException) else outcome
+            if any(_node_lost(r) for r in failures):
+                self._node_failed(cluster, node)
+            answer(at, outcome)
+
+        sending = {asyncio.ensure_future(on_node(node, at)): node for node, at in by_node.values()}
+        try:
+            await asyncio.gather(*sending)
+        except asyncio.CancelledError:  # the deadline (_expire): a node hangs
+            for part, node in sending.items():
+                if not part.done():
+                    self._node_failed(cluster, node)
+            raise
+
+    def _node_failed(self, cluster: RedisCluster, node: ClusterNode | None) -> None:
+        """Find the nodes again, in the background, at most once a second: a failover
+        gives the node's slots to its replica. A keyless command went to the node: it
+        goes to another from now on."""
+        if node is not None:
+            self._failed.add(node.name)
+            if node == cluster.get_default_node():
+                cluster.replace_default_node()
+        loop = asyncio.get_running_loop()
+        if (
+            self._refreshing is None or self._refreshing.done()
+        ) and loop.time() >= self._refreshed_at + _REFRESH_EVERY_S:
+            self._refreshed_at = loop.time()
+            self._refreshing = loop.create_task(self._refresh(cluster))
+
+    async def _refresh(self, cluster: RedisCluster) -> None:
+        failed, self._failed = self._failed, set()
+        # Each node it asks has its own timeouts; a few of them in all.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(4 * self._timeout_s):
+                await cluster.nodes_manager.initialize()
+        # The search makes the first primary the default node again, the failed one
+        # (still a primary until its replica takes over) as likely as any.
+        default = cluster.get_default_node()
+        if default is not None and default.name in failed:
+            cluster.replace_default_node()
 
     def _expire(self, batch: list[_Waiter], task: asyncio.Task[Any]) -> None:
         _fail(batch, TimeoutError(f"Redis did not answer within {self._timeout_s} s"))
@@ -162,6 +216,9 @@ class AutoPipeline:
         """Wait for the pipelines in flight: each is cancelled at its deadline, but may run
         on if redis-py loses the cancellation (the caller bounds this wait too)."""
         self._flush()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            await asyncio.wait({self._refreshing})
         if self._sending:
             await asyncio.wait(set(self._sending))
 
@@ -172,6 +229,11 @@ def _fail(batch: list[_Waiter], failure: BaseException) -> None:
             future.set_exception(failure)
 
 
+def _node_lost(reply: Any) -> bool:
+    """A node that did not answer (not a client's own pool, full)."""
+    return isinstance(reply, _NODES_CHANGED) and not isinstance(reply, MaxConnectionsError)
+
+
 def _node_of(cluster: RedisCluster, command: Command) -> ClusterNode:
     """The node of a Function call's first key, or of a plain command's (its first
     argument); a command without a key goes to the client's default node."""
@@ -179,10 +241,11 @@ def _node_of(cluster: RedisCluster, command: Command) -> ClusterNode:
         key = command[3] if command[2] else None
     else:
         key = command[1] if len(command) > 1 else None
-    if key is None:
-        return cluster.get_default_node()
-    node = cluster.get_node_from_key(key)  # type: ignore[arg-type]
-    assert node is not None  # a primary: None only for a replica asked for
+    node = (
+        cluster.get_default_node() if key is None else cluster.get_node_from_key(key)  # type: ignore[arg-type]
+    )
+    if node is None:  # no node known (the client's first map failed)
+        raise SlotNotCoveredError("no node of the Redis Cluster is known")
     return node
 
 

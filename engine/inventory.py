@@ -110,6 +110,10 @@ def _unreachable(exc: Exception) -> bool:
     )
 
 
+def _no_function(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and "Function not found" in str(reply)
+
+
 def library_source() -> tuple[str, str]:
     """The Functions library (``#!lua`` code) and the digest that names its functions."""
     files = importlib.resources.files("engine") / "lua"
@@ -253,23 +257,27 @@ class Inventory:
     async def _pipeline(
         self, calls: Sequence[Call], extra: Sequence[tuple[str, ...]] = ()
     ) -> list[list[Any]]:
-        """Run functions (and ``extra`` plain commands, whose replies are dropped) in one
-        round trip, shared with other requests'. Each function is atomic on its own."""
+        """Run functions (and ``extra`` plain commands, best effort: their replies, errors
+        included, are dropped) in one round trip, shared with other requests'. Each
+        function is atomic on its own. (On a Redis Cluster an extra command may be another
+        node's, which may fail alone: the functions ran.)"""
         commands: list[Command] = [
             ("FCALL", f"{op}_{self._digest}", len(keys), *keys, *args) for op, keys, args in calls
         ]
-        commands += extra
-        for attempt in range(2):
-            replies = await self._run(commands)
-            errors = [r for r in replies if isinstance(r, Exception)]
-            if not errors:
-                return [list(r) for r in replies[: len(calls)]]
-            # A Redis restarted without persistence forgets its functions: load them again.
-            if attempt == 0 and all("Function not found" in str(e) for e in errors):
-                await self.load()
-                continue
-            self._raise(errors[0])
-        raise AssertionError("unreachable")
+        replies = (await self._run([*commands, *extra]))[: len(calls)]
+        # A Redis restarted without persistence forgets its functions: load them again, and
+        # send again the calls that found none (alone: on a cluster, other nodes ran theirs).
+        missing = [i for i, r in enumerate(replies) if _no_function(r)]
+        if missing:
+            await self.load()
+            for i, reply in zip(
+                missing, await self._run([commands[i] for i in missing]), strict=True
+            ):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                self._raise(reply)
+        return [list(r) for r in replies]
 
     async def _command(self, *command: str | int) -> Any:
         """One plain command, in the shared round trip."""
@@ -281,8 +289,10 @@ class Inventory:
     def _raise(self, error: Exception) -> NoReturn:
         # An error reply's code: redis-py takes it off the message of the errors it maps to a
         # class (OOM, READONLY, NOPERM...) and keeps it as status_code; hiredis leaves it on.
+        # A command's reply may be a whole node's failure too (on a cluster, whose nodes
+        # each have a pipeline of their own: engine/autopipeline.py).
         code = getattr(error, "status_code", None) or str(error).split(" ", 1)[0]
-        if isinstance(error, (RedisConnectionError, RedisTimeoutError)) or (
+        if _unreachable(error) or (
             isinstance(error, ResponseError)
             and (code in _UNAVAILABLE_REPLIES or _UNAVAILABLE_MESSAGE in str(error))
         ):

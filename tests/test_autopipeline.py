@@ -96,12 +96,12 @@ class _DeafRedis(aioredis.Redis):
 @pytest.mark.timeout(30)
 async def test_callers_hear_of_the_deadline_even_if_the_batch_runs_on() -> None:
     async with Blackhole() as hole:
-        redis = _DeafRedis.from_url(f"redis://{HOST}:{hole.port}/0", socket_timeout=5)
+        redis = _DeafRedis.from_url(f"redis://{HOST}:{hole.port}/0", socket_timeout=2)
         auto = AutoPipeline(redis, timeout_s=0.3)
         results = await asyncio.gather(
             *(auto.run([("ECHO", f"caller {i}")]) for i in range(5)), return_exceptions=True
         )
-        # Answered at the deadline, while the batch still waits on redis-py's 5 s socket
+        # Answered at the deadline, while the batch still waits on redis-py's 2 s socket
         # timeout: before, they waited with it.
         still_running = len(auto._sending)
         await auto.aclose()
