@@ -32,12 +32,19 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import MaxConnectionsError, RedisClusterException, SlotNotCoveredError
+from redis.exceptions import (
+    AskError,
+    MaxConnectionsError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 Command = tuple[str | int | float | bytes, ...]
 _Waiter = tuple[Sequence[Command], asyncio.Future[list[Any]]]
 # A cluster node that did not answer, or a map of the slots that is out of date.
 _NODES_CHANGED = (*RedisCluster.ERRORS_ALLOW_RETRY, RedisClusterException)
+_MOVED = (AskError, TryAgainError)  # MOVED is an AskError: the slot is on another node
 _REFRESH_EVERY_S = 1.0  # the least time between two searches for a cluster's nodes
 
 
@@ -59,6 +66,7 @@ class AutoPipeline:
         self._cluster = redis if isinstance(redis, RedisCluster) else None
         self._refreshing: asyncio.Task[None] | None = None
         self._failed: set[str] = set()  # nodes that failed since the last search
+        self._closed = False
         self._refreshed_at = float("-inf")
         self._timeout_s = timeout_s
         self._max_commands = max_commands
@@ -103,14 +111,17 @@ class AutoPipeline:
         # The deadline covers the pipeline's opening too (a cluster client's first map).
         task = asyncio.current_task()
         assert task is not None
-        expiry = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, batch, task)
+        waiting: dict[str, ClusterNode] = {}  # a cluster's nodes not yet answered
+        expiry = asyncio.get_running_loop().call_later(
+            self._timeout_s, self._expire, batch, task, waiting
+        )
         commands = [command for waiter, _ in batch for command in waiter]
         self.commands += len(commands)
         if self._on_write is not None:
             self._on_write(len(commands))
         try:
             if self._cluster is not None:
-                await self._send_by_node(self._cluster, batch, commands)
+                await self._send_by_node(self._cluster, batch, commands, waiting)
                 return
             async with self._redis.pipeline(transaction=False) as pipe:
                 for command in commands:
@@ -132,14 +143,28 @@ class AutoPipeline:
             start = end
 
     async def _send_by_node(
-        self, cluster: RedisCluster, batch: list[_Waiter], commands: list[Command]
+        self,
+        cluster: RedisCluster,
+        batch: list[_Waiter],
+        commands: list[Command],
+        waiting: dict[str, ClusterNode],
     ) -> None:
         """One pipeline for each node, at once; each caller answered once its commands'
-        nodes have."""
-        await cluster.initialize()  # the first map of the slots (then, nothing to do)
+        nodes have. ``waiting``: the nodes not yet answered (read at the deadline)."""
+        try:
+            await cluster.initialize()  # the first map of the slots (then, nothing to do)
+        except Exception:
+            # It asks the map's first primary for redis-py's table of commands: if that
+            # node is down, every try failed the same way. It goes last from now on.
+            if (asked := getattr(cluster.commands_parser, "node", None)) is not None:
+                self._node_failed(cluster, asked)
+            raise
         replies: list[list[Any]] = [[None] * len(waiter) for waiter, _ in batch]
         unanswered = [len(waiter) for waiter, _ in batch]
         places = [(w, c) for w, (waiter, _) in enumerate(batch) for c in range(len(waiter))]
+        for w, (waiter, future) in enumerate(batch):
+            if not waiter and not future.done():
+                future.set_result(replies[w])  # nothing to send: answered at once
 
         def answer(at: list[int], outcome: list[Any] | BaseException) -> None:
             for n, i in enumerate(at):
@@ -155,7 +180,7 @@ class AutoPipeline:
             try:
                 node = _node_of(cluster, command)
             except RedisClusterException as exc:  # a slot the map has no node for
-                self._node_failed(cluster, None)
+                self._search(cluster)
                 answer([i], exc)
                 continue
             by_node.setdefault(node.name, (node, []))[1].append(i)
@@ -170,45 +195,52 @@ class AutoPipeline:
             failures = [outcome] if isinstance(outcome, BaseException) else outcome
             if any(_node_lost(r) for r in failures):
                 self._node_failed(cluster, node)
+            elif any(isinstance(r, _MOVED) for r in failures):
+                self._search(cluster)  # the slot's node changed: those commands did not run
+            waiting.pop(node.name, None)
             answer(at, outcome)
 
-        sending = {asyncio.ensure_future(on_node(node, at)): node for node, at in by_node.values()}
-        try:
-            await asyncio.gather(*sending)
-        except asyncio.CancelledError:  # the deadline (_expire): a node hangs
-            for part, node in sending.items():
-                if not part.done():
-                    self._node_failed(cluster, node)
-            raise
+        waiting.update((name, node) for name, (node, _) in by_node.items())
+        await asyncio.gather(*(on_node(node, at) for node, at in by_node.values()))
 
-    def _node_failed(self, cluster: RedisCluster, node: ClusterNode | None) -> None:
-        """Find the nodes again, in the background, at most once a second: a failover
-        gives the node's slots to its replica. A keyless command went to the node: it
-        goes to another from now on."""
-        if node is not None:
-            self._failed.add(node.name)
-            if node == cluster.get_default_node():
-                cluster.replace_default_node()
+    def _node_failed(self, cluster: RedisCluster, node: ClusterNode) -> None:
+        """A node failed or hung: it goes last in the client's lists (the first primary
+        is the default node of keyless commands, and the one asked for redis-py's table of
+        commands), the default node is another, and the nodes are looked for again (a
+        failover gives its slots to its replica)."""
+        self._failed.add(node.name)
+        cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+        _new_default(cluster, self._failed)
+        self._search(cluster)
+
+    def _search(self, cluster: RedisCluster) -> None:
+        """Find the nodes again, in the background, at most once a second."""
         loop = asyncio.get_running_loop()
         if (
-            self._refreshing is None or self._refreshing.done()
-        ) and loop.time() >= self._refreshed_at + _REFRESH_EVERY_S:
+            not self._closed
+            and (self._refreshing is None or self._refreshing.done())
+            and loop.time() >= self._refreshed_at + _REFRESH_EVERY_S
+        ):
             self._refreshed_at = loop.time()
             self._refreshing = loop.create_task(self._refresh(cluster))
 
     async def _refresh(self, cluster: RedisCluster) -> None:
-        failed, self._failed = self._failed, set()
         # Each node it asks has its own timeouts; a few of them in all.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(4 * self._timeout_s):
                 await cluster.nodes_manager.initialize()
-        # The search makes the first primary the default node again, the failed one
-        # (still a primary until its replica takes over) as likely as any.
-        default = cluster.get_default_node()
-        if default is not None and default.name in failed:
-            cluster.replace_default_node()
+        # The search makes the first primary the default node again, a failed one (still a
+        # primary until its replica takes over) possibly; those that failed since it began
+        # too. They are forgotten from now on: the next failure tells again.
+        failed, self._failed = self._failed, set()
+        _new_default(cluster, failed)
 
-    def _expire(self, batch: list[_Waiter], task: asyncio.Task[Any]) -> None:
+    def _expire(
+        self, batch: list[_Waiter], task: asyncio.Task[Any], waiting: dict[str, ClusterNode]
+    ) -> None:
+        if self._cluster is not None:
+            for node in list(waiting.values()):  # hung: failed before its callers hear of it
+                self._node_failed(self._cluster, node)
         _fail(batch, TimeoutError(f"Redis did not answer within {self._timeout_s} s"))
         task.cancel()  # ends the batch's work, unless redis-py loses this too
 
@@ -216,17 +248,29 @@ class AutoPipeline:
         """Wait for the pipelines in flight: each is cancelled at its deadline, but may run
         on if redis-py loses the cancellation (the caller bounds this wait too)."""
         self._flush()
+        if self._sending:
+            await asyncio.wait(set(self._sending))
+        self._closed = True  # no search begins once the batches are over
         if self._refreshing is not None:
             self._refreshing.cancel()
             await asyncio.wait({self._refreshing})
-        if self._sending:
-            await asyncio.wait(set(self._sending))
 
 
 def _fail(batch: list[_Waiter], failure: BaseException) -> None:
     for _, future in batch:
         if not future.done():  # answered, or its caller cancelled
             future.set_exception(failure)
+
+
+def _new_default(cluster: RedisCluster, failed: set[str]) -> None:
+    """A default node that has not failed, if there is one."""
+    default = cluster.get_default_node()
+    if default is None or default.name not in failed:
+        return
+    for node in cluster.get_primaries():
+        if node.name not in failed:
+            cluster.set_default_node(node)
+            return
 
 
 def _node_lost(reply: Any) -> bool:
@@ -253,4 +297,8 @@ async def _on_node(cluster: RedisCluster, node: ClusterNode, commands: list[Comm
     async with cluster.pipeline(transaction=False) as pipe:
         for command in commands:
             pipe.execute_command(*command, target_nodes=node)
-        return await pipe.execute(raise_on_error=False)
+        # A command whose slot moved (MOVED, ASK, TRYAGAIN: it did not run) is its caller's
+        # 503, not re-sent: redis-py sends each on its own, and at every fifth closes the
+        # connections of every node, batches in flight on them included (a call that ran,
+        # told it failed).
+        return await pipe.execute(raise_on_error=False, allow_redirections=False)

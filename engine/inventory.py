@@ -21,11 +21,13 @@ from typing import Any, Literal, NoReturn, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
+    AskError,
     ClusterError,
     InvalidResponse,
     RedisClusterException,
     ResponseError,
     SlotNotCoveredError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -88,6 +90,10 @@ _UNREACHABLE = (
     # serves a slot. (No node reachable at all is a RedisClusterException: _unreachable.)
     ClusterError,
     SlotNotCoveredError,
+    # A cluster's slot on another node since (MOVED, ASK) or moving (TRYAGAIN): the call
+    # did not run, and the engine finds the nodes again (engine/autopipeline.py).
+    AskError,
+    TryAgainError,
     # Not Redis's protocol: something else on its port (the multiplexed connection says
     # the same).
     InvalidResponse,

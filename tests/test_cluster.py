@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import MovedError, RedisError
 
 from engine.app import create_app, redis_client
 from engine.appkeys import RESERVATIONS
@@ -325,29 +325,85 @@ async def test_a_node_that_lost_its_functions_has_its_own_calls_sent_again(
         await redis.aclose()
 
 
+@pytest.mark.parametrize("how", ["killed", "hung"])
 async def test_a_keyless_call_goes_to_another_node_once_its_node_failed(
-    tmp_path: Path, clean: None
+    tmp_path: Path, clean: None, how: str
 ) -> None:
     """A command without a key (the readiness probe's PING) goes to the client's default
     node: with redis-py's retries, which chose another after a failure, off, every PING
-    went on to a node that was gone, and every worker was reported not ready."""
+    went on to a node that was gone, or hung, and every worker was reported not ready."""
     cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
     settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[0].port}")
     redis = redis_client(settings)
     inventory = Inventory(redis, settings.redis_timeout_s, settings.retry_after_s)
+    default = None
     try:
         await inventory.ping()
         default = redis.get_default_node()
         [gone] = [node for node in cluster if node.port == default.port]
-        gone.kill()
+        if how == "killed":
+            gone.kill()
+        else:
+            os.kill(gone.pid, signal.SIGSTOP)
         with pytest.raises(StoreUnavailable):
             await inventory.ping()
         await inventory.ping()
         assert redis.get_default_node().port != gone.port
     finally:
+        if how == "hung" and default is not None:
+            os.kill(gone.pid, signal.SIGCONT)
         await inventory.pipelining.aclose()
         await redis.aclose()
         for node in cluster:
+            node.kill()
+
+
+async def test_calls_for_a_slot_that_moved_leave_the_others_their_replies(
+    tmp_path: Path, clean: None
+) -> None:
+    """A failover asked for (CLUSTER FAILOVER, a maintenance): the old primary answers
+    MOVED for its slots. redis-py sent each such call again on its own, and at every fifth
+    closed the connections of every node, calls in flight on them included (a review saw
+    an INCR that ran told it failed). A moved call is now its caller's error (it did not
+    run: a 503), the nodes are looked for again, and the other calls, one in flight on a
+    busy node here, get their replies."""
+    nodes = await form_cluster(tmp_path, replicas=1)
+    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{nodes[0].port}")
+    redis = redis_client(settings)
+    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
+    moved = [on_node(0, f"moved{i}") for i in range(12)]
+    counted = on_node(1, "counted")
+    busy = node_client(nodes[1])
+    replica = node_client(nodes[3])  # node 0's
+    old = node_client(nodes[0])
+
+    async def demoted() -> bool:
+        return (await old.execute_command("ROLE"))[0] == b"slave"
+
+    async def served() -> bool:
+        (reply,) = await auto.run([("EXISTS", moved[0])])
+        return reply == 0
+
+    try:
+        assert await auto.run([("EXISTS", key) for key in [*moved, counted]]) == [0] * 13
+        await replica.execute_command("CLUSTER", "FAILOVER")
+        await poll(demoted, lambda: "\n".join(n.describe() for n in nodes))
+        # Node 1 runs a script for 0.3 s: the INCR is in flight there meanwhile.
+        script = asyncio.ensure_future(busy.eval(BUSY, 0, 300_000))
+        await asyncio.sleep(0.05)
+        incr, *others = await asyncio.gather(
+            auto.run([("INCR", counted)]), *(auto.run([("EXISTS", key)]) for key in moved)
+        )
+        await script
+        assert incr == [1]
+        assert all(isinstance(reply, MovedError) for (reply,) in others), others
+        await poll(served, lambda: "\n".join(n.describe() for n in nodes))
+    finally:
+        for client in (busy, replica, old):
+            await client.aclose()
+        await auto.aclose()
+        await redis.aclose()
+        for node in nodes:
             node.kill()
 
 
