@@ -60,9 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument(
         "--entry-id", help="your entry id (from your registration): say what the draw gave it"
     )
+    verify.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=120.0,
+        help="most seconds to fetch the record from a URL, in all (default 120)",
+    )
     args = parser.parse_args(argv)
     if args.command == "verify-draw":
-        return _verify_draw(args.record, args.commitment, args.entry_id)
+        return _verify_draw(args.record, args.commitment, args.entry_id, args.timeout)
 
     from engine import logs
 
@@ -179,16 +185,39 @@ async def _sweep(settings: Settings) -> int:
     return 0
 
 
-def _verify_draw(source: str, commitment: str | None, entry_id: str | None) -> int:
-    """Recompute a draw record. Reads a file, or fetches an http(s) URL."""
+# The largest record fetched: one of 100 000 entries is about 10 MiB.
+RECORD_MAX_BYTES = 256 * 1024 * 1024
+
+
+def _fetch(url: str, timeout_s: float) -> str:
+    """The body at ``url``, within ``timeout_s`` in all: urllib's timeout is each read's,
+    and a server that sends a byte at a time, or for ever, held the command as long."""
+    import time
     import urllib.request
 
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    with urllib.request.urlopen(url, timeout=min(30.0, timeout_s)) as response:  # noqa: S310
+        while chunk := response.read1(1 << 16):
+            size += len(chunk)
+            if size > RECORD_MAX_BYTES:
+                raise ValueError(f"the record is larger than {RECORD_MAX_BYTES >> 20} MiB")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the record took more than {timeout_s:g} s to come")
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def _verify_draw(
+    source: str, commitment: str | None, entry_id: str | None, timeout_s: float = 120.0
+) -> int:
+    """Recompute a draw record. Reads a file, or fetches an http(s) URL."""
     from engine import draw
 
     try:
         if source.startswith(("http://", "https://")):
-            with urllib.request.urlopen(source, timeout=30) as response:  # noqa: S310
-                text = response.read().decode()
+            text = _fetch(source, timeout_s)
         else:
             with open(source, encoding="utf-8") as f:
                 text = f.read()

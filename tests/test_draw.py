@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import http.server
 import json
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -153,6 +157,47 @@ def test_verify_draw_command(tmp_path: Any) -> None:
         check=False,
     )
     assert ko.returncode == 1 and "does NOT match" in ko.stderr
+
+
+class _Endless(http.server.BaseHTTPRequestHandler):
+    """A record that never ends: a byte every tenth of a second (``/slow``), or as fast
+    as it is read (``/big``)."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        with contextlib.suppress(OSError):  # until the command gives up
+            while True:
+                if self.path == "/slow":
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                else:
+                    self.wfile.write(b" " * 65536)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_verify_draw_gives_up_on_a_record_that_never_ends(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """urllib's timeout is each read's: a server that sent a byte at a time, for ever,
+    held ``guichet verify-draw`` as long, and one that sent without end filled its memory.
+    The fetch has a time in all (``--timeout``) and a size."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert cli.main(["verify-draw", f"{base}/slow", "--timeout", "1"]) == 2
+        assert "took more than 1 s" in capsys.readouterr().err
+        monkeypatch.setattr(cli, "RECORD_MAX_BYTES", 1 << 20)
+        assert cli.main(["verify-draw", f"{base}/big"]) == 2
+        assert "larger than 1 MiB" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # The engine --------------------------------------------------------------------------------
