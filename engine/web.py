@@ -460,11 +460,30 @@ def _accepts_gzip(header: str) -> bool:
     return star
 
 
+# A body not all here when its handler reads it gets this long to come. A client that sent
+# it a byte at a time kept its place among the requests in progress for as long: a few
+# thousand such took a worker's every place (503 to everyone else). nginx buffers bodies
+# and gives up on a client silent for 10 s (deploy/nginx.conf): it passes on none of these.
+BODY_READ_S = 10.0
+
+
 async def read_body(request: web.Request, limit: int | None = None) -> bytes:
     """The body, within the app's ``client_max_size`` (the public limit), or within
     ``limit`` (staff's routes): read here, as aiohttp's ``read`` does, a chunk at a time,
     so that no more than the limit is ever held. A body aiohttp cannot read (a
-    ``Content-Encoding`` it fails to decode, one cut short) is a 400, not a 500."""
+    ``Content-Encoding`` it fails to decode, one cut short, one that does not come within
+    ``BODY_READ_S``) is a 400, not a 500."""
+    if request.content.is_eof():  # all here already, as most often
+        return await _read_body(request, limit)
+    try:
+        async with asyncio.timeout(BODY_READ_S):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        message = f"not received within {BODY_READ_S:g} s"
+        raise ValidationFailed([{"field": "body", "message": message}]) from None
+
+
+async def _read_body(request: web.Request, limit: int | None) -> bytes:
     try:
         if limit is None:
             try:

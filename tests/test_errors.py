@@ -611,6 +611,31 @@ async def test_a_query_parameter_a_request_does_not_take_is_refused(
     assert done.status == 204, done.body
 
 
+async def test_a_body_that_does_not_come_is_a_problem_in_bounded_time(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends its headers and part of its body, then nothing: the request
+    held its place among those in progress for as long as the connection lived (a few
+    thousand took a worker's every place). It is a 400 once ``BODY_READ_S`` is over."""
+    monkeypatch.setattr(web_module, "BODY_READ_S", 0.5)
+    server = api.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(
+            b"POST /v1/challenges HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 100\r\n\r\n" + b'{"release": '
+        )
+        reply = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status = int(reply.split()[1])
+        assert status == 400, reply
+        length = int(reply.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert body["type"] == "/problems/validation-error", body
+    assert body["errors"] == [{"field": "body", "message": "not received within 0.5 s"}]
+
+
 async def raw_status(api: Api, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     """Send ``head`` (request line and headers, as bytes: a client can send any) and
     ``body``; return the reply's status and body."""
