@@ -18,9 +18,11 @@ its reply, or the deadline's) and no other (redis-py's one pipeline failed them 
 failover took every release's calls down with the failing node's). Each command goes to
 the node of its first key by the client's own map of the slots (redis-py asked a node for
 the keys of every FCALL, two round trips each, all to one node whose loss failed calls on
-every node). After a node failed, the client finds the nodes again, in the background and
-at most once a second (redis-py did so only in its retries, now off), and a keyless
-command (PING) goes to another node from then on.
+every node). After a node failed or hung, or a slot moved (MOVED), the client finds the
+nodes again, in the background and at most once a second (redis-py did so only in its
+retries, now off), and a keyless command (PING) goes to another node from then on. A call
+to a slot that is moving (ASK, TRYAGAIN: a resharding) did not run, and is a 503 until the
+slot has moved.
 """
 
 from __future__ import annotations
@@ -33,18 +35,16 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
-    AskError,
     MaxConnectionsError,
+    MovedError,
     RedisClusterException,
     SlotNotCoveredError,
-    TryAgainError,
 )
 
 Command = tuple[str | int | float | bytes, ...]
 _Waiter = tuple[Sequence[Command], asyncio.Future[list[Any]]]
 # A cluster node that did not answer, or a map of the slots that is out of date.
 _NODES_CHANGED = (*RedisCluster.ERRORS_ALLOW_RETRY, RedisClusterException)
-_MOVED = (AskError, TryAgainError)  # MOVED is an AskError: the slot is on another node
 _REFRESH_EVERY_S = 1.0  # the least time between two searches for a cluster's nodes
 
 
@@ -67,6 +67,7 @@ class AutoPipeline:
         self._refreshing: asyncio.Task[None] | None = None
         self._failed: set[str] = set()  # nodes that failed since the last search
         self._closed = False
+        self._mapping = 0  # batches making the client's first map of the slots
         self._refreshed_at = float("-inf")
         self._timeout_s = timeout_s
         self._max_commands = max_commands
@@ -151,14 +152,14 @@ class AutoPipeline:
     ) -> None:
         """One pipeline for each node, at once; each caller answered once its commands'
         nodes have. ``waiting``: the nodes not yet answered (read at the deadline)."""
+        self._mapping += 1
         try:
             await cluster.initialize()  # the first map of the slots (then, nothing to do)
         except Exception:
-            # It asks the map's first primary for redis-py's table of commands: if that
-            # node is down, every try failed the same way. It goes last from now on.
-            if (asked := getattr(cluster.commands_parser, "node", None)) is not None:
-                self._node_failed(cluster, asked)
+            self._first_map_failed(cluster)
             raise
+        finally:
+            self._mapping -= 1
         replies: list[list[Any]] = [[None] * len(waiter) for waiter, _ in batch]
         unanswered = [len(waiter) for waiter, _ in batch]
         places = [(w, c) for w, (waiter, _) in enumerate(batch) for c in range(len(waiter))]
@@ -195,13 +196,19 @@ class AutoPipeline:
             failures = [outcome] if isinstance(outcome, BaseException) else outcome
             if any(_node_lost(r) for r in failures):
                 self._node_failed(cluster, node)
-            elif any(isinstance(r, _MOVED) for r in failures):
+            elif any(isinstance(r, MovedError) for r in failures):
                 self._search(cluster)  # the slot's node changed: those commands did not run
             waiting.pop(node.name, None)
             answer(at, outcome)
 
         waiting.update((name, node) for name, (node, _) in by_node.items())
         await asyncio.gather(*(on_node(node, at) for node, at in by_node.values()))
+
+    def _first_map_failed(self, cluster: RedisCluster) -> None:
+        """The first map asks the map's first primary for redis-py's table of commands:
+        if that node is down or hung, every try failed the same way. It goes last."""
+        if (asked := getattr(cluster.commands_parser, "node", None)) is not None:
+            self._node_failed(cluster, asked)
 
     def _node_failed(self, cluster: RedisCluster, node: ClusterNode) -> None:
         """A node failed or hung: it goes last in the client's lists (the first primary
@@ -241,6 +248,8 @@ class AutoPipeline:
         if self._cluster is not None:
             for node in list(waiting.values()):  # hung: failed before its callers hear of it
                 self._node_failed(self._cluster, node)
+            if not waiting and self._mapping:  # still making the first map: a node hangs
+                self._first_map_failed(self._cluster)
         _fail(batch, TimeoutError(f"Redis did not answer within {self._timeout_s} s"))
         task.cancel()  # ends the batch's work, unless redis-py loses this too
 
@@ -248,12 +257,14 @@ class AutoPipeline:
         """Wait for the pipelines in flight: each is cancelled at its deadline, but may run
         on if redis-py loses the cancellation (the caller bounds this wait too)."""
         self._flush()
-        if self._sending:
-            await asyncio.wait(set(self._sending))
-        self._closed = True  # no search begins once the batches are over
-        if self._refreshing is not None:
-            self._refreshing.cancel()
-            await asyncio.wait({self._refreshing})
+        self._closed = True  # no search begins from now on
+        try:
+            if self._sending:
+                await asyncio.wait(set(self._sending))
+        finally:  # also if this wait is cut short (a batch whose cancellation was lost)
+            if self._refreshing is not None:
+                self._refreshing.cancel()
+                await asyncio.wait({self._refreshing})
 
 
 def _fail(batch: list[_Waiter], failure: BaseException) -> None:

@@ -246,6 +246,7 @@ async def test_a_command_is_not_sent_again_when_another_node_fails(
         await auto.aclose()  # the batch's work, redis-py's retries included, is over
         assert int(await busy.get(counted)) == 1
     finally:
+        await auto.aclose()
         await busy.aclose()
         await redis.aclose()
         for node in cluster:
@@ -273,6 +274,7 @@ async def test_a_node_that_fails_fails_its_own_calls_alone(tmp_path: Path, clean
         assert served == [1]
         assert isinstance(refused, list) and isinstance(refused[0], RedisError), refused
     finally:
+        await auto.aclose()
         await redis.aclose()
         for node in cluster:
             node.kill()
@@ -353,6 +355,30 @@ async def test_a_keyless_call_goes_to_another_node_once_its_node_failed(
         if how == "hung" and default is not None:
             os.kill(gone.pid, signal.SIGCONT)
         await inventory.pipelining.aclose()
+        await redis.aclose()
+        for node in cluster:
+            node.kill()
+
+
+async def test_a_worker_whose_first_map_asks_a_hung_node_asks_another(
+    tmp_path: Path, clean: None
+) -> None:
+    """A worker's first map of the slots asks the map's first primary (slot 0's) for
+    redis-py's table of commands. That node hung: the deadline came first, nothing was
+    counted as failed, and every try asked it again, so that every call, on every node,
+    was a 503 until it answered. It goes last once it has not answered."""
+    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
+    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[1].port}")
+    redis = redis_client(settings)
+    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
+    kept = on_node(1, "kept")
+    os.kill(cluster[0].pid, signal.SIGSTOP)
+    try:
+        assert await failed(auto.run([("INCR", kept)]))  # the first map: node 0 hangs
+        assert await auto.run([("INCR", kept)]) == [1]
+    finally:
+        os.kill(cluster[0].pid, signal.SIGCONT)
+        await auto.aclose()
         await redis.aclose()
         for node in cluster:
             node.kill()
