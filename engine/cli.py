@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -190,22 +191,45 @@ RECORD_MAX_BYTES = 256 * 1024 * 1024
 
 
 def _fetch(url: str, timeout_s: float) -> str:
-    """The body at ``url``, within ``timeout_s`` in all: urllib's timeout is each read's,
-    and a server that sends a byte at a time, or for ever, held the command as long."""
-    import time
+    """The body at ``url``, within ``timeout_s`` in all. urllib's timeout is each read's:
+    a server that sent its headers or its body a byte at a time, or for ever, held the
+    command as long. The fetch runs in a thread of its own, given up on at the deadline
+    (a daemon thread: it ends with the command)."""
+    done: list[str | BaseException] = []
+
+    def fetch() -> None:
+        try:
+            done.append(_get(url, timeout_s))
+        except BaseException as exc:  # handed to the command's thread
+            done.append(exc)
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not done:
+        raise TimeoutError(f"the record took more than {timeout_s:g} s to come")
+    if isinstance(done[0], BaseException):
+        raise done[0]
+    return done[0]
+
+
+def _get(url: str, timeout_s: float) -> str:
+    import http.client
     import urllib.request
 
-    deadline = time.monotonic() + timeout_s
     chunks: list[bytes] = []
     size = 0
-    with urllib.request.urlopen(url, timeout=min(30.0, timeout_s)) as response:  # noqa: S310
-        while chunk := response.read1(1 << 16):
-            size += len(chunk)
-            if size > RECORD_MAX_BYTES:
-                raise ValueError(f"the record is larger than {RECORD_MAX_BYTES >> 20} MiB")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the record took more than {timeout_s:g} s to come")
-            chunks.append(chunk)
+    try:
+        with urllib.request.urlopen(url, timeout=min(30.0, timeout_s)) as response:  # noqa: S310
+            while chunk := response.read1(1 << 16):
+                size += len(chunk)
+                if size > RECORD_MAX_BYTES:
+                    raise ValueError(f"the record is larger than {RECORD_MAX_BYTES >> 20} MiB")
+                chunks.append(chunk)
+            if response.length:  # read1 does not say so: the connection closed early
+                raise ValueError("the record was cut short")
+    except http.client.HTTPException as exc:  # not HTTP, or a chunked answer cut short
+        raise ValueError(f"not a whole HTTP answer: {exc!r}") from exc
     return b"".join(chunks).decode()
 
 

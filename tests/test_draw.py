@@ -159,42 +159,69 @@ def test_verify_draw_command(tmp_path: Any) -> None:
     assert ko.returncode == 1 and "does NOT match" in ko.stderr
 
 
-class _Endless(http.server.BaseHTTPRequestHandler):
-    """A record that never ends: a byte every tenth of a second (``/slow``), or as fast
-    as it is read (``/big``)."""
+class _Bad(http.server.BaseHTTPRequestHandler):
+    """Records no one should wait for: a byte every tenth of a second for 5 s, of the body
+    (``/slow``) or of the headers (``/slow-headers``); a body as fast as it is read, without
+    end (``/big``); a body cut short of its length (``/cut``) or of its chunks
+    (``/cut-chunked``)."""
 
     def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
         with contextlib.suppress(OSError):  # until the command gives up
-            while True:
-                if self.path == "/slow":
-                    self.wfile.write(b" ")
-                    self.wfile.flush()
-                    time.sleep(0.1)
-                else:
+            if self.path == "/slow-headers":
+                self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+                self._dribble()
+                return
+            if self.path == "/cut-chunked":
+                self.wfile.write(
+                    b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n'
+                )
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if self.path == "/cut":
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                self.wfile.write(b'{"a": 1}')
+            elif self.path == "/slow":
+                self.end_headers()
+                self._dribble()
+            else:
+                self.end_headers()
+                while True:
                     self.wfile.write(b" " * 65536)
+
+    def _dribble(self) -> None:
+        for _ in range(50):
+            self.wfile.write(b" ")
+            self.wfile.flush()
+            time.sleep(0.1)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
-def test_verify_draw_gives_up_on_a_record_that_never_ends(
+def test_verify_draw_gives_up_on_a_record_that_does_not_come_whole(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """urllib's timeout is each read's: a server that sent a byte at a time, for ever,
-    held ``guichet verify-draw`` as long, and one that sent without end filled its memory.
-    The fetch has a time in all (``--timeout``) and a size."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    """urllib's timeout is each read's: a server that sent its headers or its body a byte
+    at a time held ``guichet verify-draw`` as long, and one that sent without end filled its
+    memory; an answer cut short was a traceback and exit 1 (which says "does NOT match").
+    Each is now exit 2 and says why: the fetch has a time in all (``--timeout``) and a
+    size, and a record that cannot be read whole is not read."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Bad)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(cli, "RECORD_MAX_BYTES", 1 << 20)
     try:
         base = f"http://127.0.0.1:{server.server_port}"
-        assert cli.main(["verify-draw", f"{base}/slow", "--timeout", "1"]) == 2
-        assert "took more than 1 s" in capsys.readouterr().err
-        monkeypatch.setattr(cli, "RECORD_MAX_BYTES", 1 << 20)
-        assert cli.main(["verify-draw", f"{base}/big"]) == 2
-        assert "larger than 1 MiB" in capsys.readouterr().err
+        for path, said in (
+            ("/slow", "took more than 1 s"),
+            ("/slow-headers", "took more than 1 s"),
+            ("/big", "larger than 1 MiB"),
+            ("/cut", "cut short"),
+            ("/cut-chunked", "not a whole HTTP answer"),
+        ):
+            assert cli.main(["verify-draw", f"{base}{path}", "--timeout", "1"]) == 2, path
+            assert said in capsys.readouterr().err, path
     finally:
         server.shutdown()
         server.server_close()
