@@ -669,13 +669,15 @@ class Store:
             # One statement for all the changed slots, not two a slot: a release may have
             # 2 000, and a PostgreSQL slow for a while held their locks, and the release's,
             # for 4 000 round trips (a staff booking on one of them waited, and failed).
-            rows = await conn.fetch(
-                """SELECT id, booked, capacity FROM slots
-                   WHERE release_id = $1 AND id = ANY($2::text[]) ORDER BY id FOR UPDATE""",
-                release_id,
-                list(capacities),
-            )
-            found = {r["id"]: r for r in rows}
+            found: dict[str, asyncpg.Record] = {}
+            if capacities:  # none: a change of windows alone
+                rows = await conn.fetch(
+                    """SELECT id, booked, capacity FROM slots
+                       WHERE release_id = $1 AND id = ANY($2::text[]) ORDER BY id FOR UPDATE""",
+                    release_id,
+                    list(capacities),
+                )
+                found = {r["id"]: r for r in rows}
             for slot_id, capacity in capacities.items():
                 current = found.get(slot_id)
                 if current is None:

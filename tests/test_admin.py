@@ -226,6 +226,23 @@ async def test_a_capacity_change_takes_as_many_statements_for_one_slot_as_for_ma
         await pool.close()
 
 
+async def test_a_capacity_change_of_a_slot_not_in_the_release_is_not_found(api: Api) -> None:
+    await api.site()
+    release, other = await api.publish([1, 1]), await api.publish([1])
+    path = f"/v1/admin/releases/{release['id']}"
+    for slot in ("s" + "0" * 12, other["slots"][0]["id"]):
+        change = {
+            "slots": [{"id": release["slots"][0]["id"], "capacity": 2}, {"id": slot, "capacity": 2}]
+        }
+        r = await api.call("PATCH", path, change, ADMIN)
+        assert r.status == 404, r.body
+        assert slot in r.body["detail"]
+    assert [
+        s["capacity"]
+        for s in (await api.call("GET", f"{path}", headers=ADMIN)).body["release"]["slots"]
+    ] == [1, 1]
+
+
 async def test_a_refused_capacity_change_changes_no_slot(api: Api, pg: asyncpg.Connection) -> None:
     """Two slots lowered at once, one below its held place: 400 names that slot, and neither
     capacity changed, in PostgreSQL or in Redis."""
