@@ -8,6 +8,7 @@ node; the releases of a test are spread over the nodes by their ids."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import MovedError, RedisError
 
@@ -210,6 +212,27 @@ repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > tonumber(ARGV[1]
 return 1"""
 
 
+@contextlib.asynccontextmanager
+async def lenient_cluster(
+    tmp_path: Path, url_node: int = 0
+) -> AsyncIterator[tuple[list[RedisServer], RedisCluster, AutoPipeline]]:
+    """Three primaries, each serving its slots whatever becomes of the others
+    (``cluster-require-full-coverage no``: a test reads the live nodes while one is down),
+    the engine's own client of them (its URL on node ``url_node``) and an AutoPipeline."""
+    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
+    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[url_node].port}")
+    redis = redis_client(settings)
+    assert isinstance(redis, RedisCluster)
+    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
+    try:
+        yield cluster, redis, auto
+    finally:
+        await auto.aclose()
+        await redis.aclose()
+        for node in cluster:  # SIGKILL: a node a test stopped (SIGSTOP) too
+            node.kill()
+
+
 async def test_a_command_is_not_sent_again_when_another_node_fails(
     tmp_path: Path, clean: None
 ) -> None:
@@ -218,51 +241,42 @@ async def test_a_command_is_not_sent_again_when_another_node_fails(
     call to a node that restarts, ran twice (a Function would: a challenge spent before its
     entry, a capacity lowered twice). Now what ran, ran once. (The other nodes serve on
     without the lost one's slots, so that the count can be read.)"""
-    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
-    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[0].port}")
-    redis = redis_client(settings)
-    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
     counted, lost = on_node(1, "counted"), on_node(2, "lost")
-    busy = node_client(cluster[1])
+    async with lenient_cluster(tmp_path) as (cluster, _, auto):
+        busy = node_client(cluster[1])
 
-    async def ran() -> bool:
-        return await busy.get(counted) is not None
+        async def ran() -> bool:
+            return await busy.get(counted) is not None
 
-    try:
-        # A pooled connection to each node: the INCR below is sent at once.
-        assert await auto.run([("EXISTS", counted), ("EXISTS", lost)]) == [0, 0]
-        cluster[2].kill()
-        assert await failed(auto.run([("EXISTS", lost)]))  # its connection lost with it
-        # Node 1 runs a script for 0.3 s: the INCR waits there while node 2 refuses the
-        # batch. Node 2 is back 50 ms on, for redis-py's retry of the batch to reach.
-        script = asyncio.ensure_future(busy.eval(BUSY, 0, 300_000))
-        await asyncio.sleep(0.05)
-        asyncio.get_running_loop().call_later(0.05, cluster[2].start)
-        await asyncio.gather(
-            auto.run([("INCR", counted)]), auto.run([("EXISTS", lost)]), return_exceptions=True
-        )
-        await script
-        await poll(ran, lambda: "\n".join(n.describe() for n in cluster))
-        await auto.aclose()  # the batch's work, redis-py's retries included, is over
-        assert int(await busy.get(counted)) == 1
-    finally:
-        await auto.aclose()
-        await busy.aclose()
-        await redis.aclose()
-        for node in cluster:
-            node.kill()
+        try:
+            # A pooled connection to each node: the INCR below is sent at once.
+            assert await auto.run([("EXISTS", counted), ("EXISTS", lost)]) == [0, 0]
+            cluster[2].kill()
+            assert await failed(auto.run([("EXISTS", lost)]))  # its connection lost with it
+            # Node 1 runs a script for 0.3 s: the INCR waits there while node 2 refuses the
+            # batch. Node 2 is back 50 ms on, for redis-py's retry of the batch to reach.
+            script = asyncio.ensure_future(busy.eval(BUSY, 0, 300_000))
+            await asyncio.sleep(0.05)
+            asyncio.get_running_loop().call_later(0.05, cluster[2].start)
+            await asyncio.gather(
+                auto.run([("INCR", counted)]),
+                auto.run([("EXISTS", lost)]),
+                return_exceptions=True,
+            )
+            await script
+            await poll(ran, lambda: "\n".join(n.describe() for n in cluster))
+            await auto.aclose()  # the batch's work, redis-py's retries included, is over
+            assert int(await busy.get(counted)) == 1
+        finally:
+            await busy.aclose()
 
 
 async def test_a_node_that_fails_fails_its_own_calls_alone(tmp_path: Path, clean: None) -> None:
     """A batch of calls for several nodes, one of them gone: redis-py's one pipeline failed
     every call of the batch, so that a failover took the calls of every release down with
     the failing node's. Each node's calls are their own pipeline now."""
-    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
-    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[0].port}")
-    redis = redis_client(settings)
-    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
     kept, lost = on_node(1, "kept"), on_node(2, "lost")
-    try:
+    async with lenient_cluster(tmp_path) as (cluster, _, auto):
         assert await auto.run([("EXISTS", kept), ("EXISTS", lost)]) == [0, 0]
         cluster[2].kill()
         assert await failed(auto.run([("EXISTS", lost)]))  # its connection lost with it
@@ -270,14 +284,9 @@ async def test_a_node_that_fails_fails_its_own_calls_alone(tmp_path: Path, clean
         served, refused = await asyncio.gather(
             auto.run([("INCR", kept)]), auto.run([("EXISTS", lost)]), return_exceptions=True
         )
-        assert auto.batches == batches + 1  # one batch, one pipeline a node
-        assert served == [1]
-        assert isinstance(refused, list) and isinstance(refused[0], RedisError), refused
-    finally:
-        await auto.aclose()
-        await redis.aclose()
-        for node in cluster:
-            node.kill()
+    assert auto.batches == batches + 1  # one batch, one pipeline a node
+    assert served == [1]
+    assert isinstance(refused, list) and isinstance(refused[0], RedisError), refused
 
 
 async def test_a_node_that_hangs_holds_back_its_own_calls_alone(
@@ -286,25 +295,15 @@ async def test_a_node_that_hangs_holds_back_its_own_calls_alone(
     """A node that stops answering (a process hung, a network cut) sends no error: the
     calls for other nodes in its batch waited for it, and failed with it at the deadline.
     Each caller is answered once its own nodes have; the hung node's at the deadline."""
-    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
-    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[0].port}")
-    redis = redis_client(settings)
-    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
     kept, hung = on_node(1, "kept"), on_node(2, "hung")
-    try:
+    async with lenient_cluster(tmp_path) as (cluster, _, auto):
         assert await auto.run([("EXISTS", kept), ("EXISTS", hung)]) == [0, 0]
         os.kill(cluster[2].pid, signal.SIGSTOP)
         served, waited = await asyncio.gather(
             auto.run([("INCR", kept)]), auto.run([("EXISTS", hung)]), return_exceptions=True
         )
-        assert served == [1]
-        assert isinstance(waited, TimeoutError), waited
-    finally:
-        os.kill(cluster[2].pid, signal.SIGCONT)
-        await auto.aclose()
-        await redis.aclose()
-        for node in cluster:
-            node.kill()
+    assert served == [1]
+    assert isinstance(waited, TimeoutError), waited
 
 
 async def test_a_node_that_lost_its_functions_has_its_own_calls_sent_again(
@@ -334,12 +333,9 @@ async def test_a_keyless_call_goes_to_another_node_once_its_node_failed(
     """A command without a key (the readiness probe's PING) goes to the client's default
     node: with redis-py's retries, which chose another after a failure, off, every PING
     went on to a node that was gone, or hung, and every worker was reported not ready."""
-    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
-    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[0].port}")
-    redis = redis_client(settings)
-    inventory = Inventory(redis, settings.redis_timeout_s, settings.retry_after_s)
-    default = None
-    try:
+    async with lenient_cluster(tmp_path) as (cluster, redis, auto):
+        timeouts = make_settings()
+        inventory = Inventory(redis, timeouts.redis_timeout_s, timeouts.retry_after_s, auto)
         await inventory.ping()
         default = redis.get_default_node()
         [gone] = [node for node in cluster if node.port == default.port]
@@ -351,13 +347,6 @@ async def test_a_keyless_call_goes_to_another_node_once_its_node_failed(
             await inventory.ping()
         await inventory.ping()
         assert redis.get_default_node().port != gone.port
-    finally:
-        if how == "hung" and default is not None:
-            os.kill(gone.pid, signal.SIGCONT)
-        await inventory.pipelining.aclose()
-        await redis.aclose()
-        for node in cluster:
-            node.kill()
 
 
 async def test_a_worker_whose_first_map_asks_a_hung_node_asks_another(
@@ -367,21 +356,11 @@ async def test_a_worker_whose_first_map_asks_a_hung_node_asks_another(
     redis-py's table of commands. That node hung: the deadline came first, nothing was
     counted as failed, and every try asked it again, so that every call, on every node,
     was a 503 until it answered. It goes last once it has not answered."""
-    cluster = await form_cluster(tmp_path, more={"cluster-require-full-coverage": "no"})
-    settings = make_settings(redis_url=f"redis+cluster://127.0.0.1:{cluster[1].port}")
-    redis = redis_client(settings)
-    auto = AutoPipeline(redis, timeout_s=settings.redis_timeout_s)
     kept = on_node(1, "kept")
-    os.kill(cluster[0].pid, signal.SIGSTOP)
-    try:
+    async with lenient_cluster(tmp_path, url_node=1) as (cluster, _, auto):
+        os.kill(cluster[0].pid, signal.SIGSTOP)
         assert await failed(auto.run([("INCR", kept)]))  # the first map: node 0 hangs
         assert await auto.run([("INCR", kept)]) == [1]
-    finally:
-        os.kill(cluster[0].pid, signal.SIGCONT)
-        await auto.aclose()
-        await redis.aclose()
-        for node in cluster:
-            node.kill()
 
 
 async def test_calls_for_a_slot_that_moved_leave_the_others_their_replies(
