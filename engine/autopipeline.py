@@ -292,13 +292,12 @@ def _node_lost(reply: Any) -> bool:
 def _node_of(cluster: RedisCluster, command: Command) -> ClusterNode:
     """The node of a Function call's first key, or of a plain command's (its first
     argument); a command without a key goes to the client's default node."""
+    key: Any  # str, bytes or a number: redis-py encodes each as it sends it
     if command[0] == "FCALL":
         key = command[3] if command[2] else None
     else:
         key = command[1] if len(command) > 1 else None
-    node = (
-        cluster.get_default_node() if key is None else cluster.get_node_from_key(key)  # type: ignore[arg-type]
-    )
+    node = cluster.get_default_node() if key is None else cluster.get_node_from_key(key)
     if node is None:  # no node known (the client's first map failed)
         raise SlotNotCoveredError("no node of the Redis Cluster is known")
     return node
