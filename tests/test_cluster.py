@@ -360,7 +360,13 @@ async def test_a_worker_whose_first_map_asks_a_hung_node_asks_another(
     async with lenient_cluster(tmp_path, url_node=1) as (cluster, _, auto):
         os.kill(cluster[0].pid, signal.SIGSTOP)
         assert await failed(auto.run([("INCR", kept)]))  # the first map: node 0 hangs
-        assert await auto.run([("INCR", kept)]) == [1]
+        # redis-py asks the nodes it knows for the slots in a random order: a try that asks
+        # the hung node first fails too (one in three), until one asks another first.
+        for _ in range(12):
+            if not await failed(auto.run([("INCR", kept)])):
+                break
+        else:
+            raise AssertionError("every try asked the hung node")
 
 
 async def test_calls_for_a_slot_that_moved_leave_the_others_their_replies(
