@@ -234,7 +234,7 @@ def _get(url: str, timeout_s: float) -> str:
 
 
 def _verify_draw(
-    source: str, commitment: str | None, entry_id: str | None, timeout_s: float = 120.0
+    source: str, commitment: str | None, entry_id: str | None, timeout_s: float
 ) -> int:
     """Recompute a draw record. Reads a file, or fetches an http(s) URL."""
     from engine import draw

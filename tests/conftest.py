@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -41,6 +41,15 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+async def statements_run(pool: asyncpg.Pool, work: Callable[[], Awaitable[object]]) -> int:
+    """How many statements the one connection of ``pool`` (size 1) ran during ``work``."""
+    async with pool.acquire() as conn:
+        raw: asyncpg.Connection = conn._con  # type: ignore[attr-defined]
+    before = raw._protocol.queries_count
+    await work()
+    return int(raw._protocol.queries_count - before)
 
 
 def make_settings(**overrides: object) -> Settings:

@@ -19,7 +19,7 @@ from engine.appkeys import RESERVATIONS
 from engine.store import Store, create_pool
 from engine.sweeper import sweep_once
 from tests.api import ADMIN, Api, applicant, ip
-from tests.conftest import DATABASE_URL, FakeClock, make_settings
+from tests.conftest import DATABASE_URL, FakeClock, make_settings, statements_run
 
 
 async def test_site_upsert_and_listing(api: Api) -> None:
@@ -206,11 +206,9 @@ async def test_a_capacity_change_takes_as_many_statements_for_one_slot_as_for_ma
     now = datetime.fromtimestamp(api.clock.now, UTC)
 
     async def statements(capacities: dict[str, int]) -> int:
-        async with pool.acquire() as conn:
-            raw: asyncpg.Connection = conn._con  # type: ignore[attr-defined]
-        before = raw._protocol.queries_count
-        await store.patch_release(release["id"], {}, capacities, now, lower=lowered)
-        return int(raw._protocol.queries_count - before)
+        return await statements_run(
+            pool, lambda: store.patch_release(release["id"], {}, capacities, now, lower=lowered)
+        )
 
     async def lowered(_booked: dict[str, int]) -> None:
         pass
