@@ -28,6 +28,10 @@ from engine.web import bearer, json_response, parse_body, preferred_type
 
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
+# The agenda CSV's separators: RFC 4180's comma, and the semicolon that a spreadsheet set to
+# French (among others) splits on, where a comma file opens as one column.
+_SEPARATORS = {"comma": ",", "semicolon": ";"}
+
 AGENDA_COLUMNS = (
     "starts_at",
     "duration_minutes",
@@ -346,6 +350,9 @@ async def agenda(request: web.Request) -> web.Response:
     if media is None:
         raise NotAcceptable("The agenda is served as application/json or text/csv")
     wants_csv = media == "text/csv"
+    separator = _SEPARATORS.get(request.query.get("separator", "comma"))
+    if separator is None:
+        raise ValidationFailed([{"field": "separator", "message": "must be comma or semicolon"}])
     store = request.app[RESERVATIONS].store
     timezone = await store.site_timezone(site_id)
     if timezone is None:
@@ -365,8 +372,11 @@ async def agenda(request: web.Request) -> web.Response:
         for row in await store.agenda(site_id, day, timezone)
     ]
     if wants_csv:
+        # A byte-order mark first: a spreadsheet opens a CSV without one in the system's
+        # legacy code page, and "Éloïse" reads "Ã‰loÃ¯se" at the counter.
         out = io.StringIO()
-        writer = csv.DictWriter(out, AGENDA_COLUMNS)
+        out.write("\ufeff")
+        writer = csv.DictWriter(out, AGENDA_COLUMNS, delimiter=separator)
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         return web.Response(

@@ -188,6 +188,14 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "description": "A day of the years 2000 to 2200, as every time the engine takes",
                 "schema": {"type": "string", "format": "date"},
             },
+            {
+                "name": "separator",
+                "in": "query",
+                "required": False,
+                "description": "The CSV's separator: a comma (RFC 4180), or a semicolon, "
+                "which a spreadsheet set to French, among others, splits on",
+                "schema": {"type": "string", "enum": ["comma", "semicolon"], "default": "comma"},
+            },
         ]
     if params:
         op["parameters"] = params

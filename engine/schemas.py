@@ -159,6 +159,10 @@ class ProcedureIn(Body):
     name: Name
 
 
+# Zone files of the IANA database that name no place's zone.
+_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
 class SiteIn(Body):
     name: Name
     timezone: Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -167,6 +171,11 @@ class SiteIn(Body):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
+        # The zone files that are not a place's zone load too: "localtime" is each host's
+        # own (workers set differently would disagree on every time), "right/" zones count
+        # leap seconds, "posix/" ones repeat the others under a second name.
+        if value in _NOT_ZONES or value.startswith(("posix/", "right/")):
+            raise ValueError("not a place's IANA time zone, such as Europe/Paris")
         try:
             zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

@@ -44,6 +44,13 @@ async def test_site_upsert_and_listing(api: Api) -> None:
     )
     assert bad.status == 400
     assert {e["field"] for e in bad.body["errors"]} == {"timezone"}
+    # Zone files that load but name no place: "localtime" is each host's own zone.
+    for zone in ("localtime", "posixrules", "Factory", "posix/Europe/Paris", "right/UTC"):
+        bad = await api.call(
+            "PUT", "/v1/admin/sites/b", {"name": "x", "timezone": zone, "procedures": []}, ADMIN
+        )
+        assert bad.status == 400, zone
+        assert {e["field"] for e in bad.body["errors"]} == {"timezone"}, zone
     bad = await api.call(
         "PUT", "/v1/admin/sites/Bad_Id", {"name": "x", "timezone": "UTC", "procedures": []}, ADMIN
     )
@@ -398,7 +405,7 @@ async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> Non
     noon = (now + timedelta(days=2)).replace(hour=12, minute=0, second=0, microsecond=0)
     release = await api.publish([2, 1], starts_in_days=(noon - now) / timedelta(days=1))
     first, second = (s["id"] for s in release["slots"])
-    person = applicant(family_name='=HYPERLINK("x")')
+    person = applicant(family_name='=HYPERLINK("x")', given_names="Éloïse")
     r = await api.call("POST", "/v1/admin/bookings", {"slot_id": first, "applicant": person}, ADMIN)
     assert r.status == 201 and r.body["booking"]["status"] == "confirmed"
     again = await api.call(
@@ -420,9 +427,28 @@ async def test_staff_booking_and_agenda(api: Api, pg: asyncpg.Connection) -> Non
         "GET", f"/v1/admin/agenda?site=bobigny&date={day}", headers={**ADMIN, "Accept": "text/csv"}
     )
     assert as_csv.status == 200 and as_csv.headers["Content-Type"].startswith("text/csv")
-    table = list(csv.DictReader(io.StringIO(as_csv.body)))
+    # A byte-order mark first, which a spreadsheet needs to read the accents as UTF-8.
+    assert as_csv.body.startswith("\ufeffstarts_at,")
+    table = list(csv.DictReader(io.StringIO(as_csv.body.removeprefix("\ufeff"))))
     assert [row["reference"] for row in table] == [b["reference"] for b in rows]
     assert table[0]["family_name"] == '\'=HYPERLINK("x")'
+    assert table[1]["family_name"] == "Zola" and table[0]["given_names"] == "Éloïse"
+    # Semicolons for a spreadsheet set to French, which opens a comma file as one column.
+    semicolons = await api.call(
+        "GET",
+        f"/v1/admin/agenda?site=bobigny&date={day}&separator=semicolon",
+        headers={**ADMIN, "Accept": "text/csv"},
+    )
+    assert semicolons.status == 200 and semicolons.body.startswith("\ufeffstarts_at;")
+    body = semicolons.body.removeprefix("\ufeff")
+    assert list(csv.DictReader(io.StringIO(body), delimiter=";")) == table
+    for separator in ("tab", "", ";"):
+        r = await api.call(
+            "GET",
+            f"/v1/admin/agenda?site=bobigny&date={day}&separator={separator}",
+            headers={**ADMIN, "Accept": "text/csv"},
+        )
+        assert r.status == 400 and r.body["errors"][0]["field"] == "separator", separator
     bad = await api.call(
         "GET",
         f"/v1/admin/agenda?site=bobigny&date={day}",
