@@ -201,7 +201,7 @@ class Settings:
             identity_period_days=period,
             max_bookings_per_identity=_int(env, "GUICHET_MAX_BOOKINGS_PER_IDENTITY", 3, 1, 1000),
             max_cancellations_per_identity=_int(
-                env, "GUICHET_MAX_CANCELLATIONS_PER_IDENTITY", 2, 0, 1000
+                env, "GUICHET_MAX_CANCELLATIONS_PER_IDENTITY", 2, 1, 1000
             ),
             max_active_per_email=_int(env, "GUICHET_MAX_ACTIVE_PER_EMAIL", 4, 1, 1000),
             retention_days=_retention(env, period),

@@ -138,6 +138,8 @@ async def test_ops_endpoints(api: Api) -> None:
         ({"GUICHET_PORT": "eighty"}, "GUICHET_PORT"),
         ({"GUICHET_WORKERS": "0"}, "GUICHET_WORKERS"),
         ({"GUICHET_PG_POOL_SIZE": "0"}, "GUICHET_PG_POOL_SIZE"),
+        # 0 refused every booking and every draw win (none has fewer cancellations than 0).
+        ({"GUICHET_MAX_CANCELLATIONS_PER_IDENTITY": "0"}, "GUICHET_MAX_CANCELLATIONS"),
         ({"GUICHET_ENV": "production"}, "GUICHET_SECRET"),
         ({"GUICHET_SECRET": "short"}, "GUICHET_SECRET"),
         (
