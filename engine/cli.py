@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         "the record's must be the same (the record alone is checked only against itself)",
     )
     verify.add_argument(
+        "--entries-digest",
+        help="the entries_digest you kept from GET /v1/releases after registration closed: "
+        "the record's must be the same (no entry added or removed since)",
+    )
+    verify.add_argument(
         "--entry-id", help="your entry id (from your registration): say what the draw gave it"
     )
     verify.add_argument(
@@ -69,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.command == "verify-draw":
-        return _verify_draw(args.record, args.commitment, args.entry_id, args.timeout)
+        return _verify_draw(
+            args.record, args.commitment, args.entries_digest, args.entry_id, args.timeout
+        )
 
     from engine import logs
 
@@ -234,9 +241,14 @@ def _get(url: str, timeout_s: float) -> str:
 
 
 def _verify_draw(
-    source: str, commitment: str | None, entry_id: str | None, timeout_s: float
+    source: str,
+    commitment: str | None,
+    entries_digest: str | None,
+    entry_id: str | None,
+    timeout_s: float,
 ) -> int:
-    """Recompute a draw record. Reads a file, or fetches an http(s) URL."""
+    """Recompute a draw record. Reads a file, or fetches an http(s) URL. ``commitment``
+    and ``entries_digest``: as the person kept them from the listing."""
     from engine import draw
 
     try:
@@ -250,14 +262,23 @@ def _verify_draw(
         print(f"guichet verify-draw: cannot read {source}: {exc}", file=sys.stderr)
         return 2
     problems = draw.verify(record)
-    if commitment is not None and commitment.strip().lower() != record.get("seed_commitment"):
-        problems.append(
-            "the record's seed commitment is not the commitment you kept: the seed is not "
-            "the one committed to when registration opened"
-        )
     mine = draw.entry_digest(entry_id) if entry_id is not None else None
-    if mine is not None and mine not in record.get("entries", []):
-        problems.append(f"your entry (digest {mine}) is not in the entry list")
+    if draw.malformed(record) is None:  # else verify says so, and nothing else is read
+        if commitment is not None and commitment.strip().lower() != record["seed_commitment"]:
+            problems.append(
+                "the record's seed commitment is not the commitment you kept: the seed is "
+                "not the one committed to when registration opened"
+            )
+        if (
+            entries_digest is not None
+            and entries_digest.strip().lower() != record["entries_digest"]
+        ):
+            problems.append(
+                "the record's entries digest is not the one you kept: the entry list is not "
+                "the one frozen when registration closed"
+            )
+        if mine is not None and mine not in record["entries"]:
+            problems.append(f"your entry (digest {mine}) is not in the entry list")
     if problems:
         print(
             f"guichet verify-draw: the record of {record.get('release')} does NOT match:",
@@ -270,12 +291,18 @@ def _verify_draw(
         f"guichet verify-draw: OK: {len(record['allocation'])} place(s) allocated among "
         f"{len(record['entries'])} entries of {record['release']}, as published"
         + (", from the seed committed to" if commitment is not None else "")
+        + (", on the entries frozen at the close" if entries_digest is not None else "")
     )
-    if record.get("beacon_source"):
+    if record.get("beacon_source") and not record.get("beacon"):
         print(
-            f"guichet verify-draw: beacon {record.get('beacon') or '(none)'!r}: check it "
-            f"against its source, named when the release was published: "
-            f"{record['beacon_source']}"
+            "guichet verify-draw: WARNING: the draw used no beacon, though the release named "
+            f"its source ({record['beacon_source']}): whoever knew the seed could know the "
+            "ranking before the draw"
+        )
+    elif record.get("beacon_source"):
+        print(
+            f"guichet verify-draw: beacon {record['beacon']!r}: check it against its source, "
+            f"named when the release was published: {record['beacon_source']}"
         )
     if mine is not None:
         if mine in record["allocation"]:

@@ -127,17 +127,49 @@ def record(
     return rec
 
 
+def malformed(rec: dict[str, Any]) -> str | None:
+    """What is not of a record's shape, if anything: a record is recomputed as it is
+    written, never coerced (entries given as an object's keys, a count of 2.9 read as 2)."""
+
+    def strings(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    for name in ("version", "release", "seed", "seed_commitment", "entries_digest"):
+        if not isinstance(rec.get(name), str):
+            return f"{name} is not a string"
+    if not isinstance(rec.get("beacon", ""), str | None):
+        return "beacon is not a string"
+    if not strings(rec.get("entries")):
+        return "entries is not a list of strings"
+    if not strings(rec.get("excluded", [])):
+        return "excluded is not a list of strings"
+    places = rec.get("places")
+    if not isinstance(places, list) or not all(
+        isinstance(p, dict)
+        and isinstance(p.get("slot"), str)
+        and isinstance(p.get("starts_at"), str)
+        and type(p.get("count")) is int
+        and p["count"] >= 0
+        for p in places
+    ):
+        return "places is not a list of {slot, starts_at, count} with a whole count"
+    allocation = rec.get("allocation")
+    if not isinstance(allocation, dict) or not all(isinstance(v, str) for v in allocation.values()):
+        return "allocation is not an object of slots"
+    return None
+
+
 def verify(rec: dict[str, Any]) -> list[str]:
     """Recompute a record; return what does not match (empty when it all does)."""
+    if (why := malformed(rec)) is not None:
+        return [f"the record is malformed: {why}"]
     problems = []
     try:
-        seed, beacon = str(rec["seed"]), str(rec.get("beacon") or "")
-        digests = [str(d) for d in rec["entries"]]
-        places = [
-            Places(str(p["slot"]), str(p["starts_at"]), int(p["count"])) for p in rec["places"]
-        ]
-        published = {str(k): str(v) for k, v in rec["allocation"].items()}
-        excluded = [str(d) for d in rec.get("excluded", [])]
+        seed, beacon = rec["seed"], rec.get("beacon") or ""
+        digests = rec["entries"]
+        places = [Places(p["slot"], p["starts_at"], p["count"]) for p in rec["places"]]
+        published = rec["allocation"]
+        excluded = rec.get("excluded", [])
         if not set(excluded) <= set(digests):
             problems.append("an excluded entry is not in the entry list")
         if rec.get("version") != VERSION:

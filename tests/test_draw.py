@@ -110,6 +110,23 @@ def test_verify_accepts_a_record_and_rejects_every_tampering() -> None:
     added["entries"].append(draw.entry_digest("intruder"))
     assert any("entries digest" in p for p in draw.verify(added))
     assert draw.verify({"nonsense": 1})
+    # Recomputed as written, never coerced: each of these read as a record before (an
+    # object's keys as its entries, a count of 2.9 as 2), or broke the command.
+    for name, value in (
+        ("entries", dict.fromkeys(rec["entries"], 1)),
+        ("entries", 5),
+        ("places", [{**rec["places"][0], "count": 2.9}]),
+        ("places", [{**rec["places"][0], "count": True}]),
+        ("allocation", list(rec["allocation"])),
+        ("release", None),
+        ("seed", 7),
+    ):
+        bad = {**copy.deepcopy(rec), name: value}
+        assert draw.malformed(bad) is not None, name
+        assert draw.verify(bad) == [f"the record is malformed: {draw.malformed(bad)}"], name
+    without_release = copy.deepcopy(rec)
+    del without_release["release"]
+    assert "release" in str(draw.verify(without_release))
 
 
 def test_verify_draw_checks_the_commitment_one_kept_and_finds_ones_entry(tmp_path: Any) -> None:
@@ -137,6 +154,34 @@ def test_verify_draw_checks_the_commitment_one_kept_and_finds_ones_entry(tmp_pat
     assert absent.returncode == 1 and "is not in the entry list" in absent.stderr, absent
     other = verify("--commitment", "ab" * 32)
     assert other.returncode == 1 and "commitment you kept" in other.stderr, other
+    # The entries digest kept after the close: a record republished on another list, its
+    # digest computed anew, matches itself but not that.
+    frozen = verify("--entries-digest", rec["entries_digest"].upper())
+    assert frozen.returncode == 0 and "entries frozen at the close" in frozen.stdout, frozen
+    relisted = verify("--entries-digest", "cd" * 32)
+    assert (
+        relisted.returncode == 1 and "entries digest is not the one you kept" in relisted.stderr
+    ), relisted
+    # A record that is not one: said so, never a traceback.
+    for name, value in (("entries", 5), ("release", None)):
+        path.write_text(json.dumps({**rec, name: value}))
+        broken = verify("--entry-id", winner)
+        assert broken.returncode == 1 and "malformed" in broken.stderr, broken
+        assert "Traceback" not in broken.stderr, broken
+    # A draw that used no beacon, though the release named its source, is said to.
+    unbeaconed_record = draw.record(
+        release="r1",
+        seed_hex=SEED,
+        beacon="",
+        digests=digests(8),
+        places=PLACES,
+        excluded=[],
+        drawn_at="2026-11-30T10:00:00Z",
+        beacon_source="Loto, 2026-12-02",
+    )
+    path.write_text(json.dumps(unbeaconed_record))
+    unbeaconed = verify()
+    assert unbeaconed.returncode == 0 and "WARNING: the draw used no beacon" in unbeaconed.stdout
 
 
 def test_verify_draw_command(tmp_path: Any) -> None:
