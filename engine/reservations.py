@@ -315,7 +315,7 @@ class Reservations:
         A release of that id published before (the retry of a request with its
         Idempotency-Key) is left as it is."""
         release, seed = with_seed(release)
-        created = await self.store.create_release(release, seed)
+        created = await self.store.create_release(release, seed, now=self.now())
         self._known = self._known | {release.id}  # known here at once, made now or before
         self.forget(release.id)  # the list of releases is read again, not kept from before
         if not created:

@@ -450,9 +450,12 @@ class Store:
 
     # Releases ----------------------------------------------------------------------------
 
-    async def create_release(self, release: Release, seed_hex: str | None = None) -> bool:
+    async def create_release(
+        self, release: Release, seed_hex: str | None = None, *, now: datetime
+    ) -> bool:
         """Store a new release; a draw release with its secret seed and its commitment.
-        False if a release of that id is there already (then nothing changes)."""
+        False if a release of that id is there already (then nothing changes). A draw is
+        refused before another of the procedure that has closed (``now``) and not drawn."""
         async with self._transaction() as conn:
             try:
                 created = await conn.fetchval(
@@ -479,6 +482,12 @@ class Store:
                 ) from None
             if created is None:
                 return False
+            if release.draw_at is not None and (
+                ahead := await _closed_draw_after(
+                    conn, release.id, release.site_id, release.procedure_id, release.draw_at, now
+                )
+            ):
+                raise ValidationFailed([{"field": "draw_at", "message": ahead}])
             await conn.executemany(
                 """INSERT INTO slots (id, release_id, starts_at, duration_minutes, capacity)
                    VALUES ($1, $2, $3, $4, $5)""",
@@ -638,6 +647,13 @@ class Store:
                 and (fixed := await _draw_places_fixed(conn, row, now))
             ):
                 errors.append({"field": "slots", "message": fixed})
+            if "draw_at" in windows and not errors:
+                if row["registration_closes_at"] <= now:
+                    errors.append({"field": "draw_at", "message": _DRAW_TIME_FIXED})
+                elif ahead := await _closed_draw_after(
+                    conn, row["id"], row["site_id"], row["procedure_id"], windows["draw_at"], now
+                ):
+                    errors.append({"field": "draw_at", "message": ahead})
             if errors:
                 raise ValidationFailed(errors)
             try:
@@ -1567,6 +1583,43 @@ async def _draw_places_fixed(
     return (
         f"this release's free places carry over to the draw of {pending}, closed and not "
         "drawn yet: change them after it"
+    )
+
+
+_DRAW_TIME_FIXED = (
+    "a draw's time is fixed from registration's close: its places depend on it (its slots "
+    "that start after it, and the free places of the procedure's draws run before it)"
+)
+
+
+async def _closed_draw_after(
+    conn: asyncpg.pool.PoolConnectionProxy,
+    release_id: str,
+    site_id: str,
+    procedure_id: str,
+    draw_at: datetime,
+    now: datetime,
+) -> str | None:
+    """Why a release may not be drawn at ``draw_at``, if it may not: a draw carries over
+    the free places of the procedure's draws run before it, so one put before a draw that
+    has closed would change that draw's places after its close."""
+    closed = await conn.fetchval(
+        """SELECT r.id FROM releases r
+           WHERE r.mode = 'draw' AND r.id <> $1 AND r.site_id = $2 AND r.procedure_id = $3
+             AND r.registration_closes_at <= $4 AND r.draw_at >= $5
+             AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
+           ORDER BY r.draw_at LIMIT 1""",
+        release_id,
+        site_id,
+        procedure_id,
+        now,
+        draw_at,
+    )
+    if closed is None:
+        return None
+    return (
+        f"must come after the draw of {closed}, closed and not drawn yet: a draw before it "
+        "would take the free places it carries over"
     )
 
 

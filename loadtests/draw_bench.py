@@ -82,7 +82,7 @@ async def main() -> None:
             draw_at=now - timedelta(hours=1),
         )
     )
-    await store.create_release(release, seed)
+    await store.create_release(release, seed, now=now)
     other = new_release(
         site_id,
         "other",
@@ -94,7 +94,7 @@ async def main() -> None:
         ],
         opens_at=now - timedelta(days=2),
     )
-    await store.create_release(other, None)
+    await store.create_release(other, None, now=now)
     secret = secrets.token_bytes(32)
     rows = []
     for i in range(args.entries):

@@ -1372,6 +1372,64 @@ async def test_a_draws_places_are_fixed_from_closing_to_the_draw(
     assert (await capacity(3)).status == 200
 
 
+async def test_the_order_of_closed_draws_is_fixed(api: Api, clock: FakeClock) -> None:
+    """A draw carries over the free places of the procedure's draws run before it, and
+    takes only slots that start after it: moving a closed draw's time, or putting a new
+    draw before it, changed its places after the close (an audit moved one draw after
+    another, which then drew one place for four entries instead of three), and whoever
+    knows the seed could choose the cut-off by it."""
+    await api.site("bobigny", ("renouvellement", "naturalisation"))
+    first = await api.publish_draw([3], closes_in_s=60, draw_in_s=600)
+    second = await api.publish_draw([1], closes_in_s=60, draw_in_s=1200)
+    assert (await api.enter(first["id"], applicant(), ip(1))).status == 201
+    for i in range(4):
+        assert (await api.enter(second["id"], applicant(), ip(10 + i))).status == 201
+    clock.advance(61)  # both closed, neither drawn
+
+    def at(seconds: float) -> str:
+        return datetime.fromtimestamp(clock.now + seconds, UTC).isoformat()
+
+    for release in (first, second):
+        moved = await api.call(
+            "PATCH", f"/v1/admin/releases/{release['id']}", {"draw_at": at(3000)}, ADMIN
+        )
+        assert moved.status == 400, moved.body
+        assert moved.body["errors"][0]["field"] == "draw_at", moved.body
+    # A new draw of the procedure may come after the closed ones, not between them.
+    before = await api.call(
+        "POST",
+        "/v1/admin/releases",
+        {
+            "site": "bobigny",
+            "procedure": "renouvellement",
+            "mode": "draw",
+            "registration_opens_at": at(-60),
+            "registration_closes_at": at(30),
+            "draw_at": at(900),
+            "slots": [{"starts_at": at(86400 * 5), "duration_minutes": 15, "capacity": 1}],
+        },
+        ADMIN,
+    )
+    assert before.status == 400 and second["id"] in str(before.body["errors"]), before.body
+    assert before.body["errors"][0]["field"] == "draw_at", before.body
+    later = await api.publish_draw([1], closes_in_s=30, draw_in_s=1200)
+    moved = await api.call(
+        "PATCH", f"/v1/admin/releases/{later['id']}", {"draw_at": at(900)}, ADMIN
+    )
+    assert moved.status == 400 and second["id"] in str(moved.body["errors"]), moved.body
+    assert (
+        await api.call("PATCH", f"/v1/admin/releases/{later['id']}", {"draw_at": at(1300)}, ADMIN)
+    ).status == 200
+    # Another procedure's draws carry no places to these.
+    await api.publish_draw([1], procedure="naturalisation", closes_in_s=30, draw_in_s=90)
+    clock.advance(1200)
+    await api.client.app[LOTTERY].run_due()
+    # The second draw has the places it had at its close: its own, and the first's two.
+    record = (await api.call("GET", f"/v1/releases/{second['id']}/draw")).body
+    assert sum(p["count"] for p in record["places"]) == 3, record["places"]
+    assert len(record["allocation"]) == 3 and draw.verify(record) == []
+
+
 async def test_no_entry_slips_in_after_the_list_is_frozen(
     api: Api, clock: FakeClock, pg: asyncpg.Connection
 ) -> None:
