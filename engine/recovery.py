@@ -35,11 +35,12 @@ Bookings = list[tuple[str, str, str]]  # reference, slot, the hold it confirmed 
 _REBUILD_LOCK_MS = 5000
 _REBUILD_WAIT_S = 0.05
 _REBUILD_WAIT_FOR_S = 2.0  # how long a request waits for another worker's rebuild
-# A release published this recently whose inventory is missing was never built: its
-# publish is building it (between PostgreSQL's commit and Redis's write, where a poller
-# or the sweeper finds it), or put it off while Redis did not answer. Far longer than a
-# publish's build takes (its timeouts: 5 s and 1 s).
-_JUST_PUBLISHED_S = 30.0
+# A build within this long of a release's first build (PostgreSQL records when) raced it:
+# its publish was building it when a poller or the sweeper found it missing (between
+# PostgreSQL's commit and Redis's write), and both built it. Far longer than a publish's
+# build takes (its timeouts: 5 s and 1 s). A first build is never a loss, however late: a
+# release published while Redis did not answer is built once it is back.
+_FIRST_BUILD_S = 30.0
 
 
 class Recovery:
@@ -86,7 +87,7 @@ class Recovery:
                 # A capacity was lowered while this read: the next call reads again.
                 log.warning("inventory_rebuild_stale", release=release_id)
             elif outcome == "rebuilt":
-                if await self._just_published(release_id):
+                if await self._first_build(release_id):
                     # Built for the first time, not lost: no alert (GuichetInventoryRebuilt).
                     log.info("inventory_built", release=release_id)
                 else:
@@ -95,11 +96,11 @@ class Recovery:
         finally:
             await self.inventory.unlock(lock, token)
 
-    async def _just_published(self, release_id: str) -> bool:
-        """Whether the release was published too recently for its inventory to have been
-        built before; when PostgreSQL cannot say, not (a rebuild is counted, not hidden)."""
+    async def _first_build(self, release_id: str) -> bool:
+        """Whether this was the inventory's first build (recorded now), or raced it; when
+        PostgreSQL cannot say, not (a rebuild is counted, not hidden)."""
         try:
-            return await self.store.published_within(release_id, _JUST_PUBLISHED_S)
+            return await self.store.built(release_id, _FIRST_BUILD_S)
         except StoreUnavailable:
             return False
 

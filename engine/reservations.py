@@ -323,12 +323,18 @@ class Reservations:
         try:
             # From a snapshot, like any write of capacities to Redis: a capacity change
             # committed meanwhile must not be written over (docs/consistency.md, section 8).
-            await self.recovery.from_snapshot(
+            outcome = await self.recovery.from_snapshot(
                 release.id,
                 lambda fence, caps, books: self.inventory.rebuild(release.id, fence, caps, books),
             )
         except StoreUnavailable:
             log.warning("inventory_build_deferred", release=release.id)
+            return
+        if outcome != "stale":
+            # Built: a build after this one is a rebuild, Redis having lost it. Unrecorded
+            # (PostgreSQL gone meanwhile), the first build after a loss passes for the first.
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.built(release.id, 0)
 
     async def current_release(self, release_id: str) -> Release:
         """A release as PostgreSQL has it now, not from the cache: what staff read before

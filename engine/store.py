@@ -551,16 +551,18 @@ class Store:
         async with self._connection() as conn:
             return [r["id"] for r in await conn.fetch("SELECT id FROM releases")]
 
-    async def published_within(self, release_id: str, seconds: float) -> bool:
-        """Whether the release was published in the last ``seconds``, by PostgreSQL's clock
-        (its ``created_at`` is PostgreSQL's too)."""
+    async def built(self, release_id: str, within_s: float) -> bool:
+        """Record that the release's inventory has been written to Redis (the first time
+        only), and say whether that first time was in the last ``within_s`` seconds, by
+        PostgreSQL's clock: a first build, or one racing it, not a loss."""
         async with self._connection() as conn:
             return bool(
                 await conn.fetchval(
-                    "SELECT created_at > now() - make_interval(secs => $2)"
-                    " FROM releases WHERE id = $1",
+                    """UPDATE releases SET inventory_built_at = coalesce(inventory_built_at, now())
+                       WHERE id = $1
+                       RETURNING inventory_built_at > now() - make_interval(secs => $2)""",
                     release_id,
-                    seconds,
+                    within_s,
                 )
             )
 
