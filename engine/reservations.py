@@ -623,6 +623,14 @@ class Reservations:
             # them refused (429) until their hold, still confirming, was given away.
             await self.limiter.give_back(self.limiter.own(spent))
             raise
+        except (RateLimited, SlotFull) as exc:
+            if "identity" in spent and (isinstance(exc, SlotFull) or exc.extra["level"] == "email"):
+                # Refused for the email address or the place, not for the person: their
+                # token goes back. Anyone who knows a document number could otherwise lock
+                # its person out of confirming, with an email at its cap and one hold, each
+                # refusal handing the hold back for the next (an audit did).
+                await self.limiter.give_back([spent["identity"]])
+            raise
         self.metrics.count(self.metrics.confirms, "confirmed")
         return confirmation
 

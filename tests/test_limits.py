@@ -216,6 +216,27 @@ async def test_replays_in_a_persons_name_do_not_lock_them_out(clean: None) -> No
         assert (await api.enter(draw, victim, "10.0.0.1")).status == 201
 
 
+async def test_confirms_refused_for_an_email_do_not_lock_a_person_out(clean: None) -> None:
+    """A confirm refused for its email address (at its cap of active bookings) hands its
+    hold back, for the next attempt. It took the person's identity token: with one hold
+    and an email at its cap, someone who knew a document number kept its owner refused
+    (429 identity) at the confirm of the place they held (an audit did). The email's
+    refusal is not the person's: their token goes back."""
+    async with engine(limit_identity=Rate(2, 7200), max_active_per_email=1) as api:
+        release = await api.publish([1, 1, 1])
+        slots = [s["id"] for s in release["slots"]]
+        full = "farm@example.org"
+        await api.book(slots[0], applicant(email=full), "10.9.9.1")
+        victim = applicant()
+        named = applicant(id_number=victim["id_number"], email=full)
+        attackers = (await api.hold(slots[1], "10.9.9.2")).body
+        for _ in range(3):
+            refused = await api.confirm(attackers, named, "10.9.9.2")
+            assert refused.status == 429 and refused.body["level"] == "email", refused.body
+        hold = (await api.hold(slots[2], "10.0.0.1")).body
+        assert (await api.confirm(hold, victim, "10.0.0.1")).status == 201
+
+
 async def test_a_replay_refused_by_its_address_leaves_the_holds_token(clean: None) -> None:
     """A replay takes the hold's bucket with the address's and its networks'. One that
     another bucket refused (another client on the hold's trail, a carrier NAT whose
