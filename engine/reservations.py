@@ -646,7 +646,7 @@ class Reservations:
         if booking.hold_token_hash is None or not matches(token, booking.hold_token_hash):
             raise Unauthorized("Wrong hold token")
         self.metrics.count(self.metrics.confirms, "replayed")
-        return Confirmation(booking, self._cancel_token(token))
+        return Confirmation(booking, self._cancel_token_of(booking, token, hold_id))
 
     async def _book(
         self,
@@ -660,7 +660,7 @@ class Reservations:
     ) -> Confirmation:
         """The PostgreSQL step and the Redis step that follows it, for a confirming hold."""
         secret = self.settings.secret
-        cancel_token = self._cancel_token(token)
+        cancel_token = self._cancel_token(token, hold_id)
         try:
             booking = await self.store.book(
                 reference=new_reference(),
@@ -703,7 +703,19 @@ class Reservations:
         log.info("booking_confirmed", booking=booking.reference, slot=slot_id, hold=hold_id)
         return Confirmation(booking, cancel_token)
 
-    def _cancel_token(self, hold_token: str) -> str:
+    def _cancel_token(self, hold_token: str, hold_id: str) -> str:
+        """A booking's cancel token: of its hold's token and its hold's id. A hold's token
+        is not one hold's: an Idempotency-Key sent again from an address once its hold has
+        ended is granted a new hold with the same token, and the two bookings shared one
+        cancel token (an audit booked two people so)."""
+        return derived_token(self.settings.secret, "cancel", hold_token, hold_id)
+
+    def _cancel_token_of(self, booking: Booking, hold_token: str, hold_id: str) -> str:
+        """The cancel token ``booking`` was made with, for a confirm's replay: of its hold's
+        token alone for a booking made before the hold's id was part of it."""
+        token = self._cancel_token(hold_token, hold_id)
+        if matches(token, booking.cancel_token_hash):
+            return token
         return derived_token(self.settings.secret, "cancel", hold_token)
 
     # Staff bookings ----------------------------------------------------------------------
@@ -769,7 +781,7 @@ class Reservations:
         if booking is None:
             return None
         log.info("booking_replayed", booking=booking.reference, hold=hold_id, channel="staff")
-        return Confirmation(booking, self._cancel_token(token))
+        return Confirmation(booking, self._cancel_token_of(booking, token, hold_id))
 
     async def _staff_hold_and_book(
         self, release: Release, slot_id: str, hold_id: str, token: str, applicant: Applicant

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 
+import asyncpg
 import pytest
 
 from engine import inventory as inventory_module
+from engine.appkeys import SETTINGS
+from engine.tokens import derived_token, token_hash
 from tests.api import Api, applicant
 
 
@@ -169,3 +172,39 @@ async def test_a_slot_is_not_full_while_its_expired_holds_wait_to_be_given_back(
     # Full indeed once nothing has expired: slot-full, as before.
     full = await api.hold(slot, "10.0.0.9")
     assert (full.status, full.body["type"]) == (409, "/problems/slot-full"), full.body
+
+
+async def test_two_holds_of_one_idempotency_key_give_two_cancel_tokens(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """An Idempotency-Key sent again from an address once its hold has ended is granted a
+    new hold, with the token of the first (it is of the address, the key and the slot).
+    Each booking's cancel token was of that token alone: two people's bookings shared one
+    (an audit booked them so). It is of the hold's id too; a booking made before that
+    gets its own back at a confirm's replay."""
+    await api.site()
+    release = await api.publish([2])
+    slot = release["slots"][0]["id"]
+    first = (await api.hold(slot, "10.0.0.7", key="k")).body
+    one = await api.confirm(first, applicant(), "10.0.0.7")
+    second = (await api.hold(slot, "10.0.0.7", key="k")).body
+    assert second["hold_id"] != first["hold_id"]
+    two = await api.confirm(second, applicant(), "10.0.0.7")
+    assert (one.status, two.status) == (201, 201), (one.body, two.body)
+    assert one.body["cancel_token"] != two.body["cancel_token"]
+    # A booking whose cancel token was of its hold's token alone (made before) gets that
+    # one back at a confirm's replay, and it cancels.
+    secret = api.client.app[SETTINGS].secret
+    before = derived_token(secret, "cancel", first["hold_token"])
+    reference = one.body["booking"]["reference"]
+    await pg.execute(
+        "UPDATE bookings SET cancel_token_hash = $2 WHERE reference = $1",
+        reference,
+        token_hash(before),
+    )
+    replayed = await api.confirm(first, applicant(), "10.0.0.7")
+    assert replayed.status == 201 and replayed.body["cancel_token"] == before, replayed.body
+    cancel = await api.call(
+        "DELETE", f"/v1/bookings/{reference}", headers={"Authorization": f"Bearer {before}"}
+    )
+    assert cancel.status == 204

@@ -139,7 +139,7 @@ async def _crash_after_commit(api: Api, slot: str, person: dict[str, str]) -> di
         family_name=a.family_name,
         given_names=a.given_names,
         birth_date=a.birth_date,
-        cancel_token_hash=token_hash(domain._cancel_token(hold["hold_token"])),
+        cancel_token_hash=token_hash(domain._cancel_token(hold["hold_token"], hold["hold_id"])),
     )
     return hold  # type: ignore[no-any-return]
 
@@ -258,7 +258,7 @@ async def test_booking_cancelled_before_its_confirm_settled(api: Api, clock: Fak
         hold = await _crash_after_commit(api, slot, person)
         booking = await domain.store.booking_by_hold(hold["hold_id"])
         assert booking is not None
-        cancel_token = domain._cancel_token(hold["hold_token"])
+        cancel_token = domain._cancel_token(hold["hold_token"], hold["hold_id"])
         r = await api.call(
             "DELETE",
             f"/v1/bookings/{booking.reference}",
