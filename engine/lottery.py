@@ -30,7 +30,7 @@ from engine.limits import Client, FoundSpent
 from engine.logs import log
 from engine.models import Booking, DrawOutcome, Entry, Release
 from engine.render import local
-from engine.reservations import Reservations
+from engine.reservations import Reservations, outside_registration
 from engine.store import DrawRaced
 from engine.tokens import (
     derived_id,
@@ -117,7 +117,7 @@ class Lottery:
                 return replayed
             if expired:
                 raise ChallengeExpired("The challenge's time ran out; ask for a new one")
-            raise _outside_registration(release, now)
+            raise outside_registration(release, now)
         if self._spent.times(paid.id, now_ms):
             # Spent, as Redis told this worker: this request's retry, or a replay, each a
             # PostgreSQL lookup. The buckets of a confirm's replay bound it, not the global
@@ -219,7 +219,7 @@ class Lottery:
             return replayed
         now = self._now()
         if not release.registration_opens_at <= now < release.registration_closes_at:
-            raise _outside_registration(release, now)
+            raise outside_registration(release, now)
         try:
             await self._add_entry(release, entry_id, token, applicant, identity, None)
         except IdentityAlreadyBooked:
@@ -403,15 +403,3 @@ class Lottery:
                 # and the next due draws must not wait for Redis.
                 log.warning("draw_reconcile_deferred", release=touched)
         return outcome
-
-
-def _outside_registration(release: Release, now: datetime) -> NotOpen:
-    """An entry outside registration: before it opens, come back then."""
-    assert release.registration_opens_at and release.registration_closes_at
-    detail = (
-        f"Registration is open from {local(release.registration_opens_at, release.timezone)} "
-        f"to {local(release.registration_closes_at, release.timezone)}"
-    )
-    if now < release.registration_opens_at:
-        return NotOpen.until(release.registration_opens_at, now, detail)
-    return NotOpen(detail)

@@ -414,7 +414,13 @@ class Reservations:
         now = self.now()
         if all(slot.starts_at <= now for slot in release.slots):
             raise NotOpen("Every slot of this release has started")
-        if release.opens_at is not None and now < release.opens_at - self._challenge_lead:
+        if release.mode == "draw":
+            # A challenge outside registration paid for an entry refused all the same,
+            # once solved (an audit). Registration lasts days: no lead before it opens.
+            assert release.registration_opens_at and release.registration_closes_at
+            if not release.registration_opens_at <= now < release.registration_closes_at:
+                raise outside_registration(release, now)
+        elif release.opens_at is not None and now < release.opens_at - self._challenge_lead:
             # Issued earlier, a challenge would be stockpiled by a farm for the opening, or
             # expire before it was of use (docs/abuse.md).
             raise NotOpen.until(
@@ -946,3 +952,16 @@ def _to_ms(moment: datetime) -> int:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)  # made once: timedelta(milliseconds=1) costs 1.4 µs a call
+
+
+def outside_registration(release: Release, now: datetime) -> NotOpen:
+    """An entry (or its challenge) outside a draw's registration: before it opens, come
+    back then."""
+    assert release.registration_opens_at and release.registration_closes_at
+    detail = (
+        f"Registration is open from {local(release.registration_opens_at, release.timezone)} "
+        f"to {local(release.registration_closes_at, release.timezone)}"
+    )
+    if now < release.registration_opens_at:
+        return NotOpen.until(release.registration_opens_at, now, detail)
+    return NotOpen(detail)

@@ -290,7 +290,10 @@ async def test_entries_and_windows(api: Api, clock: FakeClock) -> None:
     release = (await api.publish_draw([2], opens_in_s=60))["id"]
     listed = (await api.call("GET", "/v1/releases")).body["releases"][0]
     assert listed["mode"] == "draw" and len(listed["seed_commitment"]) == 64
-    early = await api.enter(release)
+    # No challenge outside registration: solved, it paid for an entry refused all the same.
+    early = await api.call(
+        "POST", "/v1/challenges", {"release": release}, {"X-Forwarded-For": ip(1)}
+    )
     assert early.status == 409 and early.body["type"] == "/problems/not-open"
     # In the site's time, as listed (it was in UTC).
     window = f"from {listed['registration_opens_at']} to {listed['registration_closes_at']}"
@@ -325,14 +328,25 @@ async def test_entries_and_windows(api: Api, clock: FakeClock) -> None:
     path = f"/v1/releases/{release}/entries/{withdrawn.body['entry_id']}"
     assert (await api.call("DELETE", path, headers=auth)).status == 204
     assert (await entry_status(api, release, withdrawn.body))["status"] == "withdrawn"
-    clock.advance(86400)
-    late = await api.enter(release, applicant(), ip(7))
+    clock.advance(86400 - 61 - 30)
+    paid = await api.solved(release, ip(7))  # 30 s before the close
+    clock.advance(60)
+    late = await api.call(
+        "POST",
+        f"/v1/releases/{release}/entries",
+        {**paid, "applicant": applicant()},
+        {"X-Forwarded-For": ip(7)},
+    )
     assert late.status == 409 and late.body["type"] == "/problems/not-open"
+    closed = await api.call(
+        "POST", "/v1/challenges", {"release": release}, {"X-Forwarded-For": ip(7)}
+    )
+    assert closed.status == 409 and closed.body["type"] == "/problems/not-open", closed.body
+    assert window in closed.body["detail"] and "Retry-After" not in closed.headers
     undrawn = await api.call("GET", f"/v1/releases/{release}/draw")
     assert undrawn.status == 409 and listed["draw_at"] in undrawn.body["detail"], undrawn.body
     # An entry for a release that does not exist: 404, not 403 for the challenge (which
     # can only have been made for another release).
-    paid = await api.solved(release, ip(8))
     body = {**paid, "applicant": applicant()}
     nowhere = await api.call(
         "POST", f"/v1/releases/r{'0' * 12}/entries", body, {"X-Forwarded-For": ip(8)}
@@ -1192,9 +1206,12 @@ async def test_a_cancelled_draw_place_goes_to_the_next_draw(
         headers={"Authorization": f"Bearer {won['cancel_token']}"},
     )
     assert r.status == 204
-    # Not back online: a draw release takes no holds.
-    hold = await api.hold(won["booking"]["slot"]["id"], ip(2))
-    assert hold.status == 409 and hold.body["type"] == "/problems/not-open"
+    # Not back online: a draw release takes no holds (test_entries_and_windows), nor
+    # issues a challenge once its registration is over.
+    challenge = await api.call(
+        "POST", "/v1/challenges", {"release": first}, {"X-Forwarded-For": ip(2)}
+    )
+    assert challenge.status == 409 and challenge.body["type"] == "/problems/not-open"
     second = (await api.publish_draw([1], starts_in_days=10))["id"]
     for i in range(3):
         assert (await api.enter(second, applicant(), ip(10 + i))).status == 201
