@@ -53,7 +53,7 @@ from engine.settings import Settings
 from engine.singleflight import SingleFlight
 from engine.store import Store, below_floor
 from engine.tokens import (
-    REFERENCE,
+    canonical_reference,
     derived_id,
     derived_token,
     is_signed,
@@ -858,9 +858,9 @@ class Reservations:
                 await self.limiter.lookup_missed(who)
             raise
 
-    async def _booking(self, reference: str) -> Booking:
-        if not REFERENCE.match(reference):
-            raise NotFound(f"No booking {reference!r}")
+    async def _booking(self, typed: str) -> Booking:
+        if (reference := canonical_reference(typed)) is None:
+            raise NotFound(f"No booking {typed!r}")
         booking = await self.store.booking(reference)
         if booking is None:
             raise NotFound(f"No booking {reference!r}")
@@ -876,10 +876,10 @@ class Reservations:
         the counter (normalised as at booking). The number is kept by nobody, only its
         keyed hash: a booking made under a made-up number for someone else's name is found
         out here."""
-        if not REFERENCE.match(reference):
+        if (canonical := canonical_reference(reference)) is None:
             raise NotFound(f"No booking {reference!r}")
         matches = await self.store.check_identity(
-            reference, document_hash(self.settings.secret, id_number)
+            canonical, document_hash(self.settings.secret, id_number)
         )
         if matches is None:
             raise NotFound(f"No booking {reference!r}")

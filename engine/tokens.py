@@ -12,7 +12,6 @@ import base64
 import functools
 import hashlib
 import hmac
-import re
 import secrets
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -136,7 +135,18 @@ def _id_key(secret: bytes) -> bytes:
     return hmac_sha256(secret, b"signed-id")
 
 
-REFERENCE = re.compile(r"^[0-9A-Z]{2}-[0-9A-Z]{4}-[0-9A-Z]{4}$")
+# What a reference may be typed as: any case, with or without its dashes or spaces, and O
+# for 0, I or L for 1 (Crockford's base32, which references are in, reads them so).
+_TYPED = str.maketrans("OIL", "011", " -")
+
+
+def canonical_reference(typed: str) -> str | None:
+    """A booking reference as the engine writes it (``GQ-7K2M-9X4P``), from one as a person
+    or an agent types it (``gq 7k2m 9x4p``, ``GQ7K2M9X4P``), or None if it cannot be one."""
+    chars = typed.upper().translate(_TYPED)
+    if len(chars) != 10 or not typed.isascii() or any(c not in _CROCKFORD for c in chars):
+        return None
+    return f"{chars[:2]}-{chars[2:6]}-{chars[6:]}"
 
 
 def new_reference() -> str:

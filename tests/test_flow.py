@@ -39,6 +39,9 @@ async def test_hold_confirm_read_cancel(api: Api) -> None:
     cancel = {"Authorization": f"Bearer {done.body['cancel_token']}"}
     read = await api.call("GET", f"/v1/bookings/{booking['reference']}", headers=cancel)
     assert read.status == 200 and read.body["booking"] == booking
+    typed = booking["reference"].lower().replace("-", "")  # as a phone's keyboard gives it
+    read = await api.call("GET", f"/v1/bookings/{typed}", headers=cancel)
+    assert read.status == 200 and read.body["booking"] == booking
 
     gone = await api.call("DELETE", f"/v1/bookings/{booking['reference']}", headers=cancel)
     assert gone.status == 204

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.tokens import (
-    REFERENCE,
+    canonical_reference,
     hmac_sha256,
     is_signed,
     keyed_hash,
@@ -46,8 +46,19 @@ def test_ids_use_the_alphabet_and_the_length() -> None:
 def test_references_use_crockford_base32() -> None:
     refs = {new_reference() for _ in range(2000)}
     assert len(refs) == 2000
-    assert all(REFERENCE.match(r) for r in refs)
+    assert all(re.fullmatch(r"[0-9A-Z]{2}-[0-9A-Z]{4}-[0-9A-Z]{4}", r) for r in refs)
     assert set("".join(r.replace("-", "") for r in refs)) == set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+    assert all(canonical_reference(r) == r for r in refs)
+
+
+def test_a_reference_is_found_as_people_type_it() -> None:
+    """Read aloud at the counter, typed on a phone: any case, dashes or spaces or none, and
+    O for 0, I or L for 1, as Crockford's base32 reads them. It was found only exactly."""
+    for typed in ("gq-7k2m-9x4p", "GQ7K2M9X4P", "gq 7k2m 9x4p", " GQ-7K2M-9X4P "):
+        assert canonical_reference(typed) == "GQ-7K2M-9X4P", typed
+    assert canonical_reference("1O-ILLI-OOOO") == "10-1111-0000"
+    for wrong in ("GQ-7K2M-9X4", "GQ-7K2M-9X4PP", "GQ-7K2M-9X4U", "GQ-7K2M-9X4É", "ßßßßß", ""):
+        assert canonical_reference(wrong) is None, wrong
 
 
 def test_a_token_bound_id_tells_a_wrong_token() -> None:
