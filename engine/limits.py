@@ -400,7 +400,9 @@ def _refuse(level: str, seconds: int) -> None:
 _STOCKPILE_BLOCK_MS = 1000
 
 _DETAILS = {
-    "unspent": "Spend or let expire the challenges you have before asking for more",
+    # Not "you": behind a carrier's NAT (or an IPv6 /64) the challenges may be others'.
+    "unspent": "Too many challenges not yet used from this address (on a shared network, "
+    "other people's count): try again once one is used or has expired",
     "address": "Too many attempts from this address",
     "net": "Too many attempts from this network",
     "net48": "Too many attempts from this network",
