@@ -35,7 +35,7 @@ from engine.appkeys import (
 from engine.autopipeline import AutoPipeline
 from engine.errors import SchemaBehind
 from engine.inventory import AnyRedis, Inventory, Pipelining
-from engine.logs import log
+from engine.logs import log, quiet_unreadable_bodies
 from engine.lottery import Lottery
 from engine.metrics import Metrics
 from engine.multiplex import Multiplexed
@@ -212,6 +212,7 @@ def create_app(
     metrics = Metrics()
     answer_unreadable_requests_as_problems(metrics)
     app = web.Application(client_max_size=settings.max_body_bytes)
+    quiet_unreadable_bodies()
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[CLOCK] = clock

@@ -12,6 +12,8 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
+from aiohttp.web_protocol import RequestPayloadError
+
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
 # The staff agent an admin request's token names (engine/admin.py): in its log lines and
 # its audit rows. Set by the admin token's check; aiohttp runs each request in a task of
@@ -75,6 +77,20 @@ class _Formatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def _not_an_unreadable_body(record: logging.LogRecord) -> bool:
+    """Whether an aiohttp.server record is not its "Unhandled exception" for a request
+    body it could not read (a Content-Encoding that does not decode): the engine answered
+    that request 400 already (engine/web.py), and aiohttp logged it again, with a
+    traceback at ERROR, as it read the body's rest: a log flood anyone could send (an
+    audit found it)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], RequestPayloadError))
+
+
+def quiet_unreadable_bodies() -> None:
+    """Drop aiohttp's second report of a body it could not read (idempotent)."""
+    logging.getLogger("aiohttp.server").addFilter(_not_an_unreadable_body)
 
 
 def configure(level: str = "INFO") -> None:
