@@ -122,6 +122,10 @@ def test_the_example_configuration_loads_these_rules_under_their_job() -> None:
     jobs = [job["job_name"] for job in config["scrape_configs"]]
     down = next(rule for rule in alerts() if rule["alert"] == "GuichetDown")
     assert jobs == ["guichet"] and 'job="guichet"' in down["expr"]
+    # The job's own interval: merged into a configuration at Prometheus's default of 1m, the
+    # alerts' rates over a minute had one sample in it, and never fired (an audit).
+    interval = config["scrape_configs"][0]["scrape_interval"]
+    assert promql_parser.parse_duration(interval).total_seconds() <= 20
 
 
 def test_every_alert_is_complete_and_has_its_runbook() -> None:
