@@ -20,11 +20,16 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
 
 from engine.logs import log
+
+# One worker's /metrics as several's: its own registry added a ``_created`` series for each
+# counter and histogram, which the multiprocess mode does not (an audit). Process-wide.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _DIFFICULTY_BUCKETS = tuple(range(0, 33, 2))
@@ -188,7 +193,8 @@ class Metrics:
         )
         self.store_errors = Counter(
             "guichet_store_unavailable",
-            "Calls to a store that did not answer in time, or said it cannot serve now.",
+            "Requests refused (503) because Redis or PostgreSQL did not answer in time, or "
+            "said it cannot serve now (readiness probes included).",
             registry=r,
         )
         self.redis_writes = Counter(

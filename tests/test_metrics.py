@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -83,3 +84,14 @@ def test_values_on_a_bound_go_in_that_bucket() -> None:
     assert 'duration_seconds_bucket{le="5.0",route="/healthz",status_class="2xx"} 3.0' in text
     assert 'duration_seconds_bucket{le="+Inf",route="/healthz",status_class="2xx"} 4.0' in text
     assert 'duration_seconds_count{route="/healthz",status_class="2xx"} 4.0' in text
+
+
+def test_one_worker_exports_what_several_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single worker's own registry added a ``_created`` series for each counter and
+    histogram, which several workers' (multiprocess mode) do not: the same /metrics now."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics()
+    metrics.count(metrics.holds, "granted")
+    text = metrics.render().decode()
+    assert 'guichet_holds_total{outcome="granted"} 1.0' in text
+    assert "_created" not in text
