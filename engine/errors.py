@@ -119,6 +119,12 @@ class HoldConfirming(GuichetError):
     name, status, title = "hold-confirming", 409, "A confirmation of this hold is under way"
 
 
+class HoldConfirmed(GuichetError):
+    """A hold given back once it was booked: the confirm, sent again, answers the booking."""
+
+    name, status, title = "hold-confirmed", 409, "This hold was confirmed"
+
+
 class PreconditionFailed(GuichetError):
     """``If-Match`` named none of the release's current ETag: it changed since it was read
     (another agent's change, a withdrawing cancel)."""

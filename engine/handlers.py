@@ -202,7 +202,9 @@ async def confirm_hold(request: web.Request) -> web.Response:
 
 async def delete_hold(request: web.Request) -> web.Response:
     token = bearer(request)
-    await request.app[RESERVATIONS].release_hold(request.match_info["hold_id"], token)
+    await request.app[RESERVATIONS].release_hold(
+        request.match_info["hold_id"], token, _client(request)
+    )
     return web.Response(status=204)
 
 

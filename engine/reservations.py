@@ -28,6 +28,7 @@ from engine.errors import (
     CancelledOtherwise,
     ChallengeExpired,
     ChallengeSpent,
+    HoldConfirmed,
     HoldConfirming,
     HoldExpired,
     NotCommitted,
@@ -576,16 +577,29 @@ class Reservations:
             raise Unauthorized("Wrong hold token")
         return release, record
 
-    async def release_hold(self, hold_id: str, token: str) -> None:
+    async def release_hold(self, hold_id: str, token: str, client: str) -> None:
         release, record = await self._hold_for(hold_id, token)
-        if record is None:
-            raise HoldExpired("This hold expired or was released")
-        outcome = await self.inventory.release_hold(release.id, hold_id, self.now_ms())
-        if outcome == "confirming":
-            raise HoldConfirming("This hold is being confirmed and cannot be released now")
-        if outcome == "gone":
-            raise HoldExpired("This hold expired or was released")
-        log.info("hold_released", hold=hold_id)
+        if record is not None:
+            outcome = await self.inventory.release_hold(release.id, hold_id, self.now_ms())
+            if outcome == "confirming":
+                raise HoldConfirming("This hold is being confirmed and cannot be released now")
+            if outcome != "gone":
+                log.info("hold_released", hold=hold_id)
+                return
+        # Gone from Redis: expired, released, or booked. A site that gives the hold back
+        # after a confirm whose answer was lost told the person it had expired, and they
+        # had a booking they could not see (an audit). A PostgreSQL lookup, which any hold
+        # id once issued can ask for again: the buckets of a confirm's replay.
+        await self.limiter.replay(Client.of(client), hold_id)
+        booking = await self.store.booking_by_hold(hold_id)
+        if booking is not None:
+            if booking.hold_token_hash is None or not matches(token, booking.hold_token_hash):
+                raise Unauthorized("Wrong hold token")
+            raise HoldConfirmed(
+                f"This hold was confirmed (booking {booking.reference}): send its confirm "
+                "again to get the booking and its cancel token"
+            )
+        raise HoldExpired("This hold expired or was released")
 
     # Confirm -----------------------------------------------------------------------------
 

@@ -120,7 +120,15 @@ ROUTES: tuple[Route, ...] = (
         handlers.delete_hold,
         "Give a hold back",
         204,
-        errors=("unauthorized", "not-found", "hold-expired", "hold-confirming", *_STORE),
+        errors=(
+            "unauthorized",
+            "not-found",
+            "hold-expired",
+            "hold-confirming",
+            "hold-confirmed",
+            "rate-limited",
+            *_STORE,
+        ),
         auth="hold",
     ),
     Route(

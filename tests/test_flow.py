@@ -211,3 +211,25 @@ async def test_two_holds_of_one_idempotency_key_give_two_cancel_tokens(
         "DELETE", f"/v1/bookings/{reference}", headers={"Authorization": f"Bearer {before}"}
     )
     assert cancel.status == 204
+
+
+async def test_a_booked_hold_given_back_says_it_was_booked(api: Api) -> None:
+    """A site that gives a hold back after a confirm whose answer was lost was told the
+    hold had expired or been released: the person had a booking they could not see, and
+    their next attempt was refused as their second (an audit). It is told the hold was
+    confirmed, and the confirm, sent again, answers the booking."""
+    await api.site()
+    release = await api.publish([2])
+    hold = (await api.hold(release["slots"][0]["id"])).body
+    person = applicant()
+    booked = await api.confirm(hold, person)
+    assert booked.status == 201
+    auth = {"Authorization": f"Bearer {hold['hold_token']}"}
+    given_back = await api.call("DELETE", f"/v1/holds/{hold['hold_id']}", headers=auth)
+    assert given_back.status == 409, given_back.body
+    assert given_back.body["type"] == "/problems/hold-confirmed", given_back.body
+    assert booked.body["booking"]["reference"] in given_back.body["detail"]
+    again = await api.confirm(hold, person)
+    assert again.body["booking"] == booked.body["booking"]
+    assert again.body["cancel_token"] == booked.body["cancel_token"]
+    assert await api.free(release["id"]) == {release["slots"][0]["id"]: 1}
