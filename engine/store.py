@@ -461,8 +461,8 @@ class Store:
                 created = await conn.fetchval(
                     """INSERT INTO releases (id, site_id, procedure_id, mode, opens_at,
                            registration_opens_at, registration_closes_at, draw_at,
-                           seed, seed_commitment, beacon_source)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                           seed, seed_commitment, beacon_source, inventory_built_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL)
                        ON CONFLICT (id) DO NOTHING RETURNING id""",
                     release.id,
                     release.site_id,
@@ -556,11 +556,17 @@ class Store:
         only), and say whether that first time was in the last ``within_s`` seconds, by
         PostgreSQL's clock: a first build, or one racing it, not a loss."""
         async with self._connection() as conn:
+            # Written the first time only: a rebuild reads the row, and neither writes it
+            # nor waits for a draw or a change that holds it locked.
             return bool(
                 await conn.fetchval(
-                    """UPDATE releases SET inventory_built_at = coalesce(inventory_built_at, now())
-                       WHERE id = $1
-                       RETURNING inventory_built_at > now() - make_interval(secs => $2)""",
+                    """WITH first AS (
+                           UPDATE releases SET inventory_built_at = now()
+                            WHERE id = $1 AND inventory_built_at IS NULL
+                           RETURNING inventory_built_at)
+                       SELECT coalesce((SELECT inventory_built_at FROM first),
+                                       (SELECT inventory_built_at FROM releases WHERE id = $1))
+                              > now() - make_interval(secs => $2)""",
                     release_id,
                     within_s,
                 )

@@ -3,9 +3,9 @@
 -- it, counted and alerted (GuichetInventoryRebuilt). A first build is not, however late it
 -- comes: a release published while Redis did not answer is built once Redis is back (its
 -- age alone called that a loss when Redis had been away over 30 s).
--- The releases published before this migration were built: '-infinity', long ago, given as
--- the column's default while it is added (kept in the catalogue, no row rewritten), then
--- dropped, so that a release published from now on has none until it is built.
+-- The engine publishes a release with none (NULL, written out), and records its first
+-- build. The default, '-infinity' (long ago), is for every other row: the releases there
+-- before this migration, and those an engine of before it publishes during a rolling
+-- deploy, which never records a build. Kept in the catalogue: no row is rewritten.
 SET LOCAL lock_timeout = '2s';
 ALTER TABLE releases ADD COLUMN inventory_built_at timestamptz DEFAULT '-infinity';
-ALTER TABLE releases ALTER COLUMN inventory_built_at DROP DEFAULT;

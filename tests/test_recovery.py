@@ -95,7 +95,8 @@ async def test_a_published_inventory_lost_is_a_rebuild(
     api: Api, redis: aioredis.Redis, pg: asyncpg.Connection
 ) -> None:
     """A publish that built the inventory records it: lost later, it is rebuilt and
-    counted, as any other."""
+    counted, as any other. So is a release an engine of before the record published
+    (during a rolling deploy), which never records a build: it has the column's default."""
     await api.site()
     release = await api.publish([2])
     built = "SELECT inventory_built_at FROM releases WHERE id = $1"
@@ -108,6 +109,11 @@ async def test_a_published_inventory_lost_is_a_rebuild(
     await redis.flushdb()
     assert await api.free(release["id"]) == {release["slots"][0]["id"]: 2}
     assert domain_of(api).metrics.rebuilds._value.get() == 1
+    older = await api.publish([2])
+    await pg.execute("UPDATE releases SET inventory_built_at = DEFAULT WHERE id = $1", older["id"])
+    await redis.flushdb()
+    assert await api.free(older["id"]) == {older["slots"][0]["id"]: 2}
+    assert domain_of(api).metrics.rebuilds._value.get() == 2
 
 
 async def test_redis_flushed_then_hold_rebuilds_first(api: Api, redis: aioredis.Redis) -> None:
