@@ -1188,7 +1188,7 @@ class Store:
                 """SELECT r.id FROM releases r
                    WHERE r.mode = 'draw' AND r.draw_at <= $1
                      AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
-                   ORDER BY r.draw_at""",
+                   ORDER BY r.draw_at, r.id""",
                 now,
             )
         return [r["id"] for r in rows]
@@ -1362,7 +1362,8 @@ class Store:
         transaction. A crash anywhere rolls it all back, and running again gives the same
         result, since its inputs were frozen when registration closed. None if not due,
         drawn, or busy: its release row locked (another worker running it, a change to the
-        release), or another draw of its procedure at its site running. A busy draw is not
+        release), another draw of its procedure at its site running, or one due before it
+        and not drawn (which runs first: GuichetDrawOverdue if it never does). A busy draw is not
         waited for (a draw takes seconds, and every worker's sweeper would queue behind
         it): the next sweep runs it, or finds it drawn."""
         async with self._transaction(2 * CALLS_PER_DEADLINE * DRAW_TIMEOUT_S) as conn:
@@ -1386,6 +1387,22 @@ class Store:
             if not await conn.fetchval(
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
                 f"draw:{rel['site_id']}:{rel['procedure_id']}",
+                timeout=DRAW_TIMEOUT_S,
+            ):
+                return None
+            # And in the order of their draw times (then ids): one run before an earlier
+            # one not drawn yet (passed by, failing, racing a confirm) took the free places
+            # that one carries over, its places changed after its close. It waits.
+            if await conn.fetchval(
+                """SELECT 1 FROM releases r
+                   WHERE r.mode = 'draw' AND r.site_id = $1 AND r.procedure_id = $2
+                     AND (r.draw_at, r.id) < ($3, $4)
+                     AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
+                   LIMIT 1""",
+                rel["site_id"],
+                rel["procedure_id"],
+                rel["draw_at"],
+                release_id,
                 timeout=DRAW_TIMEOUT_S,
             ):
                 return None

@@ -110,6 +110,12 @@ async def test_entries_of_a_draw_that_never_ran_are_purged_and_then_passed_over(
     # which would book someone without a name.
     await api.site()
     clock.now -= 100 * DAY
+    # A draw of the procedure before it, drawn with nobody entered: its place (a slot in
+    # 100 days) is carried to the next.
+    carrier = await api.publish_draw([1], closes_in_s=1, draw_in_s=2, starts_in_days=200)
+    clock.advance(3)
+    lottery = api.client.app[LOTTERY]
+    assert (await lottery.run(carrier["id"])) is not None
     late = (await api.publish_draw([1]))["id"]  # slots 97 days ago; its draw was due 99
     entry = await api.enter(late, applicant(), ip(1))
     assert entry.status == 201, entry.body
@@ -119,13 +125,9 @@ async def test_entries_of_a_draw_that_never_ran_are_purged_and_then_passed_over(
     assert await store.purge(5) == Purged(0, 1, more=False)
     row = await pg.fetchrow("SELECT * FROM entries WHERE id = $1", entry.body["entry_id"])
     assert (row["family_name"], row["birth_date"], row["status"]) == ("", None, "registered")
-    # Another draw of the procedure, drawn with nobody entered: its place is carried.
-    carrier = (await api.publish_draw([1], closes_in_s=1, draw_in_s=2))["id"]
-    clock.advance(3)
-    lottery = api.client.app[LOTTERY]
-    assert (await lottery.run(carrier)) is not None
     [outcome] = await lottery.run_due()
-    assert (outcome.entries, outcome.allocated) == (1, 0)
+    # One place, the carrier's (its own slots have started), and nobody to take it.
+    assert (outcome.entries, outcome.places, outcome.allocated) == (1, 1, 0)
     row = await pg.fetchrow("SELECT * FROM entries WHERE id = $1", entry.body["entry_id"])
     assert (row["status"], row["excluded"]) == ("withdrawn", True)
     assert await pg.fetchval("SELECT count(*) FROM bookings") == 0
