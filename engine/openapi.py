@@ -196,6 +196,14 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 "which a spreadsheet set to French, among others, splits on",
                 "schema": {"type": "string", "enum": ["comma", "semicolon"], "default": "comma"},
             },
+            {
+                "name": "bom",
+                "in": "query",
+                "required": False,
+                "description": "The CSV begins with a UTF-8 byte-order mark, which a "
+                "spreadsheet needs to read its accents as UTF-8",
+                "schema": {"type": "boolean", "default": False},
+            },
         ]
     if params:
         op["parameters"] = params
