@@ -237,6 +237,25 @@ async def test_confirms_refused_for_an_email_do_not_lock_a_person_out(clean: Non
         assert (await api.confirm(hold, victim, "10.0.0.1")).status == 201
 
 
+async def test_a_confirm_refused_for_its_place_leaves_the_persons_token(clean: None) -> None:
+    """PostgreSQL refusing a confirm's place (its slot full there, Redis not yet told)
+    is the place's refusal, not the person's: their token goes back, as for an email."""
+    async with engine(limit_identity=Rate(1, 7200)) as api:
+        release = await api.publish([1, 1])
+        slots = [s["id"] for s in release["slots"]]
+        person = applicant()
+        hold = (await api.hold(slots[0], "10.0.0.1")).body
+        pg = await asyncpg.connect(DATABASE_URL)
+        try:  # the place gone in PostgreSQL alone, as a capacity lowered there would be
+            await pg.execute("UPDATE slots SET capacity = 0 WHERE id = $1", slots[0])
+        finally:
+            await pg.close()
+        full = await api.confirm(hold, person, "10.0.0.1")
+        assert full.status == 409 and full.body["type"] == "/problems/slot-full", full.body
+        other = (await api.hold(slots[1], "10.0.0.2")).body
+        assert (await api.confirm(other, person, "10.0.0.2")).status == 201
+
+
 async def test_a_replay_refused_by_its_address_leaves_the_holds_token(clean: None) -> None:
     """A replay takes the hold's bucket with the address's and its networks'. One that
     another bucket refused (another client on the hold's trail, a carrier NAT whose
