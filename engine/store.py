@@ -557,7 +557,9 @@ class Store:
         PostgreSQL's clock: a first build, or one racing it, not a loss."""
         async with self._connection() as conn:
             # Written the first time only: a rebuild reads the row, and neither writes it
-            # nor waits for a draw or a change that holds it locked.
+            # nor waits for a draw or a change that holds it locked. Neither written nor
+            # found (the snapshot is from before a first build that was committing as this
+            # one waited for it): a first build too, raced (a review).
             return bool(
                 await conn.fetchval(
                     """WITH first AS (
@@ -565,7 +567,8 @@ class Store:
                             WHERE id = $1 AND inventory_built_at IS NULL
                            RETURNING inventory_built_at)
                        SELECT coalesce((SELECT inventory_built_at FROM first),
-                                       (SELECT inventory_built_at FROM releases WHERE id = $1))
+                                       (SELECT inventory_built_at FROM releases WHERE id = $1),
+                                       now())
                               > now() - make_interval(secs => $2)""",
                     release_id,
                     within_s,

@@ -116,6 +116,28 @@ async def test_a_published_inventory_lost_is_a_rebuild(
     assert domain_of(api).metrics.rebuilds._value.get() == 2
 
 
+async def test_two_first_builds_at_once_are_one_first_build(
+    api: Api, pg: asyncpg.Connection
+) -> None:
+    """A first build that waits for another one committing (a publish's and a poller's,
+    queued behind a change that held the release's row) read the row from before it, found
+    no build recorded, and was counted as a loss (a review)."""
+    await api.site()
+    release = (await api.publish([1]))["id"]
+    await pg.execute("UPDATE releases SET inventory_built_at = NULL WHERE id = $1", release)
+    store = domain_of(api).store
+    async with pg.transaction():
+        await pg.execute("UPDATE releases SET inventory_built_at = now() WHERE id = $1", release)
+        racing = asyncio.create_task(store.built(release, 30))
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+        for _ in range(500):
+            if await pg.fetchval(waiting):
+                break
+            await asyncio.sleep(0.01)
+        assert await pg.fetchval(waiting), "the second build never waited for the first"
+    assert await racing is True
+
+
 async def test_redis_flushed_then_hold_rebuilds_first(api: Api, redis: aioredis.Redis) -> None:
     await api.site()
     release = await api.publish([1])
