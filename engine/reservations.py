@@ -590,8 +590,14 @@ class Reservations:
         # after a confirm whose answer was lost told the person it had expired, and they
         # had a booking they could not see (an audit). A PostgreSQL lookup, which any hold
         # id once issued can ask for again: the buckets of a confirm's replay.
-        await self.limiter.replay(Client.of(client), hold_id)
-        booking = await self.store.booking_by_hold(hold_id)
+        spent = await self.limiter.replay(Client.of(client), hold_id)
+        try:
+            booking = await self.store.booking_by_hold(hold_id)
+        except StoreUnavailable:
+            # The hold's own token back, as a confirm's: retried on Retry-After through a
+            # slow PostgreSQL, these left the confirm that answers the booking refused.
+            await self.limiter.give_back(self.limiter.own(spent))
+            raise
         if booking is not None:
             if booking.hold_token_hash is None or not matches(token, booking.hold_token_hash):
                 raise Unauthorized("Wrong hold token")

@@ -576,6 +576,26 @@ async def test_a_booked_confirm_retried_through_a_slow_postgresql_keeps_its_toke
         assert again.body["cancel_token"] == booked.body["cancel_token"]
 
 
+async def test_a_booked_hold_given_back_through_a_slow_postgresql_keeps_its_tokens(
+    clean: None,
+) -> None:
+    """Giving a booked hold back looks its booking up (409 hold-confirmed), with a
+    confirm replay's buckets: a lookup PostgreSQL could not answer gives the hold's token
+    back, as a confirm's does (a review)."""
+    async with engine(limit_hold=Rate(2, 7200), pg_timeout_s=0.3) as api:
+        release = await api.publish([1])
+        hold = (await api.hold(release["slots"][0]["id"], "10.0.0.1")).body
+        assert (await api.confirm(hold, applicant(), "10.0.0.1")).status == 201  # one token
+        auth = {"Authorization": f"Bearer {hold['hold_token']}", "X-Forwarded-For": "10.0.0.1"}
+        path = f"/v1/holds/{hold['hold_id']}"
+        async with held("LOCK TABLE bookings IN ACCESS EXCLUSIVE MODE"):
+            for _ in range(3):
+                slow = await api.call("DELETE", path, headers=auth)
+                assert (slow.status, slow.body.get("level")) == (503, "store"), slow.body
+        told = await api.call("DELETE", path, headers=auth)  # the second token
+        assert told.body["type"] == "/problems/hold-confirmed", told.body
+
+
 async def test_no_stockpile_of_unspent_challenges(
     clean: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
