@@ -323,7 +323,8 @@ class Lottery:
 
     async def run_due(self) -> list[DrawOutcome]:
         """Freeze closed registrations, then run every due draw (each exactly once). One
-        release that cannot be frozen or drawn does not hold back the others."""
+        release that cannot be frozen or drawn does not hold back the others, but for the
+        later draws of its procedure at its site (``Store.run_draw``)."""
         now = self._now()
         for release_id in await self.store.closed_unfrozen(now):
             try:
