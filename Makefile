@@ -73,7 +73,7 @@ pytest: venv
 	. ./$(ENV_FILE) && $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # A Locust scenario (SCENARIO=fcfs or draw), headless, against an engine it starts (or
-# LOAD_ARGS='--host URL --admin-token TOKEN --difficulty BITS --database-url DSN' for a
+# LOAD_ARGS='--host URL --admin-token=TOKEN --difficulty BITS --database-url DSN' for a
 # running one). Reports: loadtests/reports/.
 load: services
 	. ./$(ENV_FILE) && $(PY) loadtests/run_load.py --scenario $(SCENARIO) --users $(USERS) \

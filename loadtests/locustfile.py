@@ -4,7 +4,7 @@
 
 Run by hand:
     locust -f loadtests/locustfile.py --headless -u 60 -r 20 -t 60s --host http://127.0.0.1:8080 \
-        --scenario fcfs --admin-token TOKEN --database-url DSN --pow-difficulty 10 \
+        --scenario fcfs --admin-token=TOKEN --database-url DSN --pow-difficulty 10 \
         --csv loadtests/reports/fcfs --html loadtests/reports/fcfs.html \
         --summary loadtests/reports/fcfs-summary.json
 
@@ -23,8 +23,11 @@ person takes ``--phone-seconds`` for a challenge at it, and twice as long per ex
 At the end the summary JSON has requests per second and p50/p95/p99 by endpoint, outcomes
 by status, the flows each user class completed, and fairness: the share of places bots won
 (their buyers' bookings, counted in PostgreSQL) against their share of the population.
-PostgreSQL is checked for overbooked slots; any makes the run fail (exit code 1), and so
-does a release that database does not have, or a spent challenge granted a second hold.
+PostgreSQL is checked for overbooked slots, and for every booking a confirm was answered
+201 for (and the run did not cancel): any slot overbooked or any such booking not confirmed
+there makes the run fail (exit code 1), and so does a release that database does not have,
+or a spent challenge granted a second hold. A call answered other than with a success or a
+refusal the scenario provokes (409, 410, 429, 503) fails in Locust's reports.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ from locust.env import Environment
 from engine.pow import solve
 
 SITE, PROCEDURE = "load", "storm"
+# What people's and bots' calls may be answered: a success, or a refusal the scenario
+# provokes (no place, not open, spent or expired, a limit, the engine shedding load).
+# Anything else (400, 401, 403, 404, 500) fails the request in Locust's reports.
+_ANSWERS = frozenset({200, 201, 204, 409, 410, 429, 503})
 
 
 class Run:
@@ -67,6 +74,9 @@ class Run:
     started = 0.0
     outcomes: defaultdict[str, Counter[int]] = defaultdict(Counter)
     flows: Counter[str] = Counter()
+    # The bookings a confirm was answered 201 for, and not cancelled since: each must be
+    # confirmed in PostgreSQL at the end (no confirmed booking lost).
+    confirmed: set[str] = set()
     people = itertools.count(1)
     bots = itertools.count(1)
 
@@ -187,7 +197,6 @@ class Client(FastHttpUser):
         name: str,
         body: Any = None,
         token: str | None = None,
-        ok: tuple[int, ...] = (200, 201, 204),
         address: str | None = None,
     ) -> tuple[int, Any]:
         headers = {"X-Forwarded-For": address or self.address}
@@ -198,8 +207,10 @@ class Client(FastHttpUser):
         ) as r:
             status = r.status_code
             data = r.json() if r.text else None
-            if status in ok or 400 <= status < 500 or status == 503:
+            if status in _ANSWERS:
                 r.success()  # refusals are outcomes here, counted in the summary
+            else:  # 400, 401, 403, 404, 500...: the scenario, or the engine, is broken
+                r.failure(f"{status}: {data}")
             return status, data
 
     def free_slots(self) -> list[str]:
@@ -208,11 +219,11 @@ class Client(FastHttpUser):
         )
         return [s["id"] for s in body["slots"] if s["free"]] if status == 200 else []
 
-    def challenge(self, address: str | None = None) -> dict[str, Any] | None:
+    def challenge(self, address: str | None = None) -> tuple[int, dict[str, Any] | None]:
         status, body = self.call(
             "POST", "/v1/challenges", "/v1/challenges", {"release": RUN.release}, address=address
         )
-        return body if status == 201 else None
+        return status, body if status == 201 else None
 
 
 class Person(Client):
@@ -247,8 +258,9 @@ class Person(Client):
         if not free:
             RUN.flows["Person: nothing free"] += 1  # looks again later, as people do
             return
-        c = self.challenge()
+        status, c = self.challenge()
         if c is None:
+            RUN.flows[f"Person: challenge refused ({status})"] += 1
             return
         nonces = self.solve_like_a_phone(c)
         paid = {"slot_id": random.choice(free), "challenge": c["challenge"], "nonces": nonces}
@@ -273,17 +285,23 @@ class Person(Client):
             RUN.flows[f"Person: confirm refused ({status})"] += 1
             return
         RUN.flows["Person"] += 1
+        ref = booked["booking"]["reference"]
+        RUN.confirmed.add(ref)
         self.done = True
         if RUN.flows["Person"] % 5 == 1:  # one in five finds the time does not suit: cancels
-            ref = booked["booking"]["reference"]
             status, _ = self.call(
                 "DELETE", f"/v1/bookings/{ref}", "/v1/bookings/[ref]", token=booked["cancel_token"]
             )
+            if status == 204:
+                RUN.confirmed.discard(ref)
             RUN.flows["Person: cancelled" if status == 204 else f"Person: cancel ({status})"] += 1
 
     def enter(self) -> None:
-        c = self.challenge()
+        status, c = self.challenge()
         if c is None:
+            RUN.flows[f"Person: challenge refused ({status})"] += 1
+            if status == 409:  # registration closed: nothing left to enter
+                self.done = True
             return
         nonces = self.solve_like_a_phone(c)
         status, _ = self.call(
@@ -322,9 +340,11 @@ class Bot(Client):
         RUN.buyers += len(self.waiting)
 
     def rotate(self) -> str:
-        """The next address of the bot farm's proxy pool."""
-        n = next(self.addresses)
-        self.address = f"{RUN.bot_net}.{n >> 8 & 255}.{n & 255}"
+        """An address of the bot farm's proxy pool, anywhere in it: a pool's addresses are
+        spread over many networks (in order, 256 attempts in a row shared one /24, and its
+        network's bucket, which no real pool would)."""
+        n = random.getrandbits(16)
+        self.address = f"{RUN.bot_net}.{n >> 8}.{n & 255}"
         return self.address
 
     def attempt(self, slot: str, buyer: dict[str, str], other: str | None) -> None:
@@ -332,7 +352,7 @@ class Bot(Client):
         ``other``; hand back a hold that could not be confirmed (bots that sit on holds
         would only make every run a run of expired holds)."""
         address = self.rotate()  # parallel attempts: each keeps its own address
-        c = self.challenge(address)
+        _, c = self.challenge(address)
         if c is None:
             self.waiting.append(buyer)
             return
@@ -357,7 +377,7 @@ class Bot(Client):
         if status != 201:
             self.waiting.append(buyer)
             return
-        booked, _ = self.call(
+        booked, done = self.call(
             "POST",
             f"/v1/holds/{hold['hold_id']}/confirm",
             "/v1/holds/[id]/confirm",
@@ -367,24 +387,25 @@ class Bot(Client):
         )
         if booked == 201:
             RUN.flows["Bot"] += 1
+            RUN.confirmed.add(done["booking"]["reference"])
             return
         self.release(hold, address)
         if booked != 409:  # identity-already-booked: that buyer has a place after all
             self.waiting.append(buyer)
 
     def release(self, hold: dict[str, Any], address: str) -> None:
-        self.call(
+        status, _ = self.call(
             "DELETE",
             f"/v1/holds/{hold['hold_id']}",
             "/v1/holds/[id]",
             token=hold["hold_token"],
             address=address,
         )
+        RUN.flows["Bot: hold given back" if status == 204 else f"Bot: give back ({status})"] += 1
 
     def enter(self, buyer: dict[str, str]) -> None:
         address = self.rotate()
-        c = self.challenge(address)
-        status = None
+        status, c = self.challenge(address)
         if c is not None:
             nonces = solve(c["challenge"], c["difficulty"], c["puzzles"])
             status, _ = self.call(
@@ -396,7 +417,7 @@ class Bot(Client):
             )
         if status == 201:
             RUN.flows["Bot"] += 1
-        elif status != 409:  # 409: entered already, or registration has closed
+        elif status != 409:  # 409: entered already, or registration closed (its challenge)
             self.waiting.append(buyer)
 
     @task
@@ -492,9 +513,11 @@ def _wait_for_draw(env: Environment, seconds: float = 30) -> dict[str, Any] | No
 
 def _database(dsn: str) -> dict[str, int]:
     """The release as PostgreSQL has it (loadtests/dbcheck.py): slots, overbooked slots,
-    confirmed bookings, and the bots' buyers' among them."""
+    confirmed bookings, the bots' buyers' among them, and the bookings answered confirmed
+    that it does not have confirmed."""
     out = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("dbcheck.py")), dsn, RUN.release, "Bot"],
+        input=json.dumps(sorted(RUN.confirmed)),
         capture_output=True,
         text=True,
         check=True,
@@ -544,15 +567,25 @@ def _summary(environment: Environment, **_: Any) -> None:
             "draw_entries": len(record["entries"]) if record else None,
         },
         "overbooked_slots": db["overbooked"],
+        "confirmed_answered": len(RUN.confirmed),
+        "confirmed_lost": db["missing"],
     }
     path = Path(opts.summary)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2))
     print(
-        json.dumps({k: summary[k] for k in ("scenario", "flows", "fairness", "overbooked_slots")})
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("scenario", "flows", "fairness", "overbooked_slots", "confirmed_lost")
+            }
+        )
     )
     failures = [
         "slots overbooked" if db["overbooked"] else "",
+        f"{db['missing']} bookings answered confirmed are not in PostgreSQL"
+        if db["missing"]
+        else "",
         "the release is not in this database (--database-url)" if not db["slots"] else "",
         "the draw never came" if RUN.mode == "draw" and record is None else "",
         "a spent challenge was granted a hold" if RUN.flows["Bot: spent challenge granted"] else "",

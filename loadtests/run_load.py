@@ -1,7 +1,7 @@
 """Run a Locust scenario headless, against a running engine or one started for the run.
 
     python loadtests/run_load.py --scenario fcfs|draw [--users 60] [--time 60s]
-        [--host URL --admin-token TOKEN --difficulty BITS] [--database-url DSN]
+        [--host URL --admin-token=TOKEN --difficulty BITS] [--database-url DSN]
 
 Without --host it starts `python -m engine serve` on a free loopback port, with the
 settings a load test needs (X-Forwarded-For believed from 127.0.0.1, a low proof-of-work
