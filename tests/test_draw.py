@@ -79,15 +79,19 @@ def test_every_entry_has_the_same_chance() -> None:
     assert sum(wins.values()) == seeds * 2
 
 
-def make_record(**changes: Any) -> dict[str, Any]:
+def make_record(
+    beacon: str = "b", beacon_source: str | None = None, **changes: Any
+) -> dict[str, Any]:
+    """A record drawn with ``beacon`` (its source named or not), then ``changes`` made."""
     rec = draw.record(
         release="r1",
         seed_hex=SEED,
-        beacon="b",
+        beacon=beacon,
         digests=digests(8),
         places=PLACES,
         excluded=[],
         drawn_at="2026-11-30T10:00:00Z",
+        beacon_source=beacon_source,
     )
     rec.update(changes)
     return rec
@@ -169,17 +173,7 @@ def test_verify_draw_checks_the_commitment_one_kept_and_finds_ones_entry(tmp_pat
         assert broken.returncode == 1 and "malformed" in broken.stderr, broken
         assert "Traceback" not in broken.stderr, broken
     # A draw that used no beacon, though the release named its source, is said to.
-    unbeaconed_record = draw.record(
-        release="r1",
-        seed_hex=SEED,
-        beacon="",
-        digests=digests(8),
-        places=PLACES,
-        excluded=[],
-        drawn_at="2026-11-30T10:00:00Z",
-        beacon_source="Loto, 2026-12-02",
-    )
-    path.write_text(json.dumps(unbeaconed_record))
+    path.write_text(json.dumps(make_record(beacon="", beacon_source="Loto, 2026-12-02")))
     unbeaconed = verify()
     assert unbeaconed.returncode == 0 and "WARNING: the draw used no beacon" in unbeaconed.stdout
 
@@ -187,7 +181,7 @@ def test_verify_draw_checks_the_commitment_one_kept_and_finds_ones_entry(tmp_pat
 def test_verify_draw_command(tmp_path: Any) -> None:
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps(make_record()))
-    bad.write_text(json.dumps(make_record(beacon="other")))
+    bad.write_text(json.dumps({**make_record(), "beacon": "other"}))
     ok = subprocess.run(
         [sys.executable, "-m", "engine", "verify-draw", str(good)],
         capture_output=True,
