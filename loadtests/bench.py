@@ -1852,10 +1852,11 @@ class Bench:
                 )
         for row in self.rows:
             total = sum(row.engine_statuses.values())
-            wrong = total - row.engine_statuses.get(str(row.expect), 0)
-            if row.met is not None and (row.measured.exhausted or wrong > total / 100):
-                # A rate that counts re-sent requests, or answers other than the path's
-                # (over 1 %: cheap refusals padding a hold's rate), proves nothing.
+            wrong = total - row.engine_statuses.get(str(row.expect), 0) + row.measured.errors
+            if row.met is not None and (row.measured.exhausted or not total or wrong > total / 100):
+                # A rate that counts re-sent requests, answers other than the path's or
+                # failed connections (over 1 %: cheap refusals padding a hold's rate), or
+                # answers the engine did not count (its metrics unread), proves nothing.
                 row.met = False
         if self.wrk is None:
             self.notes.append(

@@ -9,8 +9,10 @@ difficulty so that the load generator's own CPU is not the bottleneck), and stop
 With --host, the engine must trust X-Forwarded-For from this machine, --difficulty must be
 its GUICHET_POW_DIFFICULTY (low, for the same reason) and --database-url its database.
 Reports go to loadtests/reports/: Locust's CSV and HTML, and SCENARIO-summary.json. Exits
-with Locust's code: non-zero when a slot was overbooked, the release is not in the
-database, a spent challenge was granted a hold, or the draw never came.
+with Locust's code: non-zero when a slot was overbooked, a booking answered confirmed is
+not in the database (confirmed), the release is not in the database, a spent challenge
+was granted a hold, the draw never came, or any request failed (answered other than the
+scenario provokes: a 400, 401, 403, 404, 500, a dropped connection).
 """
 
 from __future__ import annotations
