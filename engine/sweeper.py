@@ -8,6 +8,7 @@ would only waste work, and a draw runs once whoever runs it).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import time
@@ -35,6 +36,10 @@ class SweepReport:
     # full reconcile, if asked for, was done).
     failure: Exception | None = None
     swept: bool = True
+    # The release the pass stopped at, two in a row having failed: the next pass begins
+    # after it, so that the same two do not keep the releases after them from ever being
+    # swept.
+    stopped_at: str | None = None
 
 
 # Up to this many calls of RECLAIM_LIMIT holds each, a release, a pass: 100 000 holds.
@@ -63,10 +68,16 @@ async def sweep_once(
 
 
 async def sweep(
-    domain: Reservations, *, reconcile: bool, lottery: Lottery | None = None, purge: bool = False
+    domain: Reservations,
+    *,
+    reconcile: bool,
+    lottery: Lottery | None = None,
+    purge: bool = False,
+    start_after: str | None = None,
 ) -> SweepReport:
     """One pass over the active releases, the due draws when ``lottery`` is given, and the
     purge of personal data past its retention when ``purge`` is (and a retention is set).
+    The releases are gone through in id order, from the one after ``start_after``.
     Visits none if another worker holds the lock (a draw runs once whoever runs it).
 
     A step that fails does not hold back the others: the draws and the purge need only
@@ -95,10 +106,12 @@ async def sweep(
     failure: Exception | None = None
     swept = False
     purged = None
+    stopped_at = None
     try:
         releases = await domain.store.active_release_ids(domain.now())
+        first = bisect.bisect_right(releases, start_after) if start_after is not None else 0
         timed_out = False  # the release before this one
-        for release_id in releases:
+        for release_id in releases[first:] + releases[:first]:
             try:
                 try:
                     await _reclaim(domain, release_id)
@@ -112,7 +125,10 @@ async def sweep(
                 if timed_out or not await _stores_answer(domain):
                     # Down for the next releases too, or swamped (two in a row: a Redis a
                     # flood keeps busy still answers a ping): each would wait for its
-                    # timeouts, and add to the load. The next pass tries again.
+                    # timeouts, and add to the load. The next pass tries again, from the
+                    # release after this one (an audit: two neighbours failing for good
+                    # kept every release after them unswept, pass after pass).
+                    stopped_at = release_id
                     break
                 # This release's alone (a script or a query over its time limit, one shard
                 # of a cluster): the releases after it must not wait for it, pass after
@@ -142,7 +158,14 @@ async def sweep(
         with contextlib.suppress(StoreUnavailable):
             await domain.inventory.unlock(SWEEPER_LOCK, lock)
     return SweepReport(
-        len(releases), settled, corrections, draws, purged, failure=failure, swept=swept
+        len(releases),
+        settled,
+        corrections,
+        draws,
+        purged,
+        failure=failure,
+        swept=swept,
+        stopped_at=stopped_at,
     )
 
 
@@ -180,11 +203,15 @@ async def run(lottery: Lottery, stop: asyncio.Event) -> None:
     domain = lottery.domain
     settings = domain.settings
     next_reconcile = next_purge = time.monotonic()
+    start_after = None
     while not stop.is_set():
         try:
             due = time.monotonic() >= next_reconcile
             purge = time.monotonic() >= next_purge
-            report = await sweep(domain, reconcile=due, lottery=lottery, purge=purge)
+            report = await sweep(
+                domain, reconcile=due, lottery=lottery, purge=purge, start_after=start_after
+            )
+            start_after = report.stopped_at
             if report.swept and report.releases and due:
                 next_reconcile = time.monotonic() + settings.reconcile_interval_s
             if report.purged is not None:

@@ -127,8 +127,8 @@ class Blackhole:
 class TcpProxy:
     """Forwards 127.0.0.1:port to an upstream store. ``stop()`` aborts every forwarded
     connection and closes the listener (connects are refused); ``start()`` listens again on
-    the same port. ``hold_back(needle)``: from then on, what a client sends in a read that
-    contains ``needle`` is kept in ``held`` instead of forwarded, so that the test can make the
+    the same port. ``hold_back(*needles)``: from then on, what a client sends in a read that
+    contains one of them is kept in ``held`` instead of forwarded, so that the test can make the
     call reach the store when it chooses, as a call the client gave up on may; with
     ``replies=True``, what the store answers instead (a reply lost on its way back). It
     matches each read as it comes: keep the needle short and the calls small, or it may fall
@@ -139,7 +139,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._needle: bytes | None = None
+        self._needles: tuple[bytes, ...] = ()
         self._replies = False
         self.held: list[bytes] = []
         self.port = 0
@@ -153,11 +153,13 @@ class TcpProxy:
         await proxy.start()
         return proxy, with_port(url, proxy.port)
 
-    def hold_back(self, needle: bytes | None, *, replies: bool = False) -> None:
-        self._needle, self._replies = needle, replies
+    def hold_back(self, *needles: bytes, replies: bool = False) -> None:
+        """Keep back what holds any of ``needles`` (none: nothing), the requests or the
+        ``replies``."""
+        self._needles, self._replies = needles, replies
 
     def _keep(self, data: bytes, reply: bool) -> bool:
-        if self._needle is not None and self._needle in data and reply == self._replies:
+        if any(n in data for n in self._needles) and reply == self._replies:
             self.held.append(data)
             return True
         return False

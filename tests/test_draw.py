@@ -442,7 +442,7 @@ async def test_an_entry_whose_commit_was_not_acknowledged_is_found_again(
             lost = await phone.call("POST", path, body, {"X-Forwarded-For": ip(1)})
             assert lost.status == 503, lost.body
             assert len(proxy.held) == 1
-            proxy.hold_back(None)
+            proxy.hold_back()
             retry = await phone.call("POST", path, body, {"X-Forwarded-For": ip(1)})
             assert retry.status == 201, retry.body
     finally:
@@ -575,7 +575,7 @@ async def test_an_entry_whose_spend_answer_was_lost_gives_its_challenge_back(
             assert lost.status == 503, lost.body
             [spent] = proxy.held  # the spend's answer (and its unspent-list cleanup's)
             assert spent.startswith(b"*1\r\n$2\r\nok\r\n")
-            proxy.hold_back(None)
+            proxy.hold_back()
             retry = await phone.call("POST", path, body, headers)
             assert retry.status == 201, retry.body
     finally:

@@ -543,7 +543,7 @@ async def test_a_draw_runs_at_its_time_while_redis_is_down(api: Api, clock: Fake
         assert record.body["allocation"] == {draw.entry_digest(entry_id): f"{release}.000"}
 
 
-@pytest.mark.parametrize("mode", ["one-release", "swamped", "redis-gone"])
+@pytest.mark.parametrize("mode", ["one-release", "swamped", "redis-gone", "two-releases"])
 async def test_a_release_whose_redis_calls_time_out_holds_back_no_other(
     api: Api, clock: FakeClock, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
@@ -552,7 +552,9 @@ async def test_a_release_whose_redis_calls_time_out_holds_back_no_other(
     down). The sweeper goes on to the releases after it: it ended its walk there, pass
     after pass, and the releases after it were never rebuilt, settled or reconciled. But
     with Redis gone, or two releases in a row timing out (a Redis swamped by a flood still
-    answers a ping), it ends the walk there: each release would wait for its timeouts."""
+    answers a ping), it ends the walk there: each release would wait for its timeouts. The
+    next pass begins after the release it stopped at: two neighbours that time out for
+    good kept every release after them from ever being swept (an audit)."""
     await api.site()
     releases = sorted([await api.publish([1]) for _ in range(3)], key=lambda r: r["id"])
     last = ReleaseKeys.of(releases[-1]["id"]).inv
@@ -571,14 +573,21 @@ async def test_a_release_whose_redis_calls_time_out_holds_back_no_other(
                 monkeypatch.setattr(domain.inventory, "reclaim", redis_gone)
             elif mode == "swamped":
                 proxy.hold_back(b"reclaim_expired_")  # each release's first call, never pings
+            elif mode == "two-releases":
+                proxy.hold_back(*(r["id"].encode() for r in releases[:2]))
             else:
                 proxy.hold_back(releases[0]["id"].encode())  # its calls never reach Redis
             report = await sweep(domain, reconcile=True)
+            if mode == "two-releases":
+                assert report.stopped_at == releases[1]["id"], report
+                assert not await redis.exists(last)  # not reached
+                report = await sweep(domain, reconcile=True, start_after=report.stopped_at)
+                assert report.stopped_at == releases[1]["id"], report
     finally:
         await proxy.stop()
     assert isinstance(report.failure, StoreUnavailable), report
     assert (report.releases, report.swept) == (3, mode == "one-release")
-    assert bool(await redis.exists(last)) is (mode == "one-release")
+    assert bool(await redis.exists(last)) is (mode in ("one-release", "two-releases"))
     if mode == "swamped":
         assert len(proxy.held) == 2, proxy.held  # the third release was not asked for
     elif mode == "one-release":
