@@ -1595,16 +1595,8 @@ async def _draw_places_fixed(
                 "them after it"
             )
         return None
-    pending = await conn.fetchval(
-        """SELECT r.id FROM releases r
-           WHERE r.mode = 'draw' AND r.id <> $1 AND r.site_id = $2
-             AND r.procedure_id = $3 AND r.registration_closes_at <= $4
-             AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
-           LIMIT 1""",
-        release["id"],
-        release["site_id"],
-        release["procedure_id"],
-        now,
+    pending = await _closed_undrawn(
+        conn, release["id"], release["site_id"], release["procedure_id"], now
     )
     if pending is None:
         return None
@@ -1620,6 +1612,33 @@ _DRAW_TIME_FIXED = (
 )
 
 
+async def _closed_undrawn(
+    conn: asyncpg.pool.PoolConnectionProxy,
+    release_id: str,
+    site_id: str,
+    procedure_id: str,
+    now: datetime,
+    drawn_from: datetime | None = None,
+) -> str | None:
+    """A draw of the procedure at the site, other than ``release_id``, whose registration
+    has closed and which is not drawn (drawn at ``drawn_from`` or later, if given): the
+    earliest by draw time."""
+    found = await conn.fetchval(
+        """SELECT r.id FROM releases r
+           WHERE r.mode = 'draw' AND r.id <> $1 AND r.site_id = $2 AND r.procedure_id = $3
+             AND r.registration_closes_at <= $4
+             AND ($5::timestamptz IS NULL OR r.draw_at >= $5)
+             AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
+           ORDER BY r.draw_at LIMIT 1""",
+        release_id,
+        site_id,
+        procedure_id,
+        now,
+        drawn_from,
+    )
+    return None if found is None else str(found)
+
+
 async def _closed_draw_after(
     conn: asyncpg.pool.PoolConnectionProxy,
     release_id: str,
@@ -1631,18 +1650,7 @@ async def _closed_draw_after(
     """Why a release may not be drawn at ``draw_at``, if it may not: a draw carries over
     the free places of the procedure's draws run before it, so one put before a draw that
     has closed would change that draw's places after its close."""
-    closed = await conn.fetchval(
-        """SELECT r.id FROM releases r
-           WHERE r.mode = 'draw' AND r.id <> $1 AND r.site_id = $2 AND r.procedure_id = $3
-             AND r.registration_closes_at <= $4 AND r.draw_at >= $5
-             AND NOT EXISTS (SELECT 1 FROM draws d WHERE d.release_id = r.id)
-           ORDER BY r.draw_at LIMIT 1""",
-        release_id,
-        site_id,
-        procedure_id,
-        now,
-        draw_at,
-    )
+    closed = await _closed_undrawn(conn, release_id, site_id, procedure_id, now, draw_at)
     if closed is None:
         return None
     return (
